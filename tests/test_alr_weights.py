@@ -1,0 +1,132 @@
+"""ALR (modeling/alr.py): the weight formula, the consensus and noise separation on planted losses."""
+import math
+
+import pytest
+import torch
+
+from modeling.alr import AlrResult, compute_alr, fit_clean_posterior, noise_detection_scores
+
+
+def _two_clusters(clean_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Losses [N]: about 0.5 for clean samples, about 3.0 for noisy ones (tight, well separated)."""
+    noise = 0.05 * torch.randn(clean_mask.numel(), generator=generator, dtype=torch.float64)
+    return torch.where(clean_mask, 0.5 + noise, 3.0 + noise)
+
+
+def test_consensus_threshold_weights_and_keep_on_planted_groups():
+    generator = torch.Generator().manual_seed(0)
+    n = 100
+    index = torch.arange(n)
+    clean_a = index < 60                     # groups: [0,40) both clean, [40,60) only A,
+    clean_b = (index < 40) | ((index >= 60) & (index < 80))  # [60,80) only B, [80,100) neither
+    sims = torch.linspace(0.9, -0.1, n, dtype=torch.float64)
+    result = compute_alr(_two_clusters(clean_a, generator), _two_clusters(clean_b, generator), sims,
+                         mu="min", sharpness=5.0, drop_noisy=True)
+    assert isinstance(result, AlrResult)
+    expected_consensus = clean_a.long() + clean_b.long()
+    assert torch.equal(result.consensus, expected_consensus)
+    # mu = min similarity over the super-clean set (samples 0..39, descending sims -> sample 39)
+    assert result.mu == pytest.approx(float(sims[39]))
+    assert torch.equal(result.keep, expected_consensus >= 1)
+    # formula: 1 at or above mu, sigmoid(kappa * s / mu) below it
+    expected = torch.where(sims >= sims[39], torch.ones_like(sims), torch.sigmoid(5.0 * sims / sims[39]))
+    assert torch.allclose(result.weights.double(), expected, atol=1e-6)
+    assert result.weights.dtype == torch.float32
+    assert torch.all(result.weights[:40] == 1.0)
+    assert torch.all(result.weights[40:] < 1.0)
+    assert (result.p_clean_a[:60] > 0.5).all() and (result.p_clean_a[60:] < 0.5).all()
+
+
+def test_weight_formula_single_value():
+    # sims: sample 0 and 1 super-clean (losses low for both), mu = min(0.8, 0.6) = 0.6
+    losses = torch.tensor([0.1, 0.1, 5.0, 5.0, 5.1, 0.11])
+    sims = torch.tensor([0.8, 0.6, 0.3, -0.3, 0.9, 0.6])
+    result = compute_alr(losses, losses.clone(), sims, mu="min", sharpness=3.0)
+    assert result.mu == pytest.approx(0.6)
+    assert result.weights[2].item() == pytest.approx(1 / (1 + math.exp(-3.0 * 0.3 / 0.6)), rel=1e-6)
+    assert result.weights[3].item() == pytest.approx(1 / (1 + math.exp(3.0 * 0.3 / 0.6)), rel=1e-6)
+    assert result.weights[4].item() == 1.0  # noisy by loss but above mu: full weight
+    assert result.keep.all()  # soft weighting by default
+
+
+def test_mu_rules_mean_and_quantile():
+    losses = torch.tensor([0.1, 0.12, 0.11, 0.13, 4.0, 4.1])
+    sims = torch.tensor([0.2, 0.4, 0.6, 0.8, 0.1, 0.0])
+    assert compute_alr(losses, losses, sims, mu="mean").mu == pytest.approx(0.5)
+    assert compute_alr(losses, losses, sims, mu="q0.5").mu == pytest.approx(0.5)
+    assert compute_alr(losses, losses, sims, mu=1.0).mu == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="mu"):
+        compute_alr(losses, losses, sims, mu="median")
+    with pytest.raises(ValueError, match="level"):
+        compute_alr(losses, losses, sims, mu="q1.5")
+
+
+def test_empty_super_clean_falls_back_to_highest_consensus():
+    index = torch.arange(40)
+    clean_a = index < 20
+    clean_b = index >= 20  # disjoint: nobody is clean for both -> C = samples with c == 1 (all)
+    generator = torch.Generator().manual_seed(1)
+    sims = torch.linspace(0.5, 0.9, 40)
+    result = compute_alr(_two_clusters(clean_a, generator), _two_clusters(clean_b, generator), sims)
+    assert int(result.consensus.max()) == 1
+    assert result.mu == pytest.approx(0.5)
+    assert torch.all(result.weights == 1.0)
+
+
+def test_one_model_alr_uses_model_a_clean_set():
+    generator = torch.Generator().manual_seed(2)
+    clean = torch.arange(30) < 18
+    result = compute_alr(_two_clusters(clean, generator), None, torch.rand(30, generator=generator),
+                         drop_noisy=True)
+    assert result.p_clean_b is None
+    assert torch.equal(result.consensus, 2 * clean.long())
+    assert torch.equal(result.keep, clean)
+
+
+def test_constant_losses_are_all_clean():
+    posterior = fit_clean_posterior(torch.full((10,), 2.5))
+    assert torch.all(posterior == 1.0)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="non-finite.*sample 2"):
+        compute_alr(torch.tensor([0.1, 0.2, float("nan"), 1.0]), None, torch.zeros(4))
+    with pytest.raises(ValueError, match="diag_sims has 3 samples"):
+        compute_alr(torch.rand(4), torch.rand(4), torch.rand(3))
+    with pytest.raises(ValueError, match="1-D"):
+        compute_alr(torch.rand(4, 2), None, torch.rand(4))
+
+
+def test_half_planted_noise_is_separated():
+    """50% noise; the two models' losses share a per-sample part (a noisy pair is hard for both) plus
+    independent model noise, and the clean / noisy loss distributions overlap. The consensus split is
+    scored against the truth: 'dropped' = neither model says clean, 'not super-clean' = c < 2."""
+    generator = torch.Generator().manual_seed(3)
+    n = 4000
+    truly_noisy = torch.randperm(n, generator=generator) < n // 2
+    shared = torch.where(truly_noisy, 2.5 + 0.5 * torch.randn(n, generator=generator),
+                         1.0 + 0.3 * torch.randn(n, generator=generator))
+    losses_a = shared + 0.2 * torch.randn(n, generator=generator)
+    losses_b = shared + 0.2 * torch.randn(n, generator=generator)
+    sims = torch.where(truly_noisy, 0.1, 0.6) + 0.1 * torch.randn(n, generator=generator)
+    result = compute_alr(losses_a, losses_b, sims, mu="mean", drop_noisy=True)
+    dropped = noise_detection_scores(result.consensus == 0, truly_noisy)
+    not_super_clean = noise_detection_scores(result.consensus < 2, truly_noisy)
+    for name, scores in (("dropped (c=0)", dropped), ("not super-clean (c<2)", not_super_clean)):
+        print(f"planted 50% noise, {name}: precision {scores['precision']:.1f}% "
+              f"recall {scores['recall']:.1f}% F1 {scores['f1']:.1f}%")
+    assert dropped["precision"] > 97.0 and dropped["recall"] > 80.0
+    assert not_super_clean["precision"] > 93.0 and not_super_clean["recall"] > 90.0
+    # drop_noisy keeps exactly the samples some model calls clean
+    assert torch.equal(result.keep, result.consensus >= 1)
+    # with a mean threshold, noisy samples end up with much lower weights on average
+    assert result.weights[truly_noisy].mean() < 0.8 * result.weights[~truly_noisy].mean()
+
+
+def test_noise_detection_scores_counts():
+    predicted = torch.tensor([True, True, False, False, True])
+    truth = torch.tensor([True, False, True, False, True])
+    scores = noise_detection_scores(predicted, truth)
+    assert scores["precision"] == pytest.approx(200 / 3)
+    assert scores["recall"] == pytest.approx(200 / 3)
+    assert scores["f1"] == pytest.approx(200 / 3)
