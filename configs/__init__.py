@@ -1,0 +1,200 @@
+"""Training configs: YAML recipes on top of ``configs/defaults.yaml``, with dotted CLI overrides.
+
+A recipe is a nested mapping (sections ``data``, ``model``, ``loss``, ``alr``, ``optim``, ``train``,
+``eval``, ``logging``). It may name ``base:`` files (a path or a list of paths, relative to the recipe)
+that are applied first, in order. Every key must exist in ``defaults.yaml`` and have the type of its
+default (an int is accepted where a float is expected); :data:`EXTRA_TYPES` lists the keys that accept
+more than one type. Errors name the file (or ``command line``), the dotted key and the problem.
+
+    config = load_config("configs/synth-pedes.yaml", ["--train.epochs", "2", "--alr.mu=mean"])
+    config["train"]["epochs"]  # -> 2
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent
+DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
+
+# keys whose value may take several types: (types...) with type(None) for null
+EXTRA_TYPES = {
+    "data.root": (str, type(None)),
+    "data.noise_file": (str, type(None)),
+    "model.backbone": (str, dict),
+    "alr.mu": (str, float),
+    "eval.split": (str, type(None)),
+}
+KNOWN_DATASETS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-pedes", "synth-pedes-tiny",
+                  "synth-pedes-small", "synth-pedes-full")
+
+
+class ConfigError(ValueError):
+    """A bad recipe file or command-line override (unknown key, wrong type, bad value)."""
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def default_config() -> dict:
+    """The nested default config (a fresh copy)."""
+    return _read_yaml(DEFAULTS_FILE)
+
+
+def _type_name(types) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _check_value(key: str, value: Any, default: Any, source: str) -> Any:
+    """Return ``value`` converted to the default's type, or raise ConfigError naming source and key."""
+    allowed = EXTRA_TYPES.get(key, (type(default),))
+    if isinstance(value, bool) or isinstance(default, bool):
+        ok = isinstance(value, bool) and bool in allowed
+    elif float in allowed and isinstance(value, int):
+        return float(value)
+    else:
+        ok = isinstance(value, allowed)
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {_type_name(allowed)}, got {value!r} "
+                          f"({type(value).__name__})")
+    if isinstance(default, list) and default:
+        if len(value) != len(default):
+            raise ConfigError(f"{source}: {key} must have {len(default)} entries like {default}, got {value!r}")
+        return [_check_value(f"{key}[{i}]", item, default[i], source) for i, item in enumerate(value)]
+    if isinstance(default, list):
+        return list(value)
+    return value
+
+
+def _merge(config: dict, update: dict, defaults: dict, source: str, prefix: str = "") -> None:
+    """Merge ``update`` into ``config`` in place, checking every key against ``defaults``."""
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in defaults:
+            known = ", ".join(sorted(defaults))
+            raise ConfigError(f"{source}: unknown key {dotted!r} (known here: {known})")
+        if isinstance(defaults[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted} is a section, got {value!r}")
+            _merge(config[key], value, defaults[key], source, dotted + ".")
+        else:
+            config[key] = _check_value(dotted, value, defaults[key], source)
+
+
+def _apply_file(config: dict, path: Path, defaults: dict, seen: tuple) -> None:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config file {path}: base chain loops back to itself")
+    recipe = _read_yaml(path)
+    bases = recipe.pop("base", [])
+    for base in [bases] if isinstance(bases, str) else bases:
+        _apply_file(config, path.parent / base, defaults, seen + (path,))
+    _merge(config, recipe, defaults, f"config file {path}")
+
+
+def parse_overrides(arguments: Iterable[str]) -> dict:
+    """``["--train.epochs", "2", "--alr.mu=mean"]`` -> ``{"train": {"epochs": 2}, "alr": {"mu": "mean"}}``.
+
+    Values are parsed with ``yaml.safe_load`` (so ``2`` is an int, ``null`` is None, ``[1, 2]`` a list).
+    """
+    arguments = list(arguments)
+    nested: dict = {}
+    position = 0
+    while position < len(arguments):
+        flag = arguments[position]
+        if not flag.startswith("--") or len(flag) == 2:
+            raise ConfigError(f"command line: expected --section.key VALUE, got {flag!r}")
+        if "=" in flag:
+            dotted, text = flag[2:].split("=", 1)
+            position += 1
+        else:
+            if position + 1 >= len(arguments):
+                raise ConfigError(f"command line: {flag} needs a value")
+            dotted, text = flag[2:], arguments[position + 1]
+            position += 2
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"command line: value of --{dotted} is not valid YAML: {error}") from None
+        *sections, leaf = dotted.replace("-", "_").split(".")
+        target = nested
+        for section in sections:
+            target = target.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"command line: --{dotted} conflicts with an earlier override")
+        target[leaf] = value
+    return nested
+
+
+def validate(config: dict, source: str = "config") -> None:
+    """Cross-field checks that a type check cannot do; raises ConfigError."""
+    from modeling.alr import validate_mu_rule
+
+    def fail(message):
+        raise ConfigError(f"{source}: {message}")
+
+    if config["data"]["dataset"].lower() not in KNOWN_DATASETS:
+        fail(f"data.dataset {config['data']['dataset']!r} is not one of {', '.join(KNOWN_DATASETS)}")
+    if not 0.0 <= config["data"]["noise_rate"] < 1.0:
+        fail(f"data.noise_rate must lie in [0, 1), got {config['data']['noise_rate']}")
+    if min(config["data"]["image_size"]) <= 0:
+        fail(f"data.image_size must be positive, got {config['data']['image_size']}")
+    if not 0.0 <= config["model"]["select_ratio"] <= 1.0:
+        fail(f"model.select_ratio must lie in [0, 1], got {config['model']['select_ratio']}")
+    if config["model"]["image_tokens"] not in ("topk", "all"):
+        fail(f"model.image_tokens must be topk or all, got {config['model']['image_tokens']!r}")
+    if config["loss"]["lambda_sdm"] <= 0 and config["loss"]["lambda_trl"] <= 0:
+        fail("loss.lambda_sdm and loss.lambda_trl are both 0: nothing to train")
+    if config["alr"]["models"] not in (1, 2):
+        fail(f"alr.models must be 1 or 2, got {config['alr']['models']}")
+    try:
+        validate_mu_rule(config["alr"]["mu"])
+    except ValueError as error:
+        fail(f"alr.mu: {error}")
+    if config["train"]["epochs"] < 1 or config["train"]["batch_size"] < 2:
+        fail("train.epochs must be >= 1 and train.batch_size >= 2")
+    if config["eval"]["every"] < 1:
+        fail(f"eval.every must be >= 1, got {config['eval']['every']}")
+    model_row, _, score = config["eval"]["select_row"].partition("/")
+    if model_row not in ("A", "B", "A+B") or score not in ("GE", "FS", "GE+FS"):
+        fail(f"eval.select_row must look like 'A+B/GE+FS' (A|B|A+B / GE|FS|GE+FS), "
+             f"got {config['eval']['select_row']!r}")
+
+
+def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> dict:
+    """Defaults, then the recipe at ``path`` (and its bases), then the command-line overrides.
+
+    path: a recipe YAML or None (defaults only); overrides: ``--section.key VALUE`` tokens.
+    Returns the resolved nested dict; raises ConfigError on any unknown key, wrong type or bad value.
+    """
+    defaults = default_config()
+    config = copy.deepcopy(defaults)
+    source = "defaults"
+    if path is not None:
+        _apply_file(config, Path(path), defaults, ())
+        source = f"config file {path}"
+    update = parse_overrides(overrides)
+    if update:
+        _merge(config, update, defaults, "command line")
+        source += " + command line"
+    validate(config, source)
+    return config
+
+
+def save_config(config: dict, path: str | Path) -> None:
+    """Write the resolved config as YAML (key order kept)."""
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))

@@ -1,0 +1,74 @@
+"""Training configs (configs/__init__.py): recipes, bases, dotted overrides and early errors."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from configs import CONFIG_DIR, ConfigError, load_config, parse_overrides
+
+RECIPES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name not in ("defaults.yaml", "noisy-correspondence.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_resolves(recipe):
+    config = load_config(recipe)
+    assert config["data"]["dataset"] in recipe.stem
+    if "noise" in recipe.stem:
+        assert config["loss"] == {**config["loss"], "lambda_sdm": 0.0, "lambda_trl": 1.0}
+        assert config["data"]["noise_rate"] == float(recipe.stem.split("noise")[1])
+
+
+def test_paper_recipe_values():
+    config = load_config(CONFIG_DIR / "cuhk-pedes.yaml")
+    assert config["model"]["backbone"] == "openai/clip-vit-base-patch16"
+    assert config["data"]["image_size"] == [384, 128]
+    assert (config["train"]["batch_size"], config["train"]["epochs"]) == (128, 60)
+    assert (config["model"]["select_ratio"], config["model"]["fused_dim"]) == (0.2, 2048)
+    assert load_config(CONFIG_DIR / "icfg-pedes.yaml")["eval"]["split"] is None
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(CONFIG_DIR / "cuhk-pedes.yaml",
+                         ["--alr.sharpness", "3", "--train.epochs=2", "--alr.mu", "q0.1",
+                          "--model.backbone", "{hidden_size: 32}", "--data.root", "/tmp/x",
+                          "--alr.drop_noisy", "true"])
+    assert config["alr"]["sharpness"] == 3.0 and isinstance(config["alr"]["sharpness"], float)
+    assert config["train"]["epochs"] == 2
+    assert config["alr"]["mu"] == "q0.1"
+    assert config["model"]["backbone"] == {"hidden_size": 32}
+    assert config["data"]["root"] == "/tmp/x"
+    assert config["alr"]["drop_noisy"] is True
+    assert parse_overrides(["--eval.split", "null"]) == {"eval": {"split": None}}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--train.epoch", "2"], "unknown key 'train.epoch'"),
+    (["--nosection.x", "1"], "unknown key 'nosection'"),
+    (["--train.epochs", "two"], "train.epochs must be int, got 'two'"),
+    (["--train.epochs", "2.5"], "train.epochs must be int"),
+    (["--alr.enabled", "1"], "alr.enabled must be bool"),
+    (["--data.image_size", "[384]"], "data.image_size must have 2 entries"),
+    (["--data.dataset", "market1501"], "data.dataset 'market1501' is not one of"),
+    (["--alr.mu", "median"], "alr.mu"),
+    (["--eval.select_row", "C/GE"], "eval.select_row"),
+    (["--train.epochs"], "needs a value"),
+    (["epochs", "2"], "expected --section.key VALUE"),
+])
+def test_bad_overrides_fail_early_with_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")) as error:
+        load_config(CONFIG_DIR / "cuhk-pedes.yaml", overrides)
+    if overrides[0].startswith("--"):
+        assert "command line" in str(error.value) or "config file" in str(error.value)
+
+
+def test_bad_recipe_file_names_file_and_key(tmp_path: Path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(CONFIG_DIR / "cuhk-pedes.yaml"), "optim": {"lr": 1.0}}))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key 'optim\.lr'"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(loop)
