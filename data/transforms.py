@@ -1,0 +1,270 @@
+"""Image transforms, CLIP tokenization and text augmentation (METHOD.md §6), without torchvision.
+
+Images: PIL for the resize, torch for everything after it. A transform returns a float tensor
+[3, H, W] normalised with CLIP's mean/std (so a pixel equal to the mean becomes 0).
+
+Text: the CLIP BPE tokenizer (ids equal to `openai/clip-vit-base-patch16`'s), built offline from the
+bundled `data/assets/clip_bpe_simple_vocab_16e6.txt.gz` when no local tokenizer folder is given.
+Rows are `SOT w1 .. wn EOT` followed by pad id 0 (attention_mask 0); EOT is always the last real token.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+SOT_TOKEN_ID = 49406
+EOT_TOKEN_ID = 49407
+PAD_TOKEN_ID = 0
+MASK_TOKEN_ID = 49405  # the last BPE merge's slot; see docs/decisions.md
+VOCAB_SIZE = 49408
+CONTEXT_LENGTH = 77
+
+BPE_ASSET = Path(__file__).resolve().parent / "assets" / "clip_bpe_simple_vocab_16e6.txt.gz"
+NUM_BPE_MERGES = 49152 - 256 - 2  # 48894, as in OpenAI CLIP's SimpleTokenizer
+
+RandomSource = Union[torch.Generator, random.Random, None]
+
+
+# ----------------------------------------------------------------------------- randomness
+def _uniform(rng: RandomSource) -> float:
+    """One float in [0, 1) from a torch.Generator, a random.Random, or torch's global RNG (None)."""
+    if isinstance(rng, random.Random):
+        return rng.random()
+    return float(torch.rand((), generator=rng))
+
+
+def _randint(rng: RandomSource, low: int, high: int) -> int:
+    """One int in [low, high] (inclusive) from the given random source."""
+    if isinstance(rng, random.Random):
+        return rng.randint(low, high)
+    return int(torch.randint(low, high + 1, (), generator=rng))
+
+
+# ----------------------------------------------------------------------------- images
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> float tensor [3, H, W] in [0, 1] (RGB)."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] in [0, 1] -> CLIP-normalised [3, H, W]."""
+    mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=pixels.dtype).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def random_pad_crop(pixels: np.ndarray, padding: int, rng: RandomSource) -> np.ndarray:
+    """Zero-pad an [H, W, C] array by `padding` pixels on each side, then crop a random H×W window
+    (the same as shifting the image by up to ±padding with black fill)."""
+    height, width = pixels.shape[:2]
+    shift_y = _randint(rng, 0, 2 * padding) - padding  # window top in padded coords minus padding
+    shift_x = _randint(rng, 0, 2 * padding) - padding
+    out = np.zeros_like(pixels)
+    src_y, dst_y = max(shift_y, 0), max(-shift_y, 0)
+    src_x, dst_x = max(shift_x, 0), max(-shift_x, 0)
+    rows, cols = height - abs(shift_y), width - abs(shift_x)
+    if rows > 0 and cols > 0:
+        out[dst_y : dst_y + rows, dst_x : dst_x + cols] = pixels[src_y : src_y + rows, src_x : src_x + cols]
+    return out
+
+
+def random_erase(pixels: torch.Tensor, rng: RandomSource, p: float = 0.5,
+                 area: tuple[float, float] = (0.02, 0.4), log_ratio: tuple[float, float] = (-1.2040, 1.2040),
+                 value: float = 0.0, attempts: int = 10) -> torch.Tensor:
+    """Random erasing (Zhong et al.): with probability `p`, fill one rectangle of `area` fraction of the
+    image (aspect ratio log-uniform in exp(log_ratio), default 0.3–3.3) with `value` (0 = the mean after
+    normalisation). Tries `attempts` times to fit the rectangle, else leaves the image unchanged.
+    pixels: [C, H, W] (modified in place and returned)."""
+    if _uniform(rng) >= p:
+        return pixels
+    _, height, width = pixels.shape
+    for _ in range(attempts):
+        target_area = height * width * (area[0] + (area[1] - area[0]) * _uniform(rng))
+        aspect = float(np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * _uniform(rng)))
+        erase_h = int(round((target_area * aspect) ** 0.5))
+        erase_w = int(round((target_area / aspect) ** 0.5))
+        if 0 < erase_h < height and 0 < erase_w < width:
+            top = _randint(rng, 0, height - erase_h)
+            left = _randint(rng, 0, width - erase_w)
+            pixels[:, top : top + erase_h, left : left + erase_w] = value
+            return pixels
+    return pixels
+
+
+class ImageTransform:
+    """Callable PIL image -> FloatTensor[3, H, W], CLIP-normalised.
+
+    train=False: bicubic resize to (H, W) + normalise.
+    train=True: resize, horizontal flip (p 0.5), zero-pad 10 + random crop, normalise,
+    random erasing (p 0.5, area 0.02–0.4, filled with 0 = the mean).
+    Randomness: `generator` (torch.Generator or random.Random) passed per call; None uses torch's
+    global RNG (which DataLoader seeds per worker)."""
+
+    def __init__(self, train: bool, image_size: Sequence[int] = (384, 128), padding: int = 10,
+                 flip_p: float = 0.5, erase_p: float = 0.5):
+        if len(image_size) != 2 or min(image_size) <= 0:
+            raise ValueError(f"image_size must be (H, W) with positive sides, got {image_size!r}")
+        self.train = train
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.padding = padding
+        self.flip_p = flip_p
+        self.erase_p = erase_p
+        std = torch.tensor(CLIP_STD).view(3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._bias = -torch.tensor(CLIP_MEAN).view(3, 1, 1) / std
+
+    def __call__(self, image: Image.Image, generator: RandomSource = None) -> torch.Tensor:
+        height, width = self.image_size
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BICUBIC)
+        pixels = np.array(image, dtype=np.uint8)  # a writable copy
+        if self.train:
+            if _uniform(generator) < self.flip_p:
+                pixels = pixels[:, ::-1]
+            pixels = random_pad_crop(pixels, self.padding, generator)
+        # uint8 -> CLIP-normalised float in one pass: x * 1/(255 std) - mean/std
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float()
+        tensor = tensor.mul_(self._scale).add_(self._bias)
+        if self.train:
+            tensor = random_erase(tensor, generator, p=self.erase_p)
+        return tensor
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(train={self.train}, image_size={self.image_size})"
+
+
+def build_image_transform(train: bool, image_size: Sequence[int] = (384, 128)) -> ImageTransform:
+    """The METHOD.md §6 image transform: `transform(pil_image, generator=None) -> FloatTensor[3, H, W]`."""
+    return ImageTransform(train=train, image_size=image_size)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable unicode character table (256 entries)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(code) for code in codes)))
+
+
+def default_cache_dir() -> Path:
+    """`$TRPR_CACHE`, else `~/.cache/3rtpr`."""
+    return Path(os.environ.get("TRPR_CACHE") or Path.home() / ".cache" / "3rtpr")
+
+
+def derive_clip_vocab_files(out_dir: Union[str, Path], bpe_path: Union[str, Path] = BPE_ASSET) -> Path:
+    """Write `vocab.json` and `merges.txt` derived from CLIP's BPE merge list, as OpenAI CLIP does:
+    the 256 byte-unicode characters, the same with '</w>', the first 48894 merges joined, then
+    <|startoftext|> (49406) and <|endoftext|> (49407). Written atomically; returns `out_dir`."""
+    out_dir = Path(out_dir)
+    vocab_path, merges_path = out_dir / "vocab.json", out_dir / "merges.txt"
+    if vocab_path.exists() and merges_path.exists():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_BPE_MERGES + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    if len(vocab_list) != VOCAB_SIZE:
+        raise ValueError(f"{bpe_path}: derived {len(vocab_list)} vocabulary entries, expected {VOCAB_SIZE}")
+    vocab = {token: idx for idx, token in enumerate(vocab_list)}
+    suffix = f".tmp{os.getpid()}"
+    (out_dir / ("vocab.json" + suffix)).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out_dir / ("merges.txt" + suffix)).write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    os.replace(out_dir / ("vocab.json" + suffix), vocab_path)
+    os.replace(out_dir / ("merges.txt" + suffix), merges_path)
+    return out_dir
+
+
+@lru_cache(maxsize=8)
+def get_tokenizer(name_or_path: Optional[str] = None):
+    """The CLIP tokenizer (HF `CLIPTokenizerFast`).
+
+    name_or_path: a local folder holding tokenizer files -> loaded from it; a hub name (e.g.
+    `openai/clip-vit-base-patch16`) -> loaded from the hub/cache when reachable; None, or a hub name
+    that cannot be loaded offline -> built from the bundled CLIP BPE vocabulary (same ids)."""
+    from transformers import CLIPTokenizerFast
+
+    if name_or_path is not None:
+        path = Path(name_or_path)
+        if path.is_dir():
+            return CLIPTokenizerFast.from_pretrained(str(path))
+        if path.exists():
+            raise ValueError(f"tokenizer path {path} is a file; pass the folder holding the tokenizer files")
+        try:
+            return CLIPTokenizerFast.from_pretrained(str(name_or_path))
+        except (OSError, ValueError):
+            pass  # offline or unknown: the bundled vocabulary gives the same ids for CLIP checkpoints
+    vocab_dir = derive_clip_vocab_files(default_cache_dir() / "clip_bpe")
+    return CLIPTokenizerFast(vocab=str(vocab_dir / "vocab.json"), merges=str(vocab_dir / "merges.txt"))
+
+
+def tokenize(tokenizer, captions: Sequence[str], context_length: int = CONTEXT_LENGTH
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """captions (N strings) -> (input_ids LongTensor[N, L], attention_mask LongTensor[N, L]), L = context_length.
+    Each row is SOT w1 .. wn EOT, at most L-2 word tokens (truncated; EOT stays last), then pad id 0."""
+    if isinstance(captions, str):
+        captions = [captions]
+    encoded = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    max_words = context_length - 2
+    input_ids = torch.zeros(len(encoded), context_length, dtype=torch.long)
+    attention_mask = torch.zeros(len(encoded), context_length, dtype=torch.long)
+    for row, words in enumerate(encoded):
+        ids = [SOT_TOKEN_ID] + list(words[:max_words]) + [EOT_TOKEN_ID]
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def augment_text(input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: Optional[torch.Generator] = None,
+                 prob: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text augmentation of METHOD.md §6 on one tokenized caption.
+
+    input_ids, attention_mask: LongTensor[L] as made by `tokenize`. Each word token (not SOT, EOT or
+    pad) is picked with probability `prob`; a picked token becomes MASK_TOKEN_ID with probability 1/2,
+    a random id in [1, 49405) with probability 1/5, and is deleted otherwise (the rest shift left, EOT
+    stays last, padding grows). Returns new tensors (the inputs are not modified)."""
+    length = int(attention_mask.sum())
+    words = input_ids[1 : length - 1]
+    num_words = words.numel()
+    if num_words == 0:
+        return input_ids.clone(), attention_mask.clone()
+    picked = torch.rand(num_words, generator=generator) < prob
+    action = torch.rand(num_words, generator=generator)
+    random_ids = torch.randint(1, MASK_TOKEN_ID, (num_words,), generator=generator)
+    new_words = words.clone()
+    new_words[picked & (action < 0.5)] = MASK_TOKEN_ID
+    replace = picked & (action >= 0.5) & (action < 0.7)
+    new_words[replace] = random_ids[replace]
+    kept = new_words[~(picked & (action >= 0.7))]
+    out_ids = torch.zeros_like(input_ids)
+    out_mask = torch.zeros_like(attention_mask)
+    new_length = kept.numel() + 2
+    out_ids[0] = input_ids[0]
+    out_ids[1 : new_length - 1] = kept
+    out_ids[new_length - 1] = input_ids[length - 1]
+    out_mask[:new_length] = 1
+    return out_ids, out_mask
