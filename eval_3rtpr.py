@@ -505,12 +505,12 @@ def evaluate_command(argv: list[str]) -> int:
         raise EvalInputError(f"--batch-size must be at least 1, got {args.batch_size}")
     from accelerate import Accelerator
 
-    import data
+    from data.transforms import get_tokenizer
 
     accelerator = Accelerator()
     checkpoints = [resolve_checkpoint(path) for path in args.checkpoint]
     gallery, queries = load_eval_split(args.dataset, args.root, args.split)
-    tokenizer = data.transforms.get_tokenizer()
+    tokenizer = get_tokenizer()
     results = []
     for checkpoint in checkpoints:
         result = evaluate_checkpoint(checkpoint, gallery, queries, tokenizer=tokenizer, batch_size=args.batch_size,
@@ -528,3 +528,234 @@ def evaluate_command(argv: list[str]) -> int:
         print(f"wrote {paths['results']}, {paths['leaderboard']}, {paths['cmc']}", file=sys.stderr)
     accelerator.wait_for_everyone()
     return 0
+
+
+# ============================================================================ free-text search
+@dataclass
+class GalleryIndex:
+    """Gallery features of one checkpoint on one split, as cached on disk for search.
+
+    image_outputs: per model (A, B) (global [Ng, E], fused [Ng, D]) fp32 CPU;
+    pids / image_ids: LongTensor[Ng]; sources: per gallery item its image file path ("" when the
+    dataset embeds the image bytes instead).
+    """
+
+    image_outputs: list
+    pids: torch.Tensor
+    image_ids: torch.Tensor
+    sources: list
+
+
+def search_cache_dir() -> Path:
+    """`$TRPR_CACHE/search-features`, else `~/.cache/3rtpr/search-features`."""
+    base = Path(os.environ.get("TRPR_CACHE") or Path.home() / ".cache" / "3rtpr")
+    return base / "search-features"
+
+
+def search_cache_key(checkpoint: Checkpoint, dataset: str, root, split: str) -> str:
+    """Hash of (every file of the pair folder: relative path, size, mtime in ns) + dataset + root + split.
+    Re-saving a checkpoint changes the mtimes and so the key; nothing is read from the weights."""
+    files = sorted(p for p in checkpoint.pair_dir.rglob("*") if p.is_file())
+    signature = [[str(p.relative_to(checkpoint.pair_dir)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    blob = json.dumps({"pair_dir": str(checkpoint.pair_dir.resolve()), "files": signature,
+                       "dataset": canonical_dataset(dataset), "root": None if root is None else str(Path(root).resolve()),
+                       "split": split}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def build_gallery_index(pair, gallery_split, *, batch_size: int = 64, num_workers: int = 0) -> GalleryIndex:
+    """Encode the gallery with both models (eval mode, no_grad) and keep its pids and image paths."""
+    import data
+    from data.torch_datasets import image_sources
+
+    was_training = pair.training
+    pair.eval()
+    try:
+        images = data.EvalImages(gallery_split, tuple(pair.a.image_size))
+        outputs = encode_dataset([pair.a, pair.b], images, "image", batch_size=batch_size,
+                                 num_workers=num_workers, desc="gallery images")
+    finally:
+        pair.train(was_training)
+    sources = [s if isinstance(s, str) else "" for s in image_sources(gallery_split)]
+    return GalleryIndex(image_outputs=[(g.cpu(), f.cpu()) for g, f in outputs],
+                        pids=torch.as_tensor(gallery_split["pid"], dtype=torch.int64),
+                        image_ids=torch.as_tensor(gallery_split["image_id"], dtype=torch.int64), sources=sources)
+
+
+def save_gallery_index(index: GalleryIndex, stem: Path) -> None:
+    """`<stem>.safetensors` (features, pids, image ids) + `<stem>.json` (image paths)."""
+    from safetensors.torch import save_file
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"pids": index.pids, "image_ids": index.image_ids}
+    for model_name, (global_emb, fused_emb) in zip("ab", index.image_outputs):
+        tensors[f"{model_name}.global"] = global_emb.contiguous()
+        tensors[f"{model_name}.fused"] = fused_emb.contiguous()
+    temporary = stem.with_suffix(".tmp")
+    save_file(tensors, str(temporary))
+    stem.with_suffix(".json").write_text(json.dumps({"sources": index.sources}))
+    temporary.replace(stem.with_suffix(".safetensors"))  # the features file appears last: its presence = complete
+
+
+def load_gallery_index(stem: Path) -> GalleryIndex | None:
+    """The cached index at `stem`, or None when absent or unreadable (it is then rebuilt)."""
+    from safetensors.torch import load_file
+
+    features_path, sources_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not (features_path.is_file() and sources_path.is_file()):
+        return None
+    try:
+        tensors = load_file(str(features_path))
+        sources = json.loads(sources_path.read_text())["sources"]
+        outputs = [(tensors[f"{m}.global"], tensors[f"{m}.fused"]) for m in "ab"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(sources) != tensors["pids"].numel():
+        return None
+    return GalleryIndex(image_outputs=outputs, pids=tensors["pids"], image_ids=tensors["image_ids"], sources=sources)
+
+
+def _parse_row_key(row: str) -> tuple[tuple[int, ...], str]:
+    """"A+B/GE+FS" -> ((0, 1), "GE+FS")."""
+    model_name, _, score = row.partition("/")
+    models = dict(MODEL_ROWS)
+    if model_name not in models or score not in SCORES:
+        raise EvalInputError(f"--score {row!r}: expected one of {', '.join(ROW_KEYS)}")
+    return models[model_name], score
+
+
+@torch.no_grad()
+def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str = "A+B/GE+FS",
+                   top: int = 10) -> list[dict]:
+    """Rank the gallery for one free-text query.
+
+    row: which models and score rank ("A/GE" ... "A+B/GE+FS"); the score is the sum of the chosen
+    cosine similarities (so at most 1, 2 or 4). Returns up to `top` dicts {"rank" (1-based),
+    "score", "pid", "image_id", "path", "gallery_index"}; equal scores keep gallery order.
+    """
+    from data.transforms import tokenize
+
+    model_indices, score = _parse_row_key(row)
+    models = [pair.a, pair.b]
+    device = _model_device(pair)
+    input_ids, attention_mask = tokenize(tokenizer, [query])
+    was_training = pair.training
+    pair.eval()
+    try:
+        text_outputs = [models[i].encode_text(input_ids.to(device), attention_mask.to(device)) for i in model_indices]
+    finally:
+        pair.train(was_training)
+    query_feats = modeling.scoring_features([(g.float().cpu(), f.float().cpu()) for g, f in text_outputs], score)
+    gallery_feats = modeling.scoring_features([index.image_outputs[i] for i in model_indices], score)
+    scores = gallery_feats @ query_feats[0]
+    order = torch.sort(scores, descending=True, stable=True).indices[:top]
+    return [{"rank": rank, "score": float(scores[i]), "pid": int(index.pids[i]), "image_id": int(index.image_ids[i]),
+             "path": index.sources[i], "gallery_index": int(i)} for rank, i in enumerate(order.tolist(), start=1)]
+
+
+def save_search_grid(matches: list[dict], query: str, path: Path, *, gallery_split=None) -> Path:
+    """A PNG with the matched images in rank order, each titled "#rank pid score". Images are read from
+    their paths; embedded images (no path) come from `gallery_split` when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from data.torch_datasets import image_sources, open_image
+
+    embedded = None
+    columns = min(len(matches), 10) or 1
+    rows = math.ceil(len(matches) / columns) or 1
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 3.6 * rows + 0.6), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, match in zip(axes.flat, matches):
+        source = match["path"]
+        if not source:
+            if gallery_split is None:
+                continue
+            embedded = embedded or image_sources(gallery_split)
+            source = embedded[match["gallery_index"]]
+        ax.imshow(open_image(source))
+        ax.set_title(f"#{match['rank']} pid {match['pid']}\n{match['score']:.3f}", fontsize=8)
+    fig.suptitle(query if len(query) <= 90 else query[:87] + "...", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _search_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eval_3rtpr.py search",
+                                     description="Free-text person search in an evaluation gallery.")
+    parser.add_argument("query", help="a description of the person, e.g. \"a man in a blue jacket with a black backpack\"")
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run folder or ReciprocalPair folder")
+    parser.add_argument("--dataset", required=True, help="benchmark whose gallery is searched")
+    parser.add_argument("--root", default=None, help="datasets root (default: data.load_benchmark's default)")
+    parser.add_argument("--split", default="test", help="gallery split (default: test)")
+    parser.add_argument("--top", type=int, default=10, help="number of matches (default: 10)")
+    parser.add_argument("--out", type=Path, default=Path("search-results"),
+                        help="folder for the PNG grid (default: ./search-results)")
+    parser.add_argument("--score", default="A+B/GE+FS", help=f"ranking row, one of {', '.join(ROW_KEYS)} (default: A+B/GE+FS)")
+    parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size when the gallery is encoded")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="gallery feature cache (default: $TRPR_CACHE/search-features or ~/.cache/3rtpr/search-features)")
+    return parser
+
+
+def _slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "query"
+
+
+def search_command(argv: list[str]) -> int:
+    """`eval_3rtpr.py search QUERY ...`: print the top matches and save a PNG grid."""
+    args = _search_parser().parse_args(argv)
+    if not args.query.strip():
+        raise EvalInputError("search: the query is empty")
+    if args.top < 1:
+        raise EvalInputError(f"--top must be at least 1, got {args.top}")
+    _parse_row_key(args.score)
+    from data.transforms import get_tokenizer
+
+    started = time.perf_counter()
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    cache_stem = (args.cache_dir or search_cache_dir()) / search_cache_key(checkpoint, args.dataset, args.root, args.split)
+    index = load_gallery_index(cache_stem)
+    pair = load_pair(checkpoint)
+    gallery = None
+    from_cache = index is not None
+    if index is None:
+        gallery, _ = load_eval_split(args.dataset, args.root, args.split)
+        index = build_gallery_index(pair, gallery, batch_size=args.batch_size)
+        save_gallery_index(index, cache_stem)
+    tokenizer = get_tokenizer()
+    query_started = time.perf_counter()
+    matches = search_gallery(pair, index, args.query, tokenizer=tokenizer, row=args.score, top=args.top)
+    answered = time.perf_counter()
+    print(f"query: {args.query}")
+    print(f"{'rank':>4}  {'score':>7}  {'pid':>6}  path")
+    for match in matches:
+        print(f"{match['rank']:>4}  {match['score']:>7.4f}  {match['pid']:>6}  {match['path'] or '(embedded image)'}")
+    grid = save_search_grid(matches, args.query, args.out / f"search_{_slug(args.query)}.png", gallery_split=gallery)
+    print(f"grid: {grid}")
+    print(f"answered in {answered - started:.2f} s (query {answered - query_started:.3f} s; gallery of "
+          f"{index.pids.numel()} images {'from cache' if from_cache else 'encoded and cached'} at {cache_stem}.safetensors)",
+          file=sys.stderr)
+    return 0
+
+
+# ============================================================================ entry point
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: `search ...` or the evaluation; bad input -> one line on stderr, exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "search":
+            return search_command(argv[1:])
+        return evaluate_command(argv)
+    except EvalInputError as error:
+        print(f"eval_3rtpr.py: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
