@@ -145,10 +145,15 @@ class TRPRModel(nn.Module):
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path}: missing (expected the safetensors weights)")
         state = load_file(str(weights_path), device=str(map_location))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{weights_path}: does not match config.json "
-                             f"(missing: {sorted(missing)[:5]}, unexpected: {sorted(unexpected)[:5]})")
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong_shape = [f"{name} {list(state[name].shape)} != {list(tensor.shape)}"
+                       for name, tensor in expected.items() if name in state and state[name].shape != tensor.shape]
+        if missing or unexpected or wrong_shape:
+            raise ValueError(f"{weights_path}: does not match config.json (missing: {missing[:5]}, "
+                             f"unexpected: {unexpected[:5]}, wrong shape: {wrong_shape[:5]})")
+        model.load_state_dict(state)
         return model.to(map_location)
 
 
