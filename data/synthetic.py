@@ -413,10 +413,11 @@ def sample_identities(count: int, seed: int) -> list[Identity]:
     return identities
 
 
-def generate(out_dir, preset: str = "small", seed: int = 0, progress: bool = True) -> Path:
+def generate(out_dir, preset: str = "small", seed: int = 0, progress: bool = True, overwrite: bool = True) -> Path:
     """Write the synth-pedes `preset` into `out_dir` (CUHK-PEDES layout: `imgs/`, `reid_raw.json`,
     plus `synth_info.json`). The folder is built under a temporary name and renamed at the end, so a
-    reader never sees half a dataset. Returns `out_dir`."""
+    reader never sees half a dataset. overwrite=False keeps a complete `out_dir` that another process
+    wrote meanwhile. Returns `out_dir`."""
     if preset not in PRESETS:
         raise ValueError(f"unknown synth-pedes preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
@@ -449,11 +450,16 @@ def generate(out_dir, preset: str = "small", seed: int = 0, progress: bool = Tru
                 "image_size_hw": [IMAGE_HEIGHT, IMAGE_WIDTH], **spec.__dict__,
                 "captions_per_image": CAPTIONS_PER_IMAGE}
         (tmp_dir / "synth_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-        if out_dir.exists():
+        if out_dir.exists() and overwrite:
             stale = out_dir.parent / f".{out_dir.name}.stale-{uuid.uuid4().hex[:8]}"
             os.replace(out_dir, stale)
             shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp_dir, out_dir)
+        try:
+            os.replace(tmp_dir, out_dir)
+        except OSError:
+            if overwrite or not (out_dir / "reid_raw.json").exists():
+                raise
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # another process finished first: keep its copy
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -479,7 +485,8 @@ def ensure_generated(root, preset: str, seed: int = 0) -> Path:
             info = {}
         if info.get("generator_version") == GENERATOR_VERSION and info.get("seed") == seed:
             return folder
-    return generate(folder, preset=preset, seed=seed)
+        return generate(folder, preset=preset, seed=seed, overwrite=True)  # stale: another version or seed
+    return generate(folder, preset=preset, seed=seed, overwrite=False)
 
 
 def contact_sheet(dataset_dir, out_path, identities: int = 12, columns_per_id: Optional[int] = None,

@@ -1,0 +1,102 @@
+"""synth-pedes: determinism, layout, disjoint identities, captions that describe the rendered person."""
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import load_benchmark
+from data.check import check_benchmark
+from data.synthetic import (COLOURS, PRESETS, contact_sheet, generate, render_person, sample_identities,
+                            synth_folder, write_caption)
+
+
+def _all_bytes(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    load_benchmark("synth-pedes-tiny", root=root)  # generated on first use
+    return root
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tiny_root, tmp_path):
+    first = _all_bytes(synth_folder(tiny_root, "tiny"))
+    again = _all_bytes(generate(tmp_path / "again", preset="tiny", seed=0, progress=False))
+    assert first.keys() == again.keys() and len(first) > 100
+    assert first == again
+    other = _all_bytes(generate(tmp_path / "other", preset="tiny", seed=1, progress=False))
+    assert other.keys() == first.keys()
+    assert sum(other[k] != first[k] for k in first) > 0.9 * len(first)
+
+
+def test_layout_counts_and_disjoint_ids(tiny_root):
+    folder = synth_folder(tiny_root, "tiny")
+    entries = json.loads((folder / "reid_raw.json").read_text())
+    spec = PRESETS["tiny"]
+    ids = {split: {e["id"] for e in entries if e["split"] == split} for split in ("train", "val", "test")}
+    assert [len(ids[s]) for s in ("train", "val", "test")] == [spec.train_ids, spec.val_ids, spec.test_ids]
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+    for entry in entries:
+        assert set(entry) >= {"split", "captions", "file_path", "processed_tokens", "id"}
+        assert len(entry["captions"]) == 2 and all(c.strip() for c in entry["captions"])
+        with Image.open(folder / "imgs" / entry["file_path"]) as image:
+            assert image.size == (48, 128) and image.mode == "RGB"
+    problems, _, _ = check_benchmark("synth-pedes-tiny", str(tiny_root), progress=False)
+    assert problems == {}
+
+
+def test_load_benchmark_on_synth(tiny_root):
+    dd = load_benchmark("synth-pedes-tiny", root=tiny_root)
+    spec = PRESETS["tiny"]
+    n_train_images = spec.train_ids * spec.images_per_id
+    assert len(dd["train"]) == 2 * n_train_images
+    assert sorted(set(dd["train"]["pid"])) == list(range(spec.train_ids))
+    assert len(dd["test_gallery"]) == spec.test_ids * spec.images_per_id
+    assert len(dd["val_queries"]) == 2 * spec.val_ids * spec.images_per_id
+
+
+def test_identities_distinct_and_captions_truthful():
+    identities = sample_identities(300, seed=0)
+    assert len({i.key() for i in identities}) == 300
+    rng = np.random.default_rng(0)
+    colour_words = {"grey", "gray", "beige", "khaki", "tan", "violet"} | set(COLOURS)
+    for identity in identities[:100]:
+        caption = write_caption(identity, rng).lower()
+        said_colours = {w for w in re.findall(r"[a-z]+", caption) if w in colour_words}
+        true_colours = {identity.upper_colour, identity.lower_colour, identity.shoe_colour}
+        if identity.bag != "none":
+            true_colours.add(identity.bag_colour)
+        if identity.hat != "none":
+            true_colours.add(identity.hat_colour)
+        if identity.hair_style != "bald":
+            true_colours.add(identity.hair_colour)
+        synonyms = {"gray": "grey", "khaki": "beige", "tan": "beige", "violet": "purple"}
+        said = {synonyms.get(w, w) for w in said_colours}
+        assert said <= true_colours | {"blonde"}, (caption, identity)
+        assert len(said_colours) >= 1
+
+
+def test_upper_garment_colour_is_visible():
+    """The torso region's mean colour is closer to the named upper colour than to most other colours."""
+    identities = sample_identities(60, seed=3)
+    hits = 0
+    for n, identity in enumerate(identities):
+        if identity.upper_striped or identity.bag == "backpack":
+            hits += 1  # stripes / a backpack from behind cover the torso; not a fair probe
+            continue
+        image = np.asarray(render_person(identity, np.random.default_rng(n)), dtype=np.float32)
+        torso = image[40:60, 18:30].reshape(-1, 3).mean(0)
+        distances = {name: np.linalg.norm(torso - np.array(rgb)) for name, rgb in COLOURS.items()}
+        rank = sorted(distances, key=distances.get).index(identity.upper_colour)
+        hits += rank <= 2
+    assert hits >= 0.75 * len(identities)
+
+
+def test_contact_sheet(tiny_root, tmp_path):
+    out = contact_sheet(synth_folder(tiny_root, "tiny"), tmp_path / "sheet.png", identities=8)
+    with Image.open(out) as sheet:
+        assert sheet.size[0] > 400 and sheet.size[1] > 256
