@@ -28,6 +28,8 @@ EXTRA_TYPES = {
     "alr.mu": (str, float),
     "eval.split": (str, type(None)),
 }
+# list-valued keys whose length may differ from the default's (the others are fixed: [H, W], betas, ...)
+VARIABLE_LENGTH = {"logging.trackers"}
 KNOWN_DATASETS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-pedes", "synth-pedes-tiny",
                   "synth-pedes-small", "synth-pedes-full")
 
@@ -71,6 +73,8 @@ def _check_value(key: str, value: Any, default: Any, source: str) -> Any:
     if not ok:
         raise ConfigError(f"{source}: {key} must be {_type_name(allowed)}, got {value!r} "
                           f"({type(value).__name__})")
+    if isinstance(default, list) and key in VARIABLE_LENGTH:
+        return [_check_value(f"{key}[{i}]", item, default[0], source) for i, item in enumerate(value)]
     if isinstance(default, list) and default:
         if len(value) != len(default):
             raise ConfigError(f"{source}: {key} must have {len(default)} entries like {default}, got {value!r}")
