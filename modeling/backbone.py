@@ -2,7 +2,7 @@
 
 The parameters are the `transformers` CLIP parts (`vision_model`, `text_model`, `visual_projection`,
 `text_projection`, with their HF names) so that any CLIP checkpoint loads unchanged; the forward
-pass is written here because
+pass (embeddings, `SDPAEncoderLayer`, final norms, projections) is written here because
 
 * HF's vision embeddings only accept the square image size of the config, while we run 384×128;
 * the fused heads need the head-averaged attention row of the CLS / EOT query of the LAST layer,
@@ -83,8 +83,9 @@ def head_averaged_attention_row(queries: torch.Tensor, keys: torch.Tensor, query
     """
     batch, heads, length, head_dim = queries.shape
     gather_index = query_index.view(batch, 1, 1, 1).expand(batch, heads, 1, head_dim)
-    query = queries.gather(2, gather_index).float()  # [B, H, 1, Dh]
-    logits = (query @ keys.float().transpose(-1, -2)).squeeze(2) * scale  # [B, H, L]
+    with torch.autocast(queries.device.type, enabled=False):  # fp32 scores even under bf16 autocast
+        query = queries.gather(2, gather_index).float()  # [B, H, 1, Dh]
+        logits = (query @ keys.float().transpose(-1, -2)).squeeze(2) * scale  # [B, H, L]
     if causal:
         positions = torch.arange(length, device=logits.device)
         hidden = positions.view(1, 1, length) > query_index.view(batch, 1, 1)
@@ -107,6 +108,47 @@ def load_clip_model(source: str | Path | CLIPConfig | dict | None) -> CLIPModel:
             raise FileNotFoundError(f"{path}: not a CLIP model directory (no config.json)")
         return CLIPModel.from_pretrained(str(source), attn_implementation="sdpa")
     raise TypeError(f"CLIP source must be a hub name, a directory, a CLIPConfig or a dict, got {type(source)!r}")
+
+
+class SDPAEncoderLayer(nn.Module):
+    """A CLIP pre-LN encoder layer run with `F.scaled_dot_product_attention`.
+
+    Adopts the submodules of a `transformers` CLIPEncoderLayer (`self_attn.{q,k,v,out}_proj`,
+    `layer_norm1`, `mlp`, `layer_norm2`), so parameter names and checkpoints are unchanged; only the
+    forward is ours (it can also return the attention row of one query). This is the unit to wrap
+    for FSDP (`fsdp_transformer_layer_cls_to_wrap: SDPAEncoderLayer`) and for activation checkpointing.
+    """
+
+    def __init__(self, clip_layer: nn.Module):
+        super().__init__()
+        self.self_attn = clip_layer.self_attn
+        self.layer_norm1 = clip_layer.layer_norm1
+        self.mlp = clip_layer.mlp
+        self.layer_norm2 = clip_layer.layer_norm2
+        self.num_heads = self.self_attn.num_heads
+        self.head_dim = self.self_attn.head_dim
+        self.scale = float(self.self_attn.scale)
+        self.attention_dropout = float(self.self_attn.dropout)
+
+    def forward(self, hidden: torch.Tensor, causal: bool = False, query_index: torch.Tensor | None = None):
+        """hidden [B, L, C] -> [B, L, C]; with query_index [B] also returns the head-averaged attention
+        row [B, L] float32 of that query (no gradient), from this layer's own q and k."""
+        attention = self.self_attn
+        batch, length, _ = hidden.shape
+        normed = self.layer_norm1(hidden)
+        shape = (batch, length, self.num_heads, self.head_dim)
+        queries = attention.q_proj(normed).view(shape).transpose(1, 2)
+        keys = attention.k_proj(normed).view(shape).transpose(1, 2)
+        values = attention.v_proj(normed).view(shape).transpose(1, 2)
+        dropout = self.attention_dropout if self.training else 0.0
+        mixed = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout, is_causal=causal,
+                                               scale=self.scale)
+        hidden = hidden + attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, -1))
+        hidden = hidden + self.mlp(self.layer_norm2(hidden))
+        if query_index is None:
+            return hidden
+        row = head_averaged_attention_row(queries.detach(), keys.detach(), query_index, self.scale, causal)
+        return hidden, row
 
 
 class CLIPBackbone(nn.Module):
@@ -135,7 +177,12 @@ class CLIPBackbone(nn.Module):
         self.max_text_length = self.config.text_config.max_position_embeddings
         self.gradient_checkpointing = False
         self._install_position_embedding()
+        self._install_sdpa_layers()
         self.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)
+
+    def _install_sdpa_layers(self) -> None:
+        for encoder in (self.vision_model.encoder, self.text_model.encoder):
+            encoder.layers = nn.ModuleList(SDPAEncoderLayer(layer) for layer in encoder.layers)
 
     def _install_position_embedding(self) -> None:
         embeddings = self.vision_model.embeddings
@@ -156,28 +203,6 @@ class CLIPBackbone(nn.Module):
         embeddings.num_positions = 1 + self.num_patches
         embeddings.position_ids = torch.arange(1 + self.num_patches, device=old.device).unsqueeze(0)
 
-    # ----------------------------------------------------------------------------------------- layers
-    def _attention_and_mlp(self, layer: nn.Module, hidden: torch.Tensor, causal: bool,
-                           query_index: torch.Tensor | None):
-        """One pre-LN CLIP encoder layer with SDPA. hidden [B, L, C] -> [B, L, C];
-        with query_index also returns the head-averaged attention row [B, L] (no gradient)."""
-        attention = layer.self_attn
-        batch, length, _ = hidden.shape
-        normed = layer.layer_norm1(hidden)
-        shape = (batch, length, attention.num_heads, attention.head_dim)
-        queries = attention.q_proj(normed).view(shape).transpose(1, 2)
-        keys = attention.k_proj(normed).view(shape).transpose(1, 2)
-        values = attention.v_proj(normed).view(shape).transpose(1, 2)
-        dropout = float(attention.dropout) if self.training else 0.0
-        mixed = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout, is_causal=causal,
-                                               scale=attention.scale)
-        hidden = hidden + attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, -1))
-        hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
-        if query_index is None:
-            return hidden
-        row = head_averaged_attention_row(queries.detach(), keys.detach(), query_index, attention.scale, causal)
-        return hidden, row
-
     def _run_layers(self, layers: nn.ModuleList, hidden: torch.Tensor, causal: bool,
                     query_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All encoder layers; the last one also yields the attention row of `query_index`."""
@@ -187,9 +212,9 @@ class CLIPBackbone(nn.Module):
         for i, layer in enumerate(layers):
             index = query_index if i == last else None
             if use_checkpoint:
-                result = checkpoint(self._attention_and_mlp, layer, hidden, causal, index, use_reentrant=False)
+                result = checkpoint(layer, hidden, causal, index, use_reentrant=False)
             else:
-                result = self._attention_and_mlp(layer, hidden, causal, index)
+                result = layer(hidden, causal, index)
             if i == last:
                 hidden, row = result
             else:

@@ -47,8 +47,10 @@ def test_bf16_autocast_forward_and_backward(tiny):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         image_global, image_fused = tiny.encode_image(pixels)
         text_global, text_fused = tiny.encode_text(ids, mask)
-    for tensor in (image_global, image_fused, text_global, text_fused):
+        rows = tiny.clip.encode_text(ids, mask).attention_row
+    for tensor in (image_global, image_fused, text_global, text_fused, rows):
         assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
+    torch.testing.assert_close(rows.sum(-1), torch.ones(2))
     (image_fused * text_fused).sum().backward()
     assert all(p.dtype == torch.float32 for p in tiny.parameters())
     assert torch.isfinite(tiny.clip.text_projection.weight.grad).all()
