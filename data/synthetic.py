@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump whenever the rendered bytes change: cached copies are regenerated
 IMAGE_HEIGHT, IMAGE_WIDTH = 128, 48  # stored size (H, W); models resize
 SUPERSAMPLE = 2  # drawn at 2x, then downscaled with antialiasing
 
@@ -197,8 +197,6 @@ def render_person(identity: Identity, rng: np.random.Generator) -> Image.Image:
 
     # long hair behind the shoulders, backpack behind the body (front view)
     head_c, head_r = at(0, 0.075), 0.055 * unit
-    if identity.hair_style == "long":
-        draw.rectangle([*at(-0.06, 0.07), *at(0.06, 0.24)], fill=hair_rgb)
     if identity.bag == "backpack" and not back_view:
         draw.rounded_rectangle([*at(-shoulder - 0.03, 0.17), *at(shoulder + 0.03, 0.42)], radius=4, fill=bag_rgb)
 
@@ -252,7 +250,14 @@ def render_person(identity: Identity, rng: np.random.Generator) -> Image.Image:
                   shoulder_pt[1] + (hand[1] - shoulder_pt[1]) * sleeve_end * 0.92)
         _limb(draw, shoulder_pt, sleeve, limb_w * 0.9, upper_rgb)
 
-    # head, hair, hat
+    # head, hair, hat (long hair falls over the shoulders: strands at the sides in front, a block behind)
+    if identity.hair_style == "long":
+        if back_view:
+            draw.rectangle([*at(-0.07, 0.06), *at(0.07, 0.27)], fill=hair_rgb)
+        else:
+            for side in (-1, 1):
+                draw.rectangle([*at(min(side * 0.035, side * 0.075), 0.06), *at(max(side * 0.035, side * 0.075), 0.26)],
+                               fill=hair_rgb)
     draw.rectangle([*at(-0.02, 0.11), *at(0.02, 0.145)], fill=skin)
     draw.ellipse([head_c[0] - head_r, head_c[1] - head_r * 1.1, head_c[0] + head_r, head_c[1] + head_r * 1.1], fill=skin)
     if identity.hair_style != "bald":
@@ -500,7 +505,9 @@ def contact_sheet(dataset_dir, out_path, identities: int = 12, columns_per_id: O
     by_id: dict[int, list[dict]] = {}
     for entry in entries:
         by_id.setdefault(entry["id"], []).append(entry)
-    chosen = list(by_id.values())[:identities]
+    groups = list(by_id.values())
+    stride = max(1, len(groups) // identities)  # spread over the split, not just its first identities
+    chosen = groups[::stride][:identities]
     per_id = columns_per_id or max(len(v) for v in chosen)
     cell_w, cell_h = IMAGE_WIDTH * scale, IMAGE_HEIGHT * scale
     ids_per_row = 4

@@ -118,7 +118,7 @@ def test_test_transform_shape_and_normalisation():
     out = build_image_transform(train=False, image_size=(64, 24))(image)
     assert out.shape == (3, 64, 24) and out.dtype == torch.float32
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    expected = (torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255 - mean) / std
+    expected = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - mean) / std
     assert torch.allclose(out, expected, atol=1e-5)  # same size: no resize, exact normalisation
     resized = build_image_transform(train=False, image_size=(384, 128))(image)
     assert resized.shape == (3, 384, 128)
