@@ -106,7 +106,15 @@ def load_clip_model(source: str | Path | CLIPConfig | dict | None) -> CLIPModel:
         path = Path(source)
         if path.exists() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: not a CLIP model directory (no config.json)")
-        return CLIPModel.from_pretrained(str(source), attn_implementation="sdpa")
+        if not path.exists() and (path.is_absolute() or str(source).startswith((".", "~"))
+                                  or str(source).count("/") > 1):
+            raise FileNotFoundError(f"{path}: no such CLIP model directory")
+        try:
+            model = CLIPModel.from_pretrained(str(source), attn_implementation="sdpa")
+        except OSError as error:
+            raise OSError(f"could not load CLIP weights {str(source)!r} ({error}). Offline? Pass a local "
+                          f"directory saved by transformers, or a CLIPConfig for random init.") from error
+        return model.float()  # fp32 master weights whatever the checkpoint's dtype (use autocast for bf16)
     raise TypeError(f"CLIP source must be a hub name, a directory, a CLIPConfig or a dict, got {type(source)!r}")
 
 

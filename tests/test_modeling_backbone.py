@@ -127,6 +127,22 @@ def test_from_clip_loads_a_transformers_folder_and_resizes_its_position_embeddin
     assert "clip.logit_scale" not in dict(model.named_parameters())
 
 
+def test_half_precision_clip_folder_loads_as_fp32(tmp_path):
+    CLIPModel(small_clip_config()).half().save_pretrained(tmp_path)
+    model = TRPRModel.from_clip(tmp_path, image_size=(64, 32), fused_dim=16)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_missing_clip_sources_raise_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="no such CLIP model directory"):
+        TRPRModel.from_clip(tmp_path / "missing" / "clip")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        TRPRModel.from_clip(tmp_path)
+    with pytest.raises(OSError, match="could not load CLIP weights 'nobody-3rtpr/no-such-clip'"):
+        TRPRModel.from_clip("nobody-3rtpr/no-such-clip")
+
+
 def test_patch_conv_is_frozen_and_everything_else_trains():
     model = TRPRModel.from_clip(small_clip_config(), image_size=(64, 32), fused_dim=32)
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
