@@ -6,7 +6,7 @@ Evaluation (METHOD.md §5, §8, §9):
     (also under `accelerate launch`: feature extraction is sharded over the processes)
 Free-text search:
     python eval_3rtpr.py search "a man in a blue jacket" --checkpoint RUN_DIR --dataset NAME [--root ROOT]
-                         [--split test] [--top 10] [--out DIR]
+                         [--split test] [--top 10] [--out DIR]      (QUERY "-": one query per stdin line)
 
 For every checkpoint the rows are GE, FS and GE+FS for model A, model B and the ensemble A+B. Features
 are L2-normalised pieces concatenated by `modeling.scoring_features`, so a dot product is the sum of
@@ -125,7 +125,7 @@ def encode_dataset(models: list, dataset, modality: str, *, batch_size: int = 64
     return outputs
 
 
-def _unwrap_pair(pair, accelerator):
+def _unwrap(pair, accelerator):
     return accelerator.unwrap_model(pair) if accelerator is not None else pair
 
 
@@ -135,8 +135,8 @@ def extract_pair_features(pair, gallery_split, queries_split, *, tokenizer, imag
     `pair` (a modeling.ReciprocalPair) in eval mode under no_grad; the pair's train/eval mode is restored."""
     import data
 
-    pair = _unwrap_pair(pair, accelerator)
-    models = [pair.a, pair.b]
+    pair = _unwrap(pair, accelerator)
+    models = [_unwrap(model, accelerator) for model in (pair.a, pair.b)]
     was_training = pair.training
     pair.eval()
     try:
@@ -327,16 +327,22 @@ class CheckpointResult:
     seconds: dict = field(default_factory=dict)
 
 
-_RUN_ONLY_KEY = re.compile(r"seed|output|out_dir|run_name|resume|logging|log_dir", re.IGNORECASE)
+# Config entries that differ between seeds of one recipe or do not change the trained weights.
+_RUN_ONLY_PATHS = frozenset({"data.root", "data.num_workers", "model.gradient_checkpointing", "train.log_every",
+                             "eval.batch_size", "eval.every", "logging", "output_dir", "resume"})
 
 
-def _without_run_only_keys(value):
-    """The config with seeds, output folders and logging settings removed (recursively): what
-    distinguishes two runs of the same recipe."""
+def _without_run_only_keys(value, prefix: str = ""):
+    """The config without seeds (any key containing "seed"), data/output folders, worker counts and
+    logging (recursively): what two runs of the same recipe share."""
     if isinstance(value, dict):
-        return {k: _without_run_only_keys(v) for k, v in value.items() if not _RUN_ONLY_KEY.search(str(k))}
-    if isinstance(value, list):
-        return [_without_run_only_keys(v) for v in value]
+        kept = {}
+        for key, item in value.items():
+            path = f"{prefix}{key}"
+            if "seed" in str(key).lower() or path in _RUN_ONLY_PATHS:
+                continue
+            kept[key] = _without_run_only_keys(item, f"{path}.")
+        return kept
     return value
 
 
@@ -688,7 +694,8 @@ def save_search_grid(matches: list[dict], query: str, path: Path, *, gallery_spl
 def _search_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eval_3rtpr.py search",
                                      description="Free-text person search in an evaluation gallery.")
-    parser.add_argument("query", help="a description of the person, e.g. \"a man in a blue jacket with a black backpack\"")
+    parser.add_argument("query", help="a description of the person, e.g. \"a man in a blue jacket with a black "
+                                      "backpack\"; \"-\" reads one query per line from stdin")
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run folder or ReciprocalPair folder")
     parser.add_argument("--dataset", required=True, help="benchmark whose gallery is searched")
     parser.add_argument("--root", default=None, help="datasets root (default: data.load_benchmark's default)")
@@ -707,8 +714,18 @@ def _slug(text: str, limit: int = 60) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "query"
 
 
+def _read_queries(query: str):
+    """The query itself, or with "-" one query per non-empty stdin line (answered as they come)."""
+    if query != "-":
+        yield query
+        return
+    for line in sys.stdin:
+        if line.strip():
+            yield line.strip()
+
+
 def search_command(argv: list[str]) -> int:
-    """`eval_3rtpr.py search QUERY ...`: print the top matches and save a PNG grid."""
+    """`eval_3rtpr.py search QUERY ...`: print the top matches and save a PNG grid per query."""
     args = _search_parser().parse_args(argv)
     if not args.query.strip():
         raise EvalInputError("search: the query is empty")
@@ -729,18 +746,20 @@ def search_command(argv: list[str]) -> int:
         index = build_gallery_index(pair, gallery, batch_size=args.batch_size)
         save_gallery_index(index, cache_stem)
     tokenizer = get_tokenizer()
-    query_started = time.perf_counter()
-    matches = search_gallery(pair, index, args.query, tokenizer=tokenizer, row=args.score, top=args.top)
-    answered = time.perf_counter()
-    print(f"query: {args.query}")
-    print(f"{'rank':>4}  {'score':>7}  {'pid':>6}  path")
-    for match in matches:
-        print(f"{match['rank']:>4}  {match['score']:>7.4f}  {match['pid']:>6}  {match['path'] or '(embedded image)'}")
-    grid = save_search_grid(matches, args.query, args.out / f"search_{_slug(args.query)}.png", gallery_split=gallery)
-    print(f"grid: {grid}")
-    print(f"answered in {answered - started:.2f} s (query {answered - query_started:.3f} s; gallery of "
-          f"{index.pids.numel()} images {'from cache' if from_cache else 'encoded and cached'} at {cache_stem}.safetensors)",
-          file=sys.stderr)
+    print(f"gallery: {index.pids.numel()} images of {args.dataset} ({args.split}), "
+          f"{'from cache' if from_cache else 'encoded and cached'} at {cache_stem}.safetensors; "
+          f"ready in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    for query in _read_queries(args.query):
+        query_started = time.perf_counter()
+        matches = search_gallery(pair, index, query, tokenizer=tokenizer, row=args.score, top=args.top)
+        answered = time.perf_counter()
+        print(f"query: {query}")
+        print(f"{'rank':>4}  {'score':>7}  {'pid':>6}  path")
+        for match in matches:
+            print(f"{match['rank']:>4}  {match['score']:>7.4f}  {match['pid']:>6}  {match['path'] or '(embedded image)'}")
+        grid = save_search_grid(matches, query, args.out / f"search_{_slug(query)}.png", gallery_split=gallery)
+        print(f"grid: {grid}", flush=True)
+        print(f"answered in {answered - query_started:.3f} s ({args.score}, score = sum of cosines)", file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,6 @@
 """eval_3rtpr end to end on tiny random-init checkpoints and synth-pedes-tiny: reports equal the Python
 API, seeds get a mean ± std row, the published leaderboard, planted free-text search, bad input."""
+import io
 import json
 import shutil
 from pathlib import Path
@@ -159,6 +160,26 @@ def test_search_finds_planted_image_and_caches_gallery(setup, capsys, monkeypatc
     assert len(list((setup["base"] / "cache" / "search-features").glob("*.safetensors"))) == 1
     grid = setup["base"] / "search" / f"search_{eval_3rtpr._slug(caption)}.png"
     assert grid.read_bytes()[:4] == b"\x89PNG"
+    # "-": one query per stdin line, answered from the same loaded model and cached gallery
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"a person in a red coat\n\n{caption}\n"))
+    assert eval_3rtpr.main(["search", "-"] + argv[2:]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("query: ") == 2 and "from cache" in captured.err
+    assert captured.out.split(f"query: {caption}")[1].split("grid:")[0] == first_out.split(f"query: {caption}")[1].split("grid:")[0]
+
+
+def test_config_fingerprint_groups_seeds_only():
+    def checkpoint(config):
+        return eval_3rtpr.Checkpoint("x", Path("x"), Path("x"), run_config=config)
+
+    base = {"seed": 0, "data": {"dataset": "cuhk-pedes", "root": "/a", "num_workers": 4},
+            "model": {"fused_dim": 2048, "head_seeds": [0, 1]}, "eval": {"batch_size": 64}}
+    other_seed = {"seed": 1, "data": {"dataset": "cuhk-pedes", "root": "/b", "num_workers": 0},
+                  "model": {"fused_dim": 2048, "head_seeds": [2, 3]}, "eval": {"batch_size": 128}}
+    other_recipe = dict(base, model={"fused_dim": 1024, "head_seeds": [0, 1]})
+    fingerprint = eval_3rtpr.config_fingerprint
+    assert fingerprint(checkpoint(base), None) == fingerprint(checkpoint(other_seed), None)
+    assert fingerprint(checkpoint(base), None) != fingerprint(checkpoint(other_recipe), None)
 
 
 def _error_line(capsys, argv) -> str:
