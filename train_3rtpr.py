@@ -26,6 +26,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,10 @@ import modeling
 from data.transforms import get_tokenizer
 from modeling.alr import compute_alr, noise_detection_scores
 from modeling.fused import MaskedBatchNorm1d
+
+# all_gather / all_reduce WITH autograd have no public replacement yet; silence their deprecation notice
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated",
+                        category=FutureWarning)
 
 RUN_CONFIG = "config.yaml"
 METRICS_FILE = "metrics.jsonl"

@@ -157,6 +157,12 @@ def validate(config: dict, source: str = "config") -> None:
         fail(f"data.noise_rate must lie in [0, 1), got {config['data']['noise_rate']}")
     if min(config["data"]["image_size"]) <= 0:
         fail(f"data.image_size must be positive, got {config['data']['image_size']}")
+    if isinstance(config["model"]["backbone"], dict):
+        from modeling import small_clip_config
+        try:
+            small_clip_config(**config["model"]["backbone"])
+        except (TypeError, ValueError) as error:
+            fail(f"model.backbone mapping is not a valid modeling.small_clip_config: {error}")
     if not 0.0 <= config["model"]["select_ratio"] <= 1.0:
         fail(f"model.select_ratio must lie in [0, 1], got {config['model']['select_ratio']}")
     if config["model"]["image_tokens"] not in ("topk", "all"):
