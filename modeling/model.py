@@ -139,8 +139,9 @@ class TRPRModel(nn.Module):
         directory = Path(directory)
         config = read_model_config(directory / CONFIG_NAME)
         clip_config = CLIPConfig.from_dict(config["clip_config"])
-        backbone = CLIPBackbone(load_clip_model(clip_config), tuple(config["image_size"]))
-        model = cls(backbone, config["select_ratio"], config["fused_dim"], config["image_tokens"])
+        with torch.device("meta"):  # shapes only: every persistent tensor comes from the weights file
+            backbone = CLIPBackbone(load_clip_model(clip_config), tuple(config["image_size"]))
+            model = cls(backbone, config["select_ratio"], config["fused_dim"], config["image_tokens"])
         weights_path = directory / WEIGHTS_NAME
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path}: missing (expected the safetensors weights)")
@@ -153,8 +154,21 @@ class TRPRModel(nn.Module):
         if missing or unexpected or wrong_shape:
             raise ValueError(f"{weights_path}: does not match config.json (missing: {missing[:5]}, "
                              f"unexpected: {unexpected[:5]}, wrong shape: {wrong_shape[:5]})")
-        model.load_state_dict(state)
-        return model.to(map_location)
+        model.load_state_dict(state, assign=True)
+        _materialise_position_ids(model, torch.device(map_location))
+        return model
+
+
+def _materialise_position_ids(model: nn.Module, device: torch.device) -> None:
+    """Re-create the non-persistent `position_ids` buffers (0..n-1) that a meta-device build left empty."""
+    for name, buffer in list(model.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        if not name.endswith("position_ids"):
+            raise RuntimeError(f"buffer {name} is not in the checkpoint and cannot be rebuilt")
+        owner_name, _, leaf = name.rpartition(".")
+        values = torch.arange(buffer.shape[-1], device=device).expand(buffer.shape).clone()
+        setattr(model.get_submodule(owner_name), leaf, values)
 
 
 def read_model_config(path: Path) -> dict:
