@@ -189,26 +189,31 @@ class GalleryByPid:
 
 def count_items_ranked_above(scores: torch.Tensor, match_idx: torch.Tensor,
                              valid: torch.Tensor) -> torch.Tensor:
-    """For each match, the number of gallery items ranked above it (CPU/GPU torch, no sort).
+    """For each match, the number of gallery items ranked above it (torch, no sort).
 
     scores [q, Ng]; match_idx/valid [q, M]. An item k ranks above match j when
     score_k > score_j, or score_k == score_j and k < j (stable tie rule). Returns int64 [q, M]
     (0 in invalid slots).
+
+    One pass over sign(score_k − score_j) [q, M, Ng] gives, per match, S1 = #greater − #smaller
+    and S2 = #greater + #smaller, so #greater = (S1 + S2) / 2 and #equal = Ng − S2 (float sums of
+    ±1 are exact below 2²⁴ items; float64 is used above). Only matches that tie with another
+    item (#equal > 1) take a second, exact pass for the tie rule.
     """
+    n_gallery = scores.shape[1]
+    dtype = scores.dtype if n_gallery < 2**24 else torch.float64
     match_scores = scores.gather(1, match_idx)                          # [q, M]
-    above = torch.zeros(match_idx.shape, dtype=torch.int64, device=scores.device)
-    gallery_index = torch.arange(scores.shape[1], device=scores.device)
-    for slot in range(match_idx.shape[1]):
-        live = valid[:, slot]
-        if not bool(live.any()):
-            continue
-        ms = match_scores[:, slot:slot + 1]
-        count = (scores > ms).sum(dim=1)
-        ties = scores == ms
-        if bool(ties.sum() > live.sum()):       # some item (other than the match) ties with a match
-            count += (ties & (gallery_index[None, :] < match_idx[:, slot:slot + 1])).sum(dim=1)
-        above[:, slot] = torch.where(live, count, torch.zeros_like(count))
-    return above
+    sign = torch.sign(scores.to(dtype)[:, None, :] - match_scores.to(dtype)[:, :, None])
+    s1, s2 = sign.sum(dim=-1), sign.abs_().sum(dim=-1)
+    above = ((s1 + s2) / 2).round().to(torch.int64)
+    tied = valid & ((n_gallery - s2) > 1.5)
+    if bool(tied.any()):
+        rows, slots = tied.nonzero(as_tuple=True)
+        gallery_index = torch.arange(n_gallery, device=scores.device)
+        same = scores[rows] == match_scores[rows, slots][:, None]
+        before = gallery_index[None, :] < match_idx[rows, slots][:, None]
+        above[rows, slots] += (same & before).sum(dim=1)
+    return torch.where(valid, above, torch.zeros_like(above))
 
 
 def metrics_from_match_ranks(match_ranks: torch.Tensor, valid: torch.Tensor, ks=DEFAULT_KS,
@@ -253,10 +258,9 @@ def metrics_from_match_ranks(match_ranks: torch.Tensor, valid: torch.Tensor, ks=
     return out
 
 
-def _query_block_size(n_gallery: int, max_matches: int, budget: int = 1 << 22) -> int:
-    """Queries per chunk so that a [q, Ng] score block stays near `budget` elements."""
-    del max_matches
-    return max(1, min(4096, budget // max(n_gallery, 1)))
+def _query_block_size(n_gallery: int, max_matches: int, budget: int = 1 << 21) -> int:
+    """Queries per chunk so that the [q, M, Ng] comparison block stays near `budget` elements."""
+    return max(1, min(4096, budget // max(n_gallery * max(max_matches, 1), 1)))
 
 
 def retrieval_metrics_reference(query_feats: torch.Tensor, gallery_feats: torch.Tensor,
