@@ -13,6 +13,7 @@ import data
 import eval_3rtpr
 import modeling
 from data.transforms import get_tokenizer, tokenize
+from metrics import report
 
 IMAGE_SIZE = (64, 32)
 DATASET = "synth-pedes-tiny"
@@ -57,23 +58,23 @@ def test_cli_reports_equal_python_api(setup, capsys):
                             "--out", str(out), "--i2t", "--batch-size", "16"])
     assert code == 0
     printed = capsys.readouterr().out
-    report = json.loads((out / "results.json").read_text())
-    assert [c["name"] for c in report["checkpoints"]] == ["seed0", "seed1"]
-    assert report["checkpoints"][1]["pair_dir"].endswith("last")  # run folder without best/ -> last/
+    results = json.loads((out / "results.json").read_text())
+    assert [c["name"] for c in results["checkpoints"]] == ["seed0", "seed1"]
+    assert results["checkpoints"][1]["pair_dir"].endswith("last")  # run folder without best/ -> last/
     per_run = [_api_rows(run0 / "best", setup["splits"], i2t=True), _api_rows(run1 / "last", setup["splits"], i2t=True)]
-    for checkpoint, expected in zip(report["checkpoints"], per_run):
+    for checkpoint, expected in zip(results["checkpoints"], per_run):
         assert list(checkpoint["rows"]) == list(expected)
         assert len(expected) == 18 and "i2t:A+B/GE+FS" in expected
         for key, metrics in expected.items():
             assert checkpoint["rows"][key] == pytest.approx(metrics, abs=1e-9), key
         # CMC at rank 1 / 5 / 10 is R@1 / R@5 / R@10
-        for key in eval_3rtpr.ROW_KEYS:
+        for key in report.ROW_KEYS:
             curve = checkpoint["cmc"][key]
             assert len(curve) == 20 and curve == sorted(curve)
             assert [curve[0], curve[4], curve[9]] == pytest.approx(
                 [expected[key]["R1"], expected[key]["R5"], expected[key]["R10"]], abs=1e-9)
     # same config, two seeds -> one mean ± std group
-    (group,) = report["seed_groups"]
+    (group,) = results["seed_groups"]
     assert group["checkpoints"] == ["seed0", "seed1"]
     r1 = [per_run[0]["A+B/GE+FS"]["R1"], per_run[1]["A+B/GE+FS"]["R1"]]
     assert group["mean"]["A+B/GE+FS"]["R1"] == pytest.approx(sum(r1) / 2)
@@ -82,7 +83,7 @@ def test_cli_reports_equal_python_api(setup, capsys):
     expected_cell = f"| 3RTPR seed0 A/GE | {per_run[0]['A/GE']['R1']:.2f} | {per_run[0]['A/GE']['R5']:.2f} |"
     assert expected_cell in markdown and expected_cell in printed
     assert "## Image → text" in markdown and "ours (mean ± std), n=2" in markdown
-    assert (out / report["cmc_plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert (out / results["cmc_plot"]).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_leaderboard_places_rows_among_published(setup, capsys):
@@ -90,9 +91,9 @@ def test_cli_leaderboard_places_rows_among_published(setup, capsys):
     pair_dir = setup["runs"][0] / "best"  # a pair folder directly
     assert eval_3rtpr.main(["--checkpoint", str(pair_dir), "--dataset", "CUHK-PEDES", "--root", str(setup["root"]),
                             "--out", str(out), "--leaderboard", "--batch-size", "16"]) == 0
-    report = json.loads((out / "results.json").read_text())
-    assert report["checkpoints"][0]["name"] == "seed0/best"
-    assert [p["method"] for p in report["published"]][-1] == "RDE (CVPR'24)"
+    results = json.loads((out / "results.json").read_text())
+    assert results["checkpoints"][0]["name"] == "seed0/best"
+    assert [p["method"] for p in results["published"]][-1] == "RDE (CVPR'24)"
     lines = [l for l in (out / "leaderboard.md").read_text().splitlines() if l.startswith("| ") and l[2].isdigit()]
     assert len(lines) == 9 + 5
     r1 = [float(l.split("|")[3]) for l in lines]
@@ -102,11 +103,11 @@ def test_cli_leaderboard_places_rows_among_published(setup, capsys):
 
 
 def test_leaderboard_says_synth_has_no_published_rows(setup):
-    result = eval_3rtpr.CheckpointResult(
-        checkpoint=eval_3rtpr.Checkpoint("x", Path("x"), Path("x")), image_size=IMAGE_SIZE,
-        rows={key: {"R1": 1.0, "R5": 2.0, "R10": 3.0, "mAP": 4.0, "mINP": 5.0} for key in eval_3rtpr.ROW_KEYS},
+    result = report.CheckpointResult(
+        name="x", path="x", pair_dir="x", image_size=IMAGE_SIZE,
+        rows={key: {"R1": 1.0, "R5": 2.0, "R10": 3.0, "mAP": 4.0, "mINP": 5.0} for key in report.ROW_KEYS},
         cmc={}, fingerprint="f")
-    text = eval_3rtpr.render_leaderboard([result], "synth-pedes", "test", with_published=True, i2t=False, cmc_png=None)
+    text = report.render_leaderboard([result], "synth-pedes", "test", with_published=True, i2t=False, cmc_png=None)
     assert "No published results exist for 'synth-pedes'" in text
     assert "| reported |" not in text and "| ours |" in text
 
@@ -169,17 +170,16 @@ def test_search_finds_planted_image_and_caches_gallery(setup, capsys, monkeypatc
 
 
 def test_config_fingerprint_groups_seeds_only():
-    def checkpoint(config):
-        return eval_3rtpr.Checkpoint("x", Path("x"), Path("x"), run_config=config)
-
     base = {"seed": 0, "data": {"dataset": "cuhk-pedes", "root": "/a", "num_workers": 4},
             "model": {"fused_dim": 2048, "head_seeds": [0, 1]}, "eval": {"batch_size": 64}}
     other_seed = {"seed": 1, "data": {"dataset": "cuhk-pedes", "root": "/b", "num_workers": 0},
                   "model": {"fused_dim": 2048, "head_seeds": [2, 3]}, "eval": {"batch_size": 128}}
     other_recipe = dict(base, model={"fused_dim": 1024, "head_seeds": [0, 1]})
-    fingerprint = eval_3rtpr.config_fingerprint
-    assert fingerprint(checkpoint(base), None) == fingerprint(checkpoint(other_seed), None)
-    assert fingerprint(checkpoint(base), None) != fingerprint(checkpoint(other_recipe), None)
+    fingerprint = report.config_fingerprint
+    assert fingerprint(base, {}) == fingerprint(other_seed, {})
+    assert fingerprint(base, {}) != fingerprint(other_recipe, {})
+    # a bare pair folder (no run config) is described by its models
+    assert fingerprint(None, {"fused_dim": 2048}) != fingerprint(None, {"fused_dim": 1024})
 
 
 def _error_line(capsys, argv) -> str:
