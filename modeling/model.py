@@ -207,7 +207,6 @@ def model_card(model: TRPRModel) -> str:
         "---\n"
         "library_name: 3rtpr\n"
         "tags:\n- text-based-person-retrieval\n- clip\n- 3rtpr\n"
-        "pipeline_tag: zero-shot-image-classification\n"
         "---\n\n"
         "# 3RTPR model\n\n"
         "CLIP dual encoder with fused representations for text-based person retrieval (3RTPR, TIP 2025).\n\n"
