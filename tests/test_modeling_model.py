@@ -144,3 +144,14 @@ def test_forward_compiles_without_graph_breaks():
         expected = model(pixel_values=pixels, input_ids=ids, attention_mask=mask)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key])
+
+
+def test_import_needs_no_datasets_evaluate_or_sklearn():
+    """modeling/ must import on a GPU image without datasets / evaluate (and scikit-learn stays lazy)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, modeling; bad = [m for m in ('datasets', 'evaluate', 'sklearn') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
