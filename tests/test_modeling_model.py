@@ -66,9 +66,6 @@ def test_gradients_reach_backbone_and_both_heads(tiny):
         if not parameter.requires_grad:
             assert name == "clip.vision_model.embeddings.patch_embedding.weight" and parameter.grad is None
             continue
-        if name in ("clip.text_model.embeddings.token_embedding.weight",):
-            assert parameter.grad.abs().sum() > 0
-            continue
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
