@@ -190,7 +190,11 @@ def load_benchmark(name: str, root: Optional[Union[str, Path]] = None, noise_rat
     captions = train["captions"]
     num_samples = len(captions)
     noisy = [False] * num_samples
+    if not 0.0 <= noise_rate <= 1.0:
+        raise ValueError(f"noise_rate must be in [0, 1], got {noise_rate}")
     if noise_file is not None:
+        if noise_rate > 0:
+            logger.warning("noise_file %s given: it defines the noise; noise_rate=%s is not used", noise_file, noise_rate)
         permutation = noise_lib.load_permutation(noise_file, num_samples)
         captions, noisy = noise_lib.apply_permutation(captions, permutation)
         _log(f"noise from {noise_file}: {100.0 * sum(noisy) / max(1, num_samples):.2f}% of training captions changed")

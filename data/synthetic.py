@@ -427,6 +427,9 @@ def generate(out_dir, preset: str = "small", seed: int = 0, progress: bool = Tru
         raise ValueError(f"unknown synth-pedes preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
     out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "synth_info.json").is_file():
+        raise FileExistsError(f"{out_dir} exists and is not a synth-pedes folder (no synth_info.json); "
+                              "refusing to replace it — choose an empty or new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     (tmp_dir / "imgs").mkdir(parents=True)
@@ -545,6 +548,11 @@ def main(argv=None) -> None:
     parser.add_argument("--contact-sheet", default=None, help="also write a contact-sheet PNG here")
     args = parser.parse_args(argv)
     out = generate(args.out, preset=args.preset, seed=args.seed)
+    spec = PRESETS[args.preset]
+    print(f"{'split':<6}{'ids':>7}{'images':>8}{'captions':>10}")
+    for split, ids in (("train", spec.train_ids), ("val", spec.val_ids), ("test", spec.test_ids)):
+        images = ids * spec.images_per_id
+        print(f"{split:<6}{ids:>7}{images:>8}{images * CAPTIONS_PER_IMAGE:>10}")
     if args.contact_sheet:
         print(f"contact sheet: {contact_sheet(out, args.contact_sheet)}")
 

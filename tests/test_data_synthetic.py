@@ -100,3 +100,12 @@ def test_contact_sheet(tiny_root, tmp_path):
     out = contact_sheet(synth_folder(tiny_root, "tiny"), tmp_path / "sheet.png", identities=8)
     with Image.open(out) as sheet:
         assert sheet.size[0] > 400 and sheet.size[1] > 256
+
+
+def test_generate_refuses_to_replace_a_foreign_folder(tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a synth-pedes folder"):
+        generate(tmp_path / "precious", preset="tiny", progress=False)
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["precious"]  # no temporary folder left behind
