@@ -41,7 +41,7 @@ from .similarity_tiles import (NEG_BIG, accumulate_tile_product, dot_settings, k
 
 
 @triton.jit
-def _sdm_forward_kernel(R, C, ROW_PID, COL_PID, LOSS, LSE, LOGQ_POS, n_rows, n_cols, D, scale, eps,
+def _sdm_forward_kernel(R, C, ROW_PID, COL_PID, LOSS, LSE, LOGQ_POS, n_rows, n_cols, D, scale, eps, log_eps,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,7 +74,7 @@ def _sdm_forward_kernel(R, C, ROW_PID, COL_PID, LOSS, LSE, LOGQ_POS, n_rows, n_c
         run_max = new_max
     log_sum = tl.log(run_sum)
     logq_pos = tl.log(1.0 / tl.maximum(n_pos, 1.0) + eps)
-    loss = (run_h / run_sum - log_sum) - (run_pos / run_sum) * logq_pos - (run_neg / run_sum) * tl.log(eps)
+    loss = (run_h / run_sum - log_sum) - (run_pos / run_sum) * logq_pos - (run_neg / run_sum) * log_eps
     tl.store(LOSS + rows, loss, mask=row_mask)
     tl.store(LSE + rows, run_max + log_sum, mask=row_mask)
     tl.store(LOGQ_POS + rows, logq_pos, mask=row_mask)
@@ -152,7 +152,7 @@ class SdmDirection(torch.autograd.Function):
         logq_pos = torch.empty_like(loss)
         _sdm_forward_kernel[(triton.cdiv(n_rows, block_m),)](
             rows, cols, row_pids, col_pids, loss, lse, logq_pos, n_rows, n_cols, dim,
-            float(logit_scale), SDM_EPS, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            float(logit_scale), SDM_EPS, math.log(SDM_EPS), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             UPCAST=upcast, PRECISION=precision, num_warps=warps)
         ctx.save_for_backward(rows, cols, row_pids, col_pids, loss, lse, logq_pos)
         ctx.settings = (float(logit_scale), block_m, block_n, block_d, warps, upcast, precision)

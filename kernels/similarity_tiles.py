@@ -18,8 +18,9 @@ import triton.language as tl
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """True when Triton runs in its CPU interpreter (set before triton is imported)."""
 
-NEG_BIG = -1.0e30
-"""Finite stand-in for −∞ in masked logits: exp(NEG_BIG − m) is exactly 0 and 0·NEG_BIG is 0."""
+NEG_BIG = tl.constexpr(-1.0e30)
+"""Finite stand-in for −∞ in masked logits: exp(NEG_BIG − m) is exactly 0 and 0·NEG_BIG is 0.
+A `tl.constexpr` because compiled kernels may only read constexpr globals."""
 
 
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
