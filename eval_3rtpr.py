@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 import kernels
 import modeling
+from data.transforms import CONTEXT_LENGTH, VOCAB_SIZE
 from metrics.cmc import cmc_curve
 from metrics.published import METRIC_NAMES, canonical_dataset
 from metrics.report import (CMC_MAX_RANK, I2T_PREFIX, MODEL_ROWS, ROW_KEYS, SCORES, CheckpointResult,
@@ -286,6 +287,13 @@ def load_pair(checkpoint: Checkpoint):
     if tuple(pair.a.image_size) != tuple(pair.b.image_size):
         raise EvalInputError(f"checkpoint {checkpoint.pair_dir}: models A and B take different image sizes "
                              f"({tuple(pair.a.image_size)} vs {tuple(pair.b.image_size)})")
+    for member, model in zip(_pair_member_dirs(checkpoint.pair_dir), pair.models):
+        text_config = model.clip.config.text_config
+        if text_config.vocab_size < VOCAB_SIZE or text_config.max_position_embeddings < CONTEXT_LENGTH:
+            raise EvalInputError(
+                f"checkpoint {checkpoint.pair_dir}: {member}/{MODEL_CONFIG_NAME} has an incompatible text config "
+                f"(vocab_size {text_config.vocab_size}, max_position_embeddings {text_config.max_position_embeddings}; "
+                f"the CLIP tokenizer needs at least {VOCAB_SIZE} and {CONTEXT_LENGTH})")
     return pair
 
 

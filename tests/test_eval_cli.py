@@ -211,6 +211,11 @@ def test_bad_input_is_one_line_error(setup, capsys, tmp_path):
     config_path.write_text(json.dumps(config))
     line = _error_line(capsys, ["--checkpoint", str(incompatible), "--dataset", DATASET] + common)
     assert "cannot load" in line and "model_a" in line
+    small_vocab = tmp_path / "small_vocab"
+    modeling.ReciprocalPair.from_clip(modeling.small_clip_config(text_vocab_size=1000), fused_dim=96,
+                                      image_size=IMAGE_SIZE).save_pretrained(small_vocab)
+    line = _error_line(capsys, ["--checkpoint", str(small_vocab), "--dataset", DATASET] + common)
+    assert "model_a/config.json has an incompatible text config (vocab_size 1000" in line
     line = _error_line(capsys, ["--checkpoint", str(run0), "--dataset", "no-such-benchmark"] + common)
     assert "no-such-benchmark" in line
     line = _error_line(capsys, ["--checkpoint", str(run0), "--dataset", DATASET, "--split", "train"] + common)
