@@ -22,8 +22,15 @@ def cmc_curve(first_rank: torch.Tensor, max_rank: int = 20) -> list[float]:
     return (cumulative * 100.0 / ranks.numel()).tolist()
 
 
-def plot_cmc(curves: dict[str, list[float]], path: str | Path, title: str) -> Path:
-    """Write one PNG with every curve (label -> CMC percent at ranks 1..K) and return its path."""
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_cmc(curves: dict[str, list[float]], path: str | Path, title: str, period: int = 10) -> Path:
+    """Write one PNG with every curve (label -> CMC percent at ranks 1..K) and return its path.
+
+    Curve i gets colour i % period and line style i // period, so with `period` = rows per checkpoint
+    each row keeps its colour and each checkpoint its line style.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,9 +38,12 @@ def plot_cmc(curves: dict[str, list[float]], path: str | Path, title: str) -> Pa
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    colours = plt.get_cmap("tab10").colors
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    for label, curve in curves.items():
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=2.5, linewidth=1.2, label=label)
+    for i, (label, curve) in enumerate(curves.items()):
+        ax.plot(range(1, len(curve) + 1), curve, color=colours[i % period % len(colours)],
+                linestyle=LINE_STYLES[(i // period) % len(LINE_STYLES)], marker="o", markersize=2.5,
+                linewidth=1.2, label=label)
     max_rank = max((len(c) for c in curves.values()), default=1)
     ax.set_xlim(1, max_rank)
     ax.set_xticks(range(1, max_rank + 1))

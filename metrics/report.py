@@ -146,7 +146,7 @@ def write_reports(results: list[CheckpointResult], *, dataset: str, split: str, 
     several = len(results) > 1
     curves = {(f"{r.name} {key}" if several else key): curve
               for r in results for key, curve in r.cmc.items()}
-    plot_cmc(curves, out_dir / cmc_name, title=f"CMC, text → image: {dataset} ({split})")
+    plot_cmc(curves, out_dir / cmc_name, title=f"CMC, text → image: {dataset} ({split})", period=len(ROW_KEYS))
     groups = []
     for members in seed_groups(results):
         keys = list(members[0].rows)
