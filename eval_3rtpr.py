@@ -317,6 +317,15 @@ def load_eval_split(dataset: str, root: str | None, split: str):
     return splits[gallery_key], splits[queries_key]
 
 
+@contextlib.contextmanager
+def _unreadable_images_as_input_errors():
+    """A gallery image that cannot be read (data.EvalImages names the file) ends as a one-line error."""
+    try:
+        yield
+    except OSError as error:
+        raise EvalInputError(_first_line(error)) from error
+
+
 # ============================================================================ evaluation run
 def evaluate_checkpoint(checkpoint: Checkpoint, gallery_split, queries_split, *, tokenizer, batch_size: int,
                         accelerator=None, i2t: bool = False, num_workers: int = 0) -> CheckpointResult:
@@ -326,8 +335,10 @@ def evaluate_checkpoint(checkpoint: Checkpoint, gallery_split, queries_split, *,
         pair = pair.to(accelerator.device)
     image_size = tuple(pair.a.image_size)
     started = time.perf_counter()
-    features = extract_pair_features(pair, gallery_split, queries_split, tokenizer=tokenizer, image_size=image_size,
-                                     batch_size=batch_size, accelerator=accelerator, num_workers=num_workers)
+    with _unreadable_images_as_input_errors():
+        features = extract_pair_features(pair, gallery_split, queries_split, tokenizer=tokenizer,
+                                         image_size=image_size, batch_size=batch_size, accelerator=accelerator,
+                                         num_workers=num_workers)
     extracted = time.perf_counter()
     results = score_pair_features(features, i2t=i2t, per_query=True)
     scored = time.perf_counter()
@@ -602,7 +613,8 @@ def search_command(argv: list[str]) -> int:
     from_cache = index is not None
     if index is None:
         gallery, _ = load_eval_split(args.dataset, args.root, args.split)
-        index = build_gallery_index(pair, gallery, batch_size=args.batch_size)
+        with _unreadable_images_as_input_errors():
+            index = build_gallery_index(pair, gallery, batch_size=args.batch_size)
         save_gallery_index(index, cache_stem)
     tokenizer = get_tokenizer()
     print(f"gallery: {index.pids.numel()} images of {args.dataset} ({args.split}), "

@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import yaml
@@ -216,6 +217,14 @@ def test_bad_input_is_one_line_error(setup, capsys, tmp_path):
                                       image_size=IMAGE_SIZE).save_pretrained(small_vocab)
     line = _error_line(capsys, ["--checkpoint", str(small_vocab), "--dataset", DATASET] + common)
     assert "model_a/config.json has an incompatible text config (vocab_size 1000" in line
+    damaged_root = tmp_path / "damaged"
+    shutil.copytree(setup["root"] / "SYNTH-PEDES-tiny", damaged_root / "CUHK-PEDES")
+    image = setup["splits"]["test_gallery"].cast_column("image", datasets.Image(decode=False))[3]["image"]["path"]
+    damaged_image = damaged_root / "CUHK-PEDES" / Path(image).relative_to(setup["root"] / "SYNTH-PEDES-tiny")
+    damaged_image.write_bytes(b"not an image")
+    line = _error_line(capsys, ["--checkpoint", str(run0), "--dataset", "cuhk-pedes", "--root", str(damaged_root),
+                                "--out", str(tmp_path / "o")])
+    assert "cannot read image" in line and str(damaged_image) in line
     line = _error_line(capsys, ["--checkpoint", str(run0), "--dataset", "no-such-benchmark"] + common)
     assert "no-such-benchmark" in line
     line = _error_line(capsys, ["--checkpoint", str(run0), "--dataset", DATASET, "--split", "train"] + common)
