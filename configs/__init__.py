@@ -64,6 +64,11 @@ def _type_name(types) -> str:
 def _check_value(key: str, value: Any, default: Any, source: str) -> Any:
     """Return ``value`` converted to the default's type, or raise ConfigError naming source and key."""
     allowed = EXTRA_TYPES.get(key, (type(default),))
+    if float in allowed and str not in allowed and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or isinstance(default, bool):
         ok = isinstance(value, bool) and bool in allowed
     elif float in allowed and isinstance(value, int):

@@ -31,7 +31,8 @@ def test_overrides_are_typed_and_nested():
     config = load_config(CONFIG_DIR / "cuhk-pedes.yaml",
                          ["--alr.sharpness", "3", "--train.epochs=2", "--alr.mu", "q0.1",
                           "--model.backbone", "{hidden_size: 32}", "--data.root", "/tmp/x",
-                          "--alr.drop_noisy", "true"])
+                          "--alr.drop_noisy", "true", "--optim.head_lr", "1e-4"])
+    assert config["optim"]["head_lr"] == 1e-4
     assert config["alr"]["sharpness"] == 3.0 and isinstance(config["alr"]["sharpness"], float)
     assert config["train"]["epochs"] == 2
     assert config["alr"]["mu"] == "q0.1"
