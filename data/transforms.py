@@ -218,7 +218,12 @@ def get_tokenizer(name_or_path: Optional[str] = None):
             return CLIPTokenizerFast.from_pretrained(str(name_or_path))
         except (OSError, ValueError):
             pass  # offline or unknown: the bundled vocabulary gives the same ids for CLIP checkpoints
-    vocab_dir = derive_clip_vocab_files(default_cache_dir() / "clip_bpe")
+    try:
+        vocab_dir = derive_clip_vocab_files(default_cache_dir() / "clip_bpe")
+    except OSError:  # read-only home / cache: derive into a private temporary folder instead
+        import tempfile
+
+        vocab_dir = derive_clip_vocab_files(Path(tempfile.mkdtemp(prefix="3rtpr_clip_bpe_")))
     return CLIPTokenizerFast(vocab=str(vocab_dir / "vocab.json"), merges=str(vocab_dir / "merges.txt"))
 
 

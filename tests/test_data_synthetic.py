@@ -81,18 +81,16 @@ def test_identities_distinct_and_captions_truthful():
 
 
 def test_upper_garment_colour_is_visible():
-    """The torso region's mean colour is closer to the named upper colour than to most other colours."""
-    identities = sample_identities(60, seed=3)
+    """The torso region's mean colour is among the 3 palette colours nearest to the named upper colour
+    (identities whose torso is covered by stripes or a backpack are left out)."""
+    identities = [i for i in sample_identities(120, seed=3) if not i.upper_striped and i.bag != "backpack"]
+    assert len(identities) >= 40
     hits = 0
     for n, identity in enumerate(identities):
-        if identity.upper_striped or identity.bag == "backpack":
-            hits += 1  # stripes / a backpack from behind cover the torso; not a fair probe
-            continue
         image = np.asarray(render_person(identity, np.random.default_rng(n)), dtype=np.float32)
         torso = image[40:60, 18:30].reshape(-1, 3).mean(0)
         distances = {name: np.linalg.norm(torso - np.array(rgb)) for name, rgb in COLOURS.items()}
-        rank = sorted(distances, key=distances.get).index(identity.upper_colour)
-        hits += rank <= 2
+        hits += sorted(distances, key=distances.get).index(identity.upper_colour) <= 2
     assert hits >= 0.75 * len(identities)
 
 
