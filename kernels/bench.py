@@ -200,8 +200,10 @@ def bench_retrieval(device, repeats, include_large):
                 rotation = itertools.cycle(problems)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    if large:      # one warm-up at CUHK size compiles the kernel; then a single timed run
-                        fn(*retrieval_problem(*CUHK, device, dtype, 0))
+                    if large:      # one warm-up run (compiles this shape's kernel variant), one timed run
+                        fn(*problems[0])
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
                         start = time.perf_counter()
                         metrics = fn(*problems[0])
                         if device.type == "cuda":
@@ -280,8 +282,8 @@ def main(argv=None):
     notes = []
     if on_gpu:
         notes.append("Loss inputs are bfloat16 (the training dtype); the eager reference upcasts to float32 inside.")
-        notes.append("GPU times: triton.testing.do_bench median; 10^5 x 10^6 retrieval: one timed run after a "
-                     "warm-up at CUHK size.")
+        notes.append("GPU times: triton.testing.do_bench median (and min); 10^5 x 10^6 retrieval: one timed run "
+                     "after one warm-up run.")
     else:
         notes.append("CPU run: reference paths only at B <= 1024. Triton and torch.compile timings need a GPU "
                      "(`bash scripts/gpu_check.sh`).")
@@ -295,19 +297,23 @@ def main(argv=None):
         triton_version = "not installed"
     report = {
         "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "notes": notes,
-        "losses": bench_losses(device, GPU_BATCHES if on_gpu else CPU_BATCHES, DIMS, args.repeats,
-                               torch.bfloat16 if on_gpu else torch.float32),
-        "retrieval": bench_retrieval(device, args.repeats if on_gpu else min(args.repeats, 3),
-                                     include_large=on_gpu and not args.skip_large_retrieval),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "notes": notes, "losses": [], "retrieval": [],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if on_gpu else "cpu"
-    markdown = to_markdown(report)
-    (out / f"kernels_{tag}.md").write_text(markdown)
-    (out / f"kernels_{tag}.json").write_text(json.dumps(report, indent=2, default=str))
-    print(markdown)
+
+    def write():     # after each section, so that a run cut short by a time limit keeps what it measured
+        (out / f"kernels_{tag}.md").write_text(to_markdown(report))
+        (out / f"kernels_{tag}.json").write_text(json.dumps(report, indent=2, default=str))
+
+    report["losses"] = bench_losses(device, GPU_BATCHES if on_gpu else CPU_BATCHES, DIMS, args.repeats,
+                                    torch.bfloat16 if on_gpu else torch.float32)
+    write()
+    report["retrieval"] = bench_retrieval(device, args.repeats if on_gpu else min(args.repeats, 3),
+                                          include_large=on_gpu and not args.skip_large_retrieval)
+    write()
+    print(to_markdown(report))
     print(f"written: {out / f'kernels_{tag}.md'} and .json")
 
 

@@ -33,12 +33,12 @@ run_step() {  # run_step NAME LIMIT_S LOGFILE CMD...
     "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE')"
 } 2>&1 | tee "$OUT/device.txt"
 
-run_step "kernel tests (CUDA, compiled)" 210 "$OUT/kernel_tests.log" \
+run_step "kernel tests (CUDA, compiled)" 140 "$OUT/kernel_tests.log" \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_kernels_retrieval.py \
     --junitxml "$OUT/kernel_tests.xml"
 run_step "kernel benchmark" 240 "$OUT/bench.log" "$PYTHON" -m kernels.bench --out "$OUT/bench"
 if [ -f scripts/train_throughput.py ]; then
-    run_step "training throughput" 150 "$OUT/train_throughput.log" "$PYTHON" scripts/train_throughput.py
+    run_step "training throughput" 90 "$OUT/train_throughput.log" "$PYTHON" scripts/train_throughput.py
 else
     printf '%s\t%s\t%s\t%s\n' "training throughput" "skipped" "0" "scripts/train_throughput.py not present" >> "$STEPS_FILE"
 fi
