@@ -155,9 +155,9 @@ def extract_pair_features(pair, gallery_split, queries_split, *, tokenizer, imag
 
 
 def score_pair_features(features: PairFeatures, *, i2t: bool = False, per_query: bool = False,
-                        ks=(1, 5, 10)) -> dict[str, dict]:
+                        ks=(1, 5, 10), show_progress: bool = True) -> dict[str, dict]:
     """Retrieval metrics for every row "A/GE" ... "A+B/GE+FS" (text->image) and, with `i2t`,
-    "i2t:A/GE" ... (image->text: the images query the captions).
+    "i2t:A/GE" ... (image->text: the images query the captions). A tqdm bar counts the rows.
 
     Values: kernels.retrieval_metrics dicts ({"R1","R5","R10","mAP","mINP"} in percent, plus per-query
     "AP", "INP", "first_rank" when `per_query`).
@@ -166,14 +166,16 @@ def score_pair_features(features: PairFeatures, *, i2t: bool = False, per_query:
     if i2t:
         directions.append((I2T_PREFIX, features.image_outputs, features.text_outputs,
                            features.gallery_pids, features.query_pids))
+    jobs = [(prefix, model_name, model_indices, score, direction)
+            for prefix, *direction in directions for model_name, model_indices in MODEL_ROWS for score in SCORES]
     results = {}
-    for prefix, query_outputs, gallery_outputs, query_pids, gallery_pids in directions:
-        for model_name, model_indices in MODEL_ROWS:
-            for score in SCORES:
-                query_feats = modeling.scoring_features([query_outputs[i] for i in model_indices], score)
-                gallery_feats = modeling.scoring_features([gallery_outputs[i] for i in model_indices], score)
-                results[f"{prefix}{model_name}/{score}"] = kernels.retrieval_metrics(
-                    query_feats, gallery_feats, query_pids, gallery_pids, ks=ks, per_query=per_query)
+    for prefix, model_name, model_indices, score, direction in tqdm(jobs, desc="retrieval metrics", unit="row",
+                                                                    disable=not show_progress, leave=False):
+        query_outputs, gallery_outputs, query_pids, gallery_pids = direction
+        query_feats = modeling.scoring_features([query_outputs[i] for i in model_indices], score)
+        gallery_feats = modeling.scoring_features([gallery_outputs[i] for i in model_indices], score)
+        results[f"{prefix}{model_name}/{score}"] = kernels.retrieval_metrics(
+            query_feats, gallery_feats, query_pids, gallery_pids, ks=ks, per_query=per_query)
     return results
 
 
@@ -193,7 +195,9 @@ def evaluate_pair(pair, gallery_split, queries_split, *, tokenizer, image_size, 
     """
     features = extract_pair_features(pair, gallery_split, queries_split, tokenizer=tokenizer,
                                      image_size=image_size, batch_size=batch_size, accelerator=accelerator)
-    return {key: _summary(result) for key, result in score_pair_features(features, i2t=i2t).items()}
+    show_progress = accelerator is None or accelerator.is_local_main_process
+    results = score_pair_features(features, i2t=i2t, show_progress=show_progress)
+    return {key: _summary(result) for key, result in results.items()}
 
 
 # ============================================================================ checkpoints and data
@@ -340,7 +344,8 @@ def evaluate_checkpoint(checkpoint: Checkpoint, gallery_split, queries_split, *,
                                          image_size=image_size, batch_size=batch_size, accelerator=accelerator,
                                          num_workers=num_workers)
     extracted = time.perf_counter()
-    results = score_pair_features(features, i2t=i2t, per_query=True)
+    results = score_pair_features(features, i2t=i2t, per_query=True,
+                                  show_progress=accelerator is None or accelerator.is_local_main_process)
     scored = time.perf_counter()
     model_description = {"settings": pair.a.settings(), "clip": pair.a.clip.config.to_dict()}
     return CheckpointResult(
