@@ -98,11 +98,14 @@ def sdm_loss_reference(text_feats, image_feats, pids, logit_scale=50.0, weights=
     """Per-sample SDM loss [b] (text->image + image->text), see `kernels.sdm_loss`."""
     all_t, all_v, all_p = check_loss_inputs(text_feats, image_feats, pids, weights, all_text_feats,
                                             all_image_feats, all_pids, row_offset)
-    t, v = normalize_features(text_feats), normalize_features(image_feats)
-    at = t if all_t is text_feats else normalize_features(all_t)
-    av = v if all_v is image_feats else normalize_features(all_v)
-    loss = (sdm_direction_reference(t, av, pids, all_p, logit_scale)
-            + sdm_direction_reference(v, at, pids, all_p, logit_scale))
+    pids = pids.to(text_feats.device)
+    all_p = pids if all_pids is None else all_p.to(text_feats.device)
+    with torch.autocast(text_feats.device.type, enabled=False):   # float32 math even under mixed precision
+        t, v = normalize_features(text_feats), normalize_features(image_feats)
+        at = t if all_t is text_feats else normalize_features(all_t)
+        av = v if all_v is image_feats else normalize_features(all_v)
+        loss = (sdm_direction_reference(t, av, pids, all_p, logit_scale)
+                + sdm_direction_reference(v, at, pids, all_p, logit_scale))
     return _apply_weights(loss, weights)
 
 
@@ -132,11 +135,14 @@ def trl_loss_reference(text_feats, image_feats, pids, tau=0.015, margin=0.1, wei
     """Per-sample TRL loss [b] (text->image + image->text), see `kernels.trl_loss`."""
     all_t, all_v, all_p = check_loss_inputs(text_feats, image_feats, pids, weights, all_text_feats,
                                             all_image_feats, all_pids, row_offset)
-    t, v = normalize_features(text_feats), normalize_features(image_feats)
-    at = t if all_t is text_feats else normalize_features(all_t)
-    av = v if all_v is image_feats else normalize_features(all_v)
-    loss = (trl_direction_reference(t, av, pids, all_p, tau, margin)
-            + trl_direction_reference(v, at, pids, all_p, tau, margin))
+    pids = pids.to(text_feats.device)
+    all_p = pids if all_pids is None else all_p.to(text_feats.device)
+    with torch.autocast(text_feats.device.type, enabled=False):   # float32 math even under mixed precision
+        t, v = normalize_features(text_feats), normalize_features(image_feats)
+        at = t if all_t is text_feats else normalize_features(all_t)
+        av = v if all_v is image_feats else normalize_features(all_v)
+        loss = (trl_direction_reference(t, av, pids, all_p, tau, margin)
+                + trl_direction_reference(v, at, pids, all_p, tau, margin))
     return _apply_weights(loss, weights)
 
 
@@ -284,7 +290,8 @@ def retrieval_metrics_reference(query_feats: torch.Tensor, gallery_feats: torch.
     ranks, valids = [], []
     for start in range(0, n_q, block):
         part = slice(start, min(start + block, n_q))
-        scores = q_all[part].to(g_t.device) @ g_t
+        with torch.autocast(g_t.device.type, enabled=False):     # exact float32 scores under mixed precision
+            scores = q_all[part].to(g_t.device) @ g_t
         match_idx, valid = grouping.match_indices(part)
         ranks.append(count_items_ranked_above(scores, match_idx, valid) + 1)
         valids.append(valid)

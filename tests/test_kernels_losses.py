@@ -239,3 +239,13 @@ def test_reference_gradcheck_float64():
         lambda r, c: sdm_direction_reference(r, c, shared_pids, shared_pids, 7.0), (rows, cols), fast_mode=True)
     assert torch.autograd.gradcheck(
         lambda r, c: trl_direction_reference(r, c, unique_pids, unique_pids, 0.5, 3.0), (rows, cols), fast_mode=True)
+
+
+@pytest.mark.parametrize("loss_fn", [kernels.sdm_loss, kernels.trl_loss])
+def test_reference_computes_in_float32_under_autocast(loss_fn):
+    text, image, pids = random_batch(8, 16, 3, seed=53)
+    plain = loss_fn(text, image, pids, backend="torch")
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        under_autocast = loss_fn(text, image, pids, backend="torch")
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, plain)

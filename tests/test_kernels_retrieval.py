@@ -120,3 +120,11 @@ def test_triton_equals_sort_oracle(case):
     oracle = retrieval_metrics_from_scores(query @ gallery.t(), qp, gp, per_query=True)
     out = retrieval_metrics_triton(query, gallery, qp, gp, per_query=True, block_sizes=blocks)
     _assert_same_metrics(out, oracle)
+
+
+def test_chunked_reference_scores_in_float32_under_autocast():
+    query, gallery, qp, gp = _random_problem(40, 60, 16, 8, seed=11)
+    plain = retrieval_metrics_reference(query, gallery, qp, gp)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        under_autocast = retrieval_metrics_reference(query, gallery, qp, gp)
+    assert under_autocast == plain
