@@ -70,7 +70,7 @@ def resolve_layout(name: str, root: Optional[Union[str, Path]]) -> tuple[Benchma
         from .synthetic import ensure_generated
 
         preset = SYNTH_ALIASES[key]
-        folder = ensure_generated(Path(root) if root is not None else default_root(), preset)
+        folder = ensure_generated((Path(root) if root is not None else default_root()).expanduser().absolute(), preset)
         layout = BenchmarkLayout(f"synth-pedes-{preset}", folder.name, "reid_raw.json", "file_path",
                                  ("train", "val", "test"))
         return layout, folder
@@ -79,7 +79,7 @@ def resolve_layout(name: str, root: Optional[Union[str, Path]]) -> tuple[Benchma
     layout = LAYOUTS[key]
     if root is None:
         raise ValueError(f"load_benchmark({name!r}) needs root=<folder holding {layout.folder}/>")
-    folder = Path(root) / layout.folder
+    folder = Path(root).expanduser().absolute() / layout.folder  # absolute: image paths survive a chdir
     if not folder.is_dir():
         raise FileNotFoundError(f"{layout.folder} folder not found: {folder} (root={root}); expected "
                                 f"{folder / layout.annotation} and {folder / 'imgs'}/")

@@ -210,3 +210,41 @@ def test_check_reports_every_problem(tmp_path, capsys):
     assert "FAILED" in report and "entry 7" in report and "nowhere.png" in report
     # a missing folder is a clean failure too
     assert check_main(["icfg-pedes", "--root", str(tmp_path)]) == 1
+
+
+def test_no_count_warning_when_counts_match_the_release(tmp_path, caplog, monkeypatch):
+    from data import benchmarks
+
+    write_fixture(tmp_path, "icfg-pedes")
+    matching = benchmarks.BenchmarkLayout("icfg-pedes", "ICFG-PEDES", "ICFG-PEDES.json", "file_path", ("train", "test"),
+                                          {"train": (3, 6, 6), "test": (2, 4, 4)})
+    monkeypatch.setitem(benchmarks.LAYOUTS, "icfg-pedes", matching)
+    with caplog.at_level(logging.INFO, logger="data.benchmarks"):
+        load_benchmark("icfg-pedes", root=tmp_path)
+    assert "official release" not in caplog.text and "train" in caplog.text
+    mismatching = benchmarks.BenchmarkLayout("icfg-pedes", "ICFG-PEDES", "ICFG-PEDES.json", "file_path",
+                                             ("train", "test"), {"train": (3, 6, 6), "test": (2, 4, 5)})
+    monkeypatch.setitem(benchmarks.LAYOUTS, "icfg-pedes", mismatching)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="data.benchmarks"):
+        load_benchmark("icfg-pedes", root=tmp_path)
+    assert "split 'test'" in caplog.text and "official release has (2, 4, 5)" in caplog.text
+    assert "split 'train'" not in caplog.text
+
+
+def test_relative_root_gives_absolute_image_paths(tmp_path, monkeypatch):
+    write_fixture(tmp_path, "rstpreid")
+    monkeypatch.chdir(tmp_path)
+    train = load_benchmark("rstpreid", root=".")["train"]
+    monkeypatch.chdir("/")
+    assert train[0]["image"].size == (4, 8)
+
+
+def test_bad_noise_rate(tmp_path, caplog):
+    write_fixture(tmp_path, "cuhk-pedes")
+    with pytest.raises(ValueError, match="noise_rate must be in"):
+        load_benchmark("cuhk-pedes", root=tmp_path, noise_rate=1.5)
+    np.save(tmp_path / "id.npy", np.arange(12, dtype=np.int64))
+    with caplog.at_level(logging.WARNING, logger="data.benchmarks"):
+        train = load_benchmark("cuhk-pedes", root=tmp_path, noise_rate=0.5, noise_file=tmp_path / "id.npy")["train"]
+    assert not any(train["noisy"]) and "noise_rate=0.5 is not used" in caplog.text

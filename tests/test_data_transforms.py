@@ -150,3 +150,11 @@ def test_train_transform_is_reproducible_and_augments():
     # horizontal flips happen: the red channel (x gradient) reverses direction in some outputs
     flipped = sum(float(o[0, 32, 20] - o[0, 32, 3]) < 0 for o in outputs)
     assert 5 <= flipped <= 35
+
+
+def test_tokenizer_builds_without_a_writable_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TRPR_CACHE", str(blocker))
+    fresh = get_tokenizer.__wrapped__(None)  # bypass the lru_cache
+    assert fresh("a photo of a cat")["input_ids"] == KNOWN_IDS["a photo of a cat"]
