@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
-GENERATOR_VERSION = 2  # bump whenever the rendered bytes change: cached copies are regenerated
+GENERATOR_VERSION = 3  # bump whenever the rendered bytes change: cached copies are regenerated
 IMAGE_HEIGHT, IMAGE_WIDTH = 128, 48  # stored size (H, W); models resize
 SUPERSAMPLE = 2  # drawn at 2x, then downscaled with antialiasing
 
@@ -339,7 +339,7 @@ def _garment_phrase(rng: np.random.Generator, kind: str, value: str, colour: str
     """'a red striped t-shirt', 'blue jeans' (no article for plurals)."""
     words = [_colour_word(rng, colour)]
     if striped:
-        words.append(_pick(rng, ["striped", "stripy"]) if rng.random() < 0.5 else "striped")
+        words.append(_pick(rng, ["striped", "striped", "stripy"]))
     words.append(_noun(rng, kind, value))
     phrase = " ".join(words)
     if kind in ("lower", "shoes") and value != "skirt":
@@ -361,7 +361,7 @@ def write_caption(identity: Identity, rng: np.random.Generator) -> str:
     if len(clothing) > 1 and rng.random() < 0.3:
         rng.shuffle(clothing)
     extras = []  # separate clauses
-    if identity.hair_style != "none" and rng.random() < 0.45:
+    if rng.random() < 0.45:
         if identity.hair_style == "bald":
             extras.append(_pick(rng, [f"{he} is bald", f"{he} has no hair", f"{he} has a shaved head"]))
         else:
@@ -394,9 +394,6 @@ def write_caption(identity: Identity, rng: np.random.Generator) -> str:
         sentence = f"{_article(subject).capitalize()} {subject} in {joined}."
     for clause in extras:
         sentence += " " + clause[0].upper() + clause[1:] + "."
-    if rng.random() < 0.2:
-        sentence += " " + _pick(rng, [f"{he.capitalize()} is walking.", f"{he.capitalize()} is standing.",
-                                      f"{he.capitalize()} walks along the street."])
     return sentence
 
 
