@@ -19,11 +19,18 @@ FEATURE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def kernel_table(dtype: str):
-    """[(name, jit function, signature, constexprs)] for features of `dtype` ("fp32", "bf16", "fp16")."""
+    """[(name, jit function, signature, constexprs + num_warps)] for features of `dtype` ("fp32", "bf16",
+    "fp16"), with the tile sizes the GPU path launches."""
+    import torch
+
     from . import retrieval, sdm, trl
+    from .similarity_tiles import gpu_blocks
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     upcast = dtype == "fp32"
     meta = dict(UPCAST=upcast, PRECISION="ieee" if upcast else "tf32")
-    tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, **meta)
+    block_m, block_n, block_d, warps = gpu_blocks(torch_dtype)
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, **meta)
+    block_q, block_g, block_dq, warps_q = retrieval.gpu_retrieval_blocks(torch_dtype, 10**5)
     feats = {"R": f"*{dtype}", "C": f"*{dtype}", "ROW_PID": "*i64", "COL_PID": "*i64"}
     sizes = {"n_rows": "i32", "n_cols": "i32", "D": "i32"}
     f32 = "*fp32"
@@ -50,8 +57,27 @@ def kernel_table(dtype: str):
          {"Q": f"*{dtype}", "G": f"*{dtype}", "G_ORIGINAL": "*i32", "MATCH_START": "*i32", "MATCH_COUNT": "*i32",
           "SPAN_LO": "*i32", "SPAN_HI": "*i32", "ABOVE": "*i32", "n_queries": "i32", "n_gallery": "i32",
           "D": "i32", "slot_base": "i32", "n_slots": "i32", "above_stride": "i32"},
-         dict(BLOCK_Q=64, BLOCK_G=128, BLOCK_D=64, SLOTS=4, **meta)),
+         dict(BLOCK_Q=block_q, BLOCK_G=block_g, BLOCK_D=block_dq, SLOTS=8, num_warps=warps_q, **meta)),
     ]
+
+
+def register_report(compiled) -> str:
+    """" (registers R, spill stack S bytes)" from the cubin via the bundled cuobjdump ("" if unavailable)."""
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cubin = compiled.asm.get("cubin") if hasattr(compiled, "asm") else None
+    if cubin is None or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
+    fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line
+                  for item in line.split() if ":" in item)
+    return f" (registers {fields.get('REG', '?')}, spill stack {fields.get('STACK', '?')} B)" if fields else ""
 
 
 def compile_all(arch: int = 90, dtypes=FEATURE_DTYPES, verbose: bool = True) -> list[str]:
@@ -65,11 +91,13 @@ def compile_all(arch: int = 90, dtypes=FEATURE_DTYPES, verbose: bool = True) -> 
     failures = []
     for dtype in dtypes:
         for name, fn, signature, constexprs in kernel_table(dtype):
+            constexprs = dict(constexprs)
+            warps = constexprs.pop("num_warps")
             start = time.perf_counter()
             try:
-                triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
-                               options={"num_warps": 4})
-                status = "ok"
+                compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                          target=target, options={"num_warps": warps})
+                status = "ok" + register_report(compiled)
             except Exception as err:  # report every kernel, then fail
                 status = f"FAILED: {type(err).__name__}: {str(err).strip().splitlines()[-1][:200]}"
                 failures.append(f"{name} {dtype}: {status}")

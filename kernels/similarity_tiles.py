@@ -79,17 +79,29 @@ def accumulate_tile_product(OUT, out_rows, out_mask, G, SRC, src_rows, src_mask,
     tl.debug_barrier()
 
 
-def pick_blocks(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """Fixed (BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a [n_rows, n_cols] similarity over D.
+def gpu_blocks(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """Fixed GPU (BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of the loss kernels for features of `dtype`.
 
-    On a GPU: 64×64 tiles, D in chunks of 64 (fp16/bf16: 64 as well; fp32 ieee is FMA-bound so
-    larger tiles do not help). Interpreted: the largest blocks the small test shapes allow, since
-    interpreter cost grows with grid size × loop trips. No autotuning (it needs a GPU and would
-    run at import time).
+    Chosen from the sm_90 register report (cuobjdump --dump-resource-usage): with 8 warps these
+    tiles compile without register spills; 4 warps or 64-wide D chunks spill. float32 (FMA "ieee"
+    dot) needs the smaller row tile.
+    """
+    if dtype in (torch.float16, torch.bfloat16):
+        return 64, 64, 32, 8
+    return 32, 64, 32, 8
+
+
+def pick_blocks(n_rows: int, n_cols: int, dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for a [n_rows, n_cols] similarity over D.
+
+    On a GPU: `gpu_blocks(dtype)` (D chunks shrink to the next power of two ≥ 16 for small D).
+    Interpreted: the largest blocks the small test shapes allow, since interpreter cost grows
+    with grid size × loop trips. No autotuning (it needs a GPU and would run at import time).
     """
     if INTERPRETED:
         def cover(n, cap):
             return max(16, min(cap, triton.next_power_of_2(n)))
         return cover(n_rows, 64), cover(n_cols, 64), cover(dim, 128), 4
-    del n_rows, n_cols, dtype
-    return 64, 64, 64 if dim >= 64 else max(16, triton.next_power_of_2(dim)), 4
+    del n_rows, n_cols
+    block_m, block_n, block_d, warps = gpu_blocks(dtype)
+    return block_m, block_n, min(block_d, max(16, triton.next_power_of_2(dim))), warps
