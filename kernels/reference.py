@@ -264,7 +264,7 @@ def metrics_from_match_ranks(match_ranks: torch.Tensor, valid: torch.Tensor, ks=
     return out
 
 
-def _query_block_size(n_gallery: int, max_matches: int, budget: int = 1 << 21) -> int:
+def _query_block_size(n_gallery: int, max_matches: int, budget: int = 1 << 22) -> int:
     """Queries per chunk so that the [q, M, Ng] comparison block stays near `budget` elements."""
     return max(1, min(4096, budget // max(n_gallery * max(max_matches, 1), 1)))
 
