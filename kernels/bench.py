@@ -46,7 +46,8 @@ N_INPUT_SETS = 3
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU {platform.processor() or platform.machine()} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 # ----------------------------------------------------------------------------- timing
@@ -175,7 +176,7 @@ def single_threaded(fn):
 
 def bench_retrieval(device, repeats, include_large):
     impls = {"sort (full matrix)": sort_baseline, "chunked torch": retrieval_metrics_reference}
-    if device.type == "cpu":
+    if device.type == "cpu" and torch.get_num_threads() > 1:
         impls["sort (full matrix), 1 thread"] = single_threaded(sort_baseline)
         impls["chunked torch, 1 thread"] = single_threaded(retrieval_metrics_reference)
     if device.type == "cuda" and triton_available():
@@ -272,6 +273,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed repeats on the CPU; on a GPU do_bench runs for 10 x repeats ms")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for the whole run (default: torch's own choice)")
     parser.add_argument("--skip-large-retrieval", action="store_true", help="GPU: skip the 10^5 x 10^6 case")
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -279,6 +282,8 @@ def main(argv=None):
     else:
         device = torch.device(args.device)
     on_gpu = device.type == "cuda"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     notes = []
     if on_gpu:
         notes.append("Loss inputs are bfloat16 (the training dtype); the eager reference upcasts to float32 inside.")
