@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for sm_90 (H100/H200) with the real compiler, no GPU needed.
+"""Every Triton kernel compiles for sm_90 (H100/H200) with the real compiler, no GPU needed;
+the kernel modules import nothing beyond torch and triton.
 
 The interpreter used by the other kernel tests accepts code the compiler rejects, so this runs
 `python -m kernels.compile_check` in a subprocess without TRITON_INTERPRET.
@@ -31,3 +32,14 @@ def test_all_kernels_compile_for_sm90(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" ok") == 14, proc.stdout
+
+
+def test_kernels_import_only_torch_and_triton():
+    """The GPU image lacks datasets/evaluate: importing every kernel module must not pull them (or transformers)."""
+    code = ("import sys, kernels, kernels.sdm, kernels.trl, kernels.retrieval, kernels.reference\n"
+            "bad = sorted(m for m in ('datasets', 'evaluate', 'transformers', 'accelerate', 'sklearn') if m in sys.modules)\n"
+            "print('pulled:', bad)\n"
+            "sys.exit(1 if bad else 0)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
