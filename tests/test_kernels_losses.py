@@ -249,3 +249,22 @@ def test_reference_computes_in_float32_under_autocast(loss_fn):
         under_autocast = loss_fn(text, image, pids, backend="torch")
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, plain)
+
+
+@pytest.mark.parametrize("name", ["sdm", "trl"])
+def test_native_fp16_dot_path(name, monkeypatch):
+    """The GPU path for fp16 feeds fp16 tiles (and the fp16-cast gradient tile) to tl.dot without the
+    interpreter's float32 upcast; force that path here too (the interpreter's fp16 dot is sound,
+    its bf16 dot is not, so bf16 native is only checked on a GPU)."""
+    import kernels.sdm
+    import kernels.trl
+    def native_settings(dtype):
+        return (True, "ieee") if dtype == torch.float32 else (False, "tf32")
+
+    for module in (kernels.sdm, kernels.trl):
+        monkeypatch.setattr(module, "dot_settings", native_settings)
+    text, image, pids = random_batch(24, 48, 8, seed=19, dtype=torch.float16)
+    loss, grads, ref, ref_grads = run_both(name, text, image, pids, blocks=SMALL_BLOCKS)
+    assert relative_error(loss, ref) <= 3e-3
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert relative_error(grad, ref_grad) <= 1e-2
