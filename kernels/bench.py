@@ -193,7 +193,8 @@ def bench_retrieval(device, repeats, include_large):
         reference_metrics = None
         for impl, fn in tqdm(impls.items(), desc=f"retrieval {label}", unit="impl"):
             if large and impl == "chunked torch":
-                rows.append({"size": label, "impl": impl, "dtype": "float16", "status": "skipped (hours on 10^11 pairs)"})
+                rows.append({"size": label, "impl": impl, "dtype": "float16",
+                             "status": "skipped (hours on 10^11 pairs)"})
                 continue
 
             def measure():
@@ -244,9 +245,11 @@ def to_markdown(report) -> str:
               "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in report["retrieval"]:
         m = r.get("metrics") or {}
-        lines.append(f"| {r['size']} | {r['impl']} | {r['dtype']} | {_fmt(r.get('ms'), 1)} | {_fmt(r.get('min_ms'), 1)} | {_fmt(m.get('R1'), 2)} "
-                     f"| {_fmt(m.get('mAP'), 2)} | {_fmt(m.get('mINP'), 2)} | {r.get('same_metrics_as_first') if r.get('same_metrics_as_first') is not None else '–'} "
-                     f"| {r['status']} |")
+        same = r.get("same_metrics_as_first")
+        lines.append(f"| {r['size']} | {r['impl']} | {r['dtype']} | {_fmt(r.get('ms'), 1)} "
+                     f"| {_fmt(r.get('min_ms'), 1)} "
+                     f"| {_fmt(m.get('R1'), 2)} | {_fmt(m.get('mAP'), 2)} | {_fmt(m.get('mINP'), 2)} "
+                     f"| {'–' if same is None else same} | {r['status']} |")
     speedups = retrieval_speedups(report["retrieval"])
     if speedups:
         lines += [""] + [f"- {s}" for s in speedups]
@@ -292,8 +295,8 @@ def main(argv=None):
     else:
         notes.append("CPU run: reference paths only at B <= 1024. Triton and torch.compile timings need a GPU "
                      "(`bash scripts/gpu_check.sh`).")
-        notes.append(f"CPU times: median (and min) of {args.repeats} runs (retrieval: {min(args.repeats, 3)}) after one "
-                     f"warm-up, {N_INPUT_SETS} rotated input sets; load average at start "
+        notes.append(f"CPU times: median (and min) of {args.repeats} runs (retrieval: {min(args.repeats, 3)}) "
+                     f"after one warm-up, {N_INPUT_SETS} rotated input sets; load average at start "
                      f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared machine inflates the median).")
     try:
         import triton
