@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -83,15 +84,18 @@ def peak_extra_mib(fn, device):
 
 
 def guarded(measure):
-    """Run measure() -> dict; turn out-of-memory into {"status": "OOM"}, other errors into their text."""
+    """Run measure() -> dict; out-of-memory becomes {"status": "OOM"}, any other error its text (printed)."""
     try:
         return {"status": "ok", **measure()}
     except torch.OutOfMemoryError:
         return {"status": "OOM"}
-    except RuntimeError as err:     # e.g. a CPU allocation failure
-        if "out of memory" in str(err).lower() or "not enough memory" in str(err).lower():
+    except Exception as err:     # a CPU allocation failure, or any error: recorded, the run goes on
+        text = str(err).strip()
+        if "out of memory" in text.lower() or "not enough memory" in text.lower():
             return {"status": "OOM"}
-        return {"status": f"error: {type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+        first_line = text.splitlines()[0][:120] if text else ""
+        print(f"benchmark case failed: {type(err).__name__}: {text[:2000]}", file=sys.stderr)
+        return {"status": f"error: {type(err).__name__}: {first_line}"}
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
