@@ -38,7 +38,8 @@ run_step "kernel tests (CUDA, compiled)" 140 "$OUT/kernel_tests.log" \
     --junitxml "$OUT/kernel_tests.xml"
 run_step "kernel benchmark" 240 "$OUT/bench.log" "$PYTHON" -m kernels.bench --out "$OUT/bench"
 if [ -f scripts/train_throughput.py ]; then
-    run_step "training throughput" 90 "$OUT/train_throughput.log" "$PYTHON" scripts/train_throughput.py
+    run_step "training throughput" 90 "$OUT/train_throughput.log" "$PYTHON" scripts/train_throughput.py \
+        --json "$OUT/train_throughput.json"
 else
     printf '%s\t%s\t%s\t%s\n' "training throughput" "skipped" "0" "scripts/train_throughput.py not present" >> "$STEPS_FILE"
 fi
