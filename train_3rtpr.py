@@ -214,6 +214,13 @@ def gather_rows(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat(pieces, dim=0)
 
 
+def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut [B, 77] captions to the longest caption of the batch [B, L]. Exact: CLIP's text attention is
+    causal and the padding follows EOT, so no kept position ever attended to a removed one."""
+    length = int(attention_mask.sum(dim=1).max())
+    return input_ids[:, :length], attention_mask[:, :length]
+
+
 def per_sample_losses(text_feats, image_feats, pids, weights, loss_cfg: dict, world_size: int, rank: int):
     """{"sdm": [b], "trl": [b]} (only the terms with lambda > 0) of this process's rows against the global
     batch; features [b, D] are gathered here (with gradient). weights [b] or None."""
@@ -249,10 +256,10 @@ def reciprocal_step(wrapped_models, optimizers, batch: dict, alr_state: dict, lo
     kept_in_batch = gather_rows(keep, world).sum().clamp(min=1.0)
     losses = []
     for view, (model, optimizer) in enumerate(zip(wrapped_models, optimizers)):
+        input_ids, attention_mask = trim_text_padding(batch["input_ids"][:, view], batch["attention_mask"][:, view])
         with accelerator.autocast():
             out = model(pixel_values=batch["pixel_values"][:, view].to(accelerator.device),
-                        input_ids=batch["input_ids"][:, view].to(accelerator.device),
-                        attention_mask=batch["attention_mask"][:, view].to(accelerator.device))
+                        input_ids=input_ids.to(accelerator.device), attention_mask=attention_mask.to(accelerator.device))
         terms = per_sample_losses(out["text_fused"], out["image_fused"], pids, weights, loss_cfg, world, rank)
         local = sum(loss_cfg[f"lambda_{name}"] * values.sum() for name, values in terms.items()) / kept_in_batch
         # DDP averages the gradients over the processes: scale so that they are those of the global loss
@@ -297,11 +304,11 @@ def alr_pass(models, train_split, tokenizer, config, accelerator, epoch: int) ->
     with accelerator.autocast():
         for batch in progress:
             pids = batch["pid"].to(accelerator.device)
+            input_ids, attention_mask = trim_text_padding(batch["input_ids"][:, 0], batch["attention_mask"][:, 0])
             batch_sims = []
             for model, model_losses in zip(chosen, losses):
                 out = model(pixel_values=batch["pixel_values"][:, 0].to(accelerator.device),
-                            input_ids=batch["input_ids"][:, 0].to(accelerator.device),
-                            attention_mask=batch["attention_mask"][:, 0].to(accelerator.device))
+                            input_ids=input_ids.to(accelerator.device), attention_mask=attention_mask.to(accelerator.device))
                 text, image = out["text_fused"].float(), out["image_fused"].float()
                 model_losses.append(per_sample_losses(text, image, pids, None, loss_cfg, world, rank)[loss_name])
                 batch_sims.append(torch.nn.functional.cosine_similarity(text, image, dim=-1))
@@ -534,6 +541,10 @@ def main(argv=None) -> Path:
     trackers = config["logging"]["trackers"]
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(run_dir))
     world, rank = accelerator.num_processes, accelerator.process_index
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise SystemExit(f"{accelerator.distributed_type.name} is not supported: the ALR pass, validation and "
+                         f"checkpoints use the unsharded models. A ViT-B/16 pair fits one GPU: use DDP "
+                         f"(accelerate_configs/multi_gpu_ddp_bf16.yaml, also across nodes).")
     set_seed(config["seed"])
     log = accelerator.print
 
@@ -576,7 +587,7 @@ def main(argv=None) -> Path:
             sync_batch_norms(model)
     pair.to(accelerator.device)
     models = list(pair.models)  # the unwrapped modules (saving, ALR pass, validation)
-    wrapped = list(accelerator.prepare(*models))  # DDP/FSDP wrappers (training forward)
+    wrapped = list(accelerator.prepare(*models))  # DDP wrappers (training forward)
     optimizers, schedulers = [], []
     for model in models:
         optimizer, scheduler = build_optimizer(model, config)

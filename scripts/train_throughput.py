@@ -12,10 +12,12 @@ on random weights (`modeling.vit_b16_config`, no download) and synthetic tensors
 FLOPs per pair-sample (the MFU numerator) are counted analytically, per model and tower:
 6 x (matmul parameters of the transformer layers and projections) x tokens for forward + backward, plus
 the attention score and value products 12 x layers x tokens^2 x width; the frozen patch embedding counts
-forward only (2 x its parameters x patches); the fused heads count 6 x (token-MLP parameters x selected tokens + global projection).
-Vision runs on 1 + (384/16)(128/16) = 193 tokens, text on the full 77-token context (SDPA processes the
-padding). Peak FLOP/s per device: bf16 dense tensor-core peaks of known GPUs (H100/H200 SXM 989 TFLOP/s,
-A100 312, L40S 362, A10 125, RTX 4090 165), else pass --peak-tflops; no MFU is printed without a peak.
+forward only (2 x its parameters x patches); the fused heads count 6 x (token-MLP parameters x selected
+tokens + global projection).
+Vision runs on 1 + (384/16)(128/16) = 193 tokens, text on the full 77-token context (training cuts each
+batch to its longest caption; the synthetic batch holds one full-length caption). Peak FLOP/s per
+device: bf16 dense tensor-core peaks of known GPUs (H100/H200 SXM 989 TFLOP/s, A100 312, L40S 362, A10 125,
+RTX 4090 165), else pass --peak-tflops; no MFU is printed without a peak.
 """
 from __future__ import annotations
 
@@ -78,13 +80,19 @@ def flops_per_pair_sample(model: modeling.TRPRModel, text_tokens: int = 77) -> d
 
 
 def synthetic_batch(batch_size: int, image_size: tuple[int, int], device: torch.device, seed: int = 0) -> dict:
-    """A TrainViews-shaped batch (2 views) of random pixels and random 30-word captions, 2 samples per pid."""
+    """A TrainViews-shaped batch (2 views) of random pixels and random 30-word captions, 2 samples per pid;
+    the first caption fills the 77-token context, so the text tower runs at full length (the worst case:
+    training trims every batch to its longest caption)."""
     generator = torch.Generator().manual_seed(seed)
     height, width = image_size
     input_ids = torch.randint(1, 49405, (batch_size, 2, 77), generator=generator)
     attention_mask = torch.zeros(batch_size, 2, 77, dtype=torch.long)
     input_ids[:, :, 0], input_ids[:, :, 31], input_ids[:, :, 32:] = 49406, 49407, 0
     attention_mask[:, :, :32] = 1
+    input_ids[0, :, 31] = torch.randint(1, 49405, (2,), generator=generator)
+    input_ids[0, :, 32:76] = torch.randint(1, 49405, (2, 44), generator=generator)
+    input_ids[0, :, 76] = 49407
+    attention_mask[0] = 1
     batch = {"index": torch.arange(batch_size), "pid": torch.arange(batch_size) // 2,
              "pixel_values": torch.randn(batch_size, 2, 3, height, width, generator=generator),
              "input_ids": input_ids, "attention_mask": attention_mask}

@@ -115,3 +115,19 @@ def test_non_finite_loss_stops_with_the_step(monkeypatch):
         train_3rtpr.reciprocal_step(list(pair.models), optimizers, batch, alr_state, config["loss"], accelerator,
                                     where="epoch 3, step 7")
     assert all(torch.equal(a, b) for a, b in zip(before, pair.a.parameters()))  # no optimizer step
+
+
+def test_trimming_text_padding_keeps_the_features():
+    torch.manual_seed(0)
+    model = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16)).eval()
+    input_ids = torch.randint(1, 49000, (3, 77))
+    attention_mask = torch.zeros(3, 77, dtype=torch.long)
+    for row, length in enumerate([9, 21, 5]):
+        attention_mask[row, :length] = 1
+        input_ids[row, 0], input_ids[row, length - 1], input_ids[row, length:] = 49406, 49407, 0
+    trimmed_ids, trimmed_mask = train_3rtpr.trim_text_padding(input_ids, attention_mask)
+    assert trimmed_ids.shape == (3, 21) and torch.equal(trimmed_mask.sum(1), attention_mask.sum(1))
+    with torch.no_grad():
+        full, trimmed = model.encode_text(input_ids, attention_mask), model.encode_text(trimmed_ids, trimmed_mask)
+    for a, b in zip(full, trimmed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
