@@ -344,7 +344,8 @@ def alr_pass(models, train_split, tokenizer, config, accelerator, epoch: int) ->
 def alr_report(result, diag_sims, noisy: torch.Tensor) -> dict:
     """JSON-able ALR figures of one epoch; with any truly noisy sample also P/R/F1 of the split
     'noisy = no model calls it clean' (the samples drop_noisy drops) against the `noisy` column."""
-    report = {"mu": result.mu, "kept_fraction": float(result.keep.float().mean()),
+    report = {"mu": result.mu, "mean_diag_similarity": float(diag_sims.mean()),
+              "kept_fraction": float(result.keep.float().mean()),
               "mean_weight": float(result.weights.mean()),
               "full_weight_fraction": float((result.weights >= 1).float().mean()),
               "consensus_counts": [int((result.consensus == c).sum()) for c in range(3)]}
@@ -600,7 +601,8 @@ def main(argv=None) -> Path:
                  "keep": torch.ones(len(train_views), dtype=torch.bool, device=accelerator.device)}
     trainer_state = {"epoch": -1, "global_step": 0, "best_score": None, "best_epoch": None}
     if args.resume:
-        last_dir = recover_checkpoint(Path(args.resume) / LAST_DIR) if accelerator.is_main_process else None
+        if accelerator.is_main_process:
+            recover_checkpoint(Path(args.resume) / LAST_DIR)
         accelerator.wait_for_everyone()
         last_dir = Path(args.resume) / LAST_DIR
         if not last_dir.is_dir():
@@ -679,9 +681,10 @@ def main(argv=None) -> Path:
                 trainer_state.update(best_score=score, best_epoch=epoch)
             accelerator.log({f"val/{row}/{name}": value for row, values in metrics.items()
                              for name, value in values.items()}, step=global_step)
-            log(f"epoch {epoch} {eval_split} " + ", ".join(f"{row} R@1 {values['R1']:.2f}" for row, values
-                                                         in metrics.items() if row.endswith("GE+FS"))
-                + (" (best)" if improved else ""))
+            select_row = config["eval"]["select_row"]
+            log(f"epoch {epoch} {eval_split} R@1: " + ", ".join(f"{row} {values['R1']:.2f}" for row, values
+                                                                in metrics.items() if row.endswith("GE+FS"))
+                + f"; selection row {select_row} {score:.2f}" + (" (best so far)" if improved else ""))
         for scheduler in schedulers:
             scheduler.step()
 
