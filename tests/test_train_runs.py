@@ -38,7 +38,7 @@ def data_root(tmp_path_factory):
 def reference_run(data_root, tmp_path_factory):
     """An uninterrupted 2-epoch run (one process, in this process)."""
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir)])
+    train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir), "--final-test"])
     return run_dir
 
 
@@ -68,6 +68,8 @@ def test_reference_run_writes_the_run_folder(reference_run):
     assert [r["epoch"] for r in records] == [0, 1]
     assert "alr" not in records[0] and records[1]["alr"]["kept_fraction"] <= 1.0
     assert set(records[1]["val"]) >= {"A/GE", "B/FS", "A+B/GE+FS"}
+    test_metrics = json.loads((reference_run / "test_metrics.json").read_text())
+    assert test_metrics["checkpoint"] == "best" and 0.0 <= test_metrics["A+B/GE+FS"]["R1"] <= 100.0
     saved = configs.load_config(reference_run / "config.yaml")
     assert saved["train"]["epochs"] == 2 and saved["data"]["dataset"] == "synth-pedes-tiny"
 
