@@ -317,7 +317,7 @@ def alr_pass(models, train_split, tokenizer, config, accelerator, epoch: int) ->
     for model in models:
         model.train()
     position = torch.tensor(mine, device=accelerator.device)
-    real = accelerator.gather(position < total).cpu()
+    real = accelerator.gather((position < total).long()).cpu().bool()  # (int: NCCL-safe)
     index = accelerator.gather(torch.cat(indices)).cpu()[real]
     gathered_sims = accelerator.gather(torch.cat(sims)).cpu()[real]
     gathered_losses = [accelerator.gather(torch.cat(values)).cpu()[real] for values in losses]
