@@ -373,6 +373,7 @@ def plot_alr_weights(result, noisy: torch.Tensor, epoch: int, path: Path) -> np.
     else:
         axis.hist(weights, bins=bins)
     axis.set_yscale("log")
+    axis.set_ylim(bottom=0.8)  # single samples stay visible
     axis.set_xlabel("ALR weight w")
     axis.set_ylabel("training samples")
     axis.set_title(f"ALR weights, epoch {epoch} (mu = {result.mu:.3f}, kept {result.keep.float().mean():.1%})")
