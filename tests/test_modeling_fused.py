@@ -6,20 +6,7 @@ from torch import nn
 
 from modeling import TRPRModel, small_clip_config
 from modeling.fused import FusedHead, MaskedBatchNorm1d, num_selected, select_image_tokens, select_text_tokens
-
-SOT, EOT = 49406, 49407
-
-
-def captions(lengths, context=77, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), context, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, 0] = SOT
-        ids[row, 1:length - 1] = torch.randint(1, 49000, (length - 2,), generator=generator)
-        ids[row, length - 1] = EOT
-        mask[row, :length] = 1
-    return ids, mask
+from caption_ids import EOT, SOT, captions
 
 
 def test_number_of_selected_tokens():

@@ -7,20 +7,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 
 from modeling import ReciprocalPair, TRPRModel, scoring_features, small_clip_config
-
-SOT, EOT = 49406, 49407
-
-
-def captions(lengths, context=77, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), context, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, 0] = SOT
-        ids[row, 1:length - 1] = torch.randint(1, 49000, (length - 2,), generator=generator)
-        ids[row, length - 1] = EOT
-        mask[row, :length] = 1
-    return ids, mask
+from caption_ids import captions
 
 
 @pytest.fixture(scope="module")
