@@ -244,9 +244,14 @@ def metrics_from_match_ranks(match_ranks: torch.Tensor, valid: torch.Tensor, ks=
     last = torch.where(sorted_valid, ranks, torch.zeros_like(ranks)).max(dim=1).values
     inp = n_safe / last.clamp(min=1)
     first = torch.where(has_match, ranks[:, 0], torch.full_like(ranks[:, 0], math.inf))
-    out = {}
-    for k in ks:
-        out[f"R{int(k)}"] = float((first <= k).to(torch.float64).mean().item() * 100.0)
+    return summarize_queries(first, ap, inp, has_match, ks, per_query)
+
+
+def summarize_queries(first: torch.Tensor, ap: torch.Tensor, inp: torch.Tensor, has_match: torch.Tensor,
+                      ks=DEFAULT_KS, per_query: bool = False) -> dict:
+    """The metrics dict from per-query figures, each [Nq]: first match rank (1-based, inf = none),
+    AP and INP (fractions), has_match (bool). R@K over all queries, mAP/mINP over those with a match."""
+    out = {f"R{int(k)}": float((first <= k).to(torch.float64).mean().item() * 100.0) for k in ks}
     n_missing = int((~has_match).sum().item())
     if n_missing:
         warnings.warn(f"{n_missing} of {has_match.numel()} queries have no match in the gallery: "
@@ -319,19 +324,4 @@ def retrieval_metrics_from_scores(scores: torch.Tensor, query_pids: torch.Tensor
     inp = n_match.to(torch.float64) / last.clamp(min=1)
     first = torch.where(has_match, matches.to(torch.float64).argmax(dim=1).to(torch.float64) + 1,
                         torch.full_like(ap, math.inf))
-    out = {f"R{int(k)}": float((first <= k).to(torch.float64).mean().item() * 100.0) for k in ks}
-    n_missing = int((~has_match).sum().item())
-    if n_missing:
-        warnings.warn(f"{n_missing} of {has_match.numel()} queries have no match in the gallery: "
-                      "counted as misses in R@K, left out of mAP/mINP", stacklevel=2)
-    if n_missing == has_match.numel():
-        out["mAP"] = out["mINP"] = float("nan")
-    else:
-        out["mAP"] = float(ap[has_match].mean().item() * 100.0)
-        out["mINP"] = float(inp[has_match].mean().item() * 100.0)
-    if per_query:
-        nan = torch.full_like(ap, math.nan)
-        out["AP"] = torch.where(has_match, ap, nan).cpu()
-        out["INP"] = torch.where(has_match, inp, nan).cpu()
-        out["first_rank"] = torch.where(has_match, first, torch.zeros_like(first)).to(torch.int64).cpu()
-    return out
+    return summarize_queries(first, ap, inp, has_match, ks, per_query)
