@@ -25,10 +25,14 @@ test: setup
 	HF_HOME=$$(mktemp -d) $(OFFLINE_ENV) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(OFFLINE_ENV) $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml \
+	rm -rf runs/demo
+	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml \
 		train_3rtpr.py --config configs/synth-pedes.yaml --output-dir runs/demo
-	$(OFFLINE_ENV) $(BIN)/python eval_3rtpr.py --checkpoint runs/demo --dataset synth-pedes \
+	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/python eval_3rtpr.py --checkpoint runs/demo --dataset synth-pedes \
 		--split test --out runs/demo/eval --leaderboard
+	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/python eval_3rtpr.py search \
+		"a woman in a red long coat with a black handbag" --checkpoint runs/demo --dataset synth-pedes \
+		--score A+B/FS --top 8 --out runs/demo/search
 
 bench: setup
 	$(BIN)/python -m kernels.bench
