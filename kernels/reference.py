@@ -93,20 +93,27 @@ def sdm_direction_reference(rows: torch.Tensor, cols: torch.Tensor, row_pids: to
     return (log_p.exp() * (log_p - torch.log(q + SDM_EPS))).sum(dim=1)
 
 
-def sdm_loss_reference(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *,
-                       all_text_feats=None, all_image_feats=None, all_pids=None, row_offset=0):
-    """Per-sample SDM loss [b] (text->image + image->text), see `kernels.sdm_loss`."""
+def _both_directions(direction, text_feats, image_feats, pids, weights, all_text_feats, all_image_feats,
+                     all_pids, row_offset, **hyper) -> torch.Tensor:
+    """direction(rows, cols, row_pids, col_pids, **hyper) for text->image plus image->text, per local
+    sample [b], on L2-normalised features in float32 (also under mixed precision), then weighted."""
     all_t, all_v, all_p = check_loss_inputs(text_feats, image_feats, pids, weights, all_text_feats,
                                             all_image_feats, all_pids, row_offset)
     pids = pids.to(text_feats.device)
     all_p = pids if all_pids is None else all_p.to(text_feats.device)
-    with torch.autocast(text_feats.device.type, enabled=False):   # float32 math even under mixed precision
+    with torch.autocast(text_feats.device.type, enabled=False):
         t, v = normalize_features(text_feats), normalize_features(image_feats)
         at = t if all_t is text_feats else normalize_features(all_t)
         av = v if all_v is image_feats else normalize_features(all_v)
-        loss = (sdm_direction_reference(t, av, pids, all_p, logit_scale)
-                + sdm_direction_reference(v, at, pids, all_p, logit_scale))
+        loss = direction(t, av, pids, all_p, **hyper) + direction(v, at, pids, all_p, **hyper)
     return _apply_weights(loss, weights)
+
+
+def sdm_loss_reference(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *,
+                       all_text_feats=None, all_image_feats=None, all_pids=None, row_offset=0):
+    """Per-sample SDM loss [b] (text->image + image->text), see `kernels.sdm_loss`."""
+    return _both_directions(sdm_direction_reference, text_feats, image_feats, pids, weights, all_text_feats,
+                            all_image_feats, all_pids, row_offset, logit_scale=logit_scale)
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -133,17 +140,8 @@ def trl_direction_reference(rows: torch.Tensor, cols: torch.Tensor, row_pids: to
 def trl_loss_reference(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *,
                        all_text_feats=None, all_image_feats=None, all_pids=None, row_offset=0):
     """Per-sample TRL loss [b] (text->image + image->text), see `kernels.trl_loss`."""
-    all_t, all_v, all_p = check_loss_inputs(text_feats, image_feats, pids, weights, all_text_feats,
-                                            all_image_feats, all_pids, row_offset)
-    pids = pids.to(text_feats.device)
-    all_p = pids if all_pids is None else all_p.to(text_feats.device)
-    with torch.autocast(text_feats.device.type, enabled=False):   # float32 math even under mixed precision
-        t, v = normalize_features(text_feats), normalize_features(image_feats)
-        at = t if all_t is text_feats else normalize_features(all_t)
-        av = v if all_v is image_feats else normalize_features(all_v)
-        loss = (trl_direction_reference(t, av, pids, all_p, tau, margin)
-                + trl_direction_reference(v, at, pids, all_p, tau, margin))
-    return _apply_weights(loss, weights)
+    return _both_directions(trl_direction_reference, text_feats, image_feats, pids, weights, all_text_feats,
+                            all_image_feats, all_pids, row_offset, tau=tau, margin=margin)
 
 
 def _apply_weights(loss: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
