@@ -83,6 +83,20 @@ class Run:
     def finished(self) -> bool:
         return (self.folder / "test_metrics.json").is_file()
 
+    def check_same_command(self) -> None:
+        """A run folder written by a different command (other epochs, --set, config) is not this run."""
+        recorded = self.folder / "command.txt"
+        if not recorded.is_file():
+            return
+        previous = recorded.read_text().split()
+        if "--resume" in previous:
+            at = previous.index("--resume")
+            previous = previous[:at] + previous[at + 2:]
+        if previous != self.command:
+            raise SystemExit(f"ablate: {recorded} holds another command than this sweep plans for {self.name}:\n"
+                             f"  recorded: {' '.join(previous)}\n  planned:  {' '.join(self.command)}\n"
+                             f"use another --runs-dir (or delete that run folder)")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -119,6 +133,7 @@ def plan_runs(args) -> list[Run]:
                 variant = VARIANTS[name]
                 run = Run(variant, condition, seed, runs_dir / f"{name}-{condition}-seed{seed}")
                 run.command = train_command(run, args)
+                run.check_same_command()
                 runs.append(run)
     return runs
 

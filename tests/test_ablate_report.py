@@ -73,3 +73,14 @@ def test_report_means_stds_and_unrun_cells(tmp_path):
     assert saved["runs_finished"] == 4 and saved["runs_planned"] == 8
     assert (tmp_path / "docs" / "ablation_r1.png").stat().st_size > 0
     assert (tmp_path / "docs" / "alr_detection.png").stat().st_size > 0
+
+
+def test_a_run_folder_of_another_command_is_not_reused(tmp_path):
+    args = args_for(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean", "--epochs", "3")
+    (run,) = ablate.plan_runs(args)
+    fake_run(run.folder, {"A/FS": 10.0})
+    (run.folder / "command.txt").write_text(" ".join(run.command + ["--resume", str(run.folder)]) + "\n")
+    assert ablate.plan_runs(args)[0].finished  # same command (a resume is the same run): reused
+    other = args_for(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean", "--epochs", "4")
+    with pytest.raises(SystemExit, match="another command"):
+        ablate.plan_runs(other)
