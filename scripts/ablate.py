@@ -114,6 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an extra trainer override for every run, e.g. --set loss.lambda_sdm=1.0 (repeatable)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; rebuild the report")
+    parser.add_argument("--diagnose", nargs="+", metavar="RUN_DIR", default=None,
+                        help="train nothing: how well each run's best/ models separate the noisy training pairs "
+                             "(ROC AUC of the per-sample loss and of the fused diagonal similarity, on the training "
+                             "set with --diagnose-noise-rate of noise from the run's seed) -> "
+                             "DOCS_DIR/alr_separability.md")
+    parser.add_argument("--diagnose-noise-rate", type=float, default=0.5)
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1 (got {args.jobs})")
@@ -407,8 +413,85 @@ def write_report(runs: list[Run], args, failed: list[str]) -> Path:
     return docs_dir / "ablation.md"
 
 
+# ========================================================================================= diagnosis
+def separability(run_dir: Path, noise_rate: float) -> dict:
+    """Encodes the (noisy) training set with a run's best/ pair, un-augmented, in index-order batches of
+    train.batch_size as the ALR pass does, and scores how well each signal ALR uses tells noisy pairs
+    from clean ones: ROC AUC (0.5 = no information) of each model's per-sample loss (noisy = high) and
+    of the fused diagonal cosine (noisy = low); also the mean cosine of clean pairs, noisy pairs and
+    non-matching pairs of the batch (other identities)."""
+    import torch
+    import yaml
+    from sklearn.metrics import roc_auc_score
+    from torch.utils.data import DataLoader
+
+    sys.path.insert(0, str(REPO))
+    import data
+    import modeling
+    import train_3rtpr
+    from data.transforms import get_tokenizer
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    chosen = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "last"
+    pair = modeling.ReciprocalPair.from_pretrained(chosen).eval()
+    splits = data.load_benchmark(config["data"]["dataset"], root=config["data"]["root"], noise_rate=noise_rate,
+                                 seed=config["seed"])
+    train = splits["train"]
+    noisy = torch.tensor(train["noisy"], dtype=torch.bool)
+    views = data.TrainViews(train, get_tokenizer(), config["data"]["image_size"], num_views=1, augment=False)
+    loader = DataLoader(views, batch_size=config["train"]["batch_size"], shuffle=False)
+    loss_name = "sdm" if config["loss"]["lambda_sdm"] > 0 else "trl"
+    losses = {"A": [], "B": []}
+    diag, off_diag = {"A": [], "B": []}, {"A": [], "B": []}
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=f"separability {run_dir.name}", leave=False):
+            input_ids, mask = train_3rtpr.trim_text_padding(batch["input_ids"][:, 0], batch["attention_mask"][:, 0])
+            for name, model in zip(("A", "B"), pair.models):
+                out = model(pixel_values=batch["pixel_values"][:, 0], input_ids=input_ids, attention_mask=mask)
+                text, image = out["text_fused"].float(), out["image_fused"].float()
+                losses[name].append(train_3rtpr.per_sample_losses(text, image, batch["pid"], None, config["loss"],
+                                                                  1, 0)[loss_name])
+                cosines = torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(image, dim=-1).T
+                diag[name].append(cosines.diagonal())
+                other = batch["pid"][:, None] != batch["pid"][None, :]
+                off_diag[name].append(cosines[other])
+    truth = noisy.numpy()
+    result = {"run": run_dir.name, "checkpoint": chosen.name, "noise_rate": noise_rate,
+              "trained_noise_rate": config["data"]["noise_rate"]}
+    for name in ("A", "B"):
+        loss, cos = torch.cat(losses[name]).numpy(), torch.cat(diag[name]).numpy()
+        result[name] = {"auc_loss": float(roc_auc_score(truth, loss)), "auc_similarity": float(roc_auc_score(truth, -cos)),
+                        "cos_clean": float(cos[~truth].mean()), "cos_noisy": float(cos[truth].mean()),
+                        "cos_other_identity": float(torch.cat(off_diag[name]).mean())}
+    return result
+
+
+def write_separability(results: list[dict], docs_dir: Path) -> Path:
+    lines = ["| run (trained at noise rate) | model | AUC of loss | AUC of −similarity | cos clean pairs | "
+             "cos noisy pairs | cos other identities |", "|---|---|---|---|---|---|---|"]
+    for result in results:
+        for name in ("A", "B"):
+            r = result[name]
+            lines.append(f"| {result['run']} ({result['trained_noise_rate']}) | {name} | {r['auc_loss']:.3f} | "
+                         f"{r['auc_similarity']:.3f} | {r['cos_clean']:.3f} | {r['cos_noisy']:.3f} | "
+                         f"{r['cos_other_identity']:.3f} |")
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    path = docs_dir / "alr_separability.md"
+    noise = sorted({r["noise_rate"] for r in results})
+    path.write_text(f"Training set with {', '.join(map(str, noise))} noisy correspondence (the run's seed), "
+                    f"each run's best/ models, un-augmented, batches in index order as in the ALR pass. "
+                    f"AUC 0.5 = the signal carries no information about which pairs are noisy.\n\n"
+                    + "\n".join(lines) + "\n")
+    (docs_dir / "alr_separability.json").write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.diagnose:
+        results = [separability(Path(run).resolve(), args.diagnose_noise_rate) for run in args.diagnose]
+        print(write_separability(results, Path(args.docs_dir)).read_text())
+        return 0
     runs = plan_runs(args)
     failed = [] if args.report_only else train_all(runs, args)
     report = write_report(runs, args, failed)
