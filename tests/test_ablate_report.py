@@ -44,6 +44,7 @@ def test_bad_set_option_is_refused(tmp_path):
 def fake_run(folder: Path, r1: dict, detection=None):
     """Writes the two files the report reads, in the trainer's format."""
     folder.mkdir(parents=True)
+    r1 = {"A+B/FS": r1["A/FS"] + 1.0, **r1}  # every run has the ensemble rows
     rows = {key: {"R1": value, "R5": 0.0, "R10": 0.0, "mAP": value / 2, "mINP": 0.0} for key, value in r1.items()}
     (folder / "test_metrics.json").write_text(json.dumps({"checkpoint": "best", **rows}))
     records = [{"epoch": 0, "best_epoch": 0}]
@@ -69,6 +70,9 @@ def test_report_means_stds_and_unrun_cells(tmp_path):
     ensemble_row = next(line for line in report.splitlines() if "A+B (A+B/FS)" in line)
     assert "32.00 ± 2.83" in ensemble_row
     assert "| 1 | 70.0 ± 14.1 | 40.0 ± 0.0 |" in report
+    ensemble_section = report.split("## Ensemble")[1].split("## ALR")[0]
+    baseline_ensemble = next(line for line in ensemble_section.splitlines() if line.startswith("| CLIP baseline"))
+    assert "13.00 ± 2.83" in baseline_ensemble  # A+B of the baseline runs: A + 1
     saved = json.loads((tmp_path / "docs" / "ablation.json").read_text())
     assert saved["runs_finished"] == 4 and saved["runs_planned"] == 8
     assert (tmp_path / "docs" / "ablation_r1.png").stat().st_size > 0
