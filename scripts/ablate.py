@@ -29,9 +29,8 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,16 +192,17 @@ def train_all(runs: list[Run], args) -> list[str]:
     cache = Path(args.runs_dir).resolve() / "cache"
     env = run_environment(threads, cache)
     prepare_dataset(args, env)
-    failed, lock = [], threading.Lock()
+    failed = []
     progress = tqdm(total=len(todo), desc="ablation runs", unit="run")
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for run, code, seconds in pool.map(lambda r: execute(r, env), todo):
-            with lock:
-                progress.update(1)
-                status = "ok" if code == 0 else f"FAILED (exit {code}, see {run.folder / 'train.log'})"
-                progress.write(f"{run.name}: {status}, {seconds / 60:.1f} min")
-                if code != 0:
-                    failed.append(run.name)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on their subprocess
+        futures = [pool.submit(execute, run, env) for run in todo]
+        for future in as_completed(futures):
+            run, code, seconds = future.result()
+            progress.update(1)
+            status = "ok" if code == 0 else f"FAILED (exit {code}, see {run.folder / 'train.log'})"
+            progress.write(f"{run.name}: {status}, {seconds / 60:.1f} min")
+            if code != 0:
+                failed.append(run.name)
     progress.close()
     return failed
 
@@ -213,6 +213,10 @@ def prepare_dataset(args, env: dict) -> None:
 
     recipe = yaml.safe_load((REPO / args.config).read_text()) or {}
     dataset = (recipe.get("data") or {}).get("dataset", "")
+    for item in args.extra:  # --set data.dataset=... wins over the recipe
+        key, value = item.split("=", 1)
+        if key.strip() == "data.dataset":
+            dataset = value.strip()
     if not str(dataset).startswith("synth-pedes"):
         return
     code = ("import data; data.load_benchmark(" + repr(dataset) + ")")

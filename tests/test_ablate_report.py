@@ -88,3 +88,25 @@ def test_a_run_folder_of_another_command_is_not_reused(tmp_path):
     other = args_for(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean", "--epochs", "4")
     with pytest.raises(SystemExit, match="another command"):
         ablate.plan_runs(other)
+
+
+def test_end_to_end_one_tiny_run_then_resume_skips_it(tmp_path):
+    """The real trainer through the sweep: one 1-epoch run on synth-pedes-tiny, then a second call finds
+    it finished and trains nothing."""
+    import os
+    import subprocess
+
+    command = [sys.executable, "scripts/ablate.py", "--runs-dir", str(tmp_path / "runs"), "--docs-dir",
+               str(tmp_path / "docs"), "--epochs", "1", "--seeds", "0", "--variants", "baseline", "--conditions",
+               "clean", "--set", "data.dataset=synth-pedes-tiny", "--set", "train.batch_size=16", "--threads", "1"]
+    env = dict(os.environ, TRPR_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    run = tmp_path / "runs" / "baseline-clean-seed0"
+    test = json.loads((run / "test_metrics.json").read_text())
+    assert 0.0 <= test["A/FS"]["R1"] <= 100.0
+    row = next(line for line in (tmp_path / "docs" / "ablation.md").read_text().splitlines()
+               if line.startswith("| CLIP baseline"))
+    assert f"{test['A/FS']['R1']:.2f} (1 seed)" in row
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and "1 of 1 runs already finished, 0 to train" in second.stdout
