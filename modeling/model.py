@@ -171,14 +171,20 @@ def _materialise_position_ids(model: nn.Module, device: torch.device) -> None:
         setattr(model.get_submodule(owner_name), leaf, values)
 
 
-def read_model_config(path: Path) -> dict:
-    """Parse and check a TRPRModel `config.json`; errors name the file and the bad entry."""
+def read_json_file(path: Path, what: str) -> dict:
+    """The JSON object in `path`; a missing file or bad JSON raises an error naming the file (`what`: the
+    kind of folder it should belong to, for the message)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (not a TRPRModel checkpoint folder)")
+        raise FileNotFoundError(f"{path}: missing (not a {what} folder)")
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
+
+
+def read_model_config(path: Path) -> dict:
+    """Parse and check a TRPRModel `config.json`; errors name the file and the bad entry."""
+    config = read_json_file(path, "TRPRModel checkpoint")
     if config.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r}")
     for key, kind in (("select_ratio", (int, float)), ("fused_dim", int), ("image_size", list),

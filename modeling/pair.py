@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DEFAULT_CLIP
-from .model import CARD_NAME, TRPRModel
+from .model import CARD_NAME, TRPRModel, read_json_file
 
 PAIR_CONFIG_NAME = "pair.json"
 PAIR_TYPE = "3rtpr-pair"
@@ -73,12 +73,7 @@ class ReciprocalPair(nn.Module):
         """Load a folder written by `save_pretrained` (safetensors only)."""
         directory = Path(directory)
         config_path = directory / PAIR_CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path}: missing (not a ReciprocalPair folder)")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_path}: not valid JSON ({error})") from error
+        config = read_json_file(config_path, "ReciprocalPair")
         members = config.get("members")
         if config.get("model_type") != PAIR_TYPE or not isinstance(members, list) or len(members) != 2:
             raise ValueError(f"{config_path}: expected model_type {PAIR_TYPE!r} and two 'members', got {config!r}")
