@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import configs
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("ablate", REPO / "scripts" / "ablate.py")
@@ -43,7 +46,7 @@ def test_bad_set_option_is_refused(tmp_path):
 
 def fake_run(folder: Path, r1: dict, detection=None):
     """Writes the two files the report reads, in the trainer's format."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     r1 = {"A+B/FS": r1["A/FS"] + 1.0, **r1}  # every run has the ensemble rows
     rows = {key: {"R1": value, "R5": 0.0, "R10": 0.0, "mAP": value / 2, "mINP": 0.0} for key, value in r1.items()}
     (folder / "test_metrics.json").write_text(json.dumps({"checkpoint": "best", **rows}))
@@ -110,3 +113,160 @@ def test_end_to_end_one_tiny_run_then_resume_skips_it(tmp_path):
     assert f"{test['A/FS']['R1']:.2f} (1 seed)" in row
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "1 of 1 runs already finished, 0 to train" in second.stdout
+
+
+# ============================================================================ proxy mode (issue 12)
+def proxy_args(tmp_path, *extra):
+    return ablate.parse_args(["--proxy", "--backbone", str(tmp_path / "proxy"), "--runs-dir", str(tmp_path / "runs"),
+                              "--docs-dir", str(tmp_path / "docs"), *extra])
+
+
+def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path):
+    args = proxy_args(tmp_path, "--seeds", "0", "1")
+    runs = ablate.plan_runs(args)
+    assert len(runs) == 2 * 3 * 6  # seeds x (clean, 50 %, 80 %) x variants
+    by_name = {r.name: r for r in runs}
+    options = {name: dict(zip(run.command, run.command[1:])) for name, run in by_name.items()}
+    assert options["baseline-clean-seed0"]["--config"] == "configs/proxy-clean.yaml"
+    assert options["baseline-noisy-seed0"]["--config"] == "configs/proxy-noisy.yaml"
+    assert options["full-noisy80-seed1"]["--data.noise_rate"] == "0.8"
+    assert all(o["--model.backbone"] == str(tmp_path / "proxy") for o in options.values())
+    assert options["fused_all-clean-seed0"]["--model.image_tokens"] == "all"
+    assert "--model.image_tokens" not in options["fused-clean-seed0"]
+    # the control: a second + ALR run, another seed, the partner's noisy training set
+    control, partner = by_name["ensemble-noisy-seed1"], by_name["alr-noisy-seed1"]
+    assert control.partner is partner and partner.partner is None
+    control_options, partner_options = options["ensemble-noisy-seed1"], options["alr-noisy-seed1"]
+    assert control_options["--seed"] == "1001" and partner_options["--seed"] == "1"
+    assert control_options["--data.noise_rate"] == "0.0"
+    assert control_options["--data.noise_file"] == str(ablate.noise_file_for("noisy", 1, args))
+    assert control_options["--alr.models"] == "1" and control_options["--eval.select_row"] == "A/FS"
+    assert "--data.noise_file" not in options["ensemble-clean-seed1"]
+    assert control.metrics_file.name == ablate.ENSEMBLE_METRICS and partner.metrics_file.name == "test_metrics.json"
+    assert args.runs_dir == str(tmp_path / "runs") and args.docs_dir == str(tmp_path / "docs")
+
+
+def test_proxy_defaults_and_random_init_control(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRPR_CACHE", str(tmp_path / "cache"))
+    args = ablate.parse_args(["--proxy"])
+    assert args.runs_dir == "runs/ablation_proxy" and args.docs_dir == "docs/results/proxy"
+    proxy = ablate.load_pretrain_proxy()
+    assert args.backbone == str(proxy.proxy_folder(proxy.ProxySettings()))
+    assert args.backbone.startswith(str(tmp_path / "cache"))
+    scratch = ablate.parse_args(["--proxy", "--random-init"])
+    assert scratch.runs_dir == "runs/ablation_proxy_random"
+    mapping = configs.parse_overrides(["--model.backbone", scratch.backbone])["model"]["backbone"]
+    assert mapping == proxy.ProxySettings().architecture()
+    assert " " not in scratch.backbone  # command.txt is compared word by word
+    default = ablate.parse_args([])
+    assert default.variants == ablate.DEFAULT_VARIANTS and default.conditions == ["clean", "noisy"]
+    assert default.backbone is None and default.config == "configs/synth-pedes.yaml" and default.noisy_config is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--random-init"], "belongs to --proxy"),
+    (["--proxy", "--random-init", "--backbone", "x"], "exclude each other"),
+    (["--proxy", "--backbone", "x", "--variants", "full", "ensemble"], "add --variants alr"),
+])
+def test_bad_proxy_options_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        ablate.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_missing_backbone_folder_stops_the_sweep_before_training(tmp_path):
+    args = proxy_args(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean")
+    with pytest.raises(SystemExit, match="does not exist; build the proxy first"):
+        ablate.train_all(ablate.plan_runs(args), args)
+
+
+def write_pair_run(folder: Path, dataset_root: Path, seed: int):
+    """A trained-looking run folder: a real (untrained, tiny) pair in best/, config.yaml, test metrics."""
+    import modeling
+    import yaml
+
+    torch.manual_seed(seed)
+    pair = modeling.ReciprocalPair.from_clip(modeling.small_clip_config(hidden_size=32, intermediate_size=64,
+                                                                        num_hidden_layers=1, num_attention_heads=2,
+                                                                        projection_dim=32),
+                                             head_seeds=(seed, seed + 1), fused_dim=16, image_size=(32, 16))
+    pair.save_pretrained(folder / "best")
+    config = configs.load_config(None, ["--data.dataset", "synth-pedes-tiny", "--data.root", str(dataset_root),
+                                        "--data.image_size", "[32, 16]", "--eval.batch_size", "64"])
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    fake_run(folder, {"A/FS": 5.0})
+    return pair
+
+
+def test_ensemble_control_evaluates_the_two_independent_models_a(tmp_path):
+    import data
+    import eval_3rtpr
+    import modeling
+    from data.transforms import get_tokenizer
+
+    args = proxy_args(tmp_path, "--seeds", "0", "--variants", "alr", "ensemble", "--conditions", "clean")
+    partner, control = ablate.plan_runs(args)
+    first = write_pair_run(partner.folder, tmp_path / "data", seed=0)
+    second = write_pair_run(control.folder, tmp_path / "data", seed=5)
+    assert control.trained and not control.finished
+    assert ablate.evaluate_ensembles([partner, control], {"TRPR_CACHE": str(tmp_path / "data")}, threads=1) == []
+    assert control.finished
+    saved = json.loads((control.folder / ablate.ENSEMBLE_METRICS).read_text())
+    splits = data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data")
+    expected = eval_3rtpr.evaluate_pair(modeling.ReciprocalPair(first.a, second.a), splits["test_gallery"],
+                                        splits["test_queries"], tokenizer=get_tokenizer(), image_size=(32, 16))
+    assert saved["A+B/FS"] == pytest.approx(expected["A+B/FS"])
+    assert saved["A/FS"] == pytest.approx(expected["A/FS"]) and saved["members"][0].startswith(str(partner.folder))
+    report = ablate.write_report([partner, control], args, failed=[]).read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| control"))
+    assert f"{saved['A+B/FS']['R1']:.2f} (1 seed)" in row and "A+A'" in row
+
+
+def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
+    import numpy as np
+    import data
+    from data.noise import generate_permutation, save_permutation
+
+    args = proxy_args(tmp_path, "--seeds", "0", "--variants", "alr", "full", "--conditions", "noisy", "noisy80")
+    runs = {r.name: r for r in ablate.plan_runs(args)}
+    train_size = len(data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data")["train"])
+    for name, run in runs.items():
+        rate = 0.8 if "noisy80" in name else 0.5
+        permutation = save_permutation(run.folder / "noise_permutation.npy", generate_permutation(train_size, rate, 0))
+        noisy = np.asarray(data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data",
+                                               noise_file=permutation)["train"]["noisy"])
+        write_pair_run(run.folder, tmp_path / "data", seed=0)
+        state = run.folder / "last" / "training_state"
+        state.mkdir(parents=True)
+        weights = torch.where(torch.from_numpy(noisy), torch.tensor(0.2), torch.tensor(0.95))
+        torch.save({"weights": weights, "keep": torch.ones(train_size, dtype=torch.bool)}, state / "alr_state.pt")
+        records = [{"epoch": 0, "best_epoch": 0},
+                   {"epoch": 1, "best_epoch": 1, "alr": {"noise_detection": {"precision": 90.0, "recall": 80.0,
+                                                                             "f1": 84.7},
+                                                         "mean_weight_noisy": 0.2, "mean_weight_clean": 0.95}}]
+        (run.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    found = ablate.run_alr_weights(runs["full-noisy80-seed0"], tmp_path / "data")
+    assert found is not None and found[1].mean() == pytest.approx(0.8, abs=0.02)
+    assert np.all(found[0][found[1]] == np.float32(0.2))
+    report = ablate.write_report(list(runs.values()), args, failed=[]).read_text()
+    assert "### 50% noisy correspondence" in report and "### 80% noisy correspondence" in report
+    assert report.count("| 1 | 90.0 (1 seed) | 80.0 (1 seed) | 84.7 (1 seed) |") == 4
+    assert "alr_weight_distributions.png" in report
+    assert (tmp_path / "docs" / "alr_weight_distributions.png").stat().st_size > 0
+    assert (tmp_path / "docs" / "alr_detection.png").stat().st_size > 0
+
+
+def test_diagnosis_in_shuffled_batches_keeps_each_pairs_similarity_and_draws_the_losses(tmp_path):
+    run = tmp_path / "runs" / "full-noisy-seed0"
+    write_pair_run(run, tmp_path / "data", seed=0)
+    by_index = ablate.separability(run, 0.5, "index")
+    shuffled = ablate.separability(run, 0.5, "shuffled", tmp_path / "docs")
+    for name in ("A", "B"):
+        # a pair's similarity does not depend on its batch: same AUC and means whatever the order
+        assert shuffled[name]["auc_similarity"] == pytest.approx(by_index[name]["auc_similarity"])
+        assert shuffled[name]["cos_noisy"] == pytest.approx(by_index[name]["cos_noisy"], abs=1e-6)
+        assert 0.0 <= shuffled[name]["auc_global_similarity"] <= 1.0
+        assert 0.0 <= shuffled[name]["gmm_f1"] <= 100.0
+    assert (tmp_path / "docs" / "alr_losses_full-noisy-seed0.png").stat().st_size > 0
+    table = ablate.write_separability([by_index, shuffled], tmp_path / "docs").read_text()
+    assert "index order" in table and "shuffled batches" in table and table.count("| full-noisy-seed0 (0.0) |") == 4
