@@ -226,9 +226,9 @@ def per_sample_losses(text_feats, image_feats, pids, weights, loss_cfg: dict, wo
     batch; features [b, D] are gathered here (with gradient). weights [b] or None."""
     distributed = {}
     if world_size > 1:
-        distributed = dict(all_text_feats=gather_rows(text_feats, world_size),
-                           all_image_feats=gather_rows(image_feats, world_size),
-                           all_pids=gather_rows(pids, world_size), row_offset=rank * text_feats.shape[0])
+        distributed = dict(text_cols=gather_rows(text_feats, world_size),
+                           image_cols=gather_rows(image_feats, world_size),
+                           col_pids=gather_rows(pids, world_size))
     losses = {}
     if loss_cfg["lambda_sdm"] > 0:
         losses["sdm"] = kernels.sdm_loss(text_feats, image_feats, pids, loss_cfg["logit_scale"], weights,

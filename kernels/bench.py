@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks.timing import device_name, guarded, peak_extra_mib, time_call
+
 from . import triton_available
 from .reference import (retrieval_metrics_from_scores, retrieval_metrics_reference, sdm_loss_reference,
                         trl_loss_reference)
@@ -42,63 +44,6 @@ DIMS = (512, 2048)
 CUHK = (6156, 3074, 512, 1000)              # queries, gallery, D, identities
 LARGE = (100_000, 1_000_000, 512, 200_000)
 N_INPUT_SETS = 3
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"CPU {platform.processor() or platform.machine()} ({threads} thread{'' if threads == 1 else 's'})"
-
-
-# ----------------------------------------------------------------------------- timing
-def time_call(fn, device, repeats, grad_to_none=None) -> dict:
-    """{"ms": median, "min_ms": fastest} milliseconds of fn() after warm-up."""
-    if device.type == "cuda":
-        import triton.testing
-        median, fastest = triton.testing.do_bench(fn, warmup=10, rep=max(20, 10 * repeats),
-                                                  grad_to_none=grad_to_none, quantiles=[0.5, 0.0])
-        return {"ms": float(median), "min_ms": float(fastest)}
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return {"ms": statistics.median(samples), "min_ms": min(samples)}
-
-
-def peak_extra_mib(fn, device):
-    """Extra CUDA memory (MiB) that one call of fn allocates at its peak; None on the CPU."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
-def guarded(measure):
-    """Run measure() -> dict; out-of-memory becomes {"status": "OOM"}, any other error its text (printed)."""
-    try:
-        return {"status": "ok", **measure()}
-    except torch.OutOfMemoryError:
-        return {"status": "OOM"}
-    except Exception as err:     # a CPU allocation failure, or any error: recorded, the run goes on
-        text = str(err).strip()
-        if "out of memory" in text.lower() or "not enough memory" in text.lower():
-            return {"status": "OOM"}
-        first_line = text.splitlines()[0][:120] if text else ""
-        print(f"benchmark case failed: {type(err).__name__}: {text[:2000]}", file=sys.stderr)
-        return {"status": f"error: {type(err).__name__}: {first_line}"}
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- losses

@@ -182,15 +182,14 @@ class SdmDirection(torch.autograd.Function):
         return d_rows, d_cols, None, None, None, None
 
 
-def prepare_directions(text_feats, image_feats, pids, weights, all_text_feats, all_image_feats, all_pids,
-                       row_offset):
+def prepare_directions(text_feats, image_feats, pids, weights, text_cols, image_cols, col_pids):
     """Validate, L2-normalise (float32) and cast to the kernel dtype; shared by SDM and TRL.
 
     Returns (t [b,D], v [b,D], all_t [B,D], all_v [B,D], pids [b], all_pids [B]) contiguous,
-    where all_t / all_v ARE t / v (same tensor objects) without distribution.
+    where all_t / all_v ARE t / v (same tensor objects) without columns.
     """
-    all_t, all_v, all_p = check_loss_inputs(text_feats, image_feats, pids, weights, all_text_feats,
-                                            all_image_feats, all_pids, row_offset)
+    all_t, all_v, all_p = check_loss_inputs(text_feats, image_feats, pids, weights, text_cols, image_cols,
+                                            col_pids)
     dtype = kernel_dtype(text_feats.dtype)
 
     def norm(x):
@@ -205,15 +204,15 @@ def prepare_directions(text_feats, image_feats, pids, weights, all_text_feats, a
     return t, v, at, av, local_pids, all_p
 
 
-def sdm_loss_triton(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *, all_text_feats=None,
-                    all_image_feats=None, all_pids=None, row_offset=0, blocks=None):
+def sdm_loss_triton(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *, text_cols=None,
+                    image_cols=None, col_pids=None, blocks=None):
     """Per-sample SDM loss [b] float32 with the Triton kernels (see `kernels.sdm_loss`).
 
     `blocks` = (BLOCK_M, BLOCK_N, BLOCK_D, num_warps) overrides the fixed tile sizes (tests use
     small blocks to exercise multi-tile loops).
     """
-    t, v, at, av, p, all_p = prepare_directions(text_feats, image_feats, pids, weights, all_text_feats,
-                                                all_image_feats, all_pids, row_offset)
+    t, v, at, av, p, all_p = prepare_directions(text_feats, image_feats, pids, weights, text_cols,
+                                                image_cols, col_pids)
     loss = (SdmDirection.apply(t, av, p, all_p, logit_scale, blocks)
             + SdmDirection.apply(v, at, p, all_p, logit_scale, blocks))
     if weights is not None:

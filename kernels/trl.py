@@ -181,14 +181,14 @@ class TrlDirection(torch.autograd.Function):
         return d_rows, d_cols, None, None, None, None, None
 
 
-def trl_loss_triton(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *, all_text_feats=None,
-                    all_image_feats=None, all_pids=None, row_offset=0, blocks=None):
+def trl_loss_triton(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *, text_cols=None,
+                    image_cols=None, col_pids=None, blocks=None):
     """Per-sample TRL loss [b] float32 with the Triton kernels (see `kernels.trl_loss`).
 
     `blocks` = (BLOCK_M, BLOCK_N, BLOCK_D, num_warps) overrides the fixed tile sizes.
     """
-    t, v, at, av, p, all_p = prepare_directions(text_feats, image_feats, pids, weights, all_text_feats,
-                                                all_image_feats, all_pids, row_offset)
+    t, v, at, av, p, all_p = prepare_directions(text_feats, image_feats, pids, weights, text_cols,
+                                                image_cols, col_pids)
     loss = (TrlDirection.apply(t, av, p, all_p, tau, margin, blocks)
             + TrlDirection.apply(v, at, p, all_p, tau, margin, blocks))
     if weights is not None:

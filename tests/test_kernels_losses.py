@@ -134,26 +134,25 @@ def test_distributed_rows_against_gathered_columns(name):
     for offset in (0, 12, 20):                    # uneven ranks: 12, 8 and 10 rows
         end = {0: 12, 12: 20, 20: 30}[offset]
         per_rank.append(triton_fn(t[offset:end], v[offset:end], pids[offset:end], blocks=SMALL_BLOCKS,
-                                  all_text_feats=t, all_image_feats=v, all_pids=pids, row_offset=offset,
-                                  **kwargs))
+                                  text_cols=t, image_cols=v, col_pids=pids, **kwargs))
     joined = torch.cat(per_rank)
     grads = torch.autograd.grad(joined.sum(), (t, v))
     assert relative_error(joined, full) <= 1e-5
     for grad, full_grad in zip(grads, full_grads):
         assert relative_error(grad, full_grad) <= 1e-5
     # the reference agrees with the kernel on one rank
-    ref = LOSSES[name][1](text[12:20].double(), image[12:20].double(), pids[12:20], all_text_feats=text.double(),
-                          all_image_feats=image.double(), all_pids=pids, row_offset=12, **kwargs)
+    ref = LOSSES[name][1](text[12:20].double(), image[12:20].double(), pids[12:20], text_cols=text.double(),
+                          image_cols=image.double(), col_pids=pids, **kwargs)
     assert relative_error(per_rank[1], ref) <= 1e-4
 
 
-def test_distributed_rejects_wrong_row_offset():
+def test_columns_must_come_complete_and_match_the_width():
     text, image, pids = random_batch(10, 8, 10, seed=29)
-    with pytest.raises(ValueError, match="row_offset"):
-        kernels.sdm_loss(text[:4], image[:4], pids[:4], all_text_feats=text, all_image_feats=image,
-                         all_pids=pids, row_offset=3, backend="torch")
-    with pytest.raises(ValueError, match="all_text_feats"):
-        kernels.trl_loss(text[:4], image[:4], pids[:4], all_pids=pids, backend="torch")
+    with pytest.raises(ValueError, match="text_cols, image_cols, col_pids"):
+        kernels.trl_loss(text[:4], image[:4], pids[:4], col_pids=pids, backend="torch")
+    with pytest.raises(ValueError, match="image_cols must be"):
+        kernels.sdm_loss(text[:4], image[:4], pids[:4], text_cols=text, image_cols=image[:, :5], col_pids=pids,
+                         backend="torch")
 
 
 def test_bad_shapes_name_the_argument():
