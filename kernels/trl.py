@@ -12,8 +12,8 @@ A line without negatives has L⁻ = log 0 = −∞, so ℓ = 0 and no gradient (
 Forward, online over element tiles: two log-sum-exps, over the positives (max m⁺, sum l⁺ and the
 α-numerator a⁺ = Σ e^{x−m⁺} S) and over the negatives (m⁻, l⁻), each rescaled by e^{m_old − m_new}
 when its max grows; one exp per element (each element is either positive or negative). Σ α S =
-a⁺ / l⁺. State rows: (m⁺, l⁺, a⁺, m⁻, l⁻); saved for the backward: (L⁺, L⁻, [u > 0 and a
-negative exists]).
+a⁺ / l⁺. State rows: (m⁺, l⁺, a⁺, m⁻, l⁻); saved for the backward: (L⁺, L⁻ (+10³⁰ without a
+negative), [u > 0 and a negative exists]).
 
 Backward, upstream gradient g (α constant; ∂(τ L⁻)/∂S_j = softmax over the negatives):
 
@@ -64,6 +64,7 @@ def _trl_line_stats_kernel(S, LINE_PID, ELEM_PID, STATE, LOSS, line_offset, elem
         lse_neg = neg_max + tl.log(tl.where(has_neg, neg_sum, 1.0))
         hinge = margin - pos_sim / safe_pos_sum + tau * lse_neg
         active = has_neg & (hinge > 0.0)
+        lse_neg = tl.where(has_neg, lse_neg, -NEG_BIG)      # no negative: exp(x − L⁻) = 0 in the backward
         tl.store(state, pos_max + tl.log(safe_pos_sum), mask=line_mask)
         tl.store(state + n_state_lines, lse_neg, mask=line_mask)
         tl.store(state + 2 * n_state_lines, active.to(tl.float32), mask=line_mask)
