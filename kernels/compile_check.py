@@ -24,10 +24,10 @@ MULTIPLE_OF_16 = frozenset({"line_offset", "elem_offset", "n_lines", "n_elems", 
 which decides vector widths and layouts, so the check compiles them the same way."""
 
 
-def specialisation_attrs(signature: dict) -> dict:
-    """Triton's launch-time specialisation for `signature`: 16-byte aligned pointers (every tensor
-    the kernels get is a whole allocation) and the MULTIPLE_OF_16 integers."""
-    return {(index,): [["tt.divisibility", 16]] for index, (name, kind) in enumerate(signature.items())
+def specialisation_attrs(fn, signature: dict) -> dict:
+    """Triton's launch-time specialisation of kernel `fn` for `signature`: 16-byte aligned pointers
+    (every tensor the kernels get is a whole allocation) and the MULTIPLE_OF_16 integers."""
+    return {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
             if kind.startswith("*") or (kind == "i32" and name in MULTIPLE_OF_16)}
 
 
@@ -47,8 +47,8 @@ def kernel_table(dtype: str):
                  "elem_offset": "i32", **sizes}
     grad_args = {"S": f32, "G": grad_type, "ROW_PID": i64, "COL_PID": i64, "ROW_STATE": f32, "COL_STATE": f32,
                  "GRAD": f32, "row_offset": "i32", "n_rows": "i32", "n_cols": "i32", "n_row_state": "i32"}
-    hyper = {"sdm": {"scale": "fp32", "eps": "fp32", "log_eps": "fp32"},
-             "trl": {"inv_tau": "fp32", "tau": "fp32", "margin": "fp32"}}
+    hyper = {"sdm": {"scale": "fp32", "eps": "fp32", "log_eps": "fp32", "has_state": "i32", "final": "i32"},
+             "trl": {"inv_tau": "fp32", "tau": "fp32", "margin": "fp32", "has_state": "i32", "final": "i32"}}
     grad_hyper = {"sdm": {"scale": "fp32", "log_eps": "fp32"}, "trl": {"inv_tau": "fp32"}}
     kernels = {"sdm": (sdm._sdm_line_stats_kernel, sdm._sdm_grad_kernel),
                "trl": (trl._trl_line_stats_kernel, trl._trl_grad_kernel)}
@@ -58,15 +58,14 @@ def kernel_table(dtype: str):
     table = []
     for loss, (line_kernel, grad_kernel) in kernels.items():
         # rows: strided lines with contiguous elements (elem_stride specialised to 1, as Triton does
-        # at launch), the first and final pass; columns: contiguous lines (line_stride = 1), a
-        # middle chunk carrying state
+        # at launch); columns: contiguous lines (line_stride = 1); has_state / final are run-time flags
         table.append((f"{loss} row stats", line_kernel,
                       {**line_args, "line_stride": "i32", "elem_stride": "constexpr", **hyper[loss]},
-                      dict(elem_stride=1, HAS_STATE=False, FINAL=True, AXIS=rows_axis, BLOCK_L=rows_l, BLOCK_E=rows_e,
+                      dict(elem_stride=1, AXIS=rows_axis, BLOCK_L=rows_l, BLOCK_E=rows_e,
                            num_warps=rows_w)))
         table.append((f"{loss} column stats", line_kernel,
                       {**line_args, "line_stride": "constexpr", "elem_stride": "i32", **hyper[loss]},
-                      dict(line_stride=1, HAS_STATE=True, FINAL=False, AXIS=cols_axis, BLOCK_L=cols_l, BLOCK_E=cols_e,
+                      dict(line_stride=1, AXIS=cols_axis, BLOCK_L=cols_l, BLOCK_E=cols_e,
                            num_warps=cols_w)))
         table.append((f"{loss} gradient", grad_kernel, {**grad_args, **grad_hyper[loss]},
                       dict(BOTH=True, BLOCK_M=grad_m, BLOCK_N=grad_n, num_warps=grad_w)))
@@ -125,7 +124,7 @@ def compile_all(arch: int = 90, dtypes=FEATURE_DTYPES, verbose: bool = True) -> 
             start = time.perf_counter()
             try:
                 source = ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                                   attrs=specialisation_attrs(signature))
+                                   attrs=specialisation_attrs(fn, signature))
                 compiled = triton.compile(source, target=target, options=options)
                 status = "ok" + register_report(compiled)
             except Exception as err:  # report every kernel, then fail

@@ -33,18 +33,18 @@ from .similarity_tiles import NEG_BIG
 from .slab import SlabLoss, SlabLossSpec, gemm_dtype, line_block, line_state, line_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_state", "final"])
 def _sdm_line_stats_kernel(S, LINE_PID, ELEM_PID, STATE, LOSS, line_offset, elem_offset, n_lines, n_elems,
                            n_state_lines, line_stride, elem_stride, scale, eps, log_eps,
-                           HAS_STATE: tl.constexpr, FINAL: tl.constexpr, AXIS: tl.constexpr,
+                           has_state, final, AXIS: tl.constexpr,
                            BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
     lines, line_mask, line_pid, state = line_block(LINE_PID, STATE, line_offset, n_lines, BLOCK_L)
-    run_max = line_state(state, 0, n_state_lines, line_mask, NEG_BIG, HAS_STATE, BLOCK_L)
-    run_sum = line_state(state, 1, n_state_lines, line_mask, 0.0, HAS_STATE, BLOCK_L)
-    run_h = line_state(state, 2, n_state_lines, line_mask, 0.0, HAS_STATE, BLOCK_L)
-    run_pos = line_state(state, 3, n_state_lines, line_mask, 0.0, HAS_STATE, BLOCK_L)
-    run_neg = line_state(state, 4, n_state_lines, line_mask, 0.0, HAS_STATE, BLOCK_L)
-    n_pos = line_state(state, 5, n_state_lines, line_mask, 0.0, HAS_STATE, BLOCK_L)
+    run_max = line_state(state, 0, n_state_lines, line_mask, NEG_BIG, has_state, BLOCK_L)
+    run_sum = line_state(state, 1, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    run_h = line_state(state, 2, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    run_pos = line_state(state, 3, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    run_neg = line_state(state, 4, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    n_pos = line_state(state, 5, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
     for e0 in range(0, n_elems, BLOCK_E):
         s, valid, positive, negative = line_tile(S, ELEM_PID, lines, line_mask, line_pid, e0, elem_offset,
                                                  n_elems, line_stride, elem_stride, AXIS, BLOCK_E)
@@ -59,7 +59,7 @@ def _sdm_line_stats_kernel(S, LINE_PID, ELEM_PID, STATE, LOSS, line_offset, elem
         run_neg = rescale * run_neg + tl.sum(tl.where(negative, e, 0.0), axis=AXIS)
         n_pos += tl.sum(positive.to(tl.float32), axis=AXIS)
         run_max = new_max
-    if FINAL:
+    if final:
         safe_sum = tl.where(run_sum > 0.0, run_sum, 1.0)
         log_sum = tl.log(safe_sum)
         logq_pos = tl.log(1.0 / tl.maximum(n_pos, 1.0) + eps)

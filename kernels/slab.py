@@ -79,9 +79,11 @@ def _out_dtype_supported(device: torch.device) -> bool:
     if key not in _OUT_DTYPE_SUPPORTED:
         ok = False
         if device.type == "cuda":
-            try:
-                probe = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
-                ok = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+            try:       # the calls the slabs make: a transposed second operand, addmm with a transposed first
+                probe = torch.ones(4, 2, device=device, dtype=torch.bfloat16)
+                product = torch.mm(probe, probe.t(), out_dtype=torch.float32)
+                total = torch.addmm(product[:2, :2].contiguous(), probe.t(), probe, out_dtype=torch.float32)
+                ok = product.dtype == total.dtype == torch.float32
             except (TypeError, RuntimeError, NotImplementedError):
                 ok = False
         _OUT_DTYPE_SUPPORTED[key] = ok
@@ -111,12 +113,13 @@ class SlabLossSpec:
     """One loss as two Triton kernels plus their scalar hyper-parameters.
 
     line_kernel(S, LINE_PID, ELEM_PID, STATE, LOSS, line_offset, elem_offset, n_lines, n_elems,
-                n_state_lines, line_stride, elem_stride, *line_hyper, HAS_STATE, FINAL, AXIS, BLOCK_L, BLOCK_E)
+                n_state_lines, line_stride, elem_stride, *line_hyper, has_state, final, AXIS, BLOCK_L, BLOCK_E)
         grid (cdiv(n_lines, BLOCK_L),); tiles from `line_tile` (AXIS: its reduction axis); element
         e's pid is ELEM_PID[elem_offset + e]; line l (pid LINE_PID[line_offset + l]) reads its running
-        state STATE[k * n_state_lines + line_offset + l] (k < n_state) when HAS_STATE, folds in
-        its n_elems elements, and writes the state back; FINAL writes the saved statistics
-        (STATE rows 0..2) and the per-line loss LOSS[line_offset + l] instead.
+        state STATE[k * n_state_lines + line_offset + l] (k < n_state) when has_state, folds in
+        its n_elems elements, and writes the state back; with `final` it writes the saved
+        statistics (STATE rows 0..2) and the per-line loss LOSS[line_offset + l] instead
+        (has_state / final are run-time flags: one compiled variant per direction).
     grad_kernel(S, G, ROW_PID, COL_PID, ROW_STATE, COL_STATE, GRAD, row_offset, n_rows, n_cols,
                 n_row_state, *grad_hyper, BOTH, BLOCK_M, BLOCK_N)
         grid over [BLOCK_M, BLOCK_N] tiles of the slab: G = ∂(Σ GRAD·loss)/∂S of the row lines
@@ -157,12 +160,11 @@ def line_block(LINE_PID, STATE, line_offset, n_lines, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
-def line_state(state, k, n_state_lines, line_mask, initial, HAS_STATE: tl.constexpr, BLOCK_L: tl.constexpr):
-    """State row k of the program's lines: loaded when HAS_STATE, else `initial` (float32 [BLOCK_L])."""
-    if HAS_STATE:
+def line_state(state, k, n_state_lines, line_mask, initial, has_state, BLOCK_L: tl.constexpr):
+    """State row k of the program's lines: loaded when has_state (a run-time flag), else `initial`."""
+    value = tl.full((BLOCK_L,), initial, tl.float32)
+    if has_state:
         value = tl.load(state + k * n_state_lines, mask=line_mask, other=initial)
-    else:
-        value = tl.full((BLOCK_L,), initial, tl.float32)
     return value
 
 
@@ -200,7 +202,7 @@ def _line_stats(spec: SlabLossSpec, slab, line_pids, elem_pids, state, loss, lin
     axis, block_l, block_e, warps = line_blocks(n_lines, n_elems, lines_contiguous=line_stride == 1)
     spec.line_kernel[(triton.cdiv(n_lines, block_l),)](
         slab, line_pids, elem_pids, state, loss, line_offset, elem_offset, n_lines, n_elems, state.shape[1],
-        line_stride, elem_stride, *spec.line_hyper, HAS_STATE=has_state, FINAL=final, AXIS=axis,
+        line_stride, elem_stride, *spec.line_hyper, int(has_state), int(final), AXIS=axis,
         BLOCK_L=block_l, BLOCK_E=block_e, num_warps=warps)
 
 
@@ -214,6 +216,16 @@ class SlabLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, cols, row_pids, col_pids, spec: SlabLossSpec, both: bool, operand_dtype, chunk_rows):
+        with torch.autocast(rows.device.type, enabled=False):     # the slabs stay float32 under mixed precision
+            return SlabLoss._forward(ctx, rows, cols, row_pids, col_pids, spec, both, operand_dtype, chunk_rows)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            return SlabLoss._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _forward(ctx, rows, cols, row_pids, col_pids, spec, both, operand_dtype, chunk_rows):
         n_rows, n_cols = rows.shape[0], cols.shape[0]
         r = rows.detach().to(operand_dtype).contiguous()
         c = cols.detach().to(operand_dtype).contiguous()
@@ -241,7 +253,7 @@ class SlabLoss(torch.autograd.Function):
         return row_loss + col_loss if both else row_loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def _backward(ctx, grad_loss):
         r, c, row_pids, col_pids, row_state, col_state = ctx.saved_tensors
         spec, both, chunks = ctx.settings
         n_rows, n_cols = r.shape[0], c.shape[0]

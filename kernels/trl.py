@@ -31,17 +31,17 @@ from .similarity_tiles import NEG_BIG
 from .slab import SlabLossSpec, line_block, line_state, line_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_state", "final"])
 def _trl_line_stats_kernel(S, LINE_PID, ELEM_PID, STATE, LOSS, line_offset, elem_offset, n_lines, n_elems,
                            n_state_lines, line_stride, elem_stride, inv_tau, tau, margin,
-                           HAS_STATE: tl.constexpr, FINAL: tl.constexpr, AXIS: tl.constexpr,
+                           has_state, final, AXIS: tl.constexpr,
                            BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
     lines, line_mask, line_pid, state = line_block(LINE_PID, STATE, line_offset, n_lines, BLOCK_L)
-    pos_max = line_state(state, 0, n_state_lines, line_mask, NEG_BIG, HAS_STATE, BLOCK_L)
-    pos_sum = line_state(state, 1, n_state_lines, line_mask, 0.0, HAS_STATE, BLOCK_L)
-    pos_sim = line_state(state, 2, n_state_lines, line_mask, 0.0, HAS_STATE, BLOCK_L)
-    neg_max = line_state(state, 3, n_state_lines, line_mask, NEG_BIG, HAS_STATE, BLOCK_L)
-    neg_sum = line_state(state, 4, n_state_lines, line_mask, 0.0, HAS_STATE, BLOCK_L)
+    pos_max = line_state(state, 0, n_state_lines, line_mask, NEG_BIG, has_state, BLOCK_L)
+    pos_sum = line_state(state, 1, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    pos_sim = line_state(state, 2, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    neg_max = line_state(state, 3, n_state_lines, line_mask, NEG_BIG, has_state, BLOCK_L)
+    neg_sum = line_state(state, 4, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
     for e0 in range(0, n_elems, BLOCK_E):
         s, valid, positive, negative = line_tile(S, ELEM_PID, lines, line_mask, line_pid, e0, elem_offset,
                                                  n_elems, line_stride, elem_stride, AXIS, BLOCK_E)
@@ -57,7 +57,7 @@ def _trl_line_stats_kernel(S, LINE_PID, ELEM_PID, STATE, LOSS, line_offset, elem
         neg_sum = tl.exp(neg_max - new_neg_max) * neg_sum + tl.sum(e - e_pos, axis=AXIS)
         pos_max = new_pos_max
         neg_max = new_neg_max
-    if FINAL:
+    if final:
         has_pos = pos_sum > 0.0
         has_neg = neg_sum > 0.0
         safe_pos_sum = tl.where(has_pos, pos_sum, 1.0)

@@ -309,6 +309,21 @@ def test_reference_gradcheck_float64():
         lambda r, c: trl_direction_reference(r, c, unique_pids, unique_pids, 0.5, 3.0), (rows, cols), fast_mode=True)
 
 
+@pytest.mark.parametrize("loss", ["sdm", "trl"])
+def test_triton_path_ignores_autocast(loss):
+    """Under mixed precision the slabs stay float32: same losses and gradients as without autocast."""
+    text, image, pids = random_batch(16, 24, 5, seed=55)
+    fn = IMPLEMENTATIONS[loss, "triton"]
+    results = []
+    for enabled in (False, True):
+        t = text.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=enabled):
+            got = fn(t, image, pids, chunk_rows=8, **HYPER[loss])
+        results.append((got, torch.autograd.grad(got.sum(), t)[0]))
+    (plain, plain_grad), (mixed, mixed_grad) = results
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain) and torch.equal(mixed_grad, plain_grad)
+
+
 @pytest.mark.parametrize("loss_fn", [kernels.sdm_loss, kernels.trl_loss])
 def test_reference_computes_in_float32_under_autocast(loss_fn):
     text, image, pids = random_batch(8, 16, 3, seed=53)
