@@ -35,7 +35,7 @@ demo: setup
 		--score A+B/FS --top 8 --out runs/demo/search
 
 bench: setup
-	$(BIN)/python -m kernels.bench
+	$(BIN)/python -m benchmarks.bench_kernels
 
 gpu-check:
 	bash scripts/gpu_check.sh

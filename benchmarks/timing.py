@@ -4,6 +4,7 @@
     peak_extra_mib(fn, device) -> extra CUDA MiB of one call (None on the CPU)
     guarded(measure) -> {"status": "ok" | "OOM" | "error: ...", **measure()}
     device_name(device) -> the card's name, or "CPU <processor> (<n> threads)"
+    matmul_tflops(device, dtype, size) -> measured TFLOP/s of one size³ matrix product (a device's peak)
 
 On a GPU `triton.testing.do_bench` times the call (CUDA events, L2 flushed between calls); on the
 CPU `time.perf_counter` after one warm-up call. Milliseconds throughout.
@@ -72,3 +73,13 @@ def guarded(measure):
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def matmul_tflops(device, dtype, size: int = 8192) -> float:
+    """TFLOP/s of a [size, size] @ [size, size] product in `dtype` on random data (median of
+    `time_call`), the ceiling a GEMM-bound kernel is measured against (datasheet rates are leads)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device, dtype)
+    b = torch.randn(size, size, generator=gen).to(device, dtype)
+    timing = time_call(lambda: a @ b, device, repeats=3)
+    return 2.0 * size ** 3 / (timing["ms"] * 1e-3) / 1e12

@@ -76,7 +76,8 @@ def trl_loss(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None,
 
     ℓ_i = [m − Σ_{j∈P(i)} α_ij S_ij + τ·log Σ_{j∉P(i)} exp(S_ij/τ)]₊ per direction, α = softmax
     over the positives of S/τ (no gradient through α). A row with no negative (every column
-    shares its pid) uses [m − Σ α S]₊. Rows, columns and weights as in `sdm_loss`.
+    shares its pid) has τ·log 0 = −∞ inside the hinge: loss 0, no gradient (as in RDE). Rows,
+    columns and weights as in `sdm_loss`.
     """
     columns = dict(text_cols=text_cols, image_cols=image_cols, col_pids=col_pids)
     if _use_triton(backend, text_feats, image_feats):

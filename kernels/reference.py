@@ -116,7 +116,7 @@ def trl_direction_reference(rows: torch.Tensor, cols: torch.Tensor, row_pids: to
 
     ℓ_i = [m − Σ_{j∈P(i)} α_ij S_ij + τ·log Σ_{j∉P(i)} exp(S_ij/τ)]₊ with
     α_i· = softmax over P(i) of S_i·/τ, detached. A row without negatives (every column shares
-    its pid) has an empty log-sum-exp (−∞); its loss is defined as [m − Σ α S]₊.
+    its pid) has an empty log-sum-exp (−∞), so its loss is 0 with no gradient (RDE's loss too).
     """
     sims = rows @ cols.t()
     positive = row_pids[:, None] == col_pids[None, :]
@@ -126,8 +126,8 @@ def trl_direction_reference(rows: torch.Tensor, cols: torch.Tensor, row_pids: to
     has_neg = (~positive).any(dim=1)
     # Rows with no negative get finite dummy logits so that the unused branch has no NaN gradient.
     neg_logits = scaled.masked_fill(positive, float("-inf")).masked_fill(~has_neg[:, None], 0.0)
-    neg_term = torch.where(has_neg, tau * torch.logsumexp(neg_logits, dim=1), torch.zeros_like(pos_term))
-    return torch.relu(margin - pos_term + neg_term)
+    hinge = torch.relu(margin - pos_term + tau * torch.logsumexp(neg_logits, dim=1))
+    return torch.where(has_neg, hinge, torch.zeros_like(hinge))
 
 
 def trl_loss_reference(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *,

@@ -4,7 +4,7 @@
 #   PYTHON=/path/to/python bash scripts/gpu_check.sh
 # Steps (each with its own time limit; a failing step does not stop the others):
 #   1. the kernel tests on CUDA, compiled (TRITON_INTERPRET=0): tests/test_kernels_*.py
-#   2. python -m kernels.bench                      -> $OUT/bench/kernels_gpu.{md,json}
+#   2. python -m benchmarks.bench_kernels --quick   -> $OUT/bench/kernels_gpu_quick.{md,json}
 #   3. python scripts/train_throughput.py           (only if the training engineer's script exists)
 #   4. a short summary table, printed last          -> $OUT/summary.md
 # Needs torch with CUDA, triton, pytest (no datasets/evaluate: the kernel tests do not import them).
@@ -36,7 +36,7 @@ run_step() {  # run_step NAME LIMIT_S LOGFILE CMD...
 run_step "kernel tests (CUDA, compiled)" 140 "$OUT/kernel_tests.log" \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_kernels_retrieval.py \
     --junitxml "$OUT/kernel_tests.xml"
-run_step "kernel benchmark" 240 "$OUT/bench.log" "$PYTHON" -m kernels.bench --out "$OUT/bench"
+run_step "kernel benchmark" 120 "$OUT/bench.log" "$PYTHON" -m benchmarks.bench_kernels --quick --out "$OUT/bench"
 if [ -f scripts/train_throughput.py ]; then
     run_step "training throughput" 90 "$OUT/train_throughput.log" "$PYTHON" scripts/train_throughput.py \
         --json "$OUT/train_throughput.json"
@@ -58,7 +58,7 @@ tests = (out / "kernel_tests.log")
 if tests.exists():
     last = [l for l in tests.read_text().splitlines() if " passed" in l or " failed" in l or " error" in l]
     print(f"\nkernel tests: {last[-1] if last else 'no pytest summary line'}")
-bench = out / "bench" / "kernels_gpu.json"
+bench = out / "bench" / "kernels_gpu_quick.json"
 if bench.exists():
     report = json.loads(bench.read_text())
     rows = {(r["loss"], r["B"], r["D"], r["impl"]): r for r in report["losses"]}
