@@ -16,7 +16,12 @@ from .model import CARD_NAME, TRPRModel, read_json_file
 PAIR_CONFIG_NAME = "pair.json"
 PAIR_TYPE = "3rtpr-pair"
 MEMBER_DIRS = ("model_a", "model_b")
+# Retrieval rows "<models>/<score>": the models A, B or their ensemble A+B, scored with GE (global
+# embeddings), FS (fused) or GE+FS (both); image->text rows carry I2T_PREFIX. The one home of these names.
 SCORES = ("GE", "FS", "GE+FS")
+MODEL_ROWS = (("A", (0,)), ("B", (1,)), ("A+B", (0, 1)))  # row name -> indices into (pair.a, pair.b)
+ROW_KEYS = tuple(f"{model}/{score}" for model, _ in MODEL_ROWS for score in SCORES)
+I2T_PREFIX = "i2t:"
 
 
 class ReciprocalPair(nn.Module):
@@ -79,6 +84,16 @@ class ReciprocalPair(nn.Module):
             raise ValueError(f"{config_path}: expected model_type {PAIR_TYPE!r} and two 'members', got {config!r}")
         model_a, model_b = (TRPRModel.from_pretrained(directory / str(name), map_location) for name in members)
         return cls(model_a, model_b)
+
+
+def parse_row_key(row: str) -> tuple[tuple[int, ...], str]:
+    """"A+B/GE+FS" -> ((0, 1), "GE+FS"): the model indices and the score of a row key (see ROW_KEYS);
+    ValueError naming the accepted keys otherwise."""
+    model_name, _, score = str(row).partition("/")
+    models = dict(MODEL_ROWS)
+    if model_name not in models or score not in SCORES:
+        raise ValueError(f"{row!r}: expected one of {', '.join(ROW_KEYS)}")
+    return models[model_name], score
 
 
 def scoring_features(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor],
