@@ -1,8 +1,9 @@
 """Evaluation reports: row naming, per-checkpoint results, seed groups (mean ± std), the leaderboard
 Markdown (with the published rows of METHOD.md §9), results.json and the CMC plot.
 
-Row keys: "<models>/<score>" with models A, B (the two reciprocal models) or A+B (their ensemble) and
-score GE (global embeddings), FS (fused) or GE+FS; image->text rows carry the prefix "i2t:".
+Row keys (`modeling.pair.ROW_KEYS`): "<models>/<score>" with models A, B (the two reciprocal models) or
+A+B (their ensemble) and score GE (global embeddings), FS (fused) or GE+FS; image->text rows carry the
+prefix "i2t:".
 All metric values are percentages.
 """
 from __future__ import annotations
@@ -18,11 +19,8 @@ from pathlib import Path
 from metrics.cmc import plot_cmc
 from metrics.leaderboard import LeaderboardRow, markdown_table, mean_std_rows, reported_rows, sort_by_r1
 from metrics.published import canonical_dataset, published_for
+from modeling.pair import I2T_PREFIX, ROW_KEYS
 
-MODEL_ROWS = (("A", (0,)), ("B", (1,)), ("A+B", (0, 1)))  # row name -> indices into (pair.a, pair.b)
-SCORES = ("GE", "FS", "GE+FS")
-ROW_KEYS = tuple(f"{model}/{score}" for model, _ in MODEL_ROWS for score in SCORES)
-I2T_PREFIX = "i2t:"
 CMC_MAX_RANK = 20
 
 
