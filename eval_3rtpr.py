@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="evaluate checkpoints (the default command)",
         description="Evaluate 3RTPR checkpoints (rows A/B/A+B × GE/FS/GE+FS).")
     evaluate.add_argument("--checkpoint", nargs="+", required=True, metavar="RUN_DIR",
-                          help="run folder(s) (best/, else last/) or ReciprocalPair folder(s); several seeds of "
+                          help="run folder(s) (best/, else last/), ReciprocalPair folder(s) or Hub repo id(s); several seeds of "
                                "one config also get a mean ± std row")
     evaluate.add_argument("--dataset", required=True,
                           help="cuhk-pedes | icfg-pedes | rstpreid | synth-pedes[-tiny|-small|-full]")
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Free-text person search in an evaluation gallery.")
     search.add_argument("query", help="a description of the person, e.g. \"a man in a blue jacket with a black "
                                       "backpack\"; \"-\" reads one query per line from stdin")
-    search.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run folder or ReciprocalPair folder")
+    search.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run folder, ReciprocalPair folder or Hub repo id")
     search.add_argument("--dataset", required=True, help="benchmark whose gallery is searched")
     search.add_argument("--root", default=None, help="datasets root (default: data.load_benchmark's default)")
     search.add_argument("--split", default="test", help="gallery split (default: test)")

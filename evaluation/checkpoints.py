@@ -10,6 +10,7 @@ from pathlib import Path
 import data
 import modeling
 from data.transforms import CONTEXT_LENGTH, VOCAB_SIZE
+from modeling.hub import resolve_pretrained_folder
 from modeling.model import CONFIG_NAME as MODEL_CONFIG_NAME
 from modeling.model import WEIGHTS_NAME as MODEL_WEIGHTS_NAME
 from modeling.pair import MEMBER_DIRS, PAIR_CONFIG_NAME
@@ -82,10 +83,17 @@ def _pair_layout_hint() -> str:
 
 
 def resolve_checkpoint(path: str | Path) -> Checkpoint:
-    """A run folder (uses best/, else last/) or a pair folder -> Checkpoint; EvalInputError when neither."""
+    """A run folder (uses best/, else last/), a pair folder, or the Hub repo id of a pair (its cached
+    snapshot; downloaded when online) -> Checkpoint; EvalInputError when none of these."""
     given = Path(path)
     if not given.exists():
-        raise EvalInputError(f"checkpoint {given}: no such folder")
+        try:
+            snapshot = resolve_pretrained_folder(str(path))
+        except FileNotFoundError:
+            raise EvalInputError(f"checkpoint {given}: no such folder") from None
+        except OSError as error:
+            raise EvalInputError(f"checkpoint {first_line(error)}") from error
+        return Checkpoint(str(path), given, snapshot, None)
     if not given.is_dir():
         raise EvalInputError(f"checkpoint {given}: not a folder (give a run folder or a saved ReciprocalPair folder)")
     if _looks_like_pair_dir(given):
