@@ -1,4 +1,4 @@
-"""Fused representation heads (METHOD.md §2).
+"""Fused representation heads (docs/method.md §2).
 
 For each modality: pick the k tokens with the highest last-layer attention from the CLS / EOT query,
 L2-normalise each, pass them through MLP E -> D/2 -> BatchNorm1d -> ReLU -> D, max-pool over the
