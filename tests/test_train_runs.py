@@ -2,7 +2,6 @@
 kill-and-resume, a checkpoint interrupted mid-write, 2 processes == 1 process, early errors."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

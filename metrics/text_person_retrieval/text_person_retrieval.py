@@ -3,7 +3,7 @@
 Load it offline from the repository:  ``evaluate.load("metrics/text_person_retrieval")``.
 The numbers come from ``kernels.retrieval_metrics`` (features) or
 ``kernels.retrieval_metrics_from_scores`` (a similarity matrix), i.e. exactly the project's
-evaluation protocol (METHOD.md §8, from IRRA).
+evaluation protocol (docs/method.md §8, from IRRA).
 """
 
 import datasets
