@@ -3,7 +3,7 @@
 #   make demo   set up .venv (if needed), train + evaluate 3RTPR on the built-in synth-pedes
 PYTHON      ?= python3
 VENV        ?= .venv
-# torch is installed first so that requirements.txt never pulls a CUDA build by accident.
+# torch is installed first so that the project's dependencies (pyproject.toml) never pull another build.
 # On a GPU machine, create the venv with your CUDA torch already importable (VENV_FLAGS=--system-site-packages)
 # or set TORCH_SPEC to the build you want.
 TORCH_SPEC  ?= torch==2.13.0
@@ -14,11 +14,11 @@ OFFLINE_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .PHONY: setup test demo bench gpu-check clean
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
 test: setup

@@ -1,13 +1,16 @@
 """The one timing helper of every benchmark script (kernels, retrieval, encoders, training throughput).
 
     time_call(fn, device, repeats, grad_to_none=None) -> {"ms": median, "min_ms": fastest}
+    time_steps(fn, device, steps, warmup=1, before=None) -> {"ms", "min_ms", "total_s"}: every call timed alone
     peak_extra_mib(fn, device) -> extra CUDA MiB of one call (None on the CPU)
     guarded(measure) -> {"status": "ok" | "OOM" | "error: ...", **measure()}
     device_name(device) -> the card's name, or "CPU <processor> (<n> threads)"
     matmul_tflops(device, dtype, size) -> measured TFLOP/s of one size³ matrix product (a device's peak)
 
-On a GPU `triton.testing.do_bench` times the call (CUDA events, L2 flushed between calls); on the
-CPU `time.perf_counter` after one warm-up call. Milliseconds throughout.
+`time_call`: on a GPU `triton.testing.do_bench` times the call (CUDA events, L2 flushed between calls); on
+the CPU `time_steps` after one warm-up call. `time_steps` (long or stateful calls such as training steps,
+where do_bench's call-count estimate does not apply): `time.perf_counter` around each call, the device
+synchronised before and after. Milliseconds throughout (seconds for total_s).
 """
 from __future__ import annotations
 
@@ -33,16 +36,35 @@ def time_call(fn, device, repeats, grad_to_none=None) -> dict:
         median, fastest = triton.testing.do_bench(fn, warmup=10, rep=max(20, 10 * repeats),
                                                   grad_to_none=grad_to_none, quantiles=[0.5, 0.0])
         return {"ms": float(median), "min_ms": float(fastest)}
-    fn()
+
+    def clear_grads():
+        for t in grad_to_none:
+            t.grad = None
+
+    timed = time_steps(fn, device, repeats, warmup=1, before=clear_grads if grad_to_none else None)
+    return {"ms": timed["ms"], "min_ms": timed["min_ms"]}
+
+
+def _synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(fn, device, steps, warmup=1, before=None) -> dict:
+    """{"ms": median, "min_ms": fastest, "total_s": sum} of `steps` calls of fn() after `warmup` untimed
+    calls, each timed on its own with the device synchronised around it; before() runs untimed first."""
+    for _ in range(warmup):
+        fn()
     samples = []
-    for _ in range(repeats):
-        if grad_to_none:
-            for t in grad_to_none:
-                t.grad = None
+    for _ in range(steps):
+        if before is not None:
+            before()
+        _synchronize(device)
         start = time.perf_counter()
         fn()
+        _synchronize(device)
         samples.append((time.perf_counter() - start) * 1e3)
-    return {"ms": statistics.median(samples), "min_ms": min(samples)}
+    return {"ms": statistics.median(samples), "min_ms": min(samples), "total_s": sum(samples) / 1e3}
 
 
 def peak_extra_mib(fn, device):

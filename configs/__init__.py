@@ -152,6 +152,7 @@ def parse_overrides(arguments: Iterable[str]) -> dict:
 def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
     from modeling.alr import validate_mu_rule
+    from modeling.pair import parse_row_key
 
     def fail(message):
         raise ConfigError(f"{source}: {message}")
@@ -184,10 +185,10 @@ def validate(config: dict, source: str = "config") -> None:
         fail("train.epochs must be >= 1 and train.batch_size >= 2")
     if config["eval"]["every"] < 1:
         fail(f"eval.every must be >= 1, got {config['eval']['every']}")
-    model_row, _, score = config["eval"]["select_row"].partition("/")
-    if model_row not in ("A", "B", "A+B") or score not in ("GE", "FS", "GE+FS"):
-        fail(f"eval.select_row must look like 'A+B/GE+FS' (A|B|A+B / GE|FS|GE+FS), "
-             f"got {config['eval']['select_row']!r}")
+    try:
+        parse_row_key(config["eval"]["select_row"])
+    except ValueError as error:
+        fail(f"eval.select_row must be a row like 'A+B/GE+FS': {error}")
 
 
 def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> dict:

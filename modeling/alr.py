@@ -1,4 +1,4 @@
-"""Adaptive Loss Refinement (ALR, METHOD.md §4): per-epoch sample weights from two models' losses.
+"""Adaptive Loss Refinement (ALR, docs/method.md §4): per-epoch sample weights from two models' losses.
 
 Pure functions on 1-D tensors; the training loop gathers the per-sample losses and fused diagonal
 similarities of the whole training set, calls :func:`compute_alr` once (on the main process) and

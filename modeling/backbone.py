@@ -1,4 +1,4 @@
-"""CLIP dual encoder at a non-square image size (METHOD.md §1).
+"""CLIP dual encoder at a non-square image size (docs/method.md §1).
 
 The parameters are the `transformers` CLIP parts (`vision_model`, `text_model`, `visual_projection`,
 `text_projection`, with their HF names) so that any CLIP checkpoint loads unchanged; the forward

@@ -452,14 +452,15 @@ def separability(run_dir: Path, noise_rate: float) -> dict:
     from sklearn.metrics import roc_auc_score
     from torch.utils.data import DataLoader
 
-    sys.path.insert(0, str(REPO))
     import data
     import modeling
-    import train_3rtpr
     from data.transforms import get_tokenizer
+    from engine import score_samples
+    from modeling.losses import TrainingLoss
+    from modeling.run_folder import selected_checkpoint
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    chosen = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "last"
+    chosen = selected_checkpoint(run_dir)
     pair = modeling.ReciprocalPair.from_pretrained(chosen).eval()
     splits = data.load_benchmark(config["data"]["dataset"], root=config["data"]["root"], noise_rate=noise_rate,
                                  seed=config["seed"])
@@ -467,18 +468,16 @@ def separability(run_dir: Path, noise_rate: float) -> dict:
     noisy = torch.tensor(train["noisy"], dtype=torch.bool)
     views = data.TrainViews(train, get_tokenizer(), config["data"]["image_size"], num_views=1, augment=False)
     loader = DataLoader(views, batch_size=config["train"]["batch_size"], shuffle=False)
-    loss_name = "sdm" if config["loss"]["lambda_sdm"] > 0 else "trl"
+    loss_term = TrainingLoss.from_config(config["loss"]).alr_term
     losses = {"A": [], "B": []}
     diag, off_diag = {"A": [], "B": []}, {"A": [], "B": []}
     with torch.no_grad():
         for batch in tqdm(loader, desc=f"separability {run_dir.name}", leave=False):
-            input_ids, mask = train_3rtpr.trim_text_padding(batch["input_ids"][:, 0], batch["attention_mask"][:, 0])
             for name, model in zip(("A", "B"), pair.models):
-                out = model(pixel_values=batch["pixel_values"][:, 0], input_ids=input_ids, attention_mask=mask)
-                text, image = out["text_fused"].float(), out["image_fused"].float()
-                losses[name].append(train_3rtpr.per_sample_losses(text, image, batch["pid"], None, config["loss"],
-                                                                  1, 0)[loss_name])
-                cosines = torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(image, dim=-1).T
+                scores = score_samples(model, batch, loss_term, "cpu")
+                losses[name].append(scores.losses)
+                normalize = torch.nn.functional.normalize
+                cosines = normalize(scores.text, dim=-1) @ normalize(scores.image, dim=-1).T
                 diag[name].append(cosines.diagonal())
                 other = batch["pid"][:, None] != batch["pid"][None, :]
                 off_diag[name].append(cosines[other])

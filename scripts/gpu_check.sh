@@ -5,7 +5,7 @@
 # Steps (each with its own time limit; a failing step does not stop the others):
 #   1. the kernel tests on CUDA, compiled (TRITON_INTERPRET=0): tests/test_kernels_*.py
 #   2. python -m benchmarks.bench_kernels --quick   -> $OUT/bench/kernels_gpu_quick.{md,json}
-#   3. python scripts/train_throughput.py           (only if the training engineer's script exists)
+#   3. python -m benchmarks.train_throughput        (only if the training benchmark exists)
 #   4. a short summary table, printed last          -> $OUT/summary.md
 # Needs torch with CUDA, triton, pytest (no datasets/evaluate: the kernel tests do not import them).
 set -uo pipefail
@@ -37,11 +37,11 @@ run_step "kernel tests (CUDA, compiled)" 140 "$OUT/kernel_tests.log" \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_kernels_retrieval.py \
     --junitxml "$OUT/kernel_tests.xml"
 run_step "kernel benchmark" 120 "$OUT/bench.log" "$PYTHON" -m benchmarks.bench_kernels --quick --out "$OUT/bench"
-if [ -f scripts/train_throughput.py ]; then
-    run_step "training throughput" 90 "$OUT/train_throughput.log" "$PYTHON" scripts/train_throughput.py \
+if [ -f benchmarks/train_throughput.py ]; then
+    run_step "training throughput" 90 "$OUT/train_throughput.log" "$PYTHON" -m benchmarks.train_throughput \
         --json "$OUT/train_throughput.json"
 else
-    printf '%s\t%s\t%s\t%s\n' "training throughput" "skipped" "0" "scripts/train_throughput.py not present" >> "$STEPS_FILE"
+    printf '%s\t%s\t%s\t%s\n' "training throughput" "skipped" "0" "benchmarks/train_throughput.py not present" >> "$STEPS_FILE"
 fi
 
 "$PYTHON" - "$OUT" <<'PY' | tee "$OUT/summary.md"

@@ -2,7 +2,6 @@
 kill-and-resume, a checkpoint interrupted mid-write, 2 processes == 1 process, early errors."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import configs
+import engine
+import kernels
 import train_3rtpr
+from engine import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, projection_dim: 32}"
@@ -78,7 +80,7 @@ def test_interrupted_mid_write_then_resumed_equals_uninterrupted(reference_run, 
     """The process dies while writing epoch 1's last/ (after epoch 0's finished): the half-written folder
     is never used, --resume restarts epoch 1 from epoch 0's state and ends where the reference ends."""
     run_dir = tmp_path / "interrupted"
-    real_rng_state = train_3rtpr.rng_state
+    real_rng_state = checkpoint.rng_state
     calls = []
 
     def dying_rng_state():
@@ -87,10 +89,10 @@ def test_interrupted_mid_write_then_resumed_equals_uninterrupted(reference_run, 
             raise KeyboardInterrupt("killed while writing last/")
         return real_rng_state()
 
-    monkeypatch.setattr(train_3rtpr, "rng_state", dying_rng_state)
+    monkeypatch.setattr(checkpoint, "rng_state", dying_rng_state)
     with pytest.raises(KeyboardInterrupt):
         train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir)])
-    monkeypatch.setattr(train_3rtpr, "rng_state", real_rng_state)
+    monkeypatch.setattr(checkpoint, "rng_state", real_rng_state)
     assert (run_dir / ".last.tmp" / "model_a" / "model.safetensors").is_file()  # the half-written copy
     state = json.loads((run_dir / "last" / "training_state" / "trainer_state.json").read_text())
     assert state["epoch"] == 0
@@ -120,20 +122,20 @@ def test_atomic_write_keeps_the_old_folder_on_failure(tmp_path):
 
     accelerator = Accelerator(cpu=True)
     final = tmp_path / "last"
-    train_3rtpr.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 0"), accelerator)
+    engine.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 0"), accelerator)
 
     def failing_write(folder):
         (folder / "weights").write_text("epoch 1, half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        train_3rtpr.write_folder_atomically(final, failing_write, accelerator)
+        engine.write_folder_atomically(final, failing_write, accelerator)
     assert (final / "weights").read_text() == "epoch 0"
     # a crash between the two renames leaves only the previous copy: it is moved back
     final.rename(tmp_path / ".last.old")
-    assert train_3rtpr.recover_checkpoint(final) == final
+    assert engine.recover_checkpoint(final) == final
     assert (final / "weights").read_text() == "epoch 0"
-    train_3rtpr.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 1"), accelerator)
+    engine.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 1"), accelerator)
     assert (final / "weights").read_text() == "epoch 1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
@@ -166,9 +168,9 @@ def test_two_processes_match_one_process(reference_run, data_root, tmp_path):
 def test_non_finite_loss_writes_no_checkpoint(data_root, tmp_path, monkeypatch):
     run_dir = tmp_path / "diverged"
     diverging = lambda t, i, *a, **k: (t.sum(-1) + i.sum(-1)) * float("inf")  # noqa: E731
-    monkeypatch.setattr(train_3rtpr.kernels, "sdm_loss", diverging)
-    monkeypatch.setattr(train_3rtpr.kernels, "trl_loss", diverging)
-    with pytest.raises(train_3rtpr.TrainingDiverged, match=r"model A at epoch 0, step 0"):
+    monkeypatch.setattr(kernels, "sdm_loss", diverging)
+    monkeypatch.setattr(kernels, "trl_loss", diverging)
+    with pytest.raises(engine.TrainingDiverged, match=r"model A at epoch 0, step 0"):
         train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir)])
     assert not (run_dir / "last").exists() and not (run_dir / "best").exists()
 

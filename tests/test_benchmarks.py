@@ -1,23 +1,20 @@
-"""scripts/train_throughput.py: the analytic FLOP count agrees with torch's FLOP counter on a real step."""
-import importlib.util
-from pathlib import Path
-
+"""benchmarks/: the training-throughput FLOP count agrees with torch's FLOP counter on a real step; the
+synthetic inputs and the shared timing helper."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import modeling
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_throughput.py"
+from benchmarks import timing
+from benchmarks.inputs import synthetic_captions
 
 
 @pytest.fixture(scope="module")
 def throughput():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import benchmarks.train_throughput
+
+    return benchmarks.train_throughput
 
 
 def test_flops_per_pair_sample_matches_the_flop_counter(throughput):
@@ -48,5 +45,25 @@ def test_vit_b16_flops_are_in_the_expected_range(throughput):
 
 
 def test_known_peaks_cover_h100_and_h200(throughput):
-    assert throughput.device_peak_tflops(torch.device("cpu")) == (None, "cpu")
+    peak, name = throughput.device_peak_tflops(torch.device("cpu"))
+    assert peak is None and name.startswith("CPU ")
     assert throughput.KNOWN_PEAK_TFLOPS["H100"] == throughput.KNOWN_PEAK_TFLOPS["H200"] == 989.0
+
+
+def test_synthetic_captions_are_right_padded_clip_captions():
+    from modeling.clip_configs import EOT_TOKEN_ID, SOT_TOKEN_ID
+
+    ids, mask = synthetic_captions(3, words=5, full_first=True, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == mask.shape == (3, 77)
+    assert mask.sum(1).tolist() == [77, 7, 7]
+    assert (ids[:, 0] == SOT_TOKEN_ID).all() and ids[0, 76] == EOT_TOKEN_ID and (ids[1:, 6] == EOT_TOKEN_ID).all()
+    assert (ids[1:, 7:] == 0).all() and (ids[:, 1:6] < SOT_TOKEN_ID - 1).all() and (ids[:, 1:6] >= 1).all()
+
+
+def test_time_steps_times_every_call_after_the_warmup():
+    calls = []
+    result = timing.time_steps(lambda: calls.append(1), torch.device("cpu"), steps=4, warmup=2,
+                               before=lambda: calls.append(0))
+    assert calls == [1, 1] + [0, 1] * 4
+    assert set(result) == {"ms", "min_ms", "total_s"} and 0 <= result["min_ms"] <= result["ms"]
+    assert set(timing.time_call(lambda: None, torch.device("cpu"), 3)) == {"ms", "min_ms"}

@@ -1,13 +1,14 @@
 """Training throughput of the reciprocal pair: pair-samples/s and MFU at 384x128 with the full ViT-B/16.
 
-    python scripts/train_throughput.py                          # GPU: bf16, batch 128; CPU: fp32, batch 2
-    python scripts/train_throughput.py --batch-size 4 --steps 3 --device cpu
-    python scripts/train_throughput.py --peak-tflops 989        # MFU against a stated peak
+    python -m benchmarks.train_throughput                          # GPU: bf16, batch 128; CPU: fp32, batch 2
+    python -m benchmarks.train_throughput --batch-size 4 --steps 3 --device cpu
+    python -m benchmarks.train_throughput --peak-tflops 989        # MFU against a stated peak
 
 One "pair-sample" = one training sample seen by BOTH models (model A on view 0, model B on view 1), the
 unit of the paper's batch: a step of batch B processes B pair-samples. A timed step is exactly the training
-loop's `train_3rtpr.reciprocal_step` (forward, SDM loss over the batch, backward, Adam step, for each model)
-on random weights (`modeling.vit_b16_config`, no download) and synthetic tensors (no data loading).
+loop's `engine.reciprocal_step` (forward, SDM loss over the batch, backward, Adam step, for each model)
+on random weights (`modeling.vit_b16_config`, no download) and synthetic tensors (no data loading); each
+step is timed on its own by `benchmarks.timing.time_steps`.
 
 FLOPs per pair-sample (the MFU numerator) are counted analytically, per model and tower:
 6 x (matmul parameters of the transformer layers and projections) x tokens for forward + backward, plus
@@ -23,27 +24,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import modeling  # noqa: E402
-import train_3rtpr  # noqa: E402
-from configs import load_config  # noqa: E402
+import engine
+import modeling
+from benchmarks.inputs import synthetic_captions
+from benchmarks.timing import device_name, time_steps
+from configs import CONFIG_DIR, load_config
+from modeling.losses import TrainingLoss
 
 # bf16 dense peak TFLOP/s per device (vendor datasheets, without sparsity), matched on the device name
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
 
 def device_peak_tflops(device: torch.device) -> tuple[float | None, str]:
-    """(peak bf16 TFLOP/s, device name) for a CUDA device in KNOWN_PEAK_TFLOPS, else (None, name)."""
+    """(peak bf16 TFLOP/s, device name) for a CUDA device in KNOWN_PEAK_TFLOPS, else (None, the device's name)."""
+    name = device_name(device)
     if device.type != "cuda":
-        return None, "cpu"
-    name = torch.cuda.get_device_name(device)
+        return None, name
     for key, peak in KNOWN_PEAK_TFLOPS.items():
         if key in name:
             return peak, name
@@ -85,17 +85,10 @@ def synthetic_batch(batch_size: int, image_size: tuple[int, int], device: torch.
     training trims every batch to its longest caption)."""
     generator = torch.Generator().manual_seed(seed)
     height, width = image_size
-    input_ids = torch.randint(1, 49405, (batch_size, 2, 77), generator=generator)
-    attention_mask = torch.zeros(batch_size, 2, 77, dtype=torch.long)
-    input_ids[:, :, 0], input_ids[:, :, 31], input_ids[:, :, 32:] = 49406, 49407, 0
-    attention_mask[:, :, :32] = 1
-    input_ids[0, :, 31] = torch.randint(1, 49405, (2,), generator=generator)
-    input_ids[0, :, 32:76] = torch.randint(1, 49405, (2, 44), generator=generator)
-    input_ids[0, :, 76] = 49407
-    attention_mask[0] = 1
+    input_ids, attention_mask = synthetic_captions(2 * batch_size, full_first=True, generator=generator)
     batch = {"index": torch.arange(batch_size), "pid": torch.arange(batch_size) // 2,
              "pixel_values": torch.randn(batch_size, 2, 3, height, width, generator=generator),
-             "input_ids": input_ids, "attention_mask": attention_mask}
+             "input_ids": input_ids.view(batch_size, 2, -1), "attention_mask": attention_mask.view(batch_size, 2, -1)}
     return {key: value.to(device) for key, value in batch.items()}
 
 
@@ -121,7 +114,7 @@ def main(argv=None) -> dict:
     batch_size = args.batch_size or (128 if use_cuda else 2)
     steps = args.steps or (20 if use_cuda else 2)
     warmup = args.warmup if args.warmup is not None else (5 if use_cuda else 1)
-    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "cuhk-pedes.yaml")
+    config = load_config(CONFIG_DIR / "cuhk-pedes.yaml")
     image_size = tuple(config["data"]["image_size"])
 
     torch.manual_seed(0)
@@ -132,39 +125,33 @@ def main(argv=None) -> dict:
         model.set_gradient_checkpointing(args.gradient_checkpointing)
     pair.to(device)
     models = list(accelerator.prepare(*pair.models))
-    optimizers = [accelerator.prepare(train_3rtpr.build_optimizer(m, config)[0]) for m in pair.models]
+    optimizers = [accelerator.prepare(engine.build_optimizer(m, config)[0]) for m in pair.models]
+    loss = TrainingLoss.from_config(config["loss"])
     batch = synthetic_batch(batch_size, image_size, device)
-    alr_state = {"weights": torch.ones(batch_size, device=device),
-                 "keep": torch.ones(batch_size, dtype=torch.bool, device=device)}
+    alr_state = engine.initial_alr_state(batch_size, device)
 
     def step():
-        train_3rtpr.reciprocal_step(models, optimizers, batch, alr_state, config["loss"], accelerator)
+        engine.reciprocal_step(models, optimizers, batch, alr_state, loss, accelerator)
 
-    for _ in range(warmup):
-        step()
     if use_cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if use_cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    timed = time_steps(step, device, steps, warmup=warmup)
+    seconds = timed["total_s"]
 
     flops = flops_per_pair_sample(pair.a)
     throughput = batch_size * steps / seconds
     achieved_tflops = throughput * flops["total"] / 1e12
-    peak, device_name = device_peak_tflops(device)
+    peak, name = device_peak_tflops(device)
     peak = args.peak_tflops or peak
-    result = {"device": device_name, "precision": precision, "batch_size": batch_size, "steps": steps,
+    result = {"device": name, "precision": precision, "batch_size": batch_size, "steps": steps,
               "image_size": list(image_size), "seconds_per_step": seconds / steps,
-              "pair_samples_per_s": throughput, "gflops_per_pair_sample": flops["total"] / 1e9,
+              "median_step_ms": timed["ms"], "pair_samples_per_s": throughput,
+              "gflops_per_pair_sample": flops["total"] / 1e9,
               "achieved_tflops": achieved_tflops, "peak_tflops": peak,
               "mfu": achieved_tflops / peak if peak else None,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else None,
               "epoch_minutes_cuhk_pedes": 68126 / throughput / 60}
-    print(f"reciprocal pair, ViT-B/16 at {image_size[0]}x{image_size[1]}, {device_name}, {precision}, "
+    print(f"reciprocal pair, ViT-B/16 at {image_size[0]}x{image_size[1]}, {name}, {precision}, "
           f"batch {batch_size}: {throughput:.2f} pair-samples/s ({seconds / steps:.3f} s/step), "
           f"{flops['total'] / 1e9:.1f} GFLOP per pair-sample, {achieved_tflops:.2f} TFLOP/s achieved"
           + (f", MFU {result['mfu']:.1%} of {peak:.0f} TFLOP/s" if peak else " (no MFU: pass --peak-tflops)")
