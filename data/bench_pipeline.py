@@ -1,0 +1,98 @@
+"""CPU cost of the training data pipeline (TrainViews), per sample, printed as a table.
+
+    python -m data.bench_pipeline [--dataset synth-pedes-small] [--samples 400] [--image-size 384 128]
+
+Rows:
+  decode                open_image (PIL decode + RGB rules)
+  resize                one bicubic resize to the model's H x W
+  item float            TrainViews item, 2 augmented views, CLIP-normalised float32 (today's path)
+  item uint8            TrainViews item, 2 augmented views as uint8 + erase boxes (normalised on the device)
+  loader float / uint8  DataLoader(num_workers=1, batch 64) over the same items: samples/s seen by the
+                        trainer (includes collation and the transfer from the worker process)
+  normalize uint8 batch normalize_uint8 on a [64, 2, 3, H, W] batch on this CPU (per sample; on a GPU it
+                        runs on the device)
+One thread (torch.set_num_threads(1)), epoch 0, the same samples for every row; ms are wall-clock means.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from PIL import Image
+
+
+def _time_per_item(function, items) -> float:
+    """Mean wall-clock seconds of function(item) over items (after one warm-up call)."""
+    function(items[0])
+    start = time.perf_counter()
+    for item in items:
+        function(item)
+    return (time.perf_counter() - start) / len(items)
+
+
+def _loader_rate(dataset, num_samples: int, batch_size: int = 64) -> float:
+    """Samples/s of a 1-worker DataLoader over the first num_samples items (worker start-up excluded)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(num_samples)), batch_size=batch_size, num_workers=1)
+    iterator = iter(loader)
+    next(iterator)  # worker start-up and the first batch
+    start = time.perf_counter()
+    seen = 0
+    for batch in iterator:
+        seen += len(batch["index"])
+    return seen / max(time.perf_counter() - start, 1e-9)
+
+
+def run(dataset: str = "synth-pedes-small", num_samples: int = 400, image_size=(384, 128), root=None) -> list[tuple]:
+    """[(row, ms per sample, samples/s)] for the rows of the module docstring."""
+    import data
+    from data.images import open_image
+    from data.transforms import get_tokenizer, normalize_uint8
+
+    torch.set_num_threads(1)
+    train = data.load_benchmark(dataset, root=root)["train"]
+    tokenizer = get_tokenizer()
+    height, width = image_size
+    rows = []
+    float_views = data.TrainViews(train, tokenizer, image_size, num_views=2, augment=True, seed=0)
+    uint8_views = data.TrainViews(train, tokenizer, image_size, num_views=2, augment=True, seed=0, output="uint8")
+    positions = list(range(min(num_samples, len(float_views))))
+    sources = [float_views.images[p] for p in positions]
+    decoded = [open_image(s) for s in sources]
+    rows.append(("decode", _time_per_item(open_image, sources)))
+    rows.append(("resize", _time_per_item(lambda im: im.resize((width, height), Image.BICUBIC), decoded)))
+    rows.append(("item float (2 views)", _time_per_item(lambda p: float_views[(0, p)], positions)))
+    rows.append(("item uint8 (2 views)", _time_per_item(lambda p: uint8_views[(0, p)], positions)))
+    float_views.set_epoch(0)
+    uint8_views.set_epoch(0)
+    rows.append(("loader float, 1 worker", 1.0 / _loader_rate(float_views, len(positions))))
+    rows.append(("loader uint8, 1 worker", 1.0 / _loader_rate(uint8_views, len(positions))))
+    batch = torch.stack([uint8_views[(0, p)]["pixel_values"] for p in positions[:64]])
+    boxes = torch.stack([uint8_views[(0, p)]["erase_boxes"] for p in positions[:64]])
+    seconds = _time_per_item(lambda _: normalize_uint8(batch, boxes), list(range(5))) / len(batch)
+    rows.append(("normalize uint8 batch (CPU)", seconds))
+    return [(name, 1000.0 * seconds, 1.0 / seconds) for name, seconds in rows]
+
+
+def format_table(rows, title: str) -> str:
+    lines = [title, f"| {'stage':<30} | {'ms / sample':>11} | {'samples/s':>9} |", f"|{'-' * 32}|{'-' * 13}|{'-' * 11}|"]
+    lines += [f"| {name:<30} | {ms:>11.3f} | {rate:>9.1f} |" for name, ms, rate in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="synth-pedes-small")
+    parser.add_argument("--root", default=None)
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--image-size", type=int, nargs=2, default=(384, 128), metavar=("H", "W"))
+    args = parser.parse_args(argv)
+    rows = run(args.dataset, args.samples, tuple(args.image_size), args.root)
+    print(format_table(rows, f"data pipeline, {args.dataset}, {args.image_size[0]}x{args.image_size[1]}, "
+                             f"{args.samples} samples, 1 thread"))
+
+
+if __name__ == "__main__":
+    main()
