@@ -11,7 +11,8 @@ Rows:
                         trainer (includes collation and the transfer from the worker process)
   normalize uint8 batch normalize_uint8 on a [64, 2, 3, H, W] batch on this CPU (per sample; on a GPU it
                         runs on the device)
-One thread (torch.set_num_threads(1)), epoch 0, the same samples for every row; ms are wall-clock means.
+One thread (torch.set_num_threads(1)), epoch 0, the same samples for every row; each figure is the best of
+3 passes (wall clock), so other load on a shared machine inflates it as little as possible.
 """
 from __future__ import annotations
 
@@ -22,27 +23,34 @@ import torch
 from PIL import Image
 
 
-def _time_per_item(function, items) -> float:
-    """Mean wall-clock seconds of function(item) over items (after one warm-up call)."""
+def _time_per_item(function, items, repeats: int = 3) -> float:
+    """Seconds per call of function(item) over items: the best of `repeats` passes (after one warm-up
+    call), so that other processes on a shared machine inflate the figure as little as possible."""
     function(items[0])
-    start = time.perf_counter()
-    for item in items:
-        function(item)
-    return (time.perf_counter() - start) / len(items)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in items:
+            function(item)
+        best = min(best, (time.perf_counter() - start) / len(items))
+    return best
 
 
-def _loader_rate(dataset, num_samples: int, batch_size: int = 64) -> float:
-    """Samples/s of a 1-worker DataLoader over the first num_samples items (worker start-up excluded)."""
+def _loader_rate(dataset, num_samples: int, batch_size: int = 64, repeats: int = 3) -> float:
+    """Samples/s of a 1-worker DataLoader over the first num_samples items (worker start-up and the first
+    batch excluded; best of `repeats` passes)."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(torch.utils.data.Subset(dataset, range(num_samples)), batch_size=batch_size, num_workers=1)
-    iterator = iter(loader)
-    next(iterator)  # worker start-up and the first batch
-    start = time.perf_counter()
-    seen = 0
-    for batch in iterator:
-        seen += len(batch["index"])
-    return seen / max(time.perf_counter() - start, 1e-9)
+    best = 0.0
+    for _ in range(repeats):
+        loader = DataLoader(torch.utils.data.Subset(dataset, range(num_samples)), batch_size=batch_size,
+                            num_workers=1)
+        iterator = iter(loader)
+        next(iterator)
+        start = time.perf_counter()
+        seen = sum(len(batch["index"]) for batch in iterator)
+        best = max(best, seen / max(time.perf_counter() - start, 1e-9))
+    return best
 
 
 def run(dataset: str = "synth-pedes-small", num_samples: int = 400, image_size=(384, 128), root=None) -> list[tuple]:

@@ -333,24 +333,27 @@ def augment_text(input_ids: torch.Tensor, attention_mask: torch.Tensor, generato
     pad) is picked with probability `prob`; a picked token becomes MASK_TOKEN_ID with probability 1/2,
     a random id in [1, 49405) with probability 1/5, and is deleted otherwise (the rest shift left, EOT
     stays last, padding grows). Returns new tensors (the inputs are not modified)."""
-    length = int(attention_mask.sum())
-    words = input_ids[1 : length - 1]
-    num_words = words.numel()
-    if num_words == 0:
+    ids = input_ids.numpy()
+    length = int(attention_mask.numpy().sum())
+    num_words = length - 2
+    if num_words <= 0:
         return input_ids.clone(), attention_mask.clone()
-    picked = torch.rand(num_words, generator=generator) < prob
-    action = torch.rand(num_words, generator=generator)
-    random_ids = torch.randint(1, MASK_TOKEN_ID, (num_words,), generator=generator)
-    new_words = words.clone()
-    new_words[picked & (action < 0.5)] = MASK_TOKEN_ID
-    replace = picked & (action >= 0.5) & (action < 0.7)
+    # the random draws stay in torch (their stream defines the augmentation); the rest is numpy, which is
+    # several times faster than torch on 77-element vectors. Thresholds compare in float32, as torch does.
+    uniforms = torch.rand(num_words, generator=generator).numpy()
+    action = torch.rand(num_words, generator=generator).numpy()
+    random_ids = torch.randint(1, MASK_TOKEN_ID, (num_words,), generator=generator).numpy()
+    picked = uniforms < np.float32(prob)
+    new_words = ids[1 : length - 1].copy()
+    new_words[picked & (action < np.float32(0.5))] = MASK_TOKEN_ID
+    replace = picked & (action >= np.float32(0.5)) & (action < np.float32(0.7))
     new_words[replace] = random_ids[replace]
-    kept = new_words[~(picked & (action >= 0.7))]
-    out_ids = torch.zeros_like(input_ids)
-    out_mask = torch.zeros_like(attention_mask)
-    new_length = kept.numel() + 2
-    out_ids[0] = input_ids[0]
+    kept = new_words[~(picked & (action >= np.float32(0.7)))]
+    out_ids = np.zeros_like(ids)
+    new_length = len(kept) + 2
+    out_ids[0] = ids[0]
     out_ids[1 : new_length - 1] = kept
-    out_ids[new_length - 1] = input_ids[length - 1]
+    out_ids[new_length - 1] = ids[length - 1]
+    out_mask = np.zeros_like(attention_mask.numpy())
     out_mask[:new_length] = 1
-    return out_ids, out_mask
+    return torch.from_numpy(out_ids), torch.from_numpy(out_mask)
