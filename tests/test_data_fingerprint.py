@@ -103,3 +103,20 @@ def test_fresh_process_with_the_gpu_image_trigger(tmp_path):
     assert "trigger: PicklingError True" in lines, result.stdout + result.stderr[-2000:]
     # ... and the benchmark still loads
     assert "loaded 12 (2, 3, 32, 16)" in lines
+
+
+def test_columns_follow_an_indices_mapping(tmp_path):
+    from data.arrow_splits import column_values
+    from data.torch_datasets import image_sources
+
+    write_fixture(tmp_path, "cuhk-pedes")
+    train = data.load_benchmark("cuhk-pedes", root=tmp_path)["train"]
+    picked = train.select([5, 2, 9])  # a datasets indices mapping over the same table
+    assert picked._indices is not None
+    sources = image_sources(train)
+    assert image_sources(picked) == [sources[5], sources[2], sources[9]]
+    assert column_values(picked, "caption") == [train["caption"][i] for i in (5, 2, 9)]
+    kept = data.keep_rows(picked, [2, 0])
+    assert kept["caption"][:] == [train["caption"][9], train["caption"][5]] and kept["index"][:] == [0, 1]
+    with pytest.raises(ValueError, match=r"rows must be 1-D positions in \[0, 3\)"):
+        data.keep_rows(picked, [3])
