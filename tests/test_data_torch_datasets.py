@@ -206,3 +206,15 @@ def test_epoch_keyed_batches_forward_set_epoch():
     keyed = EpochKeyedBatches(inner)
     keyed.set_epoch(7)
     assert inner.epoch == 7 and list(keyed) == [[(7, 3), (7, 1)]]
+
+
+def test_bench_pipeline_prints_its_table(tmp_path):
+    from data.bench_pipeline import format_table, run
+
+    rows = run("synth-pedes-tiny", num_samples=8, image_size=IMAGE_SIZE, root=tmp_path / "synth")
+    assert [row[0] for row in rows] == ["decode", "resize", "item float (2 views)", "item uint8 (2 views)",
+                                        "loader float, 1 worker", "loader uint8, 1 worker",
+                                        "normalize uint8 batch (CPU)"]
+    assert all(wall > 0 and rate > 0 and (cpu is None or cpu >= 0) for _, cpu, wall, rate in rows)
+    table = format_table(rows, "title")
+    assert table.splitlines()[0] == "title" and "| loader uint8, 1 worker" in table and len(table.splitlines()) == 10
