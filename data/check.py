@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Optional
 
 from .benchmarks import count_warnings, read_annotation, resolve_layout, review_annotation

@@ -98,7 +98,7 @@ def image_problems(sources: Sequence[ImageSource], num_threads: Optional[int] = 
 
     threads = num_threads or min(32, 4 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = pool.map(image_problem, sources, chunksize=16)
+        results = pool.map(image_problem, sources)
         return list(tqdm(results, total=len(sources), desc=desc, unit="img", leave=False,
                          disable=None if progress is None else not progress))
 

@@ -15,7 +15,7 @@ import os
 import random
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch

@@ -7,10 +7,8 @@ sys.prefix and outside any `site-packages` folder (`pip install --target DIR` + 
 """
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import data
