@@ -151,6 +151,7 @@ def parse_overrides(arguments: Iterable[str]) -> dict:
 
 def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
+    from data.noise import check_noise_rate
     from modeling.alr import validate_mu_rule
     from modeling.pair import parse_row_key
 
@@ -159,8 +160,10 @@ def validate(config: dict, source: str = "config") -> None:
 
     if config["data"]["dataset"].lower() not in KNOWN_DATASETS:
         fail(f"data.dataset {config['data']['dataset']!r} is not one of {', '.join(KNOWN_DATASETS)}")
-    if not 0.0 <= config["data"]["noise_rate"] < 1.0:
-        fail(f"data.noise_rate must lie in [0, 1), got {config['data']['noise_rate']}")
+    try:  # the one rule for noise rates, shared with data.load_benchmark
+        check_noise_rate(config["data"]["noise_rate"], name="data.noise_rate")
+    except ValueError as error:
+        fail(str(error))
     if min(config["data"]["image_size"]) <= 0:
         fail(f"data.image_size must be positive, got {config['data']['image_size']}")
     if isinstance(config["model"]["backbone"], dict):
