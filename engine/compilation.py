@@ -47,7 +47,9 @@ def compile_model(model: torch.nn.Module, mode: str, backend: str = "inductor") 
         return 0
     if mode not in ("regional", "full"):
         raise ValueError(f"compile mode must be regional, full or off, got {mode!r}")
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    setattr(dynamo, name, max(getattr(dynamo, name), RECOMPILE_LIMIT))
     if mode == "full":
         model.compile(backend=backend)
         return 1
