@@ -27,7 +27,10 @@ EXTRA_TYPES = {
     "model.backbone": (str, dict),
     "alr.mu": (str, float),
     "eval.split": (str, type(None)),
+    "train.compile": (str, bool),
 }
+# train.compile values (false means "off"); their meaning: engine/compilation.py
+COMPILE_MODES = ("auto", "regional", "full", "off")
 # list-valued keys whose length may differ from the default's (the others are fixed: [H, W], betas, ...)
 VARIABLE_LENGTH = {"logging.trackers"}
 KNOWN_DATASETS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-pedes", "synth-pedes-tiny",
@@ -186,6 +189,8 @@ def validate(config: dict, source: str = "config") -> None:
         fail(f"alr.mu: {error}")
     if config["train"]["epochs"] < 1 or config["train"]["batch_size"] < 2:
         fail("train.epochs must be >= 1 and train.batch_size >= 2")
+    if config["train"]["compile"] is not False and config["train"]["compile"] not in COMPILE_MODES:
+        fail(f"train.compile must be auto, regional, full or false, got {config['train']['compile']!r}")
     if config["eval"]["every"] < 1:
         fail(f"eval.every must be >= 1, got {config['eval']['every']}")
     try:

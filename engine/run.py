@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 import configs
@@ -63,14 +64,23 @@ def load_splits(config: dict, run_dir: Path, accelerator):
     return splits
 
 
-def build_train_loader(train_split, tokenizer, config: dict, rank: int, world_size: int) -> DataLoader:
-    """DataLoader of TrainViews (two augmented views per sample) over this process's share of each
-    global batch (GlobalBatchSampler)."""
+def build_train_loader(train_split, tokenizer, config: dict, rank: int, world_size: int, *,
+                       pin_memory: bool = False) -> DataLoader:
+    """DataLoader of TrainViews (two augmented views per sample, uint8 pixels + erase boxes: normalised on
+    the device by `engine.step.view_pixels`) over this process's share of each global batch
+    (GlobalBatchSampler wrapped in data.EpochKeyedBatches: every sample's augmentation is a function of
+    (seed, epoch, position), whichever worker decodes it). With data.num_workers > 0 the workers persist
+    across epochs; pin_memory (on CUDA) lets batches be copied to the device without blocking.
+    Start an epoch with `engine.start_epoch(loader, epoch)`."""
     data_cfg = config["data"]
     train_views = data.TrainViews(train_split, tokenizer, data_cfg["image_size"], num_views=2, augment=True,
-                                  seed=config["seed"])
+                                  seed=config["seed"], output="uint8")
     sampler = GlobalBatchSampler(len(train_views), config["train"]["batch_size"], rank, world_size, config["seed"])
-    return DataLoader(train_views, batch_sampler=sampler, num_workers=data_cfg["num_workers"])
+    workers = data_cfg["num_workers"]
+    # the loader's own generator: starting an epoch never draws from the global RNG (resume stays exact)
+    return DataLoader(train_views, batch_sampler=data.EpochKeyedBatches(sampler), num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(config["seed"]))
 
 
 def build_clip_source(backbone):
