@@ -10,7 +10,7 @@ Every epoch (docs/method.md §3-§7):
      consensus and per-sample weights w (and keep flags h), identical on every process;
   2. training: model A on augmented view 0, model B on view 1 of every sample; the loss gathers the
      features of the whole global batch (with gradient) so the per-sample SDM / TRL losses span it;
-     L = lambda_sdm * sum(h w l_sdm) / sum(h) + lambda_trl * sum(h w l_trl) / sum(h); each model steps its
+     L = lambda_sdm * sum(h w l_sdm) / sum(h) + lambda_trl * sum(h w l_trl); each model steps its
      own Adam on its own loss;
   3. validation on `eval.split` every `eval.every` epochs (best/ keeps the best `eval.select_row` R@1);
   4. last/ (models + optimizers, schedulers, RNG, ALR state) written atomically; a line in metrics.jsonl.
