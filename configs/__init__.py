@@ -152,7 +152,7 @@ def parse_overrides(arguments: Iterable[str]) -> dict:
 def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
     from data.noise import check_noise_rate
-    from modeling.alr import validate_mu_rule
+    from modeling.alr import MixtureSettings, validate_mu_rule
     from modeling.pair import parse_row_key
 
     def fail(message):
@@ -180,6 +180,10 @@ def validate(config: dict, source: str = "config") -> None:
         fail("loss.lambda_sdm and loss.lambda_trl are both 0: nothing to train")
     if config["alr"]["models"] not in (1, 2):
         fail(f"alr.models must be 1 or 2, got {config['alr']['models']}")
+    try:
+        MixtureSettings.from_config(config["alr"]).check()
+    except ValueError as error:
+        fail(f"alr: {error}")
     try:
         validate_mu_rule(config["alr"]["mu"])
     except ValueError as error:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 import data
-from modeling.alr import compute_alr, noise_detection_scores
+from modeling.alr import MixtureSettings, compute_alr, noise_detection_scores
 from modeling.run_folder import alr_weights_file
 
 from .distributed import broadcast_from_main
@@ -101,7 +101,8 @@ def alr_pass(models, train_split, tokenizer, loss_term, config, accelerator, epo
         diag_sims = gathered_sims[order]
         sample_losses = [values[order] for values in gathered_losses]
         result = compute_alr(sample_losses[0], sample_losses[1] if len(sample_losses) > 1 else None, diag_sims,
-                             mu=alr_cfg["mu"], sharpness=alr_cfg["sharpness"], drop_noisy=alr_cfg["drop_noisy"])
+                             mu=alr_cfg["mu"], sharpness=alr_cfg["sharpness"], drop_noisy=alr_cfg["drop_noisy"],
+                             mixture=MixtureSettings.from_config(alr_cfg))
         weights = result.weights.to(accelerator.device)
         keep = result.keep.float().to(accelerator.device)
     broadcast_from_main(weights, keep)  # the mixture is fitted once, on the main process

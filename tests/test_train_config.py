@@ -52,6 +52,9 @@ def test_overrides_are_typed_and_nested():
     (["--data.dataset", "market1501"], "data.dataset 'market1501' is not one of"),
     (["--alr.mu", "median"], "alr.mu"),
     (["--eval.select_row", "C/GE"], "eval.select_row"),
+    (["--alr.gmm_max_iter", "0"], "gmm_max_iter >= 1"),
+    (["--alr.gmm_tol", "-1e-3"], "gmm_tol > 0"),
+    (["--alr.gmm_reg_covar", "-1.0"], "gmm_reg_covar >= 0"),
     (["--train.epochs"], "needs a value"),
     (["epochs", "2"], "expected --section.key VALUE"),
 ])
