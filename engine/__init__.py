@@ -1,6 +1,6 @@
 """The training engine of 3RTPR (docs/method.md §3-§7), used by train_3rtpr.py.
 
-    run          resolve_run, prepare_run_folder, load_splits, build_train_loader, build_pair
+    run          resolve_run, prepare_run_folder, load_splits, build_train_loader, build_pair, head_seeds
     sampler      GlobalBatchSampler
     optim        param_groups, lr_factor, build_optimizer(s)
     step         encode_view, reciprocal_step, train_one_epoch, TrainingDiverged
@@ -18,7 +18,8 @@ from .checkpoint import (TrainerState, initial_alr_state, load_last, recover_che
 from .distributed import check_distributed_type, sync_batch_norms
 from .metrics_log import append_metrics, flat_config, plot_curves, plot_run_curves, read_metrics, restart_metrics
 from .optim import build_optimizer, build_optimizers, current_lrs, lr_factor, param_groups
-from .run import build_clip_source, build_pair, build_train_loader, load_splits, prepare_run_folder, resolve_run
+from .run import (build_clip_source, build_pair, build_train_loader, head_seeds, load_splits, prepare_run_folder,
+                  resolve_run)
 from .sampler import GlobalBatchSampler
 from .step import TrainingDiverged, encode_view, reciprocal_step, train_one_epoch, trim_text_padding
 from .validation import final_test, log_validation, selection_score, validate, validation_due
@@ -28,6 +29,7 @@ __all__ = ["SampleScores", "alr_active", "alr_pass", "alr_report", "plot_alr_wei
            "save_checkpoint", "save_last", "set_rng_state", "write_folder_atomically", "check_distributed_type",
            "sync_batch_norms", "append_metrics", "flat_config", "plot_curves", "plot_run_curves", "read_metrics",
            "restart_metrics", "build_optimizer", "build_optimizers", "current_lrs", "lr_factor", "param_groups",
-           "build_clip_source", "build_pair", "build_train_loader", "load_splits", "prepare_run_folder", "resolve_run",
+           "build_clip_source", "build_pair", "build_train_loader", "head_seeds", "load_splits", "prepare_run_folder",
+           "resolve_run",
            "GlobalBatchSampler", "TrainingDiverged", "encode_view", "reciprocal_step", "train_one_epoch",
            "trim_text_padding", "final_test", "log_validation", "selection_score", "validate", "validation_due"]
