@@ -4,7 +4,8 @@
     sampler      GlobalBatchSampler
     optim        param_groups, lr_factor, build_optimizer(s)
     step         encode_view, reciprocal_step, train_one_epoch, TrainingDiverged
-    alr_pass     score_samples (ALR's scoring, shared with scripts/ablate.py), alr_pass, report_alr
+    alr_pass     AlrPass (the per-epoch ALR pass), alr_batches, batch_statistics (ALR's scoring, also in
+                 score_samples for scripts), report_alr (record + alr_weights.png)
     validation   validate, log_validation, final_test
     checkpoint   TrainerState, save_checkpoint / save_last / load_last / resume, atomic folder writes, RNG
     distributed  sync_batch_norms, check_distributed_type
@@ -12,7 +13,8 @@
 
 The loss and its data parallelism are `modeling.losses.TrainingLoss`.
 """
-from .alr_pass import SampleScores, alr_active, alr_pass, alr_report, plot_alr_weights, report_alr, score_samples
+from .alr_pass import (AlrPass, SampleScores, alr_active, alr_batches, alr_report, batch_statistics,
+                       plot_alr_history, report_alr, score_samples)
 from .checkpoint import (TrainerState, initial_alr_state, load_last, recover_checkpoint, resume, rng_state,
                          save_checkpoint, save_last, set_rng_state, write_folder_atomically)
 from .distributed import check_distributed_type, sync_batch_norms
@@ -24,7 +26,8 @@ from .sampler import GlobalBatchSampler
 from .step import TrainingDiverged, encode_view, reciprocal_step, train_one_epoch, trim_text_padding
 from .validation import final_test, log_validation, selection_score, validate, validation_due
 
-__all__ = ["SampleScores", "alr_active", "alr_pass", "alr_report", "plot_alr_weights", "report_alr", "score_samples",
+__all__ = ["AlrPass", "SampleScores", "alr_active", "alr_batches", "alr_report", "batch_statistics",
+           "plot_alr_history", "report_alr", "score_samples",
            "TrainerState", "initial_alr_state", "load_last", "recover_checkpoint", "resume", "rng_state",
            "save_checkpoint", "save_last", "set_rng_state", "write_folder_atomically", "check_distributed_type",
            "sync_batch_norms", "append_metrics", "flat_config", "plot_curves", "plot_run_curves", "read_metrics",
