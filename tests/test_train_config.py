@@ -15,7 +15,17 @@ def test_every_recipe_resolves(recipe):
     assert config["data"]["dataset"] in recipe.stem
     if "noise" in recipe.stem:
         assert config["loss"] == {**config["loss"], "lambda_sdm": 0.0, "lambda_trl": 1.0}
-        assert config["data"]["noise_rate"] == float(recipe.stem.split("noise")[1])
+        rate = recipe.stem.split("noise")[1]
+        assert config["data"]["noise_rate"] == float(rate)
+        # RDE's standard permutation file is picked up by the data layer: nothing may override it
+        assert config["data"]["noise_file"] is None
+        folder = {"cuhk-pedes": "CUHK-PEDES", "icfg-pedes": "ICFG-PEDES", "rstpreid": "RSTPReid"}[config["data"]["dataset"]]
+        header = recipe.read_text().split("base:")[0]
+        assert f"noiseindex/{folder}_{rate}.npy" in header and "GENERATED" in header
+        # RDE's mixture settings: tight above 0.4 noise and on RSTPReid, loose otherwise
+        tight = float(rate) > 0.4 or folder == "RSTPReid"
+        gmm = (config["alr"]["gmm_max_iter"], config["alr"]["gmm_tol"], config["alr"]["gmm_reg_covar"])
+        assert gmm == ((100, 1e-4, 1e-6) if tight else (10, 1e-2, 5e-4))
 
 
 def test_paper_recipe_values():
