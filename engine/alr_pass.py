@@ -252,7 +252,7 @@ def plot_alr_history(records: list[dict], path: Path) -> np.ndarray:
 
     records: epoch records {"epoch", "alr": alr_report(...)} in epoch order (records without
     "weight_quantiles" are skipped). Left: per group (clean / noisy pairs when the noisy flag is known,
-    else all pairs) the median weight with its 25-75 % and 5-95 % bands and the mean. Right: noisy-pair
+    else all pairs) the median weight with its 25-75 % and 5-95 % bands, the minimum and the mean. Right: noisy-pair
     precision / recall / F1 when known, else the full-weight and kept fractions.
     Returns the RGB image [H, W, 3] uint8 for the trackers."""
     import matplotlib
@@ -267,11 +267,12 @@ def plot_alr_history(records: list[dict], path: Path) -> np.ndarray:
         rows = [r["alr"]["weight_quantiles"] for r in records]
         levels = rows[0]["levels"] if rows else list(WEIGHT_QUANTILES)
         band = {level: np.array([row[group][levels.index(level)] if group in row else np.nan for row in rows])
-                for level in (0.05, 0.25, 0.5, 0.75, 0.95)}
+                for level in (0.0, 0.05, 0.25, 0.5, 0.75, 0.95)}
         label = {"all": "all pairs", "clean": "clean pairs", "noisy": "noisy pairs"}[group]
         weight_axis.fill_between(epochs, band[0.05], band[0.95], color=colour, alpha=0.12, linewidth=0)
         weight_axis.fill_between(epochs, band[0.25], band[0.75], color=colour, alpha=0.3, linewidth=0)
         weight_axis.plot(epochs, band[0.5], color=colour, marker="o", label=f"{label}: median (bands 25-75, 5-95 %)")
+        weight_axis.plot(epochs, band[0.0], color=colour, linestyle=":", label=f"{label}: minimum")
         mean_key = {"all": "mean_weight", "clean": "mean_weight_clean", "noisy": "mean_weight_noisy"}[group]
         weight_axis.plot(epochs, [r["alr"].get(mean_key) if r["alr"].get(mean_key) is not None else np.nan
                                   for r in records], color=colour, linestyle="--", label=f"{label}: mean")
