@@ -5,12 +5,13 @@
     python train_3rtpr.py ...   (one process; installed: 3rtpr-train ...)
 
 Every epoch (docs/method.md §3-§7):
-  1. from `alr.start_epoch` on, ALR: a no-grad pass of both models over the training set (sharded across
-     processes, in global batches), a Gaussian mixture per model on the per-sample losses, a two-model
-     consensus and per-sample weights w (and keep flags h), identical on every process;
+  1. from `alr.start_epoch` on, ALR: a no-grad pass of both models over the training set (each unique image
+     and caption encoded once, sharded across processes; losses within seeded shuffled batches of the
+     training batch size), a Gaussian mixture per model on the per-sample losses, a two-model consensus and
+     per-sample weights w (and keep flags h), identical on every process;
   2. training: model A on augmented view 0, model B on view 1 of every sample; the loss gathers the
      features of the whole global batch (with gradient) so the per-sample SDM / TRL losses span it;
-     L = lambda_sdm * sum(h w l_sdm) / sum(h) + lambda_trl * sum(h w l_trl) / sum(h); each model steps its
+     L = lambda_sdm * sum(h w l_sdm) / sum(h) + lambda_trl * sum(h w l_trl); each model steps its
      own Adam on its own loss;
   3. validation on `eval.split` every `eval.every` epochs (best/ keeps the best `eval.select_row` R@1);
   4. last/ (models + optimizers, schedulers, RNG, ALR state) written atomically in the background from a
@@ -67,6 +68,7 @@ def main(argv=None) -> Path:
     tokenizer = get_tokenizer()
     loader = engine.build_train_loader(splits["train"], tokenizer, config, rank, world,
                                        pin_memory=device.type == "cuda")
+    alr_pass = engine.AlrPass(splits["train"], tokenizer, config, accelerator)  # loaders kept for the run
 
     # ---- the reciprocal pair (compiled per train.compile), its loss, optimizers and schedulers
     pair = engine.build_pair(config, world).to(device)
@@ -103,8 +105,7 @@ def main(argv=None) -> Path:
             # ---- 1. adaptive loss refinement
             if engine.alr_active(config, epoch):
                 with clock.phase("alr"):
-                    alr = engine.alr_pass(models, splits["train"], tokenizer, loss.alr_term, config, accelerator,
-                                          epoch)
+                    alr = alr_pass(models, loss.alr_term, epoch)
                     alr_state = {"weights": alr["weights"], "keep": alr["keep"]}
                     report = engine.report_alr(alr, noisy, epoch, run_dir, accelerator,
                                                global_step=state.global_step, trackers=trackers)

@@ -25,6 +25,7 @@ EXTRA_TYPES = {
     "data.root": (str, type(None)),
     "data.noise_file": (str, type(None)),
     "model.backbone": (str, dict),
+    "model.head_seeds": (list, type(None)),
     "alr.mu": (str, float),
     "eval.split": (str, type(None)),
     "train.compile": (str, bool),
@@ -155,7 +156,7 @@ def parse_overrides(arguments: Iterable[str]) -> dict:
 def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
     from data.noise import check_noise_rate
-    from modeling.alr import validate_mu_rule
+    from modeling.alr import MixtureSettings, validate_mu_rule
     from modeling.pair import parse_row_key
 
     def fail(message):
@@ -181,8 +182,15 @@ def validate(config: dict, source: str = "config") -> None:
         fail(f"model.image_tokens must be topk or all, got {config['model']['image_tokens']!r}")
     if config["loss"]["lambda_sdm"] <= 0 and config["loss"]["lambda_trl"] <= 0:
         fail("loss.lambda_sdm and loss.lambda_trl are both 0: nothing to train")
+    seeds = config["model"]["head_seeds"]
+    if seeds is not None and (len(seeds) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        fail(f"model.head_seeds must be null (derived from seed) or two integers [A, B], got {seeds!r}")
     if config["alr"]["models"] not in (1, 2):
         fail(f"alr.models must be 1 or 2, got {config['alr']['models']}")
+    try:
+        MixtureSettings.from_config(config["alr"]).check()
+    except ValueError as error:
+        fail(f"alr: {error}")
     try:
         validate_mu_rule(config["alr"]["mu"])
     except ValueError as error:

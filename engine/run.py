@@ -90,12 +90,22 @@ def build_clip_source(backbone):
     return backbone
 
 
+def head_seeds(config: dict) -> tuple[int, int]:
+    """The fused-head initialisation seeds of models A and B: `model.head_seeds` when given, else derived
+    from the run `seed` as (2 seed, 2 seed + 1): distinct for A and B, and different for every run seed
+    (seed 0 gives (0, 1), the fixed default of earlier releases)."""
+    explicit = config["model"]["head_seeds"]
+    if explicit is not None:
+        return int(explicit[0]), int(explicit[1])
+    return 2 * config["seed"], 2 * config["seed"] + 1
+
+
 def build_pair(config: dict, world_size: int = 1) -> modeling.ReciprocalPair:
-    """The reciprocal pair of the config's model section (on the CPU), gradient checkpointing set, its
-    BatchNorm statistics synchronised across processes when world_size > 1."""
+    """The reciprocal pair of the config's model section (on the CPU; fused heads from `head_seeds`),
+    gradient checkpointing set, its BatchNorm statistics synchronised across processes when world_size > 1."""
     model_cfg = config["model"]
     pair = modeling.ReciprocalPair.from_clip(build_clip_source(model_cfg["backbone"]),
-                                             head_seeds=tuple(model_cfg["head_seeds"]),
+                                             head_seeds=head_seeds(config),
                                              select_ratio=model_cfg["select_ratio"], fused_dim=model_cfg["fused_dim"],
                                              image_size=tuple(config["data"]["image_size"]),
                                              image_tokens=model_cfg["image_tokens"])

@@ -8,7 +8,8 @@
       metrics.jsonl             METRICS_FILE: one JSON record per epoch
       test_metrics.json         TEST_METRICS_FILE: --final-test
       noise_permutation.npy     NOISE_PERMUTATION_FILE: when noise was generated
-      curves.png, alr_weights_epoch<N>.png
+      curves.png                CURVES_FILE: losses and validation R@1 per epoch
+      alr_weights.png           ALR_WEIGHTS_FILE: ALR weight distributions (+ noisy-pair P/R/F1) per epoch
 """
 from __future__ import annotations
 
@@ -19,16 +20,12 @@ METRICS_FILE = "metrics.jsonl"
 TEST_METRICS_FILE = "test_metrics.json"
 NOISE_PERMUTATION_FILE = "noise_permutation.npy"
 CURVES_FILE = "curves.png"
+ALR_WEIGHTS_FILE = "alr_weights.png"  # rewritten every ALR epoch
 BEST_DIR, LAST_DIR = "best", "last"
 CHECKPOINT_DIRS = (BEST_DIR, LAST_DIR)  # in order of preference
 STATE_DIR = "training_state"  # inside last/
 TRAINER_STATE_FILE = "trainer_state.json"  # inside last/training_state/
 ALR_STATE_FILE = "alr_state.pt"  # inside last/training_state/
-
-
-def alr_weights_file(epoch: int) -> str:
-    """Name of the ALR weight histogram of `epoch`."""
-    return f"alr_weights_epoch{epoch}.png"
 
 
 def selected_checkpoint(run_dir: str | Path) -> Path | None:

@@ -63,9 +63,10 @@ def load_weights(run_dir: Path, checkpoint: str = "last") -> dict:
 
 
 def test_reference_run_writes_the_run_folder(reference_run):
-    for name in ("config.yaml", "metrics.jsonl", "curves.png", "alr_weights_epoch1.png", "best/pair.json",
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "alr_weights.png", "best/pair.json",
                  "last/pair.json", "last/training_state/optimizer_a.pt", "last/training_state/rng_0.pt"):
         assert (reference_run / name).is_file(), name
+    assert not list(reference_run.glob("alr_weights_epoch*.png"))  # one ALR figure, rewritten every epoch
     assert not list(reference_run.glob(".*.tmp")) and not list(reference_run.glob(".*.old"))
     records = read_records(reference_run)
     assert [r["epoch"] for r in records] == [0, 1]
@@ -151,7 +152,8 @@ def test_atomic_write_keeps_the_old_folder_on_failure(tmp_path):
 
 def test_two_processes_match_one_process(reference_run, data_root, tmp_path):
     """ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 (gloo): same per-epoch losses,
-    ALR weights, validation metrics and final weights as one process on the same global batches."""
+    ALR pass (each process encodes a share; one mixture fit, on the main process), ALR weights,
+    validation metrics and final weights as one process on the same global batches."""
     run_dir = tmp_path / "two_processes"
     environment = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -163,6 +165,16 @@ def test_two_processes_match_one_process(reference_run, data_root, tmp_path):
     for mine, theirs in zip(read_records(run_dir), read_records(reference_run), strict=True):
         assert mine["loss_a"] == pytest.approx(theirs["loss_a"], rel=1e-5)
         assert mine["loss_b"] == pytest.approx(theirs["loss_b"], rel=1e-5)
+        assert ("alr" in mine) == ("alr" in theirs)
+        if "alr" in theirs:  # the same ALR round: consensus, threshold, mixtures, weight distribution
+            assert mine["alr"]["consensus_counts"] == theirs["alr"]["consensus_counts"]
+            assert mine["alr"]["kept_fraction"] == theirs["alr"]["kept_fraction"]
+            assert mine["alr"]["mu"] == pytest.approx(theirs["alr"]["mu"], rel=1e-5, abs=1e-6)
+            for model, fit in theirs["alr"]["mixture"].items():
+                assert mine["alr"]["mixture"][model]["status"] == fit["status"]
+                assert mine["alr"]["mixture"][model]["means"] == pytest.approx(fit["means"], rel=1e-4, abs=1e-5)
+            assert mine["alr"]["weight_quantiles"]["all"] == pytest.approx(theirs["alr"]["weight_quantiles"]["all"],
+                                                                           rel=1e-5, abs=1e-6)
         for row, metrics in theirs["val"].items():  # 48 queries: fp32 noise may flip one near-tie
             assert mine["val"][row]["R1"] == pytest.approx(metrics["R1"], abs=100 / 48 + 1e-6)
             assert mine["val"][row]["mAP"] == pytest.approx(metrics["mAP"], abs=1.0)
