@@ -25,9 +25,13 @@ EXTRA_TYPES = {
     "data.root": (str, type(None)),
     "data.noise_file": (str, type(None)),
     "model.backbone": (str, dict),
+    "model.head_seeds": (list, type(None)),
     "alr.mu": (str, float),
     "eval.split": (str, type(None)),
+    "train.compile": (str, bool),
 }
+# train.compile values (false means "off"); their meaning: engine/compilation.py
+COMPILE_MODES = ("auto", "regional", "full", "off")
 # list-valued keys whose length may differ from the default's (the others are fixed: [H, W], betas, ...)
 VARIABLE_LENGTH = {"logging.trackers"}
 KNOWN_DATASETS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-pedes", "synth-pedes-tiny",
@@ -151,15 +155,19 @@ def parse_overrides(arguments: Iterable[str]) -> dict:
 
 def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
-    from modeling.alr import validate_mu_rule
+    from data.noise import check_noise_rate
+    from modeling.alr import MixtureSettings, validate_mu_rule
+    from modeling.pair import parse_row_key
 
     def fail(message):
         raise ConfigError(f"{source}: {message}")
 
     if config["data"]["dataset"].lower() not in KNOWN_DATASETS:
         fail(f"data.dataset {config['data']['dataset']!r} is not one of {', '.join(KNOWN_DATASETS)}")
-    if not 0.0 <= config["data"]["noise_rate"] < 1.0:
-        fail(f"data.noise_rate must lie in [0, 1), got {config['data']['noise_rate']}")
+    try:  # the one rule for noise rates, shared with data.load_benchmark
+        check_noise_rate(config["data"]["noise_rate"], name="data.noise_rate")
+    except ValueError as error:
+        fail(str(error))
     if min(config["data"]["image_size"]) <= 0:
         fail(f"data.image_size must be positive, got {config['data']['image_size']}")
     if isinstance(config["model"]["backbone"], dict):
@@ -174,20 +182,29 @@ def validate(config: dict, source: str = "config") -> None:
         fail(f"model.image_tokens must be topk or all, got {config['model']['image_tokens']!r}")
     if config["loss"]["lambda_sdm"] <= 0 and config["loss"]["lambda_trl"] <= 0:
         fail("loss.lambda_sdm and loss.lambda_trl are both 0: nothing to train")
+    seeds = config["model"]["head_seeds"]
+    if seeds is not None and (len(seeds) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        fail(f"model.head_seeds must be null (derived from seed) or two integers [A, B], got {seeds!r}")
     if config["alr"]["models"] not in (1, 2):
         fail(f"alr.models must be 1 or 2, got {config['alr']['models']}")
+    try:
+        MixtureSettings.from_config(config["alr"]).check()
+    except ValueError as error:
+        fail(f"alr: {error}")
     try:
         validate_mu_rule(config["alr"]["mu"])
     except ValueError as error:
         fail(f"alr.mu: {error}")
     if config["train"]["epochs"] < 1 or config["train"]["batch_size"] < 2:
         fail("train.epochs must be >= 1 and train.batch_size >= 2")
+    if config["train"]["compile"] is not False and config["train"]["compile"] not in COMPILE_MODES:
+        fail(f"train.compile must be auto, regional, full or false, got {config['train']['compile']!r}")
     if config["eval"]["every"] < 1:
         fail(f"eval.every must be >= 1, got {config['eval']['every']}")
-    model_row, _, score = config["eval"]["select_row"].partition("/")
-    if model_row not in ("A", "B", "A+B") or score not in ("GE", "FS", "GE+FS"):
-        fail(f"eval.select_row must look like 'A+B/GE+FS' (A|B|A+B / GE|FS|GE+FS), "
-             f"got {config['eval']['select_row']!r}")
+    try:
+        parse_row_key(config["eval"]["select_row"])
+    except ValueError as error:
+        fail(f"eval.select_row must be a row like 'A+B/GE+FS': {error}")
 
 
 def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> dict:

@@ -1,11 +1,13 @@
 """Benchmarks, synth-pedes, noisy correspondence, transforms and torch datasets.
 
-Public API (docs/design.md): load_benchmark, TrainViews, EvalImages, EvalTexts; the transforms and the
-tokenizer live in `data.transforms`. Imports are lazy so that `import data` stays cheap.
+Public API (docs/design.md): load_benchmark, verify_images, keep_rows, TrainViews, EvalImages, EvalTexts,
+EpochKeyedBatches; the transforms and the tokenizer (and normalize_uint8) live in `data.transforms`.
+Imports are lazy so that `import data` stays cheap.
 """
 from __future__ import annotations
 
-__all__ = ["load_benchmark", "TrainViews", "EvalImages", "EvalTexts"]
+__all__ = ["load_benchmark", "verify_images", "keep_rows", "TrainViews", "EvalImages", "EvalTexts",
+           "EpochKeyedBatches"]
 
 
 def __getattr__(name: str):
@@ -13,7 +15,15 @@ def __getattr__(name: str):
         from .benchmarks import load_benchmark
 
         return load_benchmark
-    if name in ("TrainViews", "EvalImages", "EvalTexts"):
+    if name == "verify_images":
+        from .images import verify_images
+
+        return verify_images
+    if name == "keep_rows":
+        from .arrow_splits import keep_rows
+
+        return keep_rows
+    if name in ("TrainViews", "EvalImages", "EvalTexts", "EpochKeyedBatches"):
         from . import torch_datasets
 
         return getattr(torch_datasets, name)

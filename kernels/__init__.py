@@ -1,9 +1,9 @@
-"""3RTPR kernels: SDM / TRL per-sample losses and retrieval metrics (METHOD.md §3, §8).
+"""3RTPR kernels: SDM / TRL per-sample losses and retrieval metrics (docs/method.md §3, §8).
 
 Public API (docs/design.md):
 
     sdm_loss(text_feats [b,D], image_feats [b,D], pids [b], logit_scale=50.0, weights=None, *,
-             all_text_feats=None, all_image_feats=None, all_pids=None, row_offset=0, backend="auto") -> [b]
+             text_cols=None [B,D], image_cols=None [B,D], col_pids=None [B], backend="auto") -> [b]
     trl_loss(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *, (same), backend="auto") -> [b]
     retrieval_metrics(query_feats [Nq,D], gallery_feats [Ng,D], query_pids [Nq], gallery_pids [Ng],
                       ks=(1, 5, 10), per_query=False, backend="auto") -> dict
@@ -50,48 +50,45 @@ def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return True
 
 
-def sdm_loss(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *, all_text_feats=None,
-             all_image_feats=None, all_pids=None, row_offset=0, backend="auto"):
-    """Per-sample SDM loss [b], float32: text->image plus image->text (METHOD.md §3).
+def sdm_loss(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *, text_cols=None,
+             image_cols=None, col_pids=None, backend="auto"):
+    """Per-sample SDM loss [b], float32: text->image plus image->text (docs/method.md §3).
 
-    text_feats / image_feats [b, D] (fp32/fp16/bf16, un-normalised: L2-normalised inside),
-    pids [b] int. Row i of s·S (S = cosine similarity, s = logit_scale) gives
-    p = softmax, q_ij = y_ij / Σ_j y_ij, ℓ_i = Σ_j p_ij (log p_ij − log(q_ij + 1e-8)).
-    weights [b] multiply the losses (no gradient through them). Distributed: pass this rank's
-    rows plus the all-gathered all_text_feats / all_image_feats [B, D] (gathered with autograd)
-    and all_pids [B]; row_offset = index of this rank's first row in the gathered tensors.
+    Rows: text_feats / image_feats [b, D] (fp32/fp16/bf16, un-normalised: L2-normalised inside),
+    pids [b] int. Each text row is scored against the image columns and each image row against
+    the text columns: text_cols / image_cols [B, D] with col_pids [B] (for data parallelism, the
+    global batch gathered by the caller with autograd; it must contain every row's own partner);
+    without columns the rows are their own columns. Row i of s·S (S = cosine similarity,
+    s = logit_scale) gives p = softmax, q_ij = y_ij / Σ_j y_ij,
+    ℓ_i = Σ_j p_ij (log p_ij − log(q_ij + 1e-8)). weights [b] multiply the losses (no gradient
+    through them). No host synchronisation.
     """
+    columns = dict(text_cols=text_cols, image_cols=image_cols, col_pids=col_pids)
     if _use_triton(backend, text_feats, image_feats):
         from .sdm import sdm_loss_triton
-        return sdm_loss_triton(text_feats, image_feats, pids, logit_scale, weights,
-                               all_text_feats=all_text_feats, all_image_feats=all_image_feats,
-                               all_pids=all_pids, row_offset=row_offset)
-    return sdm_loss_reference(text_feats, image_feats, pids, logit_scale, weights,
-                              all_text_feats=all_text_feats, all_image_feats=all_image_feats,
-                              all_pids=all_pids, row_offset=row_offset)
+        return sdm_loss_triton(text_feats, image_feats, pids, logit_scale, weights, **columns)
+    return sdm_loss_reference(text_feats, image_feats, pids, logit_scale, weights, **columns)
 
 
-def trl_loss(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *, all_text_feats=None,
-             all_image_feats=None, all_pids=None, row_offset=0, backend="auto"):
-    """Per-sample TRL loss [b], float32: text->image plus image->text (METHOD.md §3).
+def trl_loss(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *, text_cols=None,
+             image_cols=None, col_pids=None, backend="auto"):
+    """Per-sample TRL loss [b], float32: text->image plus image->text (docs/method.md §3).
 
     ℓ_i = [m − Σ_{j∈P(i)} α_ij S_ij + τ·log Σ_{j∉P(i)} exp(S_ij/τ)]₊ per direction, α = softmax
     over the positives of S/τ (no gradient through α). A row with no negative (every column
-    shares its pid) uses [m − Σ α S]₊. Other arguments as in `sdm_loss`.
+    shares its pid) has τ·log 0 = −∞ inside the hinge: loss 0, no gradient (as in RDE). Rows,
+    columns and weights as in `sdm_loss`.
     """
+    columns = dict(text_cols=text_cols, image_cols=image_cols, col_pids=col_pids)
     if _use_triton(backend, text_feats, image_feats):
         from .trl import trl_loss_triton
-        return trl_loss_triton(text_feats, image_feats, pids, tau, margin, weights,
-                               all_text_feats=all_text_feats, all_image_feats=all_image_feats,
-                               all_pids=all_pids, row_offset=row_offset)
-    return trl_loss_reference(text_feats, image_feats, pids, tau, margin, weights,
-                              all_text_feats=all_text_feats, all_image_feats=all_image_feats,
-                              all_pids=all_pids, row_offset=row_offset)
+        return trl_loss_triton(text_feats, image_feats, pids, tau, margin, weights, **columns)
+    return trl_loss_reference(text_feats, image_feats, pids, tau, margin, weights, **columns)
 
 
 def retrieval_metrics(query_feats, gallery_feats, query_pids, gallery_pids, ks=DEFAULT_KS, per_query=False,
                       backend="auto"):
-    """Text->image retrieval metrics by dot product, in percent (METHOD.md §8).
+    """Text->image retrieval metrics by dot product, in percent (docs/method.md §8).
 
     Returns {"R<k>" for k in ks, "mAP", "mINP"}; per_query adds "AP", "INP" (fractions, NaN for
     queries without a match) and "first_rank" (1-based, 0 when no match) as CPU tensors [Nq].

@@ -1,4 +1,4 @@
-"""Plain-PyTorch ground truth for the 3RTPR losses and retrieval metrics (METHOD.md §3, §8).
+"""Plain-PyTorch ground truth for the 3RTPR losses and retrieval metrics (docs/method.md §3, §8).
 
 These functions are the CPU path used in training and evaluation and the oracle the Triton
 kernels are tested against. They materialise the local [b, B] similarity matrix (fine for the
@@ -7,12 +7,13 @@ batch sizes a CPU trains with); the Triton kernels in `sdm.py` / `trl.py` never 
 Conventions shared by the losses
 --------------------------------
 * ``rows`` / ``cols``: for the text->image direction the rows are this rank's text features
-  [b, D] and the columns are all image features [B, D]; image->text swaps the roles.
-  Without distribution, columns = rows' partners of the same batch (b = B).
+  [b, D] and the columns are all image features [B, D] (under data parallelism: the gathered
+  global batch); image->text swaps the roles. Without columns, columns = rows (b = B).
 * Features are L2-normalised inside (in float32, or float64 when given float64), so
   S_ij = cos(row_i, col_j) in [-1, 1].
-* y_ij = 1 when pid(row i) == pid(col j). Every local row must have at least one positive
-  column (its own pair), which `check_distributed_args` enforces through ``row_offset``.
+* y_ij = 1 when pid(row i) == pid(col j). Every row must have at least one positive column
+  (the columns must contain each row's own partner, as a gathered global batch does); this is a
+  precondition of the caller, not checked (checking it would cost a host sync per step).
 * Results are per-sample losses [b] (both directions summed), float32 (float64 for float64
   input), multiplied by ``weights`` (detached) when given.
 """
@@ -32,12 +33,11 @@ DEFAULT_KS = (1, 5, 10)
 
 
 # ----------------------------------------------------------------------------- validation
-def check_loss_inputs(text_feats, image_feats, pids, weights, all_text_feats, all_image_feats,
-                      all_pids, row_offset):
-    """Validate shapes of the loss inputs and fill the distributed arguments.
+def check_loss_inputs(text_feats, image_feats, pids, weights, text_cols, image_cols, col_pids):
+    """Validate shapes of the loss inputs and fill in the columns.
 
-    Returns (all_text_feats [B,D], all_image_feats [B,D], all_pids [B]); without distribution
-    these are the local tensors themselves. Raises ValueError naming the bad argument.
+    Returns (text_cols [B,D], image_cols [B,D], col_pids [B]); without columns these are the rows
+    themselves (B = b). Raises ValueError naming the bad argument. Shape checks only: no host sync.
     """
     if text_feats.dim() != 2 or image_feats.dim() != 2:
         raise ValueError(f"text_feats and image_feats must be [b, D]; got {tuple(text_feats.shape)} "
@@ -52,25 +52,18 @@ def check_loss_inputs(text_feats, image_feats, pids, weights, all_text_feats, al
         raise ValueError(f"pids must be [b={b}]; got {tuple(pids.shape)}")
     if weights is not None and weights.shape != (b,):
         raise ValueError(f"weights must be [b={b}]; got {tuple(weights.shape)}")
-    given = [x is not None for x in (all_text_feats, all_image_feats, all_pids)]
+    given = [x is not None for x in (text_cols, image_cols, col_pids)]
     if any(given) and not all(given):
-        raise ValueError("distributed losses need all three of all_text_feats, all_image_feats, all_pids")
+        raise ValueError("columns need all three of text_cols, image_cols, col_pids")
     if not any(given):
-        if row_offset != 0:
-            raise ValueError(f"row_offset={row_offset} given without the all_* (gathered) tensors")
         return text_feats, image_feats, pids
-    big_b = all_pids.shape[0]
-    if all_pids.dim() != 1:
-        raise ValueError(f"all_pids must be [B]; got {tuple(all_pids.shape)}")
-    for name, t in (("all_text_feats", all_text_feats), ("all_image_feats", all_image_feats)):
+    if col_pids.dim() != 1:
+        raise ValueError(f"col_pids must be [B]; got {tuple(col_pids.shape)}")
+    big_b = col_pids.shape[0]
+    for name, t in (("text_cols", text_cols), ("image_cols", image_cols)):
         if t.shape != (big_b, text_feats.shape[1]):
             raise ValueError(f"{name} must be [B={big_b}, D={text_feats.shape[1]}]; got {tuple(t.shape)}")
-    if not 0 <= row_offset <= big_b - b:
-        raise ValueError(f"row_offset={row_offset} out of range for b={b} local rows in B={big_b} gathered rows")
-    if not torch.equal(all_pids[row_offset:row_offset + b].to(pids.device), pids):
-        raise ValueError(f"all_pids[{row_offset}:{row_offset + b}] differs from the local pids: "
-                         "row_offset does not point at this rank's rows")
-    return all_text_feats, all_image_feats, all_pids
+    return text_cols, image_cols, col_pids
 
 
 def normalize_features(x: torch.Tensor) -> torch.Tensor:
@@ -93,14 +86,14 @@ def sdm_direction_reference(rows: torch.Tensor, cols: torch.Tensor, row_pids: to
     return (log_p.exp() * (log_p - torch.log(q + SDM_EPS))).sum(dim=1)
 
 
-def _both_directions(direction, text_feats, image_feats, pids, weights, all_text_feats, all_image_feats,
-                     all_pids, row_offset, **hyper) -> torch.Tensor:
+def _both_directions(direction, text_feats, image_feats, pids, weights, text_cols, image_cols, col_pids,
+                     **hyper) -> torch.Tensor:
     """direction(rows, cols, row_pids, col_pids, **hyper) for text->image plus image->text, per local
     sample [b], on L2-normalised features in float32 (also under mixed precision), then weighted."""
-    all_t, all_v, all_p = check_loss_inputs(text_feats, image_feats, pids, weights, all_text_feats,
-                                            all_image_feats, all_pids, row_offset)
+    all_t, all_v, all_p = check_loss_inputs(text_feats, image_feats, pids, weights, text_cols, image_cols,
+                                            col_pids)
     pids = pids.to(text_feats.device)
-    all_p = pids if all_pids is None else all_p.to(text_feats.device)
+    all_p = pids if col_pids is None else all_p.to(text_feats.device)
     with torch.autocast(text_feats.device.type, enabled=False):
         t, v = normalize_features(text_feats), normalize_features(image_feats)
         at = t if all_t is text_feats else normalize_features(all_t)
@@ -110,10 +103,10 @@ def _both_directions(direction, text_feats, image_feats, pids, weights, all_text
 
 
 def sdm_loss_reference(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *,
-                       all_text_feats=None, all_image_feats=None, all_pids=None, row_offset=0):
+                       text_cols=None, image_cols=None, col_pids=None):
     """Per-sample SDM loss [b] (text->image + image->text), see `kernels.sdm_loss`."""
-    return _both_directions(sdm_direction_reference, text_feats, image_feats, pids, weights, all_text_feats,
-                            all_image_feats, all_pids, row_offset, logit_scale=logit_scale)
+    return _both_directions(sdm_direction_reference, text_feats, image_feats, pids, weights, text_cols,
+                            image_cols, col_pids, logit_scale=logit_scale)
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -123,7 +116,7 @@ def trl_direction_reference(rows: torch.Tensor, cols: torch.Tensor, row_pids: to
 
     ℓ_i = [m − Σ_{j∈P(i)} α_ij S_ij + τ·log Σ_{j∉P(i)} exp(S_ij/τ)]₊ with
     α_i· = softmax over P(i) of S_i·/τ, detached. A row without negatives (every column shares
-    its pid) has an empty log-sum-exp (−∞); its loss is defined as [m − Σ α S]₊.
+    its pid) has an empty log-sum-exp (−∞), so its loss is 0 with no gradient (RDE's loss too).
     """
     sims = rows @ cols.t()
     positive = row_pids[:, None] == col_pids[None, :]
@@ -133,15 +126,15 @@ def trl_direction_reference(rows: torch.Tensor, cols: torch.Tensor, row_pids: to
     has_neg = (~positive).any(dim=1)
     # Rows with no negative get finite dummy logits so that the unused branch has no NaN gradient.
     neg_logits = scaled.masked_fill(positive, float("-inf")).masked_fill(~has_neg[:, None], 0.0)
-    neg_term = torch.where(has_neg, tau * torch.logsumexp(neg_logits, dim=1), torch.zeros_like(pos_term))
-    return torch.relu(margin - pos_term + neg_term)
+    hinge = torch.relu(margin - pos_term + tau * torch.logsumexp(neg_logits, dim=1))
+    return torch.where(has_neg, hinge, torch.zeros_like(hinge))
 
 
 def trl_loss_reference(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *,
-                       all_text_feats=None, all_image_feats=None, all_pids=None, row_offset=0):
+                       text_cols=None, image_cols=None, col_pids=None):
     """Per-sample TRL loss [b] (text->image + image->text), see `kernels.trl_loss`."""
-    return _both_directions(trl_direction_reference, text_feats, image_feats, pids, weights, all_text_feats,
-                            all_image_feats, all_pids, row_offset, tau=tau, margin=margin)
+    return _both_directions(trl_direction_reference, text_feats, image_feats, pids, weights, text_cols,
+                            image_cols, col_pids, tau=tau, margin=margin)
 
 
 def _apply_weights(loss: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:

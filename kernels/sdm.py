@@ -1,30 +1,23 @@
-r"""Fused, tiled SDM loss in Triton (METHOD.md §3): forward and backward, no B×B matrix in memory.
+r"""SDM loss with cuBLAS similarity slabs and fused Triton statistics (docs/method.md §3; `kernels/slab.py`).
 
-One direction (rows R [b, D], columns C [B, D], both L2-normalised; text->image has R = text,
-C = images, image->text swaps them and runs the same kernels):
+One line (a row of s·S for text->image, a column for image->text) with logits z_j = s·S_j
+(s = logit scale), y_j = 1 for the columns sharing the line's pid, n = Σ_j y_j:
 
-    z_ij = s · R_i·C_j                      (s = logit scale)
-    lse_i = log Σ_j exp z_ij,  p_ij = exp(z_ij − lse_i)
-    n_i = Σ_j y_ij,  c_ij = log(1/n_i + ε) if y_ij else log ε   (ε = 1e-8; log(q_ij + ε))
-    ℓ_i = Σ_j p_ij (log p_ij − c_ij)
-        = H_i − P⁺_i log(1/n_i + ε) − P⁻_i log ε,
-    with H_i = Σ_j p_ij log p_ij, P⁺_i / P⁻_i the probability mass on positives / negatives.
+    lse = log Σ_j exp z_j,  p_j = exp(z_j − lse)
+    c_j = log(1/n + ε) if y_j else log ε               (ε = 1e-8: log(q_j + ε))
+    ℓ = Σ_j p_j (log p_j − c_j) = H − P⁺ log(1/n + ε) − P⁻ log ε,
 
-Forward (one program per block of rows, loop over column tiles, online log-sum-exp with a
-running max m): l = Σ e^{z−m}, h = Σ e^{z−m}(z − m), e⁺ = Σ_pos e^{z−m}, e⁻ = Σ_neg e^{z−m};
-when m grows to m', every sum is multiplied by e^{m−m'} and h also gains (m − m')·l. At the
-end H = h/l − log l, P± = e±/l, lse = m + log l. Saved per row: ℓ_i, lse_i, log(1/n_i + ε).
+H = Σ p log p, P± = the probability mass on positives / negatives. Online over element tiles with
+a running max m: l = Σ e^{z−m}, h = Σ e^{z−m}(z − m), e± = Σ_± e^{z−m}, n; when m grows to m' every
+sum is scaled by e^{m−m'} and h also gains (m − m')·l. At the end H = h/l − log l, P± = e±/l,
+lse = m + log l. State rows: (m, l, h, e⁺, e⁻, n); saved for the backward: (lse, ℓ, log(1/n + ε)).
 
-Backward: with upstream gradient g_i,
+Backward, upstream gradient g of the line's loss (Σ_k ∂p_k/∂z_j = 0):
 
-    ∂ℓ_i/∂z_ij = p_ij (log p_ij − c_ij − ℓ_i)            (since Σ_j ∂p_ij/∂z_ik = 0)
-    dS_ij = s · g_i · p_ij (z_ij − lse_i − c_ij − ℓ_i)
-    dR = dS · C        (kernel 1: one program per row block, loop over column tiles)
-    dC = dSᵀ · R       (kernel 2: one program per column block, loop over row tiles)
+    ∂ℓ/∂S_j = s · p_j (log p_j − c_j − ℓ),   G_ij = g_i s p_ij(...) [+ g_j s p'_ji(...) in both mode]
 
-Both kernels recompute z tile by tile from R and C and the saved per-row statistics, so the
-extra memory is O(b·D + B·D) for the gradients and O(b) for the statistics. The gradient
-through the L2 normalisation and the per-sample weights is left to autograd in PyTorch.
+Cost per chunk of m rows (both mode): one read of the fp32 slab per direction in the forward (two
+exp per element in all), one read + one bf16 write in the backward (two exp per element).
 """
 from __future__ import annotations
 
@@ -36,186 +29,144 @@ import triton
 import triton.language as tl
 
 from .reference import SDM_EPS, check_loss_inputs
-from .similarity_tiles import (NEG_BIG, accumulate_tile_product, dot_settings, kernel_dtype,
-                               pick_blocks, similarity_tile)
+from .similarity_tiles import NEG_BIG
+from .slab import SlabLoss, SlabLossSpec, gemm_dtype, line_block, line_state, line_tile
 
 
-@triton.jit
-def _sdm_forward_kernel(R, C, ROW_PID, COL_PID, LOSS, LSE, LOGQ_POS, n_rows, n_cols, D, scale, eps, log_eps,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < n_rows
-    row_pid = tl.load(ROW_PID + rows, mask=row_mask, other=0)
-    run_max = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
-    run_sum = tl.zeros((BLOCK_M,), tl.float32)
-    run_h = tl.zeros((BLOCK_M,), tl.float32)
-    run_pos = tl.zeros((BLOCK_M,), tl.float32)
-    run_neg = tl.zeros((BLOCK_M,), tl.float32)
-    n_pos = tl.zeros((BLOCK_M,), tl.float32)
-    for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cols
-        col_pid = tl.load(COL_PID + cols, mask=col_mask, other=0)
-        z = similarity_tile(R, C, rows, cols, row_mask, col_mask, D,
-                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION) * scale
-        z = tl.where(col_mask[None, :], z, NEG_BIG)
-        positive = (row_pid[:, None] == col_pid[None, :]) & col_mask[None, :]
-        negative = (row_pid[:, None] != col_pid[None, :]) & col_mask[None, :]
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+@triton.jit(do_not_specialize=["has_state", "final"])
+def _sdm_line_stats_kernel(S, LINE_PID, ELEM_PID, STATE, LOSS, line_offset, elem_offset, n_lines, n_elems,
+                           n_state_lines, line_stride, elem_stride, scale, eps, log_eps,
+                           has_state, final, AXIS: tl.constexpr,
+                           BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
+    lines, line_mask, line_pid, state = line_block(LINE_PID, STATE, line_offset, n_lines, BLOCK_L)
+    run_max = line_state(state, 0, n_state_lines, line_mask, NEG_BIG, has_state, BLOCK_L)
+    run_sum = line_state(state, 1, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    run_h = line_state(state, 2, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    run_pos = line_state(state, 3, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    run_neg = line_state(state, 4, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    n_pos = line_state(state, 5, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    for e0 in range(0, n_elems, BLOCK_E):
+        s, valid, positive, negative = line_tile(S, ELEM_PID, lines, line_mask, line_pid, e0, elem_offset,
+                                                 n_elems, line_stride, elem_stride, AXIS, BLOCK_E)
+        z = tl.where(valid, s * scale, NEG_BIG)
+        new_max = tl.maximum(run_max, tl.max(z, axis=AXIS))
         rescale = tl.exp(run_max - new_max)
-        shifted = z - new_max[:, None]
-        e = tl.where(col_mask[None, :], tl.exp(shifted), 0.0)
-        run_h = rescale * (run_h + (run_max - new_max) * run_sum) + tl.sum(e * shifted, axis=1)
-        run_sum = rescale * run_sum + tl.sum(e, axis=1)
-        run_pos = rescale * run_pos + tl.sum(tl.where(positive, e, 0.0), axis=1)
-        run_neg = rescale * run_neg + tl.sum(tl.where(negative, e, 0.0), axis=1)
-        n_pos += tl.sum(positive.to(tl.float32), axis=1)
+        shifted = z - tl.expand_dims(new_max, AXIS)
+        e = tl.where(valid, tl.exp(shifted), 0.0)
+        run_h = rescale * (run_h + (run_max - new_max) * run_sum) + tl.sum(e * shifted, axis=AXIS)
+        run_sum = rescale * run_sum + tl.sum(e, axis=AXIS)
+        run_pos = rescale * run_pos + tl.sum(tl.where(positive, e, 0.0), axis=AXIS)
+        run_neg = rescale * run_neg + tl.sum(tl.where(negative, e, 0.0), axis=AXIS)
+        n_pos += tl.sum(positive.to(tl.float32), axis=AXIS)
         run_max = new_max
-    log_sum = tl.log(run_sum)
-    logq_pos = tl.log(1.0 / tl.maximum(n_pos, 1.0) + eps)
-    loss = (run_h / run_sum - log_sum) - (run_pos / run_sum) * logq_pos - (run_neg / run_sum) * log_eps
-    tl.store(LOSS + rows, loss, mask=row_mask)
-    tl.store(LSE + rows, run_max + log_sum, mask=row_mask)
-    tl.store(LOGQ_POS + rows, logq_pos, mask=row_mask)
+    if final:
+        safe_sum = tl.where(run_sum > 0.0, run_sum, 1.0)
+        log_sum = tl.log(safe_sum)
+        logq_pos = tl.log(1.0 / tl.maximum(n_pos, 1.0) + eps)
+        loss = (run_h / safe_sum - log_sum) - (run_pos / safe_sum) * logq_pos - (run_neg / safe_sum) * log_eps
+        tl.store(state, run_max + log_sum, mask=line_mask)
+        tl.store(state + n_state_lines, loss, mask=line_mask)
+        tl.store(state + 2 * n_state_lines, logq_pos, mask=line_mask)
+        tl.store(LOSS + line_offset + lines, loss, mask=line_mask)
+    else:
+        tl.store(state, run_max, mask=line_mask)
+        tl.store(state + n_state_lines, run_sum, mask=line_mask)
+        tl.store(state + 2 * n_state_lines, run_h, mask=line_mask)
+        tl.store(state + 3 * n_state_lines, run_pos, mask=line_mask)
+        tl.store(state + 4 * n_state_lines, run_neg, mask=line_mask)
+        tl.store(state + 5 * n_state_lines, n_pos, mask=line_mask)
 
 
 @triton.jit
-def _sdm_grad_logits(z, row_pid, col_pid, row_mask, col_mask, lse, loss, logq_pos, grad, scale, log_eps):
-    """dS tile [BM, BN] = s · g_i · p_ij (z_ij − lse_i − c_ij − ℓ_i), zero outside the masks."""
-    valid = row_mask[:, None] & col_mask[None, :]
-    log_p = z - lse[:, None]
-    c = tl.where(row_pid[:, None] == col_pid[None, :], logq_pos[:, None], log_eps)
-    d_z = grad[:, None] * tl.exp(log_p) * (log_p - c - loss[:, None])
-    return tl.where(valid, d_z * scale, 0.0)
+def _sdm_line_grad(z, positive, lse, loss, logq_pos, coef, log_eps):
+    """coef · p (log p − c − ℓ) for logits z [M, N] and broadcastable line statistics."""
+    log_p = z - lse
+    c = tl.where(positive, logq_pos, log_eps)
+    return coef * tl.exp(log_p) * (log_p - c - loss)
 
 
 @triton.jit
-def _sdm_backward_rows_kernel(R, C, ROW_PID, COL_PID, LOSS, LSE, LOGQ_POS, GRAD, D_ROWS,
-                              n_rows, n_cols, D, scale, log_eps,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _sdm_grad_kernel(S, G, ROW_PID, COL_PID, ROW_STATE, COL_STATE, GRAD, row_offset, n_rows, n_cols,
+                     n_row_state, scale, log_eps,
+                     BOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    row_pid = tl.load(ROW_PID + rows, mask=row_mask, other=0)
-    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-    loss = tl.load(LOSS + rows, mask=row_mask, other=0.0)
-    logq_pos = tl.load(LOGQ_POS + rows, mask=row_mask, other=0.0)
-    grad = tl.load(GRAD + rows, mask=row_mask, other=0.0)
-    for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cols
-        col_pid = tl.load(COL_PID + cols, mask=col_mask, other=0)
-        z = similarity_tile(R, C, rows, cols, row_mask, col_mask, D,
-                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION) * scale
-        d_s = _sdm_grad_logits(z, row_pid, col_pid, row_mask, col_mask, lse, loss, logq_pos, grad,
-                               scale, log_eps)
-        accumulate_tile_product(D_ROWS, rows, row_mask, d_s, C, cols, col_mask, D,
-                                BLOCK_D, UPCAST, PRECISION)
-
-
-@triton.jit
-def _sdm_backward_cols_kernel(R, C, ROW_PID, COL_PID, LOSS, LSE, LOGQ_POS, GRAD, D_COLS,
-                              n_rows, n_cols, D, scale, log_eps,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
+    valid = row_mask[:, None] & col_mask[None, :]
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    z = tl.load(S + offsets, mask=valid, other=0.0) * scale
+    row_pid = tl.load(ROW_PID + row_offset + rows, mask=row_mask, other=0)
     col_pid = tl.load(COL_PID + cols, mask=col_mask, other=0)
-    for r0 in range(0, n_rows, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        row_pid = tl.load(ROW_PID + rows, mask=row_mask, other=0)
-        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-        loss = tl.load(LOSS + rows, mask=row_mask, other=0.0)
-        logq_pos = tl.load(LOGQ_POS + rows, mask=row_mask, other=0.0)
-        grad = tl.load(GRAD + rows, mask=row_mask, other=0.0)
-        z = similarity_tile(R, C, rows, cols, row_mask, col_mask, D,
-                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION) * scale
-        d_s = _sdm_grad_logits(z, row_pid, col_pid, row_mask, col_mask, lse, loss, logq_pos, grad,
-                               scale, log_eps)
-        accumulate_tile_product(D_COLS, cols, col_mask, tl.trans(d_s), R, rows, row_mask, D,
-                                BLOCK_D, UPCAST, PRECISION)
+    positive = row_pid[:, None] == col_pid[None, :]
+    r = ROW_STATE + row_offset + rows
+    r_lse = tl.load(r, mask=row_mask, other=0.0)
+    r_loss = tl.load(r + n_row_state, mask=row_mask, other=0.0)
+    r_logq = tl.load(r + 2 * n_row_state, mask=row_mask, other=0.0)
+    r_coef = tl.load(GRAD + row_offset + rows, mask=row_mask, other=0.0) * scale
+    d_s = _sdm_line_grad(z, positive, r_lse[:, None], r_loss[:, None], r_logq[:, None], r_coef[:, None], log_eps)
+    if BOTH:
+        c_lse = tl.load(COL_STATE + cols, mask=col_mask, other=0.0)
+        c_loss = tl.load(COL_STATE + n_cols + cols, mask=col_mask, other=0.0)
+        c_logq = tl.load(COL_STATE + 2 * n_cols + cols, mask=col_mask, other=0.0)
+        c_coef = tl.load(GRAD + cols, mask=col_mask, other=0.0) * scale
+        d_s += _sdm_line_grad(z, positive, c_lse[None, :], c_loss[None, :], c_logq[None, :], c_coef[None, :],
+                              log_eps)
+    tl.store(G + offsets, d_s.to(G.dtype.element_ty), mask=valid)
 
 
-class SdmDirection(torch.autograd.Function):
-    """One SDM direction: (rows [b,D], cols [B,D] normalised, row_pids [b], col_pids [B]) -> ℓ [b] fp32."""
-
-    @staticmethod
-    def forward(ctx, rows, cols, row_pids, col_pids, logit_scale, blocks):
-        n_rows, dim = rows.shape
-        n_cols = cols.shape[0]
-        block_m, block_n, block_d, warps = blocks or pick_blocks(n_rows, n_cols, dim, rows.dtype)
-        upcast, precision = dot_settings(rows.dtype)
-        loss = torch.empty(n_rows, device=rows.device, dtype=torch.float32)
-        lse = torch.empty_like(loss)
-        logq_pos = torch.empty_like(loss)
-        _sdm_forward_kernel[(triton.cdiv(n_rows, block_m),)](
-            rows, cols, row_pids, col_pids, loss, lse, logq_pos, n_rows, n_cols, dim,
-            float(logit_scale), SDM_EPS, math.log(SDM_EPS), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            UPCAST=upcast, PRECISION=precision, num_warps=warps)
-        ctx.save_for_backward(rows, cols, row_pids, col_pids, loss, lse, logq_pos)
-        ctx.settings = (float(logit_scale), block_m, block_n, block_d, warps, upcast, precision)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        rows, cols, row_pids, col_pids, loss, lse, logq_pos = ctx.saved_tensors
-        scale, block_m, block_n, block_d, warps, upcast, precision = ctx.settings
-        n_rows, dim = rows.shape
-        n_cols = cols.shape[0]
-        grad = grad_loss.detach().to(torch.float32).contiguous()
-        args = (rows, cols, row_pids, col_pids, loss, lse, logq_pos, grad)
-        meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast,
-                    PRECISION=precision, num_warps=warps)
-        d_rows = d_cols = None
-        if ctx.needs_input_grad[0]:
-            d_rows = torch.zeros(n_rows, dim, device=rows.device, dtype=torch.float32)
-            _sdm_backward_rows_kernel[(triton.cdiv(n_rows, block_m),)](
-                *args, d_rows, n_rows, n_cols, dim, scale, math.log(SDM_EPS), **meta)
-            d_rows = d_rows.to(rows.dtype)
-        if ctx.needs_input_grad[1]:
-            d_cols = torch.zeros(n_cols, dim, device=cols.device, dtype=torch.float32)
-            _sdm_backward_cols_kernel[(triton.cdiv(n_cols, block_n),)](
-                *args, d_cols, n_rows, n_cols, dim, scale, math.log(SDM_EPS), **meta)
-            d_cols = d_cols.to(cols.dtype)
-        return d_rows, d_cols, None, None, None, None
+def sdm_spec(logit_scale: float) -> SlabLossSpec:
+    """The SDM kernels with their hyper-parameters (see `kernels.slab.SlabLossSpec`)."""
+    scale = float(logit_scale)
+    return SlabLossSpec("sdm", 6, _sdm_line_stats_kernel, (scale, SDM_EPS, math.log(SDM_EPS)),
+                        _sdm_grad_kernel, (scale, math.log(SDM_EPS)))
 
 
-def prepare_directions(text_feats, image_feats, pids, weights, all_text_feats, all_image_feats, all_pids,
-                       row_offset):
-    """Validate, L2-normalise (float32) and cast to the kernel dtype; shared by SDM and TRL.
+def prepare_directions(text_feats, image_feats, pids, weights, text_cols, image_cols, col_pids):
+    """Validate and L2-normalise in float32; shared by SDM and TRL.
 
-    Returns (t [b,D], v [b,D], all_t [B,D], all_v [B,D], pids [b], all_pids [B]) contiguous,
-    where all_t / all_v ARE t / v (same tensor objects) without distribution.
+    Returns (t [b,D], v [b,D], all_t [B,D] or None, all_v [B,D] or None, pids [b] int64,
+    all_pids [B] int64 or None, operand dtype); the column entries are None without columns.
     """
-    all_t, all_v, all_p = check_loss_inputs(text_feats, image_feats, pids, weights, all_text_feats,
-                                            all_image_feats, all_pids, row_offset)
-    dtype = kernel_dtype(text_feats.dtype)
+    all_t, all_v, all_p = check_loss_inputs(text_feats, image_feats, pids, weights, text_cols, image_cols,
+                                            col_pids)
+    device = text_feats.device
 
     def norm(x):
-        return F.normalize(x.to(torch.float32), dim=-1).to(dtype).contiguous()
+        return F.normalize(x.to(torch.float32), dim=-1)
 
-    t, v = norm(text_feats), norm(image_feats)
-    at = t if all_t is text_feats else norm(all_t)
-    av = v if all_v is image_feats else norm(all_v)
-    device = text_feats.device
     local_pids = pids.to(device=device, dtype=torch.int64).contiguous()
-    all_p = local_pids if all_p is pids else all_p.to(device=device, dtype=torch.int64).contiguous()
-    return t, v, at, av, local_pids, all_p
+    operands = gemm_dtype(text_feats.dtype)
+    if all_t is text_feats:
+        return norm(text_feats), norm(image_feats), None, None, local_pids, None, operands
+    all_p = all_p.to(device=device, dtype=torch.int64).contiguous()
+    return norm(text_feats), norm(image_feats), norm(all_t), norm(all_v), local_pids, all_p, operands
 
 
-def sdm_loss_triton(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *, all_text_feats=None,
-                    all_image_feats=None, all_pids=None, row_offset=0, blocks=None):
-    """Per-sample SDM loss [b] float32 with the Triton kernels (see `kernels.sdm_loss`).
+def slab_loss_both_directions(spec: SlabLossSpec, text_feats, image_feats, pids, weights, text_cols, image_cols,
+                              col_pids, chunk_rows=None):
+    """text->image + image->text per-sample losses [b] float32 of `spec`, weighted (no grad through weights).
 
-    `blocks` = (BLOCK_M, BLOCK_N, BLOCK_D, num_warps) overrides the fixed tile sizes (tests use
-    small blocks to exercise multi-tile loops).
+    Without columns one slab pass serves both directions (rows = text, columns = images of the
+    same samples); with columns each direction is its own pass of local rows against all columns.
     """
-    t, v, at, av, p, all_p = prepare_directions(text_feats, image_feats, pids, weights, all_text_feats,
-                                                all_image_feats, all_pids, row_offset)
-    loss = (SdmDirection.apply(t, av, p, all_p, logit_scale, blocks)
-            + SdmDirection.apply(v, at, p, all_p, logit_scale, blocks))
+    t, v, all_t, all_v, p, all_p, operands = prepare_directions(text_feats, image_feats, pids, weights,
+                                                                text_cols, image_cols, col_pids)
+    if all_t is None:
+        loss = SlabLoss.apply(t, v, p, p, spec, True, operands, chunk_rows)
+    else:
+        loss = (SlabLoss.apply(t, all_v, p, all_p, spec, False, operands, chunk_rows)
+                + SlabLoss.apply(v, all_t, p, all_p, spec, False, operands, chunk_rows))
     if weights is not None:
         loss = loss * weights.detach().to(device=loss.device, dtype=torch.float32)
     return loss
+
+
+def sdm_loss_triton(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *, text_cols=None,
+                    image_cols=None, col_pids=None, chunk_rows=None):
+    """Per-sample SDM loss [b] float32 with the slab kernels (see `kernels.sdm_loss`).
+
+    `chunk_rows` overrides the slab height (tests use small values to run several chunks).
+    """
+    return slab_loss_both_directions(sdm_spec(logit_scale), text_feats, image_feats, pids, weights, text_cols,
+                                     image_cols, col_pids, chunk_rows)

@@ -1,196 +1,130 @@
-r"""Fused, tiled TRL (triplet alignment) loss in Triton (METHOD.md §3): no B×B matrix in memory.
+r"""TRL (triplet alignment) loss with cuBLAS similarity slabs and fused Triton statistics (docs/method.md §3).
 
-One direction (rows R [b, D], columns C [B, D], L2-normalised; image->text swaps the roles and
-runs the same kernels), τ = temperature, m = margin, P(i) = columns with row i's pid:
+One line (a row of S for text->image, a column for image->text), τ = temperature, m = margin,
+P = the elements sharing the line's pid, x_j = S_j / τ:
 
-    S_ij = R_i·C_j,  x_ij = S_ij / τ
-    α_ij = exp(x_ij − L⁺_i) for j ∈ P(i),  L⁺_i = log Σ_{j∈P(i)} exp x_ij      (α carries no gradient)
-    L⁻_i = log Σ_{j∉P(i)} exp x_ij
-    u_i = m − Σ_{j∈P(i)} α_ij S_ij + τ L⁻_i,   ℓ_i = max(u_i, 0)
-    A row without negatives has L⁻ = log 0 = −∞; its loss is defined as max(m − Σ α S, 0).
+    α_j = exp(x_j − L⁺) for j ∈ P,  L⁺ = log Σ_{j∈P} exp x_j            (α carries no gradient)
+    L⁻ = log Σ_{j∉P} exp x_j
+    u = m − Σ_{j∈P} α_j S_j + τ L⁻,   ℓ = max(u, 0)
 
-Forward (one program per row block, loop over column tiles): two online log-sum-exps, over the
-positives (max m⁺, sum l⁺ and the α-numerator a⁺ = Σ e^{x−m⁺} S) and over the negatives (m⁻, l⁻),
-each rescaled by e^{m_old − m_new} when its running max grows. Σ α S = a⁺ / l⁺. Saved per row:
-ℓ_i, L⁺_i, L⁻_i (+10³⁰ when there is no negative, so that its exponentials vanish) and the
-hinge flag [u_i > 0].
+A line without negatives has L⁻ = log 0 = −∞, so ℓ = 0 and no gradient (as RDE's loss gives).
 
-Backward, with upstream gradient g_i (α constant, ∂(τ L⁻_i)/∂S_ij = softmax over negatives):
+Forward, online over element tiles: two log-sum-exps, over the positives (max m⁺, sum l⁺ and the
+α-numerator a⁺ = Σ e^{x−m⁺} S) and over the negatives (m⁻, l⁻), each rescaled by e^{m_old − m_new}
+when its max grows; one exp per element (each element is either positive or negative). Σ α S =
+a⁺ / l⁺. State rows: (m⁺, l⁺, a⁺, m⁻, l⁻); saved for the backward: (L⁺, L⁻ (+10³⁰ without a
+negative), [u > 0 and a negative exists]).
 
-    dS_ij = g_i · [u_i > 0] · ( −α_ij              if j ∈ P(i)
-                               +exp(x_ij − L⁻_i)   otherwise )
-    dR = dS · C   (row-block kernel),   dC = dSᵀ · R   (column-block kernel)
+Backward, upstream gradient g (α constant; ∂(τ L⁻)/∂S_j = softmax over the negatives):
 
-recomputing S tile by tile; extra memory O(b·D + B·D + b). The hinge at exactly u_i = 0 takes
-the zero subgradient (as torch.relu does).
+    ∂ℓ/∂S_j = [u > 0] · (−α_j if j ∈ P else exp(x_j − L⁻)),   one exp per element and direction.
+
+The hinge at exactly u = 0 takes the zero subgradient (as torch.relu does).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .sdm import prepare_directions
-from .similarity_tiles import (NEG_BIG, accumulate_tile_product, dot_settings, pick_blocks,
-                               similarity_tile)
-
-NO_NEGATIVE_LSE = 1.0e30
-"""L⁻ stored for rows without negatives: exp(x − 10³⁰) is exactly 0 in the backward."""
+from .sdm import slab_loss_both_directions
+from .similarity_tiles import NEG_BIG
+from .slab import SlabLossSpec, line_block, line_state, line_tile
 
 
-@triton.jit
-def _trl_forward_kernel(R, C, ROW_PID, COL_PID, LOSS, LSE_POS, LSE_NEG, ACTIVE,
-                        n_rows, n_cols, D, inv_tau, tau, margin, no_negative_lse,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < n_rows
-    row_pid = tl.load(ROW_PID + rows, mask=row_mask, other=0)
-    pos_max = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
-    pos_sum = tl.zeros((BLOCK_M,), tl.float32)
-    pos_sim = tl.zeros((BLOCK_M,), tl.float32)
-    neg_max = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
-    neg_sum = tl.zeros((BLOCK_M,), tl.float32)
-    for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cols
-        col_pid = tl.load(COL_PID + cols, mask=col_mask, other=0)
-        s = similarity_tile(R, C, rows, cols, row_mask, col_mask, D,
-                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
+@triton.jit(do_not_specialize=["has_state", "final"])
+def _trl_line_stats_kernel(S, LINE_PID, ELEM_PID, STATE, LOSS, line_offset, elem_offset, n_lines, n_elems,
+                           n_state_lines, line_stride, elem_stride, inv_tau, tau, margin,
+                           has_state, final, AXIS: tl.constexpr,
+                           BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr):
+    lines, line_mask, line_pid, state = line_block(LINE_PID, STATE, line_offset, n_lines, BLOCK_L)
+    pos_max = line_state(state, 0, n_state_lines, line_mask, NEG_BIG, has_state, BLOCK_L)
+    pos_sum = line_state(state, 1, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    pos_sim = line_state(state, 2, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    neg_max = line_state(state, 3, n_state_lines, line_mask, NEG_BIG, has_state, BLOCK_L)
+    neg_sum = line_state(state, 4, n_state_lines, line_mask, 0.0, has_state, BLOCK_L)
+    for e0 in range(0, n_elems, BLOCK_E):
+        s, valid, positive, negative = line_tile(S, ELEM_PID, lines, line_mask, line_pid, e0, elem_offset,
+                                                 n_elems, line_stride, elem_stride, AXIS, BLOCK_E)
         x = s * inv_tau
-        positive = (row_pid[:, None] == col_pid[None, :]) & col_mask[None, :]
-        negative = (row_pid[:, None] != col_pid[None, :]) & col_mask[None, :]
-        x_pos = tl.where(positive, x, NEG_BIG)
-        new_pos_max = tl.maximum(pos_max, tl.max(x_pos, axis=1))
-        e_pos = tl.where(positive, tl.exp(x_pos - new_pos_max[:, None]), 0.0)
-        rescale = tl.exp(pos_max - new_pos_max)
-        pos_sum = rescale * pos_sum + tl.sum(e_pos, axis=1)
-        pos_sim = rescale * pos_sim + tl.sum(e_pos * s, axis=1)
+        new_pos_max = tl.maximum(pos_max, tl.max(tl.where(positive, x, NEG_BIG), axis=AXIS))
+        new_neg_max = tl.maximum(neg_max, tl.max(tl.where(negative, x, NEG_BIG), axis=AXIS))
+        shift = tl.where(positive, tl.expand_dims(new_pos_max, AXIS), tl.expand_dims(new_neg_max, AXIS))
+        e = tl.where(valid, tl.exp(tl.where(valid, x - shift, 0.0)), 0.0)
+        e_pos = tl.where(positive, e, 0.0)
+        pos_rescale = tl.exp(pos_max - new_pos_max)
+        pos_sum = pos_rescale * pos_sum + tl.sum(e_pos, axis=AXIS)
+        pos_sim = pos_rescale * pos_sim + tl.sum(e_pos * s, axis=AXIS)
+        neg_sum = tl.exp(neg_max - new_neg_max) * neg_sum + tl.sum(e - e_pos, axis=AXIS)
         pos_max = new_pos_max
-        x_neg = tl.where(negative, x, NEG_BIG)
-        new_neg_max = tl.maximum(neg_max, tl.max(x_neg, axis=1))
-        e_neg = tl.where(negative, tl.exp(x_neg - new_neg_max[:, None]), 0.0)
-        neg_sum = tl.exp(neg_max - new_neg_max) * neg_sum + tl.sum(e_neg, axis=1)
         neg_max = new_neg_max
-    has_pos = pos_sum > 0.0
-    has_neg = neg_sum > 0.0
-    safe_pos_sum = tl.where(has_pos, pos_sum, 1.0)
-    lse_neg = tl.where(has_neg, neg_max + tl.log(tl.where(has_neg, neg_sum, 1.0)), no_negative_lse)
-    hinge = margin - pos_sim / safe_pos_sum + tl.where(has_neg, tau * lse_neg, 0.0)
-    tl.store(LOSS + rows, tl.maximum(hinge, 0.0), mask=row_mask)
-    tl.store(LSE_POS + rows, pos_max + tl.log(safe_pos_sum), mask=row_mask)
-    tl.store(LSE_NEG + rows, lse_neg, mask=row_mask)
-    tl.store(ACTIVE + rows, (hinge > 0.0).to(tl.float32), mask=row_mask)
+    if final:
+        has_pos = pos_sum > 0.0
+        has_neg = neg_sum > 0.0
+        safe_pos_sum = tl.where(has_pos, pos_sum, 1.0)
+        lse_neg = neg_max + tl.log(tl.where(has_neg, neg_sum, 1.0))
+        hinge = margin - pos_sim / safe_pos_sum + tau * lse_neg
+        active = has_neg & (hinge > 0.0)
+        lse_neg = tl.where(has_neg, lse_neg, -NEG_BIG)      # no negative: exp(x − L⁻) = 0 in the backward
+        tl.store(state, pos_max + tl.log(safe_pos_sum), mask=line_mask)
+        tl.store(state + n_state_lines, lse_neg, mask=line_mask)
+        tl.store(state + 2 * n_state_lines, active.to(tl.float32), mask=line_mask)
+        tl.store(LOSS + line_offset + lines, tl.where(active, hinge, 0.0), mask=line_mask)
+    else:
+        tl.store(state, pos_max, mask=line_mask)
+        tl.store(state + n_state_lines, pos_sum, mask=line_mask)
+        tl.store(state + 2 * n_state_lines, pos_sim, mask=line_mask)
+        tl.store(state + 3 * n_state_lines, neg_max, mask=line_mask)
+        tl.store(state + 4 * n_state_lines, neg_sum, mask=line_mask)
 
 
 @triton.jit
-def _trl_grad_sims(s, row_pid, col_pid, row_mask, col_mask, lse_pos, lse_neg, active_grad, inv_tau):
-    """dS tile [BM, BN] = g·[u>0]·(−α on positives, softmax over negatives elsewhere)."""
-    valid = row_mask[:, None] & col_mask[None, :]
-    x = s * inv_tau
-    positive = row_pid[:, None] == col_pid[None, :]
-    weight = tl.where(positive, -tl.exp(x - lse_pos[:, None]), tl.exp(x - lse_neg[:, None]))
-    return tl.where(valid, active_grad[:, None] * weight, 0.0)
+def _trl_line_grad(x, positive, lse_pos, lse_neg, coef):
+    """coef · (−α on positives, softmax over the negatives elsewhere) for x = S/τ [M, N]."""
+    e = tl.exp(x - tl.where(positive, lse_pos, lse_neg))
+    return coef * tl.where(positive, -e, e)
 
 
 @triton.jit
-def _trl_backward_rows_kernel(R, C, ROW_PID, COL_PID, LSE_POS, LSE_NEG, ACTIVE_GRAD, D_ROWS,
-                              n_rows, n_cols, D, inv_tau,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _trl_grad_kernel(S, G, ROW_PID, COL_PID, ROW_STATE, COL_STATE, GRAD, row_offset, n_rows, n_cols,
+                     n_row_state, inv_tau,
+                     BOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
-    row_pid = tl.load(ROW_PID + rows, mask=row_mask, other=0)
-    lse_pos = tl.load(LSE_POS + rows, mask=row_mask, other=0.0)
-    lse_neg = tl.load(LSE_NEG + rows, mask=row_mask, other=0.0)
-    active_grad = tl.load(ACTIVE_GRAD + rows, mask=row_mask, other=0.0)
-    for c0 in range(0, n_cols, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cols
-        col_pid = tl.load(COL_PID + cols, mask=col_mask, other=0)
-        s = similarity_tile(R, C, rows, cols, row_mask, col_mask, D,
-                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
-        d_s = _trl_grad_sims(s, row_pid, col_pid, row_mask, col_mask, lse_pos, lse_neg, active_grad, inv_tau)
-        accumulate_tile_product(D_ROWS, rows, row_mask, d_s, C, cols, col_mask, D,
-                                BLOCK_D, UPCAST, PRECISION)
-
-
-@triton.jit
-def _trl_backward_cols_kernel(R, C, ROW_PID, COL_PID, LSE_POS, LSE_NEG, ACTIVE_GRAD, D_COLS,
-                              n_rows, n_cols, D, inv_tau,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
+    valid = row_mask[:, None] & col_mask[None, :]
+    offsets = rows[:, None] * n_cols + cols[None, :]
+    x = tl.load(S + offsets, mask=valid, other=0.0) * inv_tau
+    row_pid = tl.load(ROW_PID + row_offset + rows, mask=row_mask, other=0)
     col_pid = tl.load(COL_PID + cols, mask=col_mask, other=0)
-    for r0 in range(0, n_rows, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        row_pid = tl.load(ROW_PID + rows, mask=row_mask, other=0)
-        lse_pos = tl.load(LSE_POS + rows, mask=row_mask, other=0.0)
-        lse_neg = tl.load(LSE_NEG + rows, mask=row_mask, other=0.0)
-        active_grad = tl.load(ACTIVE_GRAD + rows, mask=row_mask, other=0.0)
-        s = similarity_tile(R, C, rows, cols, row_mask, col_mask, D,
-                            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION)
-        d_s = _trl_grad_sims(s, row_pid, col_pid, row_mask, col_mask, lse_pos, lse_neg, active_grad, inv_tau)
-        accumulate_tile_product(D_COLS, cols, col_mask, tl.trans(d_s), R, rows, row_mask, D,
-                                BLOCK_D, UPCAST, PRECISION)
+    positive = row_pid[:, None] == col_pid[None, :]
+    r = ROW_STATE + row_offset + rows
+    r_pos = tl.load(r, mask=row_mask, other=0.0)
+    r_neg = tl.load(r + n_row_state, mask=row_mask, other=0.0)
+    r_coef = tl.load(r + 2 * n_row_state, mask=row_mask, other=0.0) * tl.load(GRAD + row_offset + rows,
+                                                                               mask=row_mask, other=0.0)
+    d_s = _trl_line_grad(x, positive, r_pos[:, None], r_neg[:, None], r_coef[:, None])
+    if BOTH:
+        c_pos = tl.load(COL_STATE + cols, mask=col_mask, other=0.0)
+        c_neg = tl.load(COL_STATE + n_cols + cols, mask=col_mask, other=0.0)
+        c_coef = tl.load(COL_STATE + 2 * n_cols + cols, mask=col_mask, other=0.0) * tl.load(GRAD + cols,
+                                                                                          mask=col_mask, other=0.0)
+        d_s += _trl_line_grad(x, positive, c_pos[None, :], c_neg[None, :], c_coef[None, :])
+    d_s = tl.where(valid, d_s, 0.0)
+    tl.store(G + offsets, d_s.to(G.dtype.element_ty), mask=valid)
 
 
-class TrlDirection(torch.autograd.Function):
-    """One TRL direction: (rows [b,D], cols [B,D] normalised, row_pids [b], col_pids [B]) -> ℓ [b] fp32."""
-
-    @staticmethod
-    def forward(ctx, rows, cols, row_pids, col_pids, tau, margin, blocks):
-        n_rows, dim = rows.shape
-        n_cols = cols.shape[0]
-        block_m, block_n, block_d, warps = blocks or pick_blocks(n_rows, n_cols, dim, rows.dtype)
-        upcast, precision = dot_settings(rows.dtype)
-        loss = torch.empty(n_rows, device=rows.device, dtype=torch.float32)
-        lse_pos, lse_neg, active = torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss)
-        _trl_forward_kernel[(triton.cdiv(n_rows, block_m),)](
-            rows, cols, row_pids, col_pids, loss, lse_pos, lse_neg, active, n_rows, n_cols, dim,
-            1.0 / float(tau), float(tau), float(margin), NO_NEGATIVE_LSE,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision,
-            num_warps=warps)
-        ctx.save_for_backward(rows, cols, row_pids, col_pids, lse_pos, lse_neg, active)
-        ctx.settings = (1.0 / float(tau), block_m, block_n, block_d, warps, upcast, precision)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        rows, cols, row_pids, col_pids, lse_pos, lse_neg, active = ctx.saved_tensors
-        inv_tau, block_m, block_n, block_d, warps, upcast, precision = ctx.settings
-        n_rows, dim = rows.shape
-        n_cols = cols.shape[0]
-        active_grad = (grad_loss.detach().to(torch.float32) * active).contiguous()
-        args = (rows, cols, row_pids, col_pids, lse_pos, lse_neg, active_grad)
-        meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, UPCAST=upcast,
-                    PRECISION=precision, num_warps=warps)
-        d_rows = d_cols = None
-        if ctx.needs_input_grad[0]:
-            d_rows = torch.zeros(n_rows, dim, device=rows.device, dtype=torch.float32)
-            _trl_backward_rows_kernel[(triton.cdiv(n_rows, block_m),)](
-                *args, d_rows, n_rows, n_cols, dim, inv_tau, **meta)
-            d_rows = d_rows.to(rows.dtype)
-        if ctx.needs_input_grad[1]:
-            d_cols = torch.zeros(n_cols, dim, device=cols.device, dtype=torch.float32)
-            _trl_backward_cols_kernel[(triton.cdiv(n_cols, block_n),)](
-                *args, d_cols, n_rows, n_cols, dim, inv_tau, **meta)
-            d_cols = d_cols.to(cols.dtype)
-        return d_rows, d_cols, None, None, None, None, None
+def trl_spec(tau: float, margin: float) -> SlabLossSpec:
+    """The TRL kernels with their hyper-parameters (see `kernels.slab.SlabLossSpec`)."""
+    return SlabLossSpec("trl", 5, _trl_line_stats_kernel, (1.0 / float(tau), float(tau), float(margin)),
+                        _trl_grad_kernel, (1.0 / float(tau),))
 
 
-def trl_loss_triton(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *, all_text_feats=None,
-                    all_image_feats=None, all_pids=None, row_offset=0, blocks=None):
-    """Per-sample TRL loss [b] float32 with the Triton kernels (see `kernels.trl_loss`).
+def trl_loss_triton(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *, text_cols=None,
+                    image_cols=None, col_pids=None, chunk_rows=None):
+    """Per-sample TRL loss [b] float32 with the slab kernels (see `kernels.trl_loss`).
 
-    `blocks` = (BLOCK_M, BLOCK_N, BLOCK_D, num_warps) overrides the fixed tile sizes.
+    `chunk_rows` overrides the slab height (tests use small values to run several chunks).
     """
-    t, v, at, av, p, all_p = prepare_directions(text_feats, image_feats, pids, weights, all_text_feats,
-                                                all_image_feats, all_pids, row_offset)
-    loss = (TrlDirection.apply(t, av, p, all_p, tau, margin, blocks)
-            + TrlDirection.apply(v, at, p, all_p, tau, margin, blocks))
-    if weights is not None:
-        loss = loss * weights.detach().to(device=loss.device, dtype=torch.float32)
-    return loss
+    return slab_loss_both_directions(trl_spec(tau, margin), text_feats, image_feats, pids, weights, text_cols,
+                                     image_cols, col_pids, chunk_rows)

@@ -1,4 +1,4 @@
-"""Published text->image results of other methods (CLIP ViT-B/16 backbones), METHOD.md §9.
+"""Published text->image results of other methods (CLIP ViT-B/16 backbones), docs/method.md §9.
 
 Each number is a percentage as printed by the method's authors; ``None`` marks a figure the
 source does not report (CFAM gives no mINP). These are "reported" rows: we did not re-run them.
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 METRIC_NAMES = ("R1", "R5", "R10", "mAP", "mINP")
 
-# Where METHOD.md §9 took the table from; kept with every row so a leaderboard can cite it.
-TABLE_SOURCE = "METHOD.md §9 (from the IRRA, RDE and ICL papers/READMEs)"
+# Where the table of docs/method.md §9 comes from; kept with every row so a leaderboard can cite it.
+TABLE_SOURCE = "docs/method.md §9 (from the IRRA, RDE and ICL papers/READMEs)"
 
 
 @dataclass(frozen=True)

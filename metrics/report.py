@@ -1,8 +1,9 @@
 """Evaluation reports: row naming, per-checkpoint results, seed groups (mean ± std), the leaderboard
-Markdown (with the published rows of METHOD.md §9), results.json and the CMC plot.
+Markdown (with the published rows of docs/method.md §9), results.json and the CMC plot.
 
-Row keys: "<models>/<score>" with models A, B (the two reciprocal models) or A+B (their ensemble) and
-score GE (global embeddings), FS (fused) or GE+FS; image->text rows carry the prefix "i2t:".
+Row keys (`modeling.pair.ROW_KEYS`): "<models>/<score>" with models A, B (the two reciprocal models) or
+A+B (their ensemble) and score GE (global embeddings), FS (fused) or GE+FS; image->text rows carry the
+prefix "i2t:".
 All metric values are percentages.
 """
 from __future__ import annotations
@@ -18,11 +19,8 @@ from pathlib import Path
 from metrics.cmc import plot_cmc
 from metrics.leaderboard import LeaderboardRow, markdown_table, mean_std_rows, reported_rows, sort_by_r1
 from metrics.published import canonical_dataset, published_for
+from modeling.pair import I2T_PREFIX, ROW_KEYS
 
-MODEL_ROWS = (("A", (0,)), ("B", (1,)), ("A+B", (0, 1)))  # row name -> indices into (pair.a, pair.b)
-SCORES = ("GE", "FS", "GE+FS")
-ROW_KEYS = tuple(f"{model}/{score}" for model, _ in MODEL_ROWS for score in SCORES)
-I2T_PREFIX = "i2t:"
 CMC_MAX_RANK = 20
 
 
@@ -100,7 +98,7 @@ def leaderboard_rows(results: list[CheckpointResult], dataset: str, *, with_publ
                      prefix: str = "") -> list[LeaderboardRow]:
     """Rows of one direction ("" = text->image, "i2t:" = image->text): every checkpoint's rows, one
     mean ± std row per row key for each config with several checkpoints, and (text->image with
-    `with_published`) the reported rows of METHOD.md §9, sorted by R@1."""
+    `with_published`) the reported rows of docs/method.md §9, sorted by R@1."""
     keys = [f"{prefix}{key}" for key in ROW_KEYS]
     rows = []
     for result in results:
@@ -119,13 +117,13 @@ def render_leaderboard(results: list[CheckpointResult], dataset: str, split: str
                        i2t: bool, cmc_png: str | None) -> str:
     """The Markdown report: text->image table (+ published rows), image->text table, CMC figure."""
     lines = [f"# 3RTPR evaluation: {dataset}, split {split}", "",
-             "Metrics in percent (METHOD.md §8). A, B: the two reciprocal models; A+B: their ensemble "
+             "Metrics in percent (docs/method.md §8). A, B: the two reciprocal models; A+B: their ensemble "
              "(sum of similarities). GE: global embeddings; FS: fused representations; GE+FS: both.", "",
              "## Text → image", ""]
     t2i = leaderboard_rows(results, dataset, with_published=with_published)
     if with_published:
         if published_for(dataset):
-            lines += [f"Sorted by R@1. \"reported\" rows are published numbers (CLIP ViT-B/16), not re-run here.", ""]
+            lines += ["Sorted by R@1. \"reported\" rows are published numbers (CLIP ViT-B/16), not re-run here.", ""]
         else:
             lines += [f"No published results exist for {dataset!r} (only the three public benchmarks "
                       "cuhk-pedes, icfg-pedes and rstpreid have them): our rows only, sorted by R@1.", ""]

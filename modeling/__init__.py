@@ -1,6 +1,8 @@
-"""3RTPR modeling: CLIP backbone at 384×128, fused heads, TRPRModel, ReciprocalPair, scoring features.
+"""3RTPR modeling: CLIP backbone at 384×128, fused heads, TRPRModel, ReciprocalPair, scoring features, losses.
 
-Imports only torch, transformers and safetensors (ALR's scikit-learn import is lazy, in `modeling.alr`).
+Imports only torch, transformers, safetensors and huggingface_hub (ALR's scikit-learn import is lazy, in
+`modeling.alr`). Also here: the losses (`modeling.losses`), differentiable collectives, the Hub mixin
+(`modeling.hub`) and the run-folder layout (`modeling.run_folder`).
 """
 from . import alr
 from .clip_configs import small_clip_config, vit_b16_config

@@ -1,4 +1,4 @@
-"""Fused representation heads (METHOD.md §2).
+"""Fused representation heads (docs/method.md §2).
 
 For each modality: pick the k tokens with the highest last-layer attention from the CLS / EOT query,
 L2-normalise each, pass them through MLP E -> D/2 -> BatchNorm1d -> ReLU -> D, max-pool over the
@@ -12,6 +12,7 @@ BatchNorm statistics only see real selected tokens (`MaskedBatchNorm1d`).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,25 +29,44 @@ def num_selected(num_candidates: int, select_ratio: float) -> int:
 
 
 class MaskedBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d over the tokens of a [B, K, C] tensor, counting only valid tokens.
+    """BatchNorm1d over the tokens of a [B, K, C] tensor, counting only valid tokens, with an injectable
+    reduction of its batch statistics (for statistics that span several processes).
 
     Same parameters, buffers and state_dict keys as `nn.BatchNorm1d(C)`. Without a mask it is exactly
     BatchNorm1d over the B·K tokens. With `valid` [B, K] bool, batch statistics (training) are the
     mean / biased variance over valid tokens; running statistics get the unbiased variance, as in
     PyTorch. Statistics are computed in float32.
+
+    `reduce_statistics` (None = this process only): a differentiable function that maps this
+    process's sums ([C + 1]: Σ values and the token count; then [C]: Σ squared deviations) to the sums
+    over every process, e.g. `modeling.collectives.all_reduce_sum` (`engine.distributed.sync_batch_norms`
+    sets it). It is used in training mode only; eval mode uses the running statistics as usual.
     """
+
+    def __init__(self, *args, reduce_statistics: Callable[[torch.Tensor], torch.Tensor] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reduce_statistics = reduce_statistics
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
         batch, count, channels = tokens.shape
-        if valid is None:
+        reduce = self.reduce_statistics if self.training else None
+        if valid is None and reduce is None:
             return super().forward(tokens.reshape(batch * count, channels)).view(batch, count, channels)
         values = tokens.float()
         if self.training or not self.track_running_stats:
+            if valid is None:
+                valid = torch.ones(values.shape[:2], dtype=torch.bool, device=values.device)
             weight = valid.to(values.dtype).unsqueeze(-1)  # [B, K, 1]
-            total = weight.sum()
+            sums = torch.cat([(values * weight).sum(dim=(0, 1)), weight.sum().reshape(1)])
+            if reduce is not None:
+                sums = reduce(sums)
+            total = sums[-1]
             denominator = total.clamp(min=1.0)
-            mean = (values * weight).sum(dim=(0, 1)) / denominator
-            variance = (((values - mean) ** 2) * weight).sum(dim=(0, 1)) / denominator
+            mean = sums[:-1] / denominator
+            squares = (((values - mean) ** 2) * weight).sum(dim=(0, 1))
+            if reduce is not None:
+                squares = reduce(squares)
+            variance = squares / denominator
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean, variance, total)
         else:

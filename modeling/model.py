@@ -1,5 +1,6 @@
-"""TRPRModel: CLIP backbone + the two fused heads of 3RTPR (METHOD.md §1–§2), with a Hub-style
-checkpoint format (safetensors weights + JSON config + model card; loading never unpickles)."""
+"""TRPRModel: CLIP backbone + the two fused heads of 3RTPR (docs/method.md §1–§2), with a Hub checkpoint
+format (safetensors weights + JSON config + model card; loading never unpickles) shared through
+`modeling.hub.HubMixin` (from_pretrained from a folder or a Hub repo id, push_to_hub)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from transformers import CLIPConfig
 
 from .backbone import DEFAULT_CLIP, CLIPBackbone, load_clip_model
 from .fused import IMAGE_TOKEN_MODES, ImageFusedHead, TextFusedHead
+from .hub import HubMixin
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -20,7 +22,7 @@ MODEL_TYPE = "3rtpr"
 FORMAT_VERSION = 1
 
 
-class TRPRModel(nn.Module):
+class TRPRModel(nn.Module, HubMixin):
     """Dual encoder returning (global, fused) embeddings for images and captions.
 
     Parameters named `clip.*` are the backbone; `image_head.*` / `text_head.*` are the fused heads
@@ -122,7 +124,9 @@ class TRPRModel(nn.Module):
         return outputs
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def save_pretrained(self, save_directory: str | Path) -> None:
+    # save_pretrained(folder, push_to_hub=False, repo_id=None), push_to_hub(repo_id) and
+    # from_pretrained(folder or repo id, map_location="cpu", revision=None, ...) come from HubMixin.
+    def _save_pretrained(self, save_directory: str | Path) -> None:
         """Write `model.safetensors`, `config.json` (CLIP config + head settings) and a model card."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -134,9 +138,8 @@ class TRPRModel(nn.Module):
         (directory / CARD_NAME).write_text(model_card(self))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "TRPRModel":
-        """Load a folder written by `save_pretrained` (safetensors only; nothing is unpickled)."""
-        directory = Path(directory)
+    def _load_folder(cls, directory: Path, map_location: str | torch.device = "cpu") -> "TRPRModel":
+        """Load a local folder written by `save_pretrained` (safetensors only; nothing is unpickled)."""
         config = read_model_config(directory / CONFIG_NAME)
         clip_config = CLIPConfig.from_dict(config["clip_config"])
         with torch.device("meta"):  # shapes only: every persistent tensor comes from the weights file

@@ -1,4 +1,4 @@
-"""Reciprocal pair of TRPRModels (METHOD.md §5) and the retrieval features of its scores."""
+"""Reciprocal pair of TRPRModels (docs/method.md §5), the retrieval rows and the features of their scores."""
 from __future__ import annotations
 
 import copy
@@ -11,17 +11,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import DEFAULT_CLIP
+from .hub import HubMixin
 from .model import CARD_NAME, TRPRModel, read_json_file
 
 PAIR_CONFIG_NAME = "pair.json"
 PAIR_TYPE = "3rtpr-pair"
 MEMBER_DIRS = ("model_a", "model_b")
+# Retrieval rows "<models>/<score>": the models A, B or their ensemble A+B, scored with GE (global
+# embeddings), FS (fused) or GE+FS (both); image->text rows carry I2T_PREFIX. The one home of these names.
 SCORES = ("GE", "FS", "GE+FS")
+MODEL_ROWS = (("A", (0,)), ("B", (1,)), ("A+B", (0, 1)))  # row name -> indices into (pair.a, pair.b)
+ROW_KEYS = tuple(f"{model}/{score}" for model, _ in MODEL_ROWS for score in SCORES)
+I2T_PREFIX = "i2t:"
 
 
-class ReciprocalPair(nn.Module):
+class ReciprocalPair(nn.Module, HubMixin):
     """Two TRPRModels with the same architecture and backbone init and different head inits.
-    `pair.a`, `pair.b`; each is trained with its own optimizer (see train_3rtpr.py)."""
+    `pair.a`, `pair.b`; each is trained with its own optimizer (engine.reciprocal_step).
+    save_pretrained / from_pretrained (a folder or a Hub repo id) / push_to_hub: modeling.hub.HubMixin."""
 
     def __init__(self, model_a: TRPRModel, model_b: TRPRModel):
         super().__init__()
@@ -53,7 +60,7 @@ class ReciprocalPair(nn.Module):
         """[(global, fused) of model a, (global, fused) of model b] for input_ids/attention_mask [B, L]."""
         return [self.a.encode_text(input_ids, attention_mask), self.b.encode_text(input_ids, attention_mask)]
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
+    def _save_pretrained(self, save_directory: str | Path) -> None:
         """`model_a/` and `model_b/` (TRPRModel folders) + `pair.json` + a model card."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -69,16 +76,25 @@ class ReciprocalPair(nn.Module):
             "pair = ReciprocalPair.from_pretrained(\"this-folder\")\n```\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "ReciprocalPair":
-        """Load a folder written by `save_pretrained` (safetensors only)."""
-        directory = Path(directory)
+    def _load_folder(cls, directory: Path, map_location: str | torch.device = "cpu") -> "ReciprocalPair":
+        """Load a local folder written by `save_pretrained` (safetensors only)."""
         config_path = directory / PAIR_CONFIG_NAME
         config = read_json_file(config_path, "ReciprocalPair")
         members = config.get("members")
         if config.get("model_type") != PAIR_TYPE or not isinstance(members, list) or len(members) != 2:
             raise ValueError(f"{config_path}: expected model_type {PAIR_TYPE!r} and two 'members', got {config!r}")
-        model_a, model_b = (TRPRModel.from_pretrained(directory / str(name), map_location) for name in members)
+        model_a, model_b = (TRPRModel._load_folder(directory / str(name), map_location) for name in members)
         return cls(model_a, model_b)
+
+
+def parse_row_key(row: str) -> tuple[tuple[int, ...], str]:
+    """"A+B/GE+FS" -> ((0, 1), "GE+FS"): the model indices and the score of a row key (see ROW_KEYS);
+    ValueError naming the accepted keys otherwise."""
+    model_name, _, score = str(row).partition("/")
+    models = dict(MODEL_ROWS)
+    if model_name not in models or score not in SCORES:
+        raise ValueError(f"{row!r}: expected one of {', '.join(ROW_KEYS)}")
+    return models[model_name], score
 
 
 def scoring_features(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor],

@@ -50,6 +50,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # this checkout's packages, also when another checkout is installed editable
+    sys.path.insert(0, str(REPO))
 METRICS = ("R1", "mAP")
 
 
@@ -170,9 +172,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "set with --diagnose-noise-rate of noise from the run's seed) -> "
                              "DOCS_DIR/alr_separability.md")
     parser.add_argument("--diagnose-noise-rate", type=float, default=0.5)
-    parser.add_argument("--diagnose-order", choices=("index", "shuffled"), default="index",
-                        help="batches of the diagnosis: consecutive indices (as the trainer's ALR pass scores them "
-                             "today) or seeded shuffled batches of train.batch_size (as training batches)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1 (got {args.jobs})")
@@ -348,7 +347,6 @@ def prepare_dataset(runs: list[Run], args, env: dict) -> None:
     """Generates the synthetic dataset once, before parallel runs could race to write it, and writes the
     noise permutations the ensemble controls' second models train with (the ones the trainer generates
     for the partner "+ ALR" run: same dataset, rate and seed, same code)."""
-    sys.path.insert(0, str(REPO))
     datasets = {recipe_dataset(config_for(condition, args), args) for condition in args.conditions}
     for dataset in sorted(d for d in datasets if d.startswith("synth-pedes")):
         code = ("import data; data.load_benchmark(" + repr(dataset) + ")")
@@ -379,30 +377,25 @@ def evaluate_ensembles(runs: list[Run], env: dict, threads: int) -> list[str]:
     import torch
     import yaml
 
-    sys.path.insert(0, str(REPO))
     import data
-    import eval_3rtpr
     import modeling
     from data.transforms import get_tokenizer
+    from evaluation import evaluate_pair
+    from modeling.run_folder import selected_checkpoint
 
     torch.set_num_threads(threads)
     for run in tqdm(todo, desc="ensemble controls", unit="run"):
         config = yaml.safe_load((run.folder / "config.yaml").read_text())
-        members = [checkpoint_dir(member.folder) for member in (run.partner, run)]
+        members = [selected_checkpoint(member.folder) for member in (run.partner, run)]
         pair = modeling.ReciprocalPair(*(modeling.ReciprocalPair.from_pretrained(folder).a for folder in members))
         splits = data.load_benchmark(config["data"]["dataset"], root=config["data"]["root"] or env["TRPR_CACHE"])
-        metrics = eval_3rtpr.evaluate_pair(pair, splits["test_gallery"], splits["test_queries"],
+        metrics = evaluate_pair(pair, splits["test_gallery"], splits["test_queries"],
                                            tokenizer=get_tokenizer(), image_size=tuple(config["data"]["image_size"]),
                                            batch_size=config["eval"]["batch_size"])
         tmp = run.folder / (ENSEMBLE_METRICS + ".tmp")
         tmp.write_text(json.dumps({"members": [str(folder / "model_a") for folder in members], **metrics}, indent=2) + "\n")
         os.replace(tmp, run.folder / ENSEMBLE_METRICS)
     return missing
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    """best/ when the run has one, else last/ (the trainer's --final-test choice)."""
-    return run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "last"
 
 
 # ============================================================================================ report
@@ -441,13 +434,29 @@ def collect(runs: list[Run]) -> dict:
             ensemble["seeds"].append(run.seed)
             for metric in METRICS:
                 ensemble[metric].append(test["A+B/FS"][metric])
-        alr = [{"epoch": r["epoch"], **r["alr"].get("noise_detection", {}),
-                "mean_weight_noisy": r["alr"].get("mean_weight_noisy"),
-                "mean_weight_clean": r["alr"].get("mean_weight_clean"),
-                "consensus_counts": r["alr"].get("consensus_counts")} for r in records if "alr" in r]
+        alr = [alr_epoch_entry(r) for r in records if "alr" in r]
         if alr:
             cell.setdefault("_alr", {})[str(run.seed)] = alr
     return table
+
+
+def alr_epoch_entry(record: dict) -> dict:
+    """The ALR figures of one epoch's metrics record (engine.alr_report's fields): noisy-pair precision /
+    recall / F1, mean, 5 % quantile and median weight of noisy and clean pairs, mu, kept fraction, consensus
+    counts and each model's mixture status."""
+    alr = record["alr"]
+    quantiles = alr.get("weight_quantiles", {})
+    levels = quantiles.get("levels", [])
+    entry = {"epoch": record["epoch"], **alr.get("noise_detection", {}),
+             "mean_weight_noisy": alr.get("mean_weight_noisy"), "mean_weight_clean": alr.get("mean_weight_clean"),
+             "mu": alr.get("mu"), "kept_fraction": alr.get("kept_fraction"),
+             "consensus_counts": alr.get("consensus_counts"),
+             "mixture_status": {name: fit.get("status") for name, fit in alr.get("mixture", {}).items()}}
+    for group in ("noisy", "clean"):
+        for level, key in ((0.05, "q05"), (0.5, "median")):
+            if group in quantiles and level in levels:
+                entry[f"{key}_weight_{group}"] = quantiles[group][levels.index(level)]
+    return entry
 
 
 def table_markdown(table: dict, variants: list[str], conditions: list[str]) -> str:
@@ -485,6 +494,8 @@ def ensemble_markdown(table: dict, variants: list[str], conditions: list[str]) -
 def alr_markdown(table: dict, variants: list[str], condition: str = "noisy") -> str:
     """Per-epoch noisy-pair detection (noisy = no model calls the pair clean) of one noisy condition,
     mean over seeds."""
+    from modeling.alr import FIT_OK
+
     blocks = []
     for name in variants:
         per_seed = table.get(name, {}).get(condition, {}).get("_alr")
@@ -492,15 +503,21 @@ def alr_markdown(table: dict, variants: list[str], condition: str = "noisy") -> 
             continue
         epochs = sorted({entry["epoch"] for entries in per_seed.values() for entry in entries})
         lines = [f"**{VARIANTS[name].label}** (seeds {', '.join(sorted(per_seed))})", "",
-                 "| epoch | precision (%) | recall (%) | F1 (%) | mean w, noisy pairs | mean w, clean pairs | seeds |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| epoch | precision (%) | recall (%) | F1 (%) | mean w, noisy pairs | 5 % quantile w, noisy "
+                 "| median w, noisy | mean w, clean pairs | mu | degenerate mixture fits | seeds |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for epoch in epochs:
             entries = [e for entries in per_seed.values() for e in entries if e["epoch"] == epoch]
             cells = []
-            for metric in ("precision", "recall", "f1", "mean_weight_noisy", "mean_weight_clean"):
+            for metric in ("precision", "recall", "f1", "mean_weight_noisy", "q05_weight_noisy",
+                           "median_weight_noisy", "mean_weight_clean", "mu"):
                 values = [e[metric] for e in entries if e.get(metric) is not None]
-                digits = 3 if metric.startswith("mean_weight") else 1
+                digits = 1 if metric in ("precision", "recall", "f1") else 3
                 cells.append(format_cell(values, digits) if values else "–")
+            statuses = [status for e in entries for status in e.get("mixture_status", {}).values()]
+            degenerate = [status for status in statuses if status != FIT_OK]
+            cells.append(f"{len(degenerate)} of {len(statuses)}" + (f" ({', '.join(sorted(set(degenerate)))})"
+                                                                   if degenerate else ""))
             lines.append(f"| {epoch} | " + " | ".join(cells) + f" | {len(entries)} |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else "(no noisy run with ALR has finished)"
@@ -577,15 +594,17 @@ def run_alr_weights(run: Run, root: Path) -> tuple | None:
     import torch
     import yaml
 
-    states = sorted((run.folder / "last").glob("**/alr_state.pt"))
+    from modeling.run_folder import ALR_STATE_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, STATE_DIR
+
+    states = [run.folder / LAST_DIR / STATE_DIR / ALR_STATE_FILE]
+    states = [path for path in states if path.is_file()]
     config_path = run.folder / "config.yaml"
     if not states or not config_path.is_file():
         return None
     config = yaml.safe_load(config_path.read_text())
-    permutation = config["data"].get("noise_file") or run.folder / "noise_permutation.npy"
+    permutation = config["data"].get("noise_file") or run.folder / NOISE_PERMUTATION_FILE
     if not Path(permutation).is_file():
         return None
-    sys.path.insert(0, str(REPO))
     import data
 
     flags = data.load_benchmark(config["data"]["dataset"], root=config["data"]["root"] or root,
@@ -643,14 +662,17 @@ def plot_weight_distributions(runs: list[Run], args, path: Path) -> bool:
 
 
 def copy_histogram(runs: list[Run], docs_dir: Path) -> str | None:
-    """Copies the last ALR weight histogram of the first finished noisy full run (else any ALR run)."""
+    """Copies the ALR figure over the epochs (the trainer's alr_weights.png) of the first finished noisy full
+    run (else any ALR run)."""
+    from modeling.run_folder import ALR_WEIGHTS_FILE
+
     ordered = sorted((r for r in runs if r.finished),
                      key=lambda r: (r.variant.name != "full", r.condition != "noisy", r.seed))
     for run in ordered:
-        pngs = sorted(run.folder.glob("alr_weights_epoch*.png"), key=lambda p: int(p.stem.split("epoch")[1]))
-        if pngs:
-            target = docs_dir / f"alr_weights_{run.name}_{pngs[-1].stem.split('_')[-1]}.png"
-            shutil.copyfile(pngs[-1], target)
+        figure = run.folder / ALR_WEIGHTS_FILE
+        if figure.is_file():
+            target = docs_dir / f"alr_weights_{run.name}.png"
+            shutil.copyfile(figure, target)
             return target.name
     return None
 
@@ -721,70 +743,81 @@ def write_report(runs: list[Run], args, failed: list[str]) -> Path:
 
 
 # ========================================================================================= diagnosis
-def separability(run_dir: Path, noise_rate: float, order: str = "index", plot_dir: Path | None = None) -> dict:
-    """Encodes the (noisy) training set with a run's best/ pair, un-augmented, in batches of train.batch_size
-    (`order` "index": consecutive indices, as the ALR pass does today; "shuffled": a seeded random order, as
-    training batches), and scores how well each signal ALR uses tells noisy pairs from clean ones: ROC AUC
-    (0.5 = no information) of each model's per-sample loss (noisy = high) and of the fused diagonal cosine
-    (noisy = low), and of the global (CLS/EOT) diagonal cosine for comparison; the mean cosine of clean pairs, noisy pairs and non-matching pairs of the batch (other
-    identities); and the split of ALR's own 2-Gaussian mixture on each model's losses (noisy = posterior of
-    the low-loss component <= 0.5): precision / recall / F1 against the truth. With `plot_dir`, also
+def separability(run_dir: Path, noise_rate: float, plot_dir: Path | None = None) -> dict:
+    """Scores how well each signal ALR uses tells the noisy training pairs from the clean ones, with a run's
+    best/ pair (else last/) and the trainer's own ALR pass (`engine.AlrPass.sample_statistics`: each unique
+    image and caption encoded once, un-augmented, every sample's loss within the seeded shuffled batch of
+    train.batch_size that the pass would form before the epoch after the checkpoint's). Training set: the
+    run's dataset with `noise_rate` of noise from the run's seed.
+
+    Returns per model ("A", "B"): ROC AUC (0.5 = no information) of the per-sample loss (noisy = high), of the
+    fused diagonal cosine (noisy = low) and, for comparison, of the global (CLS/EOT) diagonal cosine; the mean
+    fused cosine of clean pairs, noisy pairs and of pairs of other identities in the same ALR batches; and the
+    split of ALR's own 2-Gaussian mixture on the model's losses (noisy = posterior of the low-loss component
+    <= 0.5, the run's alr.gmm_* settings): precision / recall / F1 against the truth. With `plot_dir`, also
     draws the loss distributions of clean and noisy pairs the mixture sees: alr_losses_<run>.png."""
+    import numpy as np
     import torch
     import yaml
+    from accelerate import Accelerator
     from sklearn.metrics import roc_auc_score
-    from torch.utils.data import DataLoader
 
-    sys.path.insert(0, str(REPO))
     import data
     import modeling
-    import train_3rtpr
     from data.transforms import get_tokenizer
+    from engine import AlrPass, alr_batches
+    from engine.metrics_log import read_metrics
+    from evaluation.features import encode_dataset
+    from modeling.alr import MixtureSettings, fit_mixture, noise_detection_scores
+    from modeling.losses import TrainingLoss
+    from modeling.run_folder import BEST_DIR, selected_checkpoint
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    chosen = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "last"
+    chosen = selected_checkpoint(run_dir)
     pair = modeling.ReciprocalPair.from_pretrained(chosen).eval()
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    trained_epoch = (records[-1].get("best_epoch") if chosen.name == BEST_DIR else records[-1]["epoch"]) if records else None
+    epoch = (trained_epoch if trained_epoch is not None else -1) + 1  # the ALR pass right after that checkpoint
     splits = data.load_benchmark(config["data"]["dataset"], root=config["data"]["root"], noise_rate=noise_rate,
                                  seed=config["seed"])
     train = splits["train"]
     noisy = torch.tensor(train["noisy"], dtype=torch.bool)
-    views = data.TrainViews(train, get_tokenizer(), config["data"]["image_size"], num_views=1, augment=False)
-    generator = torch.Generator().manual_seed(int(config["seed"]))
-    loader = DataLoader(views, batch_size=config["train"]["batch_size"], shuffle=order == "shuffled",
-                        generator=generator)
-    loss_name = "sdm" if config["loss"]["lambda_sdm"] > 0 else "trl"
-    losses = {"A": [], "B": []}
-    diag, off_diag, global_diag, indices = {"A": [], "B": []}, {"A": [], "B": []}, {"A": [], "B": []}, []
+    tokenizer = get_tokenizer()
+    loss_term = TrainingLoss.from_config(config["loss"]).alr_term
+    alr_pass = AlrPass(train, tokenizer, config, Accelerator(cpu=True))
     with torch.no_grad():
-        for batch in tqdm(loader, desc=f"separability {run_dir.name}", leave=False):
-            input_ids, mask = train_3rtpr.trim_text_padding(batch["input_ids"][:, 0], batch["attention_mask"][:, 0])
-            for name, model in zip(("A", "B"), pair.models):
-                out = model(pixel_values=batch["pixel_values"][:, 0], input_ids=input_ids, attention_mask=mask)
-                text, image = out["text_fused"].float(), out["image_fused"].float()
-                losses[name].append(train_3rtpr.per_sample_losses(text, image, batch["pid"], None, config["loss"],
-                                                                  1, 0)[loss_name])
-                cosines = torch.nn.functional.normalize(text, dim=-1) @ torch.nn.functional.normalize(image, dim=-1).T
-                diag[name].append(cosines.diagonal())
-                global_diag[name].append(torch.nn.functional.cosine_similarity(out["text_global"].float(),
-                                                                               out["image_global"].float(), dim=-1))
-                other = batch["pid"][:, None] != batch["pid"][None, :]
-                off_diag[name].append(cosines[other])
-            indices.append(batch["index"])
-    from modeling.alr import fit_clean_posterior, noise_detection_scores
-
-    index = torch.cat(indices)  # dataset index of every scored row (the order of the loader)
-    truth = noisy[index].numpy()
-    result = {"run": run_dir.name, "checkpoint": chosen.name, "noise_rate": noise_rate, "order": order,
+        losses, sims = alr_pass.sample_statistics(pair.models, loss_term, epoch)
+        # global embeddings and the fused features of the pairs of other identities (for comparison only)
+        image_ids = np.asarray(train["image_id"])
+        _, first_rows, image_of = np.unique(image_ids, return_index=True, return_inverse=True)
+        images = data.EvalImages(data.keep_rows(train, first_rows), config["data"]["image_size"])
+        texts = data.EvalTexts(train, tokenizer)
+        batch_size = config["eval"]["batch_size"]
+        image_features = encode_dataset(pair.models, images, "image", batch_size=batch_size)
+        text_features = encode_dataset(pair.models, texts, "text", batch_size=batch_size)
+    image_of = torch.from_numpy(image_of.reshape(-1).astype(np.int64))
+    pids = torch.as_tensor(np.asarray(train["pid"]), dtype=torch.int64)
+    truth = noisy.numpy()
+    result = {"run": run_dir.name, "checkpoint": chosen.name, "noise_rate": noise_rate, "alr_epoch": epoch,
               "trained_noise_rate": config["data"]["noise_rate"]}
+    mixture = MixtureSettings.from_config(config["alr"])
+    normalize = torch.nn.functional.normalize
     sample_losses = {}
-    for name in ("A", "B"):
-        loss, cos = torch.cat(losses[name]).numpy(), torch.cat(diag[name]).numpy()
-        sample_losses[name] = loss
-        gmm = noise_detection_scores(fit_clean_posterior(torch.from_numpy(loss)) <= 0.5, torch.from_numpy(truth))
-        result[name] = {"auc_loss": float(roc_auc_score(truth, loss)), "auc_similarity": float(roc_auc_score(truth, -cos)),
-                        "auc_global_similarity": float(roc_auc_score(truth, -torch.cat(global_diag[name]).numpy())),
+    for m, name in enumerate(("A", "B")):
+        loss, cos = losses[m], sims[m].numpy()
+        sample_losses[name] = loss.numpy()
+        (text_global, text_fused), (image_global, image_fused) = text_features[m], image_features[m]
+        global_cos = torch.nn.functional.cosine_similarity(text_global, image_global[image_of], dim=-1).numpy()
+        other = []
+        for members, _ in alr_batches(len(train), config["train"]["batch_size"], config["seed"], epoch):
+            cosines = normalize(text_fused[members], dim=-1) @ normalize(image_fused[image_of[members]], dim=-1).T
+            other.append(cosines[pids[members][:, None] != pids[members][None, :]])
+        gmm = noise_detection_scores(fit_mixture(loss, mixture).p_clean <= 0.5, noisy)
+        result[name] = {"auc_loss": float(roc_auc_score(truth, sample_losses[name])),
+                        "auc_similarity": float(roc_auc_score(truth, -cos)),
+                        "auc_global_similarity": float(roc_auc_score(truth, -global_cos)),
                         "cos_clean": float(cos[~truth].mean()), "cos_noisy": float(cos[truth].mean()),
-                        "cos_other_identity": float(torch.cat(off_diag[name]).mean()),
+                        "cos_other_identity": float(torch.cat(other).mean()),
                         **{f"gmm_{key}": value for key, value in gmm.items()}}
     if plot_dir is not None:
         plot_loss_distributions(sample_losses, truth, result, plot_dir / f"alr_losses_{run_dir.name}.png")
@@ -810,7 +843,7 @@ def plot_loss_distributions(sample_losses: dict, truth, result: dict, path: Path
         axis.legend(fontsize=7)
     axes[0][0].set_ylabel("training pairs")
     figure.suptitle(f"{result['run']} ({result['checkpoint']}/), {100 * result['noise_rate']:.0f}% noise, "
-                    f"{result['order']} batches", fontsize=9)
+                    f"ALR pass before epoch {result['alr_epoch']}", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
@@ -832,11 +865,9 @@ def write_separability(results: list[dict], docs_dir: Path) -> Path:
     docs_dir.mkdir(parents=True, exist_ok=True)
     path = docs_dir / "alr_separability.md"
     noise = sorted({r["noise_rate"] for r in results})
-    orders = {"index": "batches in index order as in the ALR pass",
-              "shuffled": "seeded shuffled batches of train.batch_size (as training batches)"}
-    order = "; ".join(orders[o] for o in sorted({r["order"] for r in results}))
     path.write_text(f"Training set with {', '.join(map(str, noise))} noisy correspondence (the run's seed), "
-                    f"each run's best/ models, un-augmented, {order}. "
+                    f"each run's best/ models, scored by the trainer's ALR pass (engine.AlrPass: un-augmented, "
+                    f"seeded shuffled batches of train.batch_size, the pass after the checkpoint's epoch). "
                     f"AUC 0.5 = the signal carries no information about which pairs are noisy. Mixture split: "
                     f"ALR's 2-Gaussian mixture on the model's own losses, noisy = posterior of the low-loss "
                     f"component <= 0.5 (one model; the trainer's consensus needs both).\n\n"
@@ -848,7 +879,7 @@ def write_separability(results: list[dict], docs_dir: Path) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.diagnose:
-        results = [separability(Path(run).resolve(), args.diagnose_noise_rate, args.diagnose_order,
+        results = [separability(Path(run).resolve(), args.diagnose_noise_rate,
                                 Path(args.docs_dir)) for run in args.diagnose]
         print(write_separability(results, Path(args.docs_dir)).read_text())
         return 0

@@ -264,16 +264,15 @@ def zero_shot_benchmark(folder: Path, image_size: tuple[int, int], dataset: str 
     """Text → image retrieval on a benchmark split with the saved proxy loaded the way fine-tuning loads it
     (TRPRModel.from_clip(folder) at `image_size`, position embeddings resized), global embeddings."""
     import data
-    import eval_3rtpr
     import kernels
+    from evaluation import encode_dataset
     from modeling import TRPRModel
 
     model = TRPRModel.from_clip(str(folder), select_ratio=0.0, image_size=image_size).eval()
     splits = data.load_benchmark(dataset, root=root)
     gallery, queries = splits[f"{split}_gallery"], splits[f"{split}_queries"]
-    (images, _), = eval_3rtpr.encode_dataset([model], data.EvalImages(gallery, image_size), "image", batch_size=128)
-    (texts, _), = eval_3rtpr.encode_dataset([model], data.EvalTexts(queries, get_tokenizer()), "text",
-                                            batch_size=128)
+    (images, _), = encode_dataset([model], data.EvalImages(gallery, image_size), "image", batch_size=128)
+    (texts, _), = encode_dataset([model], data.EvalTexts(queries, get_tokenizer()), "text", batch_size=128)
     return summary(kernels.retrieval_metrics(F.normalize(texts, dim=-1), F.normalize(images, dim=-1),
                                              torch.as_tensor(queries["pid"]), torch.as_tensor(gallery["pid"])))
 

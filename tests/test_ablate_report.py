@@ -192,7 +192,8 @@ def write_pair_run(folder: Path, dataset_root: Path, seed: int):
                                              head_seeds=(seed, seed + 1), fused_dim=16, image_size=(32, 16))
     pair.save_pretrained(folder / "best")
     config = configs.load_config(None, ["--data.dataset", "synth-pedes-tiny", "--data.root", str(dataset_root),
-                                        "--data.image_size", "[32, 16]", "--eval.batch_size", "64"])
+                                        "--data.image_size", "[32, 16]", "--eval.batch_size", "64",
+                                        "--data.num_workers", "0"])
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     fake_run(folder, {"A/FS": 5.0})
     return pair
@@ -200,9 +201,9 @@ def write_pair_run(folder: Path, dataset_root: Path, seed: int):
 
 def test_ensemble_control_evaluates_the_two_independent_models_a(tmp_path):
     import data
-    import eval_3rtpr
     import modeling
     from data.transforms import get_tokenizer
+    from evaluation import evaluate_pair
 
     args = proxy_args(tmp_path, "--seeds", "0", "--variants", "alr", "ensemble", "--conditions", "clean")
     partner, control = ablate.plan_runs(args)
@@ -213,13 +214,26 @@ def test_ensemble_control_evaluates_the_two_independent_models_a(tmp_path):
     assert control.finished
     saved = json.loads((control.folder / ablate.ENSEMBLE_METRICS).read_text())
     splits = data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data")
-    expected = eval_3rtpr.evaluate_pair(modeling.ReciprocalPair(first.a, second.a), splits["test_gallery"],
+    expected = evaluate_pair(modeling.ReciprocalPair(first.a, second.a), splits["test_gallery"],
                                         splits["test_queries"], tokenizer=get_tokenizer(), image_size=(32, 16))
     assert saved["A+B/FS"] == pytest.approx(expected["A+B/FS"])
     assert saved["A/FS"] == pytest.approx(expected["A/FS"]) and saved["members"][0].startswith(str(partner.folder))
     report = ablate.write_report([partner, control], args, failed=[]).read_text()
     row = next(line for line in report.splitlines() if line.startswith("| control"))
     assert f"{saved['A+B/FS']['R1']:.2f} (1 seed)" in row and "A+A'" in row
+
+
+def alr_record(noisy) -> dict:
+    """An epoch's ALR record as the trainer writes it (engine.alr_report of a real mixture fit): noisy pairs
+    have higher losses and lower similarities than clean ones, with some overlap."""
+    from engine import alr_report
+    from modeling.alr import compute_alr
+
+    flags = torch.as_tensor(noisy, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(int(flags.sum()))
+    losses = [flags.float() + 0.6 * torch.rand(len(flags), generator=generator) for _ in range(2)]
+    sims = 0.5 - 0.3 * flags.float() + 0.1 * torch.rand(len(flags), generator=generator)
+    return alr_report(compute_alr(losses[0], losses[1], sims), sims, flags)
 
 
 def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
@@ -240,33 +254,60 @@ def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
         state.mkdir(parents=True)
         weights = torch.where(torch.from_numpy(noisy), torch.tensor(0.2), torch.tensor(0.95))
         torch.save({"weights": weights, "keep": torch.ones(train_size, dtype=torch.bool)}, state / "alr_state.pt")
-        records = [{"epoch": 0, "best_epoch": 0},
-                   {"epoch": 1, "best_epoch": 1, "alr": {"noise_detection": {"precision": 90.0, "recall": 80.0,
-                                                                             "f1": 84.7},
-                                                         "mean_weight_noisy": 0.2, "mean_weight_clean": 0.95}}]
+        records = [{"epoch": 0, "best_epoch": 0}, {"epoch": 1, "best_epoch": 1, "alr": alr_record(noisy)}]
         (run.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     found = ablate.run_alr_weights(runs["full-noisy80-seed0"], tmp_path / "data")
     assert found is not None and found[1].mean() == pytest.approx(0.8, abs=0.02)
     assert np.all(found[0][found[1]] == np.float32(0.2))
     report = ablate.write_report(list(runs.values()), args, failed=[]).read_text()
     assert "### 50% noisy correspondence" in report and "### 80% noisy correspondence" in report
-    assert report.count("| 1 | 90.0 (1 seed) | 80.0 (1 seed) | 84.7 (1 seed) |") == 4
+    for name, run in runs.items():  # the detection and weights of each run's current-format ALR record
+        alr = json.loads((run.folder / "metrics.jsonl").read_text().splitlines()[1])["alr"]
+        detection, quantiles = alr["noise_detection"], alr["weight_quantiles"]
+        row = (f"| 1 | {detection['precision']:.1f} (1 seed) | {detection['recall']:.1f} (1 seed) | "
+               f"{detection['f1']:.1f} (1 seed) | {alr['mean_weight_noisy']:.3f} (1 seed) | "
+               f"{quantiles['noisy'][1]:.3f} (1 seed) | {quantiles['noisy'][3]:.3f} (1 seed) | "
+               f"{alr['mean_weight_clean']:.3f} (1 seed) | {alr['mu']:.3f} (1 seed) | 0 of 2 | 1 |")
+        assert row in report, row
     assert "alr_weight_distributions.png" in report
     assert (tmp_path / "docs" / "alr_weight_distributions.png").stat().st_size > 0
     assert (tmp_path / "docs" / "alr_detection.png").stat().st_size > 0
 
 
-def test_diagnosis_in_shuffled_batches_keeps_each_pairs_similarity_and_draws_the_losses(tmp_path):
+def test_diagnosis_scores_with_the_trainers_alr_pass_and_draws_the_losses(tmp_path):
+    import numpy as np
+    import data
+    import modeling
+    from accelerate import Accelerator
+    from data.transforms import get_tokenizer
+    from engine import AlrPass
+    from modeling.losses import TrainingLoss
+
     run = tmp_path / "runs" / "full-noisy-seed0"
-    write_pair_run(run, tmp_path / "data", seed=0)
-    by_index = ablate.separability(run, 0.5, "index")
-    shuffled = ablate.separability(run, 0.5, "shuffled", tmp_path / "docs")
-    for name in ("A", "B"):
-        # a pair's similarity does not depend on its batch: same AUC and means whatever the order
-        assert shuffled[name]["auc_similarity"] == pytest.approx(by_index[name]["auc_similarity"])
-        assert shuffled[name]["cos_noisy"] == pytest.approx(by_index[name]["cos_noisy"], abs=1e-6)
-        assert 0.0 <= shuffled[name]["auc_global_similarity"] <= 1.0
-        assert 0.0 <= shuffled[name]["gmm_f1"] <= 100.0
+    pair = write_pair_run(run, tmp_path / "data", seed=0)
+    result = ablate.separability(run, 0.5, tmp_path / "docs")
+    assert result["alr_epoch"] == 1  # the fake run's best epoch is 0: the pass before epoch 1
+    # the same losses as the trainer's pass on that training set and epoch
+    config = yaml_config(run)
+    train = data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data", noise_rate=0.5, seed=0)["train"]
+    truth = np.asarray(train["noisy"])
+    with torch.no_grad():
+        losses, sims = AlrPass(train, get_tokenizer(), config, Accelerator(cpu=True)).sample_statistics(
+            modeling.ReciprocalPair.from_pretrained(run / "best").eval().models,
+            TrainingLoss.from_config(config["loss"]).alr_term, 1)
+    from sklearn.metrics import roc_auc_score
+    for m, name in enumerate(("A", "B")):
+        assert result[name]["auc_loss"] == pytest.approx(roc_auc_score(truth, losses[m].numpy()))
+        assert result[name]["cos_noisy"] == pytest.approx(float(sims[m][torch.from_numpy(truth)].mean()), abs=1e-6)
+        assert 0.0 <= result[name]["auc_global_similarity"] <= 1.0
+        assert -1.0 <= result[name]["cos_other_identity"] <= 1.0
+        assert 0.0 <= result[name]["gmm_f1"] <= 100.0
     assert (tmp_path / "docs" / "alr_losses_full-noisy-seed0.png").stat().st_size > 0
-    table = ablate.write_separability([by_index, shuffled], tmp_path / "docs").read_text()
-    assert "index order" in table and "shuffled batches" in table and table.count("| full-noisy-seed0 (0.0) |") == 4
+    table = ablate.write_separability([result], tmp_path / "docs").read_text()
+    assert "engine.AlrPass" in table and table.count("| full-noisy-seed0 (0.0) |") == 2
+
+
+def yaml_config(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())

@@ -165,7 +165,7 @@ def test_empty_caption_dropped_with_warning(tmp_path, caplog):
     write_fixture(tmp_path, "cuhk-pedes", mutate=lambda e: e[0]["captions"].__setitem__(1, "  "))
     with caplog.at_level(logging.WARNING, logger="data.benchmarks"):
         train = load_benchmark("cuhk-pedes", root=tmp_path)["train"]
-    assert len(train) == 11 and "dropped empty captions" in caplog.text
+    assert len(train) == 11 and "1 blank caption(s) (dropped)" in caplog.text
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -193,18 +193,25 @@ def test_check_passes_on_a_good_fixture(tmp_path, capsys):
 
 def test_check_reports_every_problem(tmp_path, capsys):
     def break_it(entries):
-        entries[0]["captions"] = [""]                        # empty caption
+        entries[0]["captions"] = []                          # no captions
         entries[1]["split"] = "dev"                          # unknown split
-        entries[2]["file_path"] = entries[3]["file_path"]    # duplicate path
+        entries[2]["file_path"] = entries[3]["file_path"]    # duplicate path (entry 3 is then the duplicate)
         entries[4]["id"] = -3                                # bad id
         del entries[5]["captions"]                           # missing key
-        entries[6]["id"] = 17                                # a train id in the val split
+        entries[6]["id"] = 5                                 # a train id in the val split
         entries[7]["file_path"] = "val/nowhere.png"          # missing image
     write_fixture(tmp_path, "cuhk-pedes", mutate=break_it)
     (tmp_path / "CUHK-PEDES" / "imgs" / "val" / "33_0.png").write_bytes(b"not a png")  # unreadable image
     problems, _, _ = check_benchmark("cuhk-pedes", str(tmp_path), progress=False)
     assert set(problems) == {"empty captions", "unknown split", "duplicate paths", "bad id", "missing keys",
                              "id in several splits", "missing images", "unreadable images"}
+    # one problem per broken thing: the entry with the unknown split adds nothing else (its id 17 is not
+    # reported in two splits), and the unknown split names only the splits CUHK-PEDES has
+    assert {category: len(items) for category, items in problems.items()} == {
+        "empty captions": 1, "unknown split": 1, "duplicate paths": 1, "bad id": 1, "missing keys": 1,
+        "id in several splits": 1, "missing images": 1, "unreadable images": 1}
+    assert problems["id in several splits"] == ["id 5 appears in splits ['train', 'val'] (identities must be "
+                                                "disjoint across splits)"]
     assert check_main(["cuhk-pedes", "--root", str(tmp_path)]) == 1
     report = capsys.readouterr().out
     assert "FAILED" in report and "entry 7" in report and "nowhere.png" in report
@@ -242,8 +249,9 @@ def test_relative_root_gives_absolute_image_paths(tmp_path, monkeypatch):
 
 def test_bad_noise_rate(tmp_path, caplog):
     write_fixture(tmp_path, "cuhk-pedes")
-    with pytest.raises(ValueError, match="noise_rate must be in"):
-        load_benchmark("cuhk-pedes", root=tmp_path, noise_rate=1.5)
+    for bad in (1.5, 1.0, -0.1):
+        with pytest.raises(ValueError, match=r"noise_rate must lie in \[0, 1\)"):
+            load_benchmark("cuhk-pedes", root=tmp_path, noise_rate=bad)
     np.save(tmp_path / "id.npy", np.arange(12, dtype=np.int64))
     with caplog.at_level(logging.WARNING, logger="data.benchmarks"):
         train = load_benchmark("cuhk-pedes", root=tmp_path, noise_rate=0.5, noise_file=tmp_path / "id.npy")["train"]

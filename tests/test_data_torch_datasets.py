@@ -77,3 +77,144 @@ def test_eval_images_and_texts(splits, tokenizer):
     assert batch["input_ids"].shape == (5, 77) and batch["pid"].shape == (5,)
     image_batch = next(iter(DataLoader(gallery, batch_size=3)))
     assert image_batch["pixel_values"].shape == (3, 3, *IMAGE_SIZE)
+
+
+# ----------------------------------------------------------------------------- uint8 views, epoch keys
+def _reference_views(split, tokenizer, position, seed, epoch, num_views=2, image_size=IMAGE_SIZE):
+    """Today's float path written out step by step (resize per view, flip, pad-crop, normalise, erase,
+    then the text augmentation, all from one generator): TrainViews must equal it bit for bit."""
+    import numpy as np
+    from PIL import Image
+
+    from data.images import open_image
+    from data.torch_datasets import image_sources
+    from data.transforms import CLIP_MEAN, CLIP_STD, _uniform, augment_text, random_erase, random_pad_crop
+
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    scale, bias = 1.0 / (255.0 * std), -torch.tensor(CLIP_MEAN).view(3, 1, 1) / std
+    state = np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint64)[0] >> 2
+    generator = torch.Generator().manual_seed(int(state))
+    image = open_image(image_sources(split)[position])
+    ids, mask = tokenize(tokenizer, [split[position]["caption"]])
+    pixels, texts = [], []
+    for _ in range(num_views):
+        array = np.array(image.resize(image_size[::-1], Image.BICUBIC), dtype=np.uint8)
+        if _uniform(generator) < 0.5:
+            array = array[:, ::-1]
+        array = random_pad_crop(array, 10, generator)
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().mul_(scale).add_(bias)
+        pixels.append(random_erase(tensor, generator, p=0.5))
+        texts.append(augment_text(ids[0], mask[0], generator, prob=0.2))
+    return torch.stack(pixels), torch.stack([t[0] for t in texts])
+
+
+def test_float_views_equal_the_step_by_step_reference(splits, tokenizer):
+    views = TrainViews(splits["train"], tokenizer, IMAGE_SIZE, seed=11)
+    for position in (0, 7, 30):
+        expected_pixels, expected_ids = _reference_views(splits["train"], tokenizer, position, seed=11, epoch=4)
+        item = views[(4, position)]
+        assert torch.equal(item["pixel_values"], expected_pixels)
+        assert torch.equal(item["input_ids"], expected_ids)
+
+
+@pytest.mark.parametrize("image_size", [IMAGE_SIZE, (96, 40)])
+def test_uint8_views_normalised_on_device_equal_the_float_path(splits, tokenizer, image_size):
+    from data.transforms import normalize_uint8
+
+    float_views = TrainViews(splits["train"], tokenizer, image_size, seed=2)
+    uint8_views = TrainViews(splits["train"], tokenizer, image_size, seed=2, output="uint8")
+    keys = [(e, p) for e in (0, 3) for p in range(0, len(float_views), 5)]
+    floats = [float_views[k] for k in keys]
+    uint8s = [uint8_views[k] for k in keys]
+    pixels = torch.stack([item["pixel_values"] for item in uint8s])
+    boxes = torch.stack([item["erase_boxes"] for item in uint8s])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (len(keys), 2, 3, *image_size)
+    assert boxes.dtype == torch.long and boxes.shape == (len(keys), 2, 4)
+    erased = (boxes[..., 2] > 0).float().mean()
+    assert 0.25 < erased < 0.75  # random erasing still happens about half the time
+    normalised = normalize_uint8(pixels, boxes)
+    expected = torch.stack([item["pixel_values"] for item in floats])
+    assert normalised.dtype == torch.float32 and torch.equal(normalised, expected)  # bit for bit on the CPU
+    for item_f, item_u in zip(floats, uint8s):
+        assert torch.equal(item_f["input_ids"], item_u["input_ids"])
+    # an erased rectangle is exactly 0 (the mean) in every channel, as in the float path
+    view = (boxes[..., 2] > 0).nonzero()[0]
+    top, left, height, width = boxes[view[0], view[1]].tolist()
+    assert (normalised[view[0], view[1], :, top:top + height, left:left + width] == 0).all()
+    # bf16 output and no boxes
+    half = normalize_uint8(pixels[:, 0], dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.shape == (len(keys), 3, *image_size)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_uint8(expected)
+
+
+def test_uint8_eval_images_and_unaugmented_views(splits, tokenizer):
+    from data.transforms import normalize_uint8
+
+    gallery_float = EvalImages(splits["test_gallery"], IMAGE_SIZE)
+    gallery_uint8 = EvalImages(splits["test_gallery"], IMAGE_SIZE, output="uint8")
+    assert gallery_uint8[3]["pixel_values"].dtype == torch.uint8
+    assert torch.equal(normalize_uint8(gallery_uint8[3]["pixel_values"]), gallery_float[3]["pixel_values"])
+    plain = TrainViews(splits["train"], tokenizer, IMAGE_SIZE, num_views=1, augment=False, output="uint8")
+    item = plain[4]
+    assert item["pixel_values"].shape == (1, 3, *IMAGE_SIZE) and not item["erase_boxes"].any()
+    reference = TrainViews(splits["train"], tokenizer, IMAGE_SIZE, num_views=1, augment=False)[4]
+    assert torch.equal(normalize_uint8(item["pixel_values"], item["erase_boxes"]), reference["pixel_values"])
+    with pytest.raises(ValueError, match="output must be one of"):
+        TrainViews(splits["train"], tokenizer, IMAGE_SIZE, output="half")
+
+
+def test_epoch_keys_reach_persistent_workers(splits, tokenizer):
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from data import EpochKeyedBatches
+
+    views = TrainViews(splits["train"], tokenizer, IMAGE_SIZE, seed=5, output="uint8")
+    batches = EpochKeyedBatches(BatchSampler(SequentialSampler(range(8)), batch_size=4, drop_last=True))
+    loader = DataLoader(views, batch_sampler=batches, num_workers=2, persistent_workers=True)
+    seen = {}
+    for epoch in (0, 1, 0):
+        batches.set_epoch(epoch)
+        first = next(iter(loader))
+        expected = torch.stack([views[(epoch, p)]["pixel_values"] for p in range(4)])
+        assert torch.equal(first["pixel_values"], expected)  # the workers used this epoch
+        seen.setdefault(epoch, first["pixel_values"])
+        assert torch.equal(seen[epoch], first["pixel_values"])  # same epoch, same views
+    assert not torch.equal(seen[0], seen[1])
+    # the plain-position path with set_epoch gives the same items as the keys
+    views.set_epoch(1)
+    assert torch.equal(views[2]["pixel_values"], views[(1, 2)]["pixel_values"])
+    assert len(batches) == 2 and list(batches)[1] == [(0, 4), (0, 5), (0, 6), (0, 7)]
+
+
+def test_epoch_keyed_batches_forward_set_epoch():
+    from data import EpochKeyedBatches
+
+    class Inner:
+        epoch = None
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __iter__(self):
+            return iter([[3, 1]])
+
+        def __len__(self):
+            return 1
+
+    inner = Inner()
+    keyed = EpochKeyedBatches(inner)
+    keyed.set_epoch(7)
+    assert inner.epoch == 7 and list(keyed) == [[(7, 3), (7, 1)]]
+
+
+def test_bench_pipeline_prints_its_table(tmp_path):
+    from data.bench_pipeline import format_table, run
+
+    rows = run("synth-pedes-tiny", num_samples=8, image_size=IMAGE_SIZE, root=tmp_path / "synth")
+    assert [row[0] for row in rows] == ["decode", "resize", "item float (2 views)", "item uint8 (2 views)",
+                                        "loader float, 1 worker", "loader uint8, 1 worker",
+                                        "normalize uint8 batch (CPU)"]
+    assert all(wall > 0 and rate > 0 and (cpu is None or cpu >= 0) for _, cpu, wall, rate in rows)
+    table = format_table(rows, "title")
+    assert table.splitlines()[0] == "title" and "| loader uint8, 1 worker" in table and len(table.splitlines()) == 10

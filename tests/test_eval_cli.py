@@ -12,6 +12,7 @@ import yaml
 
 import data
 import eval_3rtpr
+import evaluation
 import modeling
 from data.transforms import get_tokenizer, tokenize
 from metrics import report
@@ -48,7 +49,7 @@ def setup(tmp_path_factory):
 
 def _api_rows(pair_dir, splits, i2t=False):
     pair = modeling.ReciprocalPair.from_pretrained(pair_dir)
-    return eval_3rtpr.evaluate_pair(pair, splits["test_gallery"], splits["test_queries"], tokenizer=get_tokenizer(),
+    return evaluation.evaluate_pair(pair, splits["test_gallery"], splits["test_queries"], tokenizer=get_tokenizer(),
                                     image_size=IMAGE_SIZE, batch_size=16, i2t=i2t)
 
 
@@ -160,7 +161,8 @@ def test_search_finds_planted_image_and_caches_gallery(setup, capsys, monkeypatc
     assert "encoded and cached" in first_err and "from cache" in second_err
     assert second_out.split("grid:")[0] == first_out.split("grid:")[0]  # same matches from the cached features
     assert len(list((setup["base"] / "cache" / "search-features").glob("*.safetensors"))) == 1
-    grid = setup["base"] / "search" / f"search_{eval_3rtpr._slug(caption)}.png"
+    grid = evaluation.search_grid_path(setup["base"] / "search", caption)
+    assert grid.name.startswith("search_") and grid.suffix == ".png"
     assert grid.read_bytes()[:4] == b"\x89PNG"
     # "-": one query per stdin line, answered from the same loaded model and cached gallery
     monkeypatch.setattr("sys.stdin", io.StringIO(f"a person in a red coat\n\n{caption}\n"))
@@ -238,5 +240,5 @@ def test_empty_split_is_reported(monkeypatch, setup):
     splits = setup["splits"]
     emptied = {"test_gallery": splits["test_gallery"].select([]), "test_queries": splits["test_queries"]}
     monkeypatch.setattr(data, "load_benchmark", lambda name, root=None: emptied, raising=False)
-    with pytest.raises(eval_3rtpr.EvalInputError, match="split 'test' is empty \\(test_gallery has no rows\\)"):
-        eval_3rtpr.load_eval_split(DATASET, None, "test")
+    with pytest.raises(evaluation.EvalInputError, match="split 'test' is empty \\(test_gallery has no rows\\)"):
+        evaluation.load_eval_split(DATASET, None, "test")

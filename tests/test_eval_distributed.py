@@ -3,14 +3,13 @@ shards included) and gathered, and every rank gets the single-process result."""
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import data
-import eval_3rtpr
+import evaluation
 import modeling
 from data.transforms import get_tokenizer
 
@@ -24,9 +23,8 @@ def _splits(root):
     return splits["test_gallery"].select(range(GALLERY_ROWS)), splits["test_queries"].select(range(QUERY_ROWS))
 
 
-def _worker(rank: int, pair_dir: str, root: str, out_dir: str, port: int, repo_root: str) -> None:
-    """One process of the group (spawned: re-imports everything)."""
-    sys.path.insert(0, repo_root)
+def _worker(rank: int, pair_dir: str, root: str, out_dir: str, port: int) -> None:
+    """One process of the group (spawned: re-imports everything, with the parent's sys.path)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
@@ -35,7 +33,7 @@ def _worker(rank: int, pair_dir: str, root: str, out_dir: str, port: int, repo_r
     accelerator = Accelerator(cpu=True)
     gallery, queries = _splits(root)
     pair = modeling.ReciprocalPair.from_pretrained(pair_dir)
-    rows = eval_3rtpr.evaluate_pair(pair, gallery, queries, tokenizer=get_tokenizer(), image_size=IMAGE_SIZE,
+    rows = evaluation.evaluate_pair(pair, gallery, queries, tokenizer=get_tokenizer(), image_size=IMAGE_SIZE,
                                     batch_size=4, accelerator=accelerator, i2t=True)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"num_processes": accelerator.num_processes, "rows": rows}))
     accelerator.wait_for_everyone()
@@ -55,11 +53,10 @@ def test_sharded_extraction_equals_single_process(tmp_path):
     pair = modeling.ReciprocalPair.from_clip(modeling.small_clip_config(), select_ratio=0.2, fused_dim=96,
                                              image_size=IMAGE_SIZE)
     pair.save_pretrained(tmp_path / "pair")
-    expected = eval_3rtpr.evaluate_pair(pair, gallery, queries, tokenizer=get_tokenizer(), image_size=IMAGE_SIZE,
+    expected = evaluation.evaluate_pair(pair, gallery, queries, tokenizer=get_tokenizer(), image_size=IMAGE_SIZE,
                                         batch_size=8, i2t=True)
-    repo_root = str(Path(__file__).resolve().parents[1])
     torch.multiprocessing.start_processes(
-        _worker, args=(str(tmp_path / "pair"), str(root), str(tmp_path), _free_port(), repo_root),
+        _worker, args=(str(tmp_path / "pair"), str(root), str(tmp_path), _free_port()),
         nprocs=WORLD_SIZE, start_method="spawn")
     for rank in range(WORLD_SIZE):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -76,7 +73,7 @@ def test_shard_indices_cover_every_item_once():
         def __init__(self, rank):
             self.process_index = rank
 
-    shards = [eval_3rtpr._shard_indices(7, FakeAccelerator(rank)) for rank in range(3)]
+    shards = [evaluation.shard_indices(7, FakeAccelerator(rank)) for rank in range(3)]
     assert [per for _, per in shards] == [3, 3, 3]
     gathered = [i for indices, _ in shards for i in indices]
     assert gathered[:7] == list(range(7)) and gathered[7:] == [6, 6]

@@ -1,8 +1,9 @@
 """Retrieval metrics: hand-computed cases, ties, no-match queries, and equality with the sort oracle.
 
-Paths under test: the chunked PyTorch reference (evaluation's CPU path), the Triton
-rank-counting kernel (interpreted on the CPU, compiled with a GPU) and the sort-based
-`retrieval_metrics_from_scores` (the oracle).
+Paths under test: the chunked PyTorch reference (evaluation's CPU path), the two Triton
+rank-counting kernels (score slab for float32/float64 features, fused tensor-core for fp16/bf16;
+interpreted on the CPU, compiled with a GPU) and the sort-based `retrieval_metrics_from_scores`
+(the oracle).
 """
 import math
 import os
@@ -12,7 +13,8 @@ import torch
 
 import kernels
 from kernels.reference import retrieval_metrics_from_scores, retrieval_metrics_reference
-from kernels.retrieval import SLOT_WINDOW, retrieval_metrics_triton
+import kernels.retrieval
+from kernels.retrieval import MAX_SLOTS, retrieval_metrics_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -108,18 +110,44 @@ def test_chunked_reference_equals_sort_oracle(integer):
 
 
 @pytest.mark.filterwarnings("ignore:.*no match")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("case", ["random_multi_tile", "tied", "many_matches"])
-def test_triton_equals_sort_oracle(case):
+def test_triton_equals_sort_oracle(case, dtype):
+    """float32/float64: the score-slab kernel; fp16/bf16: the fused kernel (scores of the rounded features)."""
     if case == "random_multi_tile":     # several query blocks and gallery tiles, D in chunks
-        problem, blocks = _random_problem(45, 70, 40, 12, seed=7), (16, 32, 16, 4)
+        problem, blocks = _random_problem(45, 70, 40, 12, seed=7), (16, 32, 16, 4, 1)
     elif case == "tied":
         problem, blocks = _random_problem(40, 64, 5, 6, seed=8, integer=True), None
-    else:                               # > SLOT_WINDOW matches per query: several launches
-        problem, blocks = _random_problem(12, 2 * SLOT_WINDOW + 20, 16, 2, seed=9), None
-    query, gallery, qp, gp = problem
-    oracle = retrieval_metrics_from_scores(query @ gallery.t(), qp, gp, per_query=True)
+    else:                               # > MAX_SLOTS matches per query: several launches
+        problem, blocks = _random_problem(12, 2 * MAX_SLOTS * 2 + 20, 16, 2, seed=9), None
+    query, gallery, qp, gp = (problem[0].to(dtype), problem[1].to(dtype)) + problem[2:]
+    oracle = retrieval_metrics_from_scores(query.double() @ gallery.double().t(), qp, gp, per_query=True)
     out = retrieval_metrics_triton(query, gallery, qp, gp, per_query=True, block_sizes=blocks)
     _assert_same_metrics(out, oracle)
+
+
+@pytest.mark.filterwarnings("ignore:.*no match")
+def test_score_slab_in_several_query_chunks(monkeypatch):
+    monkeypatch.setattr(kernels.retrieval, "SCORE_SLAB_BYTES", 17 * 50 * 4)      # 17 queries per slab
+    query, gallery, qp, gp = _random_problem(60, 50, 8, 7, seed=10)
+    oracle = retrieval_metrics_from_scores(query @ gallery.t(), qp, gp, per_query=True)
+    _assert_same_metrics(retrieval_metrics_triton(query, gallery, qp, gp, per_query=True), oracle)
+
+
+def test_duplicate_gallery_items_tie_by_index():
+    """Exact duplicates of a match rank by gallery index, in both kernels. Integer features keep
+    every score exact whatever the summation order (the interpreter's numpy matmul rounds
+    identical columns differently at different positions; the GPU's tensor cores do not)."""
+    gen = torch.Generator().manual_seed(12)
+    gallery = torch.randint(-2, 3, (20, 16), generator=gen).float()
+    gallery[[3, 11, 17]] = gallery[7].clone()         # four identical items, pids 3, 1, 2 and 2
+    gallery_pids = torch.arange(20) % 5
+    query = gallery[[7, 0, 5]] + torch.randint(-1, 2, (3, 16), generator=gen).float()
+    query_pids = gallery_pids[[7, 0, 5]]
+    for dtype in (torch.float32, torch.float16):
+        q, g = query.to(DEVICE, dtype), gallery.to(DEVICE, dtype)
+        oracle = retrieval_metrics_from_scores(q.double() @ g.double().t(), query_pids, gallery_pids, per_query=True)
+        _assert_same_metrics(retrieval_metrics_triton(q, g, query_pids, gallery_pids, per_query=True), oracle)
 
 
 def test_chunked_reference_scores_in_float32_under_autocast():

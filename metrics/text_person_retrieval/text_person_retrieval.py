@@ -3,11 +3,8 @@
 Load it offline from the repository:  ``evaluate.load("metrics/text_person_retrieval")``.
 The numbers come from ``kernels.retrieval_metrics`` (features) or
 ``kernels.retrieval_metrics_from_scores`` (a similarity matrix), i.e. exactly the project's
-evaluation protocol (METHOD.md §8, from IRRA).
+evaluation protocol (docs/method.md §8, from IRRA).
 """
-import json
-import sys
-from pathlib import Path
 
 import datasets
 import evaluate
@@ -59,39 +56,16 @@ _CITATION = """\
 """
 
 
-def _project_root_candidates():
-    """Folders that may hold the project's `kernels` package.
-
-    `evaluate` runs a COPY of this script from its modules cache; it writes the original path in
-    a JSON file beside the copy, so the repository is found from there (or from this file itself
-    when the script is imported directly).
-    """
-    here = Path(__file__).resolve()
-    candidates = [here.parents[2]] if len(here.parents) > 2 else []
-    meta = here.with_suffix(".json")
-    if meta.is_file():
-        try:
-            original = Path(json.loads(meta.read_text())["original file path"]).resolve()
-            candidates.insert(0, original.parents[2])
-        except (KeyError, ValueError, IndexError, OSError):
-            pass
-    return candidates
-
-
 def _import_kernels():
-    """The project's `kernels` package (imported lazily: `evaluate` checks top-level imports)."""
+    """The project's `kernels` package (imported lazily: `evaluate` checks top-level imports). `evaluate`
+    runs a copy of this script from its modules cache, so the project must be importable: installed
+    (`pip install -e .`) or run from the repository root."""
     try:
         import kernels
-        return kernels
-    except ImportError:
-        pass
-    for root in _project_root_candidates():
-        if (root / "kernels" / "__init__.py").is_file():
-            sys.path.insert(0, str(root))
-            import kernels
-            return kernels
-    raise ImportError("text_person_retrieval needs the 3rtpr project's `kernels` package on sys.path "
-                      "(run from the repository root or add it to PYTHONPATH)")
+    except ImportError as error:
+        raise ImportError("text_person_retrieval needs the 3rtpr project's `kernels` package: install the project "
+                          "(`pip install -e .` in the repository) or run from the repository root") from error
+    return kernels
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

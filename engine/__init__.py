@@ -1,0 +1,45 @@
+"""The training engine of 3RTPR (docs/method.md §3-§7), used by train_3rtpr.py.
+
+    run          resolve_run, prepare_run_folder, load_splits, build_train_loader, build_pair, head_seeds
+    sampler      GlobalBatchSampler
+    optim        param_groups, lr_factor, build_optimizer(s)
+    step         batch_to_device, encode_view, reciprocal_step, start_epoch, train_one_epoch, TrainingDiverged
+    compilation  train.compile (regional torch.compile of the encoder layers), fast-math settings
+    timing       per-phase epoch timing (PhaseClock, StepClock, epoch_timing, format_timing)
+    alr_pass     AlrPass (the per-epoch ALR pass), alr_batches, batch_statistics (ALR's scoring, also in
+                 score_samples for scripts), report_alr (record + alr_weights.png)
+    validation   validate, log_validation, final_test
+    checkpoint   TrainerState, CheckpointWriter (background writes), save_checkpoint / save_last / load_last /
+                 resume, atomic folder writes, RNG
+    distributed  sync_batch_norms, check_distributed_type
+    metrics_log  metrics.jsonl records, curves.png, flat_config
+
+The loss and its data parallelism are `modeling.losses.TrainingLoss`.
+"""
+from .alr_pass import (AlrPass, SampleScores, alr_active, alr_batches, alr_report, batch_statistics,
+                       plot_alr_history, report_alr, score_samples)
+from .checkpoint import (CheckpointWriter, TrainerState, initial_alr_state, load_last, recover_checkpoint, resume,
+                         rng_state, save_checkpoint, save_last, set_rng_state, write_folder_atomically)
+from .compilation import compile_model, configure_fast_math, resolve_compile_mode
+from .distributed import check_distributed_type, sync_batch_norms
+from .metrics_log import append_metrics, flat_config, plot_curves, plot_run_curves, read_metrics, restart_metrics
+from .optim import build_optimizer, build_optimizers, current_lrs, lr_factor, param_groups
+from .run import (build_clip_source, build_pair, build_train_loader, head_seeds, load_splits, prepare_run_folder,
+                  resolve_run)
+from .sampler import GlobalBatchSampler
+from .step import (TrainingDiverged, batch_to_device, encode_view, reciprocal_step, start_epoch, train_one_epoch,
+                   trim_text_padding)
+from .timing import PhaseClock, StepClock, epoch_timing, format_timing
+from .validation import final_test, log_validation, selection_score, validate, validation_due
+
+__all__ = ["AlrPass", "SampleScores", "alr_active", "alr_batches", "alr_report", "batch_statistics",
+           "plot_alr_history", "report_alr", "score_samples",
+           "CheckpointWriter", "TrainerState", "initial_alr_state", "load_last", "recover_checkpoint", "resume",
+           "rng_state", "save_checkpoint", "save_last", "set_rng_state", "write_folder_atomically", "check_distributed_type",
+           "sync_batch_norms", "append_metrics", "flat_config", "plot_curves", "plot_run_curves", "read_metrics",
+           "restart_metrics", "build_optimizer", "build_optimizers", "current_lrs", "lr_factor", "param_groups",
+           "build_clip_source", "build_pair", "build_train_loader", "head_seeds", "load_splits", "prepare_run_folder",
+           "resolve_run", "GlobalBatchSampler", "TrainingDiverged", "batch_to_device", "encode_view", "reciprocal_step",
+           "start_epoch", "train_one_epoch", "trim_text_padding", "compile_model", "configure_fast_math",
+           "resolve_compile_mode", "PhaseClock", "StepClock", "epoch_timing", "format_timing", "final_test",
+           "log_validation", "selection_score", "validate", "validation_due"]

@@ -1,0 +1,203 @@
+"""engine building blocks: batches, schedule, parameter groups, one reciprocal step."""
+import math
+
+import pytest
+import torch
+
+import engine
+import kernels
+import modeling
+from configs import load_config
+from modeling.losses import TrainingLoss
+
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "projection_dim": 32}
+
+
+def tiny_config(**sections):
+    overrides = ["--model.fused_dim", "64", "--data.image_size", "[32, 16]", "--train.epochs", "4"]
+    for key, value in sections.items():
+        overrides += [f"--{key}", str(value)]
+    return load_config(None, overrides)
+
+
+def test_global_batches_are_split_evenly_and_agree_with_one_process():
+    one = engine.GlobalBatchSampler(50, 8, rank=0, world_size=1, seed=3)
+    two = [engine.GlobalBatchSampler(50, 8, rank=r, world_size=2, seed=3) for r in range(2)]
+    for sampler in [one, *two]:
+        sampler.set_epoch(5)
+    single = list(one)
+    shares = [list(s) for s in two]
+    assert len(single) == 6 and all(len(batch) == 8 for batch in single)  # 50 // 8, last batch dropped
+    assert [a + b for a, b in zip(*shares)] == single
+    one.set_epoch(6)
+    assert list(one) != single  # a new order every epoch
+    assert len({i for batch in single for i in batch}) == 48
+    with pytest.raises(ValueError, match="not divisible"):
+        engine.GlobalBatchSampler(50, 9, rank=0, world_size=2, seed=0)
+    with pytest.raises(ValueError, match="exceeds the training set"):
+        engine.GlobalBatchSampler(5, 8, rank=0, world_size=1, seed=0)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    factors = [engine.lr_factor(e, epochs=60, warmup_epochs=5, warmup_factor=0.1) for e in range(60)]
+    assert factors[0] == pytest.approx(0.1)
+    assert factors[1] == pytest.approx(0.1 + 0.9 / 5)
+    assert factors[5] == pytest.approx(1.0)
+    assert factors[5 + 55 // 2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 27 / 55)))
+    assert factors[59] < 0.01 and all(a >= b for a, b in zip(factors[5:], factors[6:]))
+
+
+def test_param_groups_follow_the_recipe():
+    config = tiny_config()
+    model = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
+    groups = {g["name"]: g for g in engine.param_groups(model, config["optim"])}
+    assert (groups["backbone"]["lr"], groups["backbone"]["weight_decay"]) == (1e-5, 4e-5)
+    assert (groups["backbone_bias"]["lr"], groups["backbone_bias"]["weight_decay"]) == (2e-5, 0.0)
+    assert (groups["heads"]["lr"], groups["heads"]["weight_decay"]) == (1e-3, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].startswith("clip.") and names[id(p)].endswith("bias") for p in groups["backbone_bias"]["params"])
+    assert all(not names[id(p)].startswith("clip.") for p in groups["heads"]["params"])
+    grouped = sum(len(g["params"]) for g in groups.values())
+    assert grouped == sum(1 for p in model.parameters() if p.requires_grad)  # frozen patch conv left out
+    optimizer, scheduler = engine.build_optimizer(model, config)
+    assert optimizer.defaults["eps"] == 1e-3 and optimizer.defaults["betas"] == (0.9, 0.999)
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(1e-3 * 0.1)  # warm-up starts at 0.1x
+
+
+def _tiny_setup(config):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    pair = modeling.ReciprocalPair.from_clip(modeling.small_clip_config(**TINY_CLIP), head_seeds=(0, 1),
+                                             fused_dim=64, image_size=(32, 16))
+    optimizers = [engine.build_optimizer(m, config)[0] for m in pair.models]
+    generator = torch.Generator().manual_seed(1)
+    batch = {"index": torch.arange(8), "pid": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
+             "pixel_values": torch.randn(8, 2, 3, 32, 16, generator=generator),
+             "input_ids": torch.randint(1, 49000, (8, 2, 77), generator=generator),
+             "attention_mask": torch.zeros(8, 2, 77, dtype=torch.long)}
+    batch["attention_mask"][:, :, :12] = 1
+    batch["input_ids"][:, :, 0] = 49406
+    batch["input_ids"][:, :, 11] = 49407
+    alr_state = {"weights": torch.ones(8), "keep": torch.ones(8, dtype=torch.bool)}
+    return accelerator, pair, optimizers, batch, alr_state
+
+
+@pytest.mark.parametrize("loss", ["sdm", "trl"])
+def test_one_step_lowers_both_losses(loss):
+    config = tiny_config(**{"loss.lambda_sdm": float(loss == "sdm"), "loss.lambda_trl": float(loss == "trl"),
+                            "optim.backbone_lr": 1e-3, "optim.warmup_epochs": 0})
+    accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
+    loss = TrainingLoss.from_config(config["loss"])
+    before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    assert before[0] != before[1]  # different heads, different views
+    assert after[0] < before[0] and after[1] < before[1]
+
+
+def test_weights_and_keep_flags_enter_the_loss():
+    config = tiny_config(**{"optim.backbone_lr": 0.0, "optim.head_lr": 0.0})
+    accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
+    loss = TrainingLoss.from_config(config["loss"])
+    base = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    half = {"weights": torch.full((8,), 0.5), "keep": torch.ones(8, dtype=torch.bool)}
+    halved = engine.reciprocal_step(list(pair.models), optimizers, batch, half, loss, accelerator).tolist()
+    assert halved == pytest.approx([0.5 * b for b in base], rel=1e-4)  # sum(h w l) / sum(h)
+    dropped = {"weights": torch.ones(8), "keep": torch.arange(8) < 4}
+    partial = engine.reciprocal_step(list(pair.models), optimizers, batch, dropped, loss, accelerator).tolist()
+    assert all(p != pytest.approx(b, rel=1e-3) for p, b in zip(partial, base))  # mean over kept samples only
+
+
+def test_a_non_finite_loss_stops_the_epoch_at_the_next_check(monkeypatch):
+    """The step never reads the loss back; train_one_epoch checks every log_every steps and at the end of
+    the epoch and names the first non-finite step and model."""
+    config = tiny_config()
+    loss = TrainingLoss.from_config(config["loss"])
+    real_sdm, calls = kernels.sdm_loss, []
+
+    def nan_from_the_third_call(t, i, *args, **kwargs):  # model A of step 1 (calls: A0, B0, A1, ...)
+        calls.append(1)
+        out = real_sdm(t, i, *args, **kwargs)
+        return out * float("nan") if len(calls) == 3 else out
+
+    monkeypatch.setattr(kernels, "sdm_loss", nan_from_the_third_call)
+    steps_run = []
+    real_step = engine.step.reciprocal_step
+    monkeypatch.setattr(engine.step, "reciprocal_step", lambda *a, **k: steps_run.append(1) or real_step(*a, **k))
+
+    def run(log_every):
+        accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)  # fresh weights (the NaN stepped)
+        steps_run.clear()
+        calls.clear()
+        with pytest.raises(engine.TrainingDiverged, match=r"model A at epoch 3, step 1 \(global step 11\)"):
+            engine.train_one_epoch(list(pair.models), optimizers, [batch] * 6, alr_state, loss, accelerator,
+                                   epoch=3, epochs=4, global_step=10, log_every=log_every,
+                                   batches=iter([batch] * 6))
+        return len(steps_run)
+
+    assert run(log_every=2) == 2    # checked after global step 12: stops there
+    assert run(log_every=100) == 6  # checked at the end of the epoch only
+
+
+def test_epoch_means_and_step_times(monkeypatch):
+    config = tiny_config()
+    accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
+    loss = TrainingLoss.from_config(config["loss"])
+    shares = []
+    real_step = engine.step.reciprocal_step
+    monkeypatch.setattr(engine.step, "reciprocal_step",
+                        lambda *a, **k: shares.append(real_step(*a, **k)) or shares[-1])
+    record, step = engine.train_one_epoch(list(pair.models), optimizers, [batch] * 3, alr_state, loss, accelerator,
+                                          epoch=0, epochs=1, global_step=5, log_every=2, batches=iter([batch] * 3))
+    assert step == 8 and record["step"] == 8 and record["steps"] == 3
+    expected = torch.stack(shares).double().mean(0)
+    assert record["loss_a"] == expected[0].item() and record["loss_b"] == expected[1].item()
+    assert record["compute_s"] > 0 and record["data_wait_s"] >= 0
+
+
+def test_uint8_batches_on_the_device_equal_the_float_path():
+    """batch_to_device + view_pixels on a TrainViews(output="uint8") batch == the float path's pixels, and the
+    trimmed captions match trim_text_padding; a badly padded mask is refused on the host."""
+    from data.transforms import build_image_transform, normalize_uint8
+
+    generator = torch.Generator().manual_seed(0)
+    uint8 = torch.randint(0, 256, (3, 2, 3, 32, 16), dtype=torch.uint8, generator=generator)
+    boxes = torch.tensor([[[2, 3, 5, 4], [0, 0, 0, 0]], [[0, 0, 32, 16], [10, 1, 3, 3]], [[0, 0, 0, 0]] * 2])
+    transform = build_image_transform(train=True, image_size=(32, 16))
+    expected = torch.stack([torch.stack([transform.to_float(uint8[i, v].numpy(), tuple(boxes[i, v].tolist()))
+                                         for v in range(2)]) for i in range(3)])
+    mask = torch.zeros(3, 2, 77, dtype=torch.long)
+    for (row, view), length in zip([(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)], [5, 9, 7, 4, 4, 12]):
+        mask[row, view, :length] = 1
+    batch = {"index": torch.arange(3), "pid": torch.arange(3), "pixel_values": uint8, "erase_boxes": boxes,
+             "input_ids": torch.randint(1, 1000, (3, 2, 77), generator=generator) * mask, "attention_mask": mask}
+    moved = engine.batch_to_device(batch, torch.device("cpu"))
+    assert moved[engine.step.TEXT_LENGTHS] == [9, 12]
+    for view in range(2):
+        assert torch.equal(engine.step.view_pixels(moved, view, "cpu"), expected[:, view])
+        ids, trimmed = engine.step.view_text(moved, view, "cpu")
+        assert torch.equal(ids, engine.trim_text_padding(batch["input_ids"][:, view], mask[:, view])[0])
+        assert torch.equal(trimmed, mask[:, view, :[9, 12][view]])
+    assert torch.equal(normalize_uint8(uint8, boxes), expected)
+    holes = mask.clone()
+    holes[0, 0, 2] = 0
+    with pytest.raises(ValueError, match="right-padded"):
+        engine.batch_to_device({**batch, "attention_mask": holes}, torch.device("cpu"))
+
+
+def test_trimming_text_padding_keeps_the_features():
+    torch.manual_seed(0)
+    model = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16)).eval()
+    input_ids = torch.randint(1, 49000, (3, 77))
+    attention_mask = torch.zeros(3, 77, dtype=torch.long)
+    for row, length in enumerate([9, 21, 5]):
+        attention_mask[row, :length] = 1
+        input_ids[row, 0], input_ids[row, length - 1], input_ids[row, length:] = 49406, 49407, 0
+    trimmed_ids, trimmed_mask = engine.trim_text_padding(input_ids, attention_mask)
+    assert trimmed_ids.shape == (3, 21) and torch.equal(trimmed_mask.sum(1), attention_mask.sum(1))
+    with torch.no_grad():
+        full, trimmed = model.encode_text(input_ids, attention_mask), model.encode_text(trimmed_ids, trimmed_mask)
+    for a, b in zip(full, trimmed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
