@@ -115,14 +115,24 @@ class Run:
         return self.trained and (self.partner is None or (self.folder / ENSEMBLE_METRICS).is_file())
 
     @property
+    def command_file(self) -> Path:
+        """The trainer command of the run, beside its folder (the trainer wants a new run's folder empty)."""
+        return self.folder.parent / f"{self.name}.command.txt"
+
+    @property
+    def log_file(self) -> Path:
+        """The trainer's output, beside the run folder."""
+        return self.folder.parent / f"{self.name}.log"
+
+    @property
     def metrics_file(self) -> Path:
         """The test metrics the table reads (the ensemble's for the control)."""
         return self.folder / (ENSEMBLE_METRICS if self.partner is not None else "test_metrics.json")
 
     def check_same_command(self) -> None:
         """A run folder written by a different command (other epochs, --set, config) is not this run."""
-        recorded = self.folder / "command.txt"
-        if not recorded.is_file():
+        recorded = next((path for path in (self.command_file, self.folder / "command.txt") if path.is_file()), None)
+        if recorded is None:
             return
         previous = recorded.read_text().split()
         if "--resume" in previous:
@@ -286,16 +296,18 @@ def run_environment(threads: int, cache: Path) -> dict:
 
 
 def execute(run: Run, env: dict) -> tuple[Run, int, float]:
-    """Trains one run (resuming when it has a finished epoch); its output goes to <run>/train.log."""
+    """Trains one run (resuming when it has a finished epoch); its command and output go beside the run
+    folder (<runs>/<name>.command.txt, <runs>/<name>.log): the trainer starts a new run only in an empty
+    or new folder."""
     command = list(run.command)
     if (run.folder / "last").is_dir():
         command += ["--resume", str(run.folder)]
     elif run.folder.exists():
         shutil.rmtree(run.folder)  # started but no finished epoch: start again
-    run.folder.mkdir(parents=True, exist_ok=True)
-    (run.folder / "command.txt").write_text(" ".join(command) + "\n")
+    run.folder.parent.mkdir(parents=True, exist_ok=True)
+    run.command_file.write_text(" ".join(command) + "\n")
     start = time.time()
-    with open(run.folder / "train.log", "a") as log:
+    with open(run.log_file, "a") as log:
         code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     seconds = time.time() - start
     if code == 0:
@@ -323,7 +335,7 @@ def train_all(runs: list[Run], args) -> list[str]:
         for future in as_completed(futures):
             run, code, seconds = future.result()
             progress.update(1)
-            status = "ok" if code == 0 else f"FAILED (exit {code}, see {run.folder / 'train.log'})"
+            status = "ok" if code == 0 else f"FAILED (exit {code}, see {run.log_file})"
             progress.write(f"{run.name}: {status}, {seconds / 60:.1f} min")
             if code != 0:
                 failed.append(run.name)

@@ -86,7 +86,7 @@ def test_a_run_folder_of_another_command_is_not_reused(tmp_path):
     args = args_for(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean", "--epochs", "3")
     (run,) = ablate.plan_runs(args)
     fake_run(run.folder, {"A/FS": 10.0})
-    (run.folder / "command.txt").write_text(" ".join(run.command + ["--resume", str(run.folder)]) + "\n")
+    run.command_file.write_text(" ".join(run.command + ["--resume", str(run.folder)]) + "\n")
     assert ablate.plan_runs(args)[0].finished  # same command (a resume is the same run): reused
     other = args_for(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean", "--epochs", "4")
     with pytest.raises(SystemExit, match="another command"):
