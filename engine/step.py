@@ -81,7 +81,7 @@ def train_one_epoch(wrapped_models, optimizers, loader, alr_state: dict, loss, a
                                       where=f"epoch {epoch}, step {step} (global step {global_step})")
         sums += torch.tensor(step_losses, dtype=torch.float64)
         global_step += 1
-        progress.set_postfix(loss_a=f"{step_losses[0]:.4f}", loss_b=f"{step_losses[1]:.4f}")
+        progress.set_postfix(loss_a=f"{step_losses[0]:.4f}", loss_b=f"{step_losses[1]:.4f}", refresh=False)
         if global_step % log_every == 0:
             lrs = current_lrs(optimizers[0])
             accelerator.log({"train/loss_a": step_losses[0], "train/loss_b": step_losses[1],
