@@ -13,6 +13,7 @@ import data
 import modeling
 from data.arrow_splits import column_values
 from data.images import ImageCheckError
+from evaluation.checkpoints import image_check_summary
 from modeling.hub import check_pretrained_clip
 from modeling.run_folder import (CONFIG_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, REPLACED_DIR, RUN_LOCK_FILE,
                                  RUN_MARKERS, RunLock, describe_holder)
@@ -88,6 +89,8 @@ class RunFolder:
                     raise configs.ConfigError(f"--output-dir {self.run_dir}: {failure}") from failure
             except (configs.ConfigError, RuntimeError) as failure:
                 self.lock.release()
+                if self.created:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
                 error = failure
         self._agree(error)
         return self
@@ -95,8 +98,11 @@ class RunFolder:
     def _open(self) -> None:
         if self.in_place and self.overwrite:
             raise configs.ConfigError("--overwrite would delete the run that --resume continues; drop one of them")
-        self.created = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:  # atomic: of two runs started at once, only one counts as the folder's creator
+            self.run_dir.mkdir(parents=True)
+            self.created = True
+        except FileExistsError:
+            self.created = False
         stale = self.lock.acquire()
         if stale is not None:
             print(f"note: {self.run_dir} was locked by {describe_holder(stale)}, which is no longer running "
@@ -194,11 +200,10 @@ def _image_check(split, name: str, policy: str, accelerator):
             return data.verify_images(split, policy=policy, name=name,
                                       progress=None if accelerator.is_main_process else False)
         except ImageCheckError as error:
-            lines = str(error).splitlines()
+            listing, headline, first = image_check_summary(error)
             if accelerator.is_main_process:
-                print("\n".join(lines[:-1]), file=sys.stderr)
-            first = lines[1].strip().lstrip("- ") if len(lines) > 2 else ""
-            raise SystemExit(f"error: config data.image_policy=error: {lines[0]} (first: {first}); fix or remove "
+                print(listing, file=sys.stderr)
+            raise SystemExit(f"error: config data.image_policy=error: {headline} (first: {first}); fix or remove "
                              "them, or pass --data.image_policy skip to train without them") from None
 
 

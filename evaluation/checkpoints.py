@@ -178,6 +178,14 @@ def load_eval_split(dataset: str, root: str | None, split: str):
     return splits[gallery_key], splits[queries_key]
 
 
+def image_check_summary(error: Exception) -> tuple[str, str, str]:
+    """(the full list, its headline "NAME: N unusable image(s), R of M rows", the first "FILE: reason") of
+    a data.images.ImageCheckError, for a one-line error after the list is printed."""
+    lines = str(error).splitlines()
+    first = lines[1].strip().lstrip("- ") if len(lines) > 2 else ""
+    return "\n".join(lines[:-1]), lines[0], first
+
+
 def check_gallery_images(gallery_split, name: str) -> None:
     """Decode every gallery image once before any encoding (data.verify_images, parallel and cached):
     EvalInputError naming the first unusable file and how many there are (the full list on stderr)."""
@@ -186,10 +194,9 @@ def check_gallery_images(gallery_split, name: str) -> None:
     try:
         data.verify_images(gallery_split, policy="error", name=name)
     except ImageCheckError as error:
-        lines = str(error).splitlines()
-        print("\n".join(lines[:-1]), file=sys.stderr)
-        first = lines[1].strip().lstrip("- ") if len(lines) > 2 else ""
-        raise EvalInputError(f"{lines[0]}: cannot read image {first}") from None
+        listing, headline, first = image_check_summary(error)
+        print(listing, file=sys.stderr)
+        raise EvalInputError(f"{headline}: cannot read image {first}") from None
 
 
 @contextlib.contextmanager

@@ -1,13 +1,13 @@
 """Progress bars of every command: live on a terminal, quiet in non-interactive logs.
 
-tqdm reads its defaults from TQDM_* environment variables (tqdm >= 4.66), so one call at the start of a
-command reaches every bar of the project (data, engine, evaluation) and of the processes it launches,
+One call at the start of a command reaches every tqdm bar of the project (data, engine, evaluation)
 without touching the call sites:
 
-    quiet_progress_in_logs()   # train_3rtpr.py and eval_3rtpr.py call it first
+    quiet_progress_in_logs()   # train_3rtpr.py and eval_3rtpr.py call it first (cli())
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -15,12 +15,18 @@ LOG_MININTERVAL_S = 60  # seconds between two redraws of a bar when stderr is no
 
 
 def quiet_progress_in_logs(stream=None) -> bool:
-    """When `stream` (default sys.stderr, where tqdm draws) is not a terminal, set TQDM_MININTERVAL so a bar
-    is redrawn at most every LOG_MININTERVAL_S seconds (a log then holds a few lines per bar instead of
-    one per step). A TQDM_MININTERVAL or TQDM_DISABLE the user set wins. Returns whether it was set."""
+    """When `stream` (default sys.stderr, where tqdm draws) is not a terminal, redraw every bar at most
+    every LOG_MININTERVAL_S seconds (a log then holds a couple of lines per bar instead of one per step):
+    tqdm's default `mininterval` in this process, and TQDM_MININTERVAL for the processes it starts
+    (tqdm reads TQDM_* once, when it is imported). A TQDM_MININTERVAL or TQDM_DISABLE the user set wins.
+    Returns whether it changed anything."""
     stream = sys.stderr if stream is None else stream
     interactive = hasattr(stream, "isatty") and stream.isatty()
     if interactive or "TQDM_MININTERVAL" in os.environ or "TQDM_DISABLE" in os.environ:
         return False
     os.environ["TQDM_MININTERVAL"] = str(LOG_MININTERVAL_S)
+    import tqdm.std
+
+    bar = tqdm.std.tqdm  # tqdm.auto's class and the others call its __init__; explicit arguments still win
+    bar.__init__ = functools.partialmethod(bar.__init__, mininterval=LOG_MININTERVAL_S)
     return True

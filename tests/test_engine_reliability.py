@@ -22,12 +22,7 @@ from engine import checkpoint, metrics_log
 from modeling.run_folder import RUN_LOCK_FILE, RunFolderBusy, RunLock, lock_holder
 from test_data_benchmarks import write_fixture
 from test_data_images import _broken_fixture
-from test_train_runs import ROOT, read_records, tiny_args
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("synth")
+from test_train_runs import ROOT, data_root, read_records, tiny_args  # noqa: F401 (data_root: a fixture)
 
 
 @pytest.fixture(scope="module")
