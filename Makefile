@@ -3,22 +3,28 @@
 #   make demo   set up .venv (if needed), train + evaluate 3RTPR on the built-in synth-pedes
 PYTHON      ?= python3
 VENV        ?= .venv
-# torch is installed first so that the project's dependencies (pyproject.toml) never pull another build.
-# On a GPU machine, create the venv with your CUDA torch already importable (VENV_FLAGS=--system-site-packages)
-# or set TORCH_SPEC to the build you want.
+# torch is installed first so that the project's dependencies (pyproject.toml) never pull another build:
+# the project is then installed under a constraint pinning the torch already there.
+# On a GPU machine keep its CUDA torch: make setup VENV_FLAGS=--system-site-packages (the new venv sees the
+# packages of $(PYTHON), also when $(PYTHON) itself lives in a virtual environment: scripts/inherit_site_packages.py),
+# or set TORCH_SPEC to the build you want. PIP_FLAGS: extra pip options (e.g. --no-index --no-build-isolation).
 TORCH_SPEC  ?= torch==2.13.0
 VENV_FLAGS  ?=
+PIP_FLAGS   ?=
 BIN         := $(VENV)/bin
 OFFLINE_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup test demo bench gpu-check clean
+.PHONY: setup test demo bench gpu-check gpu-wheels clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(if $(findstring system-site-packages,$(VENV_FLAGS)),$(PYTHON) scripts/inherit_site_packages.py $(VENV))
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) --constraint $(VENV)/torch-constraint.txt -e ".[test]"
+	$(BIN)/python -c "import torch; print('setup: torch', torch.__version__, 'from', torch.__file__)"
 	touch $@
 
 test: setup
@@ -39,6 +45,9 @@ bench: setup
 
 gpu-check:
 	bash scripts/gpu_check.sh
+
+gpu-wheels:
+	bash scripts/fetch_gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

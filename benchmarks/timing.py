@@ -2,6 +2,7 @@
 
     time_call(fn, device, repeats, grad_to_none=None) -> {"ms": median, "min_ms": fastest}
     time_steps(fn, device, steps, warmup=1, before=None) -> {"ms", "min_ms", "total_s"}: every call timed alone
+    time_sequence(fn, device, steps, warmup=1) -> {"ms", "total_s"}: the calls timed as one sequence
     peak_extra_mib(fn, device) -> extra CUDA MiB of one call (None on the CPU)
     guarded(measure) -> {"status": "ok" | "OOM" | "error: ...", **measure()}
     device_name(device) -> the card's name, or "CPU <processor> (<n> threads)"
@@ -65,6 +66,21 @@ def time_steps(fn, device, steps, warmup=1, before=None) -> dict:
         _synchronize(device)
         samples.append((time.perf_counter() - start) * 1e3)
     return {"ms": statistics.median(samples), "min_ms": min(samples), "total_s": sum(samples) / 1e3}
+
+
+def time_sequence(fn, device, steps, warmup=1) -> dict:
+    """{"ms": mean per call, "total_s"} of `steps` calls of fn() run back to back after `warmup` untimed
+    calls, the device synchronised only before the first and after the last (calls that never wait on the
+    device, such as training steps, overlap their host work with the device's as they do in training)."""
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _synchronize(device)
+    total = time.perf_counter() - start
+    return {"ms": total / steps * 1e3, "total_s": total}
 
 
 def peak_extra_mib(fn, device):

@@ -25,9 +25,13 @@ EXTRA_TYPES = {
     "data.root": (str, type(None)),
     "data.noise_file": (str, type(None)),
     "model.backbone": (str, dict),
+    "model.head_seeds": (list, type(None)),
     "alr.mu": (str, float),
     "eval.split": (str, type(None)),
+    "train.compile": (str, bool),
 }
+# train.compile values (false means "off"); their meaning: engine/compilation.py
+COMPILE_MODES = ("auto", "regional", "full", "off")
 # list-valued keys whose length may differ from the default's (the others are fixed: [H, W], betas, ...)
 VARIABLE_LENGTH = {"logging.trackers"}
 KNOWN_DATASETS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-pedes", "synth-pedes-tiny",
@@ -153,7 +157,7 @@ def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
     from data.images import IMAGE_POLICIES
     from data.noise import check_noise_rate
-    from modeling.alr import validate_mu_rule
+    from modeling.alr import MixtureSettings, validate_mu_rule
     from modeling.pair import parse_row_key
 
     def fail(message):
@@ -179,8 +183,15 @@ def validate(config: dict, source: str = "config") -> None:
         fail(f"model.image_tokens must be topk or all, got {config['model']['image_tokens']!r}")
     if config["loss"]["lambda_sdm"] <= 0 and config["loss"]["lambda_trl"] <= 0:
         fail("loss.lambda_sdm and loss.lambda_trl are both 0: nothing to train")
+    seeds = config["model"]["head_seeds"]
+    if seeds is not None and (len(seeds) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        fail(f"model.head_seeds must be null (derived from seed) or two integers [A, B], got {seeds!r}")
     if config["alr"]["models"] not in (1, 2):
         fail(f"alr.models must be 1 or 2, got {config['alr']['models']}")
+    try:
+        MixtureSettings.from_config(config["alr"]).check()
+    except ValueError as error:
+        fail(f"alr: {error}")
     try:
         validate_mu_rule(config["alr"]["mu"])
     except ValueError as error:
@@ -192,6 +203,8 @@ def validate(config: dict, source: str = "config") -> None:
     if config["train"]["batch_size"] < 2:
         fail(f"train.batch_size must be >= 2 (the losses contrast the samples of a batch), "
              f"got {config['train']['batch_size']}")
+    if config["train"]["compile"] is not False and config["train"]["compile"] not in COMPILE_MODES:
+        fail(f"train.compile must be auto, regional, full or false, got {config['train']['compile']!r}")
     if config["eval"]["every"] < 1:
         fail(f"eval.every must be >= 1, got {config['eval']['every']}")
     try:

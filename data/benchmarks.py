@@ -1,6 +1,6 @@
 """The three text-based person-retrieval benchmarks (and synth-pedes) as `datasets.DatasetDict`.
 
-On-disk layouts (METHOD.md §6), under `root`:
+On-disk layouts (docs/method.md §6), under `root`:
     CUHK-PEDES/reid_raw.json + imgs/      entries {split, captions, file_path, processed_tokens, id}
     ICFG-PEDES/ICFG-PEDES.json + imgs/    same keys; splits train/test
     RSTPReid/data_captions.json + imgs/   image key `img_path`

@@ -1,4 +1,4 @@
-"""Noisy correspondence (RDE protocol, METHOD.md §6).
+"""Noisy correspondence (RDE protocol, docs/method.md §6).
 
 A noise permutation π is an int64 array over the N training samples: the caption of sample i becomes
 caption[π(i)]; its image, pid and index stay. With only a rate r, π permutes a random r-fraction of the

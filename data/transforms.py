@@ -1,4 +1,4 @@
-"""Image transforms, CLIP tokenization and text augmentation (METHOD.md §6), without torchvision.
+"""Image transforms, CLIP tokenization and text augmentation (docs/method.md §6), without torchvision.
 
 Images: PIL for the resize, torch for everything after it. A transform returns a float tensor
 [3, H, W] normalised with CLIP's mean/std (so a pixel equal to the mean becomes 0).
@@ -229,7 +229,7 @@ class ImageTransform:
 
 
 def build_image_transform(train: bool, image_size: Sequence[int] = (384, 128)) -> ImageTransform:
-    """The METHOD.md §6 image transform: `transform(pil_image, generator=None) -> FloatTensor[3, H, W]`."""
+    """The image transform of docs/method.md §6: `transform(pil_image, generator=None) -> FloatTensor[3, H, W]`."""
     return ImageTransform(train=train, image_size=image_size)
 
 
@@ -327,7 +327,7 @@ def tokenize(tokenizer, captions: Sequence[str], context_length: int = CONTEXT_L
 
 def augment_text(input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: Optional[torch.Generator] = None,
                  prob: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text augmentation of METHOD.md §6 on one tokenized caption.
+    """Text augmentation (docs/method.md §6) on one tokenized caption.
 
     input_ids, attention_mask: LongTensor[L] as made by `tokenize`. Each word token (not SOT, EOT or
     pad) is picked with probability `prob`; a picked token becomes MASK_TOKEN_ID with probability 1/2,

@@ -12,12 +12,16 @@ point of a swap (`kill_point`, fault injection for the tests).
 """
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
 import random
 import shutil
 import signal
+import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -188,33 +192,87 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------- best/ and last/
+def save_rng_states(state_dir: Path, states: list[dict]) -> None:
+    """rng_<process>.pt for each process's RNG state (`rng_state()`), in process order."""
+    for process, state in enumerate(states):
+        torch.save(state, state_dir / f"rng_{process}.pt")
+
+
+def last_bytes(pair, snapshot: dict) -> int:
+    """Bytes of the tensors a last/ holds (the pair, optimizer states, ALR state): the disk space a write
+    of last/ needs, give or take the file headers."""
+    return tensor_bytes(pair, [state["state"] for state in snapshot["optimizers"]], snapshot["alr_state"])
+
+
+def write_last(folder: Path, pair, snapshot: dict) -> None:
+    """Fill a last/ folder: the pair (`save_pretrained`) + training_state/ from a `training_snapshot`."""
+    pair.save_pretrained(folder)
+    state_dir = folder / STATE_DIR
+    state_dir.mkdir()
+    for name, optimizer_state, scheduler_state in zip("ab", snapshot["optimizers"], snapshot["schedulers"]):
+        torch.save(optimizer_state, state_dir / f"optimizer_{name}.pt")
+        torch.save(scheduler_state, state_dir / f"scheduler_{name}.pt")
+    if snapshot["scaler"] is not None:
+        torch.save(snapshot["scaler"], state_dir / "scaler.pt")
+    torch.save(snapshot["alr_state"], state_dir / ALR_STATE_FILE)
+    (state_dir / TRAINER_STATE_FILE).write_text(json.dumps(snapshot["trainer_state"], indent=2) + "\n")
+    save_rng_states(state_dir, snapshot["rng"])
+
+
+def gather_rng_states(accelerator) -> list[dict] | None:
+    """Every process's `rng_state()`, in process order, on the main process (None elsewhere)."""
+    if accelerator.num_processes == 1:
+        return [rng_state()]
+    from accelerate.utils import gather_object
+
+    states = gather_object([rng_state()])
+    return states if accelerator.is_main_process else None
+
+
+def training_snapshot(optimizer_states, schedulers, alr_state: dict, trainer_state: TrainerState, accelerator,
+                      copy_tensors=None) -> dict:
+    """What training_state/ holds, detached from the live objects: {"optimizers": [state_dict per model],
+    "schedulers", "scaler", "alr_state" (host tensors), "trainer_state" (dict), "rng" [per process]}.
+    optimizer_states: the optimizers' state dicts; copy_tensors(state_dicts) -> copies (the live tensors
+    are kept when None: the caller writes before the next step)."""
+    states = [optimizer.state_dict() for optimizer in optimizer_states]
+    return {"optimizers": copy_tensors(states) if copy_tensors is not None else states,
+            "schedulers": [copy.deepcopy(scheduler.state_dict()) for scheduler in schedulers],
+            "scaler": copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None,
+            "alr_state": {key: value.detach().cpu().clone() for key, value in alr_state.items()},
+            "trainer_state": asdict(trainer_state), "rng": gather_rng_states(accelerator)}
+
+
+class _ThisProcessOnly:
+    """Stands in for the Accelerator in `write_folder_atomically` when the main process writes alone (in a
+    background thread: no collective may run there)."""
+
+    is_main_process = is_local_main_process = True
+    process_index, num_processes = 0, 1
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def print(self, *args, **kwargs) -> None:
+        print(*args, **kwargs)
+
+
 def save_last(run_dir: Path, pair, optimizers, schedulers, alr_state: dict, trainer_state: TrainerState,
               accelerator) -> None:
     """last/ = the pair + training_state/ (optimizers, schedulers, loss scaler, per-process RNG, ALR, counters
-    and the epoch record `trainer_state.epoch_record`)."""
-    def write(folder: Path) -> None:
-        state_dir = folder / STATE_DIR
-        if accelerator.is_main_process:
-            pair.save_pretrained(folder)
-            state_dir.mkdir()
-            for name, optimizer, scheduler in zip("ab", optimizers, schedulers):
-                torch.save(optimizer.state_dict(), state_dir / f"optimizer_{name}.pt")
-                torch.save(scheduler.state_dict(), state_dir / f"scheduler_{name}.pt")
-            if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), state_dir / "scaler.pt")
-            torch.save({key: value.cpu() for key, value in alr_state.items()}, state_dir / ALR_STATE_FILE)
-            (state_dir / TRAINER_STATE_FILE).write_text(json.dumps(asdict(trainer_state), indent=2) + "\n")
-        accelerator.wait_for_everyone()
-        torch.save(rng_state(), state_dir / f"rng_{accelerator.process_index}.pt")
-
-    needed = tensor_bytes(pair, [optimizer.state_dict()["state"] for optimizer in optimizers], alr_state)
-    write_folder_atomically(run_dir / LAST_DIR, write, accelerator, needed_bytes=needed)
+    and the epoch record `trainer_state.epoch_record`), written now (blocking) by the main process; every
+    process takes part (RNG states, barriers)."""
+    snapshot = training_snapshot(optimizers, schedulers, alr_state, trainer_state, accelerator)
+    write_folder_atomically(run_dir / LAST_DIR, lambda folder: write_last(folder, pair, snapshot)
+                            if accelerator.is_main_process else None, accelerator,
+                            needed_bytes=last_bytes(pair, snapshot))
 
 
 def save_checkpoint(run_dir: Path, pair, optimizers, schedulers, alr_state: dict, trainer_state: TrainerState,
                     accelerator, *, improved: bool) -> None:
-    """End of an epoch: best/ (the pair) when the validation score improved, then last/. Set
-    `trainer_state.epoch_record` to the epoch's metrics record first: it is saved with last/."""
+    """End of an epoch, blocking: best/ (the pair) when the validation score improved, then last/. Set
+    `trainer_state.epoch_record` to the epoch's metrics record first: it is saved with last/.
+    (The trainer uses `CheckpointWriter`, which writes the same folders in the background.)"""
     if improved:
         write_folder_atomically(run_dir / BEST_DIR, lambda folder: pair.save_pretrained(folder)
                                 if accelerator.is_main_process else None, accelerator, needed_bytes=tensor_bytes(pair))
@@ -256,6 +314,141 @@ def _check_same_shapes(model, saved_model, folder: Path) -> None:
     if missing:
         raise CheckpointError(f"{folder}: lacks {missing[0]} {list(mine[missing[0]].shape)} of the model the config "
                               f"builds ({hint})")
+
+
+class CheckpointWriter:
+    """best/ and last/ at the end of every epoch, written by a background thread so that the next epoch
+    starts while 3.76 GB (ViT-B/16 pair + Adam states) go to disk.
+
+        writer = CheckpointWriter(run_dir, pair, optimizers, schedulers, accelerator)
+        writer.snapshot(alr_state, state, improved=...)   # blocking: copies the state (device -> host)
+        writer.write(after=callback)                      # returns at once; after(write_seconds) runs
+                                                          # in the writer once last/ is in place
+        writer.wait()                                     # the write finished (its error re-raised)
+        writer.close()                                    # at the end, also after an error
+
+    `snapshot` copies the pair's weights and the optimizer states into host buffers made once (pinned on
+    CUDA, so the copy runs at full PCIe speed) and takes the schedulers, scaler, ALR state, counters and
+    every process's RNG state; nothing of the live training state is read after it returns, so the
+    files are exactly what `save_checkpoint` would write at that moment and `--resume` is exact.
+    `snapshot` first waits for the previous epoch's write: at most one write is in flight.
+    Folders are swapped in atomically (`write_folder_atomically`): a crash mid-write leaves the previous
+    complete last/ (and `--resume` continues from it). Only the main process writes (the other processes'
+    RNG states are gathered to it); background=False writes in `write` itself.
+    """
+
+    def __init__(self, run_dir: Path, pair, optimizers, schedulers, accelerator, *, background: bool = True):
+        self.run_dir, self.pair, self.optimizers, self.schedulers = Path(run_dir), pair, optimizers, schedulers
+        self.accelerator, self.background = accelerator, background
+        self.pin = torch.cuda.is_available() and next(pair.parameters()).is_cuda
+        self._host_pair = None        # the pair's structure over host buffers (made at the first snapshot)
+        self._host_optimizers = None  # optimizer state dicts over host buffers
+        self._pending = None          # (snapshot, improved) between snapshot() and write()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------------------------ host buffers
+    def _host_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self.pin)
+
+    def _copy_pair(self):
+        """The pair's parameters and buffers copied into a host twin (same module structure and names)."""
+        if self._host_pair is None:
+            memo = {}
+            for tensor in list(self.pair.parameters()) + list(self.pair.buffers()):
+                host = self._host_like(tensor)
+                memo[id(tensor)] = torch.nn.Parameter(host, requires_grad=False) \
+                    if isinstance(tensor, torch.nn.Parameter) else host
+            self._host_pair = copy.deepcopy(self.pair, memo)
+            for module in self._host_pair.modules():
+                module.__dict__.pop("_compiled_call_impl", None)  # regional compile: not for the twin
+        host_state = self._host_pair.state_dict(keep_vars=True)
+        for name, tensor in self.pair.state_dict(keep_vars=True).items():
+            host_state[name].data.copy_(tensor.detach(), non_blocking=True)
+        return self._host_pair
+
+    def _copy_optimizer_states(self, states: list[dict]) -> list[dict]:
+        """Optimizer state dicts with every tensor copied into host buffers (made at the first call)."""
+        if self._host_optimizers is None:
+            self._host_optimizers = [{"state": {index: {key: self._host_like(value)
+                                                        if isinstance(value, torch.Tensor) else value
+                                                        for key, value in entry.items()}
+                                                for index, entry in state["state"].items()}}
+                                     for state in states]
+        copies = []
+        for state, host in zip(states, self._host_optimizers):
+            for index, entry in state["state"].items():
+                host_entry = host["state"].setdefault(index, {})
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor):
+                        if key not in host_entry or host_entry[key].shape != value.shape:
+                            host_entry[key] = self._host_like(value)
+                        host_entry[key].copy_(value.detach(), non_blocking=True)
+                    else:
+                        host_entry[key] = value
+            copies.append({"state": host["state"], "param_groups": copy.deepcopy(state["param_groups"])})
+        return copies
+
+    # -------------------------------------------------------------------------------------- the epoch
+    def snapshot(self, alr_state: dict, trainer_state: TrainerState, *, improved: bool) -> None:
+        """Copy the training state for this epoch's checkpoint (every process; blocking)."""
+        self.wait()
+        host_pair = self._copy_pair() if self.accelerator.is_main_process else None
+        snapshot = training_snapshot(self.optimizers, self.schedulers, alr_state, trainer_state, self.accelerator,
+                                     copy_tensors=self._copy_optimizer_states
+                                     if self.accelerator.is_main_process else None)
+        if self.pin:
+            torch.cuda.synchronize()  # the non-blocking copies have landed
+        self._pending = (host_pair, snapshot, improved) if self.accelerator.is_main_process else None
+
+    def write(self, after=None, epoch_record: dict | None = None) -> None:
+        """Write the snapshot's best/ (if improved) and last/ (main process; in the background unless
+        background=False), then call after(write_seconds) there. `epoch_record` (the epoch's metrics
+        record, complete only after the snapshot) is saved in last/ as `TrainerState.epoch_record`."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if epoch_record is not None:
+            pending[1]["trainer_state"]["epoch_record"] = copy.deepcopy(epoch_record)
+        if self.background:
+            self._thread = threading.Thread(target=self._run, args=(*pending, after), name="checkpoint-writer")
+            self._thread.start()
+        else:
+            self._write(*pending, after)
+
+    def _write(self, host_pair, snapshot: dict, improved: bool, after) -> None:
+        started = time.perf_counter()
+        writer = _ThisProcessOnly()
+        if improved:
+            write_folder_atomically(self.run_dir / BEST_DIR, host_pair.save_pretrained, writer,
+                                    needed_bytes=tensor_bytes(host_pair))
+        write_folder_atomically(self.run_dir / LAST_DIR, lambda folder: write_last(folder, host_pair, snapshot),
+                                writer, needed_bytes=last_bytes(host_pair, snapshot))
+        if after is not None:
+            after(time.perf_counter() - started)
+
+    def _run(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the training thread by wait()
+            self._error = error
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is done; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        """Let a write in flight finish (a finished epoch is never lost to an error in a later one); its
+        own error, if any, is printed rather than raised (an exception may already be propagating)."""
+        try:
+            self.wait()
+        except BaseException as error:  # noqa: BLE001
+            print(f"checkpoint write failed: {type(error).__name__}: {error}", file=sys.stderr)
 
 
 def load_last(last_dir: Path, models, optimizers, schedulers, accelerator) -> tuple[dict, TrainerState]:

@@ -37,12 +37,16 @@ def lr_factor(epoch: int, epochs: int, warmup_epochs: int, warmup_factor: float)
 
 
 def build_optimizer(model: torch.nn.Module, config: dict):
-    """(Adam, per-epoch LambdaLR) for one model from the resolved config (sections optim, train)."""
+    """(Adam, per-epoch LambdaLR) for one model from the resolved config (sections optim, train); Adam is
+    fused when the model is on CUDA (build it after moving the model)."""
     optim = config["optim"]
-    # foreach: the multi-tensor update, which PyTorch picks by itself only for CUDA tensors; on the CPU it
-    # takes ~18% off a demo step (many small tensors), same arithmetic
-    optimizer = torch.optim.Adam(param_groups(model, optim), betas=tuple(optim["betas"]), eps=optim["eps"],
-                                 foreach=True)
+    groups = param_groups(model, optim)
+    # CUDA: one fused kernel per step (no host sync, ~3 reads + 3 writes per parameter); elsewhere the
+    # multi-tensor (for-each) update, which PyTorch picks by itself only for CUDA tensors: on the CPU it
+    # takes ~18 % off a demo step (many small tensors), same arithmetic
+    on_cuda = all(parameter.is_cuda for group in groups for parameter in group["params"])
+    optimizer = torch.optim.Adam(groups, betas=tuple(optim["betas"]), eps=optim["eps"],
+                                 fused=True if on_cuda else None, foreach=None if on_cuda else True)
     schedule = lambda epoch: lr_factor(epoch, config["train"]["epochs"], optim["warmup_epochs"],  # noqa: E731
                                        optim["warmup_factor"])
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

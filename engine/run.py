@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 import configs
@@ -257,14 +258,23 @@ def load_splits(config: dict, run_dir: Path, accelerator):
     return splits
 
 
-def build_train_loader(train_split, tokenizer, config: dict, rank: int, world_size: int) -> DataLoader:
-    """DataLoader of TrainViews (two augmented views per sample) over this process's share of each
-    global batch (GlobalBatchSampler)."""
+def build_train_loader(train_split, tokenizer, config: dict, rank: int, world_size: int, *,
+                       pin_memory: bool = False) -> DataLoader:
+    """DataLoader of TrainViews (two augmented views per sample, uint8 pixels + erase boxes: normalised on
+    the device by `engine.step.view_pixels`) over this process's share of each global batch
+    (GlobalBatchSampler wrapped in data.EpochKeyedBatches: every sample's augmentation is a function of
+    (seed, epoch, position), whichever worker decodes it). With data.num_workers > 0 the workers persist
+    across epochs; pin_memory (on CUDA) lets batches be copied to the device without blocking.
+    Start an epoch with `engine.start_epoch(loader, epoch)`."""
     data_cfg = config["data"]
     train_views = data.TrainViews(train_split, tokenizer, data_cfg["image_size"], num_views=2, augment=True,
-                                  seed=config["seed"])
+                                  seed=config["seed"], output="uint8")
     sampler = GlobalBatchSampler(len(train_views), config["train"]["batch_size"], rank, world_size, config["seed"])
-    return DataLoader(train_views, batch_sampler=sampler, num_workers=data_cfg["num_workers"])
+    workers = data_cfg["num_workers"]
+    # the loader's own generator: starting an epoch never draws from the global RNG (resume stays exact)
+    return DataLoader(train_views, batch_sampler=data.EpochKeyedBatches(sampler), num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(config["seed"]))
 
 
 def build_clip_source(backbone):
@@ -274,12 +284,22 @@ def build_clip_source(backbone):
     return backbone
 
 
+def head_seeds(config: dict) -> tuple[int, int]:
+    """The fused-head initialisation seeds of models A and B: `model.head_seeds` when given, else derived
+    from the run `seed` as (2 seed, 2 seed + 1): distinct for A and B, and different for every run seed
+    (seed 0 gives (0, 1), the fixed default of earlier releases)."""
+    explicit = config["model"]["head_seeds"]
+    if explicit is not None:
+        return int(explicit[0]), int(explicit[1])
+    return 2 * config["seed"], 2 * config["seed"] + 1
+
+
 def build_pair(config: dict, world_size: int = 1) -> modeling.ReciprocalPair:
-    """The reciprocal pair of the config's model section (on the CPU), gradient checkpointing set, its
-    BatchNorm statistics synchronised across processes when world_size > 1."""
+    """The reciprocal pair of the config's model section (on the CPU; fused heads from `head_seeds`),
+    gradient checkpointing set, its BatchNorm statistics synchronised across processes when world_size > 1."""
     model_cfg = config["model"]
     pair = modeling.ReciprocalPair.from_clip(build_clip_source(model_cfg["backbone"]),
-                                             head_seeds=tuple(model_cfg["head_seeds"]),
+                                             head_seeds=head_seeds(config),
                                              select_ratio=model_cfg["select_ratio"], fused_dim=model_cfg["fused_dim"],
                                              image_size=tuple(config["data"]["image_size"]),
                                              image_tokens=model_cfg["image_tokens"])

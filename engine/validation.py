@@ -20,13 +20,13 @@ def validation_due(config: dict, epoch: int) -> bool:
 def validate(pair, splits, tokenizer, config: dict, accelerator) -> dict[str, dict[str, float]]:
     """evaluation.evaluate_pair of the pair on `<eval.split>_gallery` / `_queries`: rows "A/GE" ...
     "A+B/GE+FS" -> {"R1","R5","R10","mAP","mINP"} percent, identical on every process. The models are
-    evaluated in eval mode and left in training mode."""
+    evaluated in eval mode and left in training mode; data.num_workers workers decode the gallery."""
     split = config["eval"]["split"]
     for model in pair.models:
         model.eval()
     metrics = evaluate_pair(pair, splits[f"{split}_gallery"], splits[f"{split}_queries"], tokenizer=tokenizer,
                             image_size=tuple(config["data"]["image_size"]), batch_size=config["eval"]["batch_size"],
-                            accelerator=accelerator)
+                            accelerator=accelerator, num_workers=config["data"]["num_workers"])
     for model in pair.models:
         model.train()
     return metrics
@@ -58,7 +58,8 @@ def final_test(run_dir: Path, splits, tokenizer, config: dict, accelerator) -> d
     pair = modeling.ReciprocalPair.from_pretrained(chosen).to(accelerator.device).eval()
     metrics = evaluate_pair(pair, splits["test_gallery"], splits["test_queries"], tokenizer=tokenizer,
                             image_size=tuple(config["data"]["image_size"]),
-                            batch_size=config["eval"]["batch_size"], accelerator=accelerator)
+                            batch_size=config["eval"]["batch_size"], accelerator=accelerator,
+                            num_workers=config["data"]["num_workers"])
     if accelerator.is_main_process:
         (run_dir / TEST_METRICS_FILE).write_text(json.dumps({"checkpoint": chosen.name, **metrics}, indent=2) + "\n")
     accelerator.print(f"test ({chosen.name}/): " + ", ".join(f"{row} R@1 {v['R1']:.2f}" for row, v in metrics.items()))

@@ -20,17 +20,18 @@ def summary(result: dict) -> dict[str, float]:
 
 
 def evaluate_pair(pair, gallery_split, queries_split, *, tokenizer, image_size, batch_size: int = 64,
-                  accelerator=None, i2t: bool = False) -> dict[str, dict[str, float]]:
+                  accelerator=None, i2t: bool = False, num_workers: int = 0) -> dict[str, dict[str, float]]:
     """Evaluate both models of a ReciprocalPair and their ensemble on one split.
 
     gallery_split: `<split>_gallery` of data.load_benchmark (pid, image_id, image);
     queries_split: `<split>_queries` (pid, caption, image_id). image_size: (H, W) pixels.
     Returns {"A/GE": {...}, "A/FS", "A/GE+FS", "B/...", "A+B/..."} (+ "i2t:..." rows with `i2t`), each
     {"R1","R5","R10","mAP","mINP"} in percent. With a multi-process Accelerator the extraction is
-    sharded and every process gets the same result.
+    sharded and every process gets the same result. num_workers: DataLoader workers decoding the images.
     """
     features = extract_pair_features(pair, gallery_split, queries_split, tokenizer=tokenizer,
-                                     image_size=image_size, batch_size=batch_size, accelerator=accelerator)
+                                     image_size=image_size, batch_size=batch_size, accelerator=accelerator,
+                                     num_workers=num_workers)
     show_progress = accelerator is None or accelerator.is_local_main_process
     results = score_pair_features(features, i2t=i2t, show_progress=show_progress)
     return {key: summary(result) for key, result in results.items()}

@@ -1,4 +1,4 @@
-"""3RTPR kernels: SDM / TRL per-sample losses and retrieval metrics (METHOD.md §3, §8).
+"""3RTPR kernels: SDM / TRL per-sample losses and retrieval metrics (docs/method.md §3, §8).
 
 Public API (docs/design.md):
 
@@ -52,7 +52,7 @@ def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
 
 def sdm_loss(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *, text_cols=None,
              image_cols=None, col_pids=None, backend="auto"):
-    """Per-sample SDM loss [b], float32: text->image plus image->text (METHOD.md §3).
+    """Per-sample SDM loss [b], float32: text->image plus image->text (docs/method.md §3).
 
     Rows: text_feats / image_feats [b, D] (fp32/fp16/bf16, un-normalised: L2-normalised inside),
     pids [b] int. Each text row is scored against the image columns and each image row against
@@ -72,7 +72,7 @@ def sdm_loss(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *, t
 
 def trl_loss(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *, text_cols=None,
              image_cols=None, col_pids=None, backend="auto"):
-    """Per-sample TRL loss [b], float32: text->image plus image->text (METHOD.md §3).
+    """Per-sample TRL loss [b], float32: text->image plus image->text (docs/method.md §3).
 
     ℓ_i = [m − Σ_{j∈P(i)} α_ij S_ij + τ·log Σ_{j∉P(i)} exp(S_ij/τ)]₊ per direction, α = softmax
     over the positives of S/τ (no gradient through α). A row with no negative (every column
@@ -88,7 +88,7 @@ def trl_loss(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None,
 
 def retrieval_metrics(query_feats, gallery_feats, query_pids, gallery_pids, ks=DEFAULT_KS, per_query=False,
                       backend="auto"):
-    """Text->image retrieval metrics by dot product, in percent (METHOD.md §8).
+    """Text->image retrieval metrics by dot product, in percent (docs/method.md §8).
 
     Returns {"R<k>" for k in ks, "mAP", "mINP"}; per_query adds "AP", "INP" (fractions, NaN for
     queries without a match) and "first_rank" (1-based, 0 when no match) as CPU tensors [Nq].

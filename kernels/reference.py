@@ -1,4 +1,4 @@
-"""Plain-PyTorch ground truth for the 3RTPR losses and retrieval metrics (METHOD.md §3, §8).
+"""Plain-PyTorch ground truth for the 3RTPR losses and retrieval metrics (docs/method.md §3, §8).
 
 These functions are the CPU path used in training and evaluation and the oracle the Triton
 kernels are tested against. They materialise the local [b, B] similarity matrix (fine for the

@@ -1,6 +1,6 @@
 r"""Retrieval metrics in Triton: rank counting without sorting the gallery.
 
-Protocol (METHOD.md §8): a query's gallery ranking is by descending dot product; an item with
+Protocol (docs/method.md §8): a query's gallery ranking is by descending dot product; an item with
 an equal score ranks after items with a smaller gallery index. Every metric follows from the
 1-based ranks of the query's matches:
 

@@ -1,4 +1,4 @@
-r"""SDM loss with cuBLAS similarity slabs and fused Triton statistics (METHOD.md §3; `kernels/slab.py`).
+r"""SDM loss with cuBLAS similarity slabs and fused Triton statistics (docs/method.md §3; `kernels/slab.py`).
 
 One line (a row of s·S for text->image, a column for image->text) with logits z_j = s·S_j
 (s = logit scale), y_j = 1 for the columns sharing the line's pid, n = Σ_j y_j:

@@ -1,4 +1,4 @@
-r"""TRL (triplet alignment) loss with cuBLAS similarity slabs and fused Triton statistics (METHOD.md §3).
+r"""TRL (triplet alignment) loss with cuBLAS similarity slabs and fused Triton statistics (docs/method.md §3).
 
 One line (a row of S for text->image, a column for image->text), τ = temperature, m = margin,
 P = the elements sharing the line's pid, x_j = S_j / τ:

@@ -184,6 +184,9 @@ class CLIPBackbone(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.max_text_length = self.config.text_config.max_position_embeddings
         self.gradient_checkpointing = False
+        # encode_text's right-padding check reads the mask back (a host sync per call on a GPU); the training
+        # engine checks its batches on the host before the copy (engine.step.text_lengths) and turns it off
+        self.check_text_padding = True
         self._install_position_embedding()
         self._install_sdpa_layers()
         self.vision_model.embeddings.patch_embedding.weight.requires_grad_(False)
@@ -258,7 +261,7 @@ class CLIPBackbone(nn.Module):
         if length > self.max_text_length:
             raise ValueError(f"text length {length} exceeds the model's {self.max_text_length} positions")
         lengths = attention_mask.long().sum(dim=-1)
-        if not torch.compiler.is_compiling():
+        if self.check_text_padding and not torch.compiler.is_compiling():
             positions = torch.arange(length, device=attention_mask.device)
             right_padded = (attention_mask.long() == (positions < lengths[:, None]).long()).all()
             if not bool(right_padded) or bool((lengths < 2).any()):

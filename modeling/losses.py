@@ -9,9 +9,11 @@ reduce the per-sample losses to the scalar this process back-propagates.
     value = loss(text_feats [b, D], image_feats [b, D], pids [b], weights [b] | None, keep [b] | None)
     per_sample = loss.alr_term.per_sample(text_feats, image_feats, pids)      # [b], the ALR statistic
 
-Reduction (the one place: `PairLoss.reduce`): with w the ALR weights and h the keep flags of the
-global batch, a term contributes  λ · Σ_i h_i w_i ℓ_i / Σ_i h_i  (the sums run over the GLOBAL batch;
-this process returns its rows' share, so the shares of all processes add up to the term).
+Reduction (the one place: `PairLoss.reduce`, docs/method.md §3): with w the ALR weights and h the keep
+flags of the global batch, SDM contributes  λ · Σ_i h_i w_i ℓ_i / Σ_i h_i  (mean over the kept samples)
+and TRL contributes  λ · Σ_i h_i w_i ℓ_i  (SUMMED over the batch), as RDE and the reference do (with
+Adam eps 1e-3 the loss scale changes the step size). The sums run over the GLOBAL batch; this process
+returns its rows' share, so the shares of all processes add up to the term.
 No host synchronisation anywhere in these modules.
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ class PairLoss(nn.Module):
     """
 
     name = ""
+    # reduce() divides by Σ h (the kept samples of the global batch) when True, else sums (docs/method.md §3)
+    mean_over_kept = True
 
     def __init__(self, weight: float = 1.0, *, rank: int = 0, world_size: int = 1, backend: str = "auto"):
         super().__init__()
@@ -68,11 +72,13 @@ class PairLoss(nn.Module):
         return self.kernel(text_feats, image_feats, pids, weights, columns)
 
     def reduce(self, per_sample: torch.Tensor, kept_total: torch.Tensor) -> torch.Tensor:
-        """THE reduction of a term: λ · Σ_rows (h w ℓ) / Σ_global-batch h, a 0-dim tensor.
+        """THE reduction of a term, a 0-dim tensor: λ · Σ_rows (h w ℓ) / Σ_global-batch h when
+        `mean_over_kept` (SDM), λ · Σ_rows (h w ℓ) otherwise (TRL: summed, as RDE and the reference).
 
         per_sample [b]: h_i w_i ℓ_i of this process's rows; kept_total: Σ h over the global batch
         (at least 1). Summed over the processes this gives the term's loss on the global batch."""
-        return self.weight * per_sample.sum() / kept_total
+        total = self.weight * per_sample.sum()
+        return total / kept_total if self.mean_over_kept else total
 
     def kept_total(self, keep: torch.Tensor | None, batch_size: int, device) -> torch.Tensor:
         """Σ h over the global batch, clamped to at least 1 (keep None: every sample kept)."""
@@ -104,9 +110,10 @@ class SDMLoss(PairLoss):
 
 class TRLLoss(PairLoss):
     """Triplet ranking loss with a softmax over the positives and a log-sum-exp over the negatives
-    (`kernels.trl_loss`), text->image plus image->text."""
+    (`kernels.trl_loss`), text->image plus image->text; summed over the batch (not averaged)."""
 
     name = "trl"
+    mean_over_kept = False  # Σ h w ℓ over the batch (RDE, the reference; docs/method.md §3)
 
     def __init__(self, tau: float = 0.015, margin: float = 0.1, weight: float = 1.0, **distribution):
         super().__init__(weight, **distribution)
@@ -129,7 +136,7 @@ class TrainingLoss(nn.Module):
     """The loss one model is trained with: the sum of its terms (SDM and/or TRL), gathered once.
 
     terms: PairLoss modules sharing rank / world_size. Call as a PairLoss: (text_feats, image_feats,
-    pids, weights=None, keep=None) -> this process's share of Σ_terms λ Σ h w ℓ / Σ h.
+    pids, weights=None, keep=None) -> this process's share of λ_sdm Σ h w ℓ_sdm / Σ h + λ_trl Σ h w ℓ_trl.
     """
 
     def __init__(self, terms: list[PairLoss]):

@@ -9,7 +9,8 @@ folder's lock and of the recovery after an interrupted checkpoint swap.
       metrics.jsonl             METRICS_FILE: one JSON record per epoch
       test_metrics.json         TEST_METRICS_FILE: --final-test
       noise_permutation.npy     NOISE_PERMUTATION_FILE: when noise was generated
-      curves.png, alr_weights_epoch<N>.png
+      curves.png                CURVES_FILE: losses and validation R@1 per epoch
+      alr_weights.png           ALR_WEIGHTS_FILE: ALR weight distributions (+ noisy-pair P/R/F1) per epoch
       .run.lock                 RUN_LOCK_FILE: the training process that owns the folder (RunLock)
       .replaced/                REPLACED_DIR: --overwrite's previous run until the new run starts training
       .<name>.tmp / .<name>.old while best/ or last/ is being replaced (swap_paths)
@@ -28,6 +29,7 @@ METRICS_FILE = "metrics.jsonl"
 TEST_METRICS_FILE = "test_metrics.json"
 NOISE_PERMUTATION_FILE = "noise_permutation.npy"
 CURVES_FILE = "curves.png"
+ALR_WEIGHTS_FILE = "alr_weights.png"  # rewritten every ALR epoch
 BEST_DIR, LAST_DIR = "best", "last"
 CHECKPOINT_DIRS = (BEST_DIR, LAST_DIR)  # in order of preference
 STATE_DIR = "training_state"  # inside last/
@@ -37,11 +39,6 @@ RUN_LOCK_FILE = ".run.lock"
 REPLACED_DIR = ".replaced"  # --overwrite: the previous run, kept until the new one starts its real work
 # files that make a folder recognisable as a run folder (what --overwrite may replace)
 RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, BEST_DIR, LAST_DIR, REPLACED_DIR)
-
-
-def alr_weights_file(epoch: int) -> str:
-    """Name of the ALR weight histogram of `epoch`."""
-    return f"alr_weights_epoch{epoch}.png"
 
 
 def selected_checkpoint(run_dir: str | Path) -> Path | None:

@@ -1,84 +1,154 @@
 #!/usr/bin/env bash
-# GPU check for one H100/H200 (budget: under 8 minutes). Run from anywhere:
-#   bash scripts/gpu_check.sh            # results under ${OUT:-gpu_check_out}/
-#   PYTHON=/path/to/python bash scripts/gpu_check.sh
-# Steps (each with its own time limit; a failing step does not stop the others):
-#   1. the kernel tests on CUDA, compiled (TRITON_INTERPRET=0): tests/test_kernels_*.py
-#   2. python -m benchmarks.bench_kernels --quick   -> $OUT/bench/kernels_gpu_quick.{md,json}
-#   3. python -m benchmarks.train_throughput        (only if the training benchmark exists)
-#   4. a short summary table, printed last          -> $OUT/summary.md
-# Needs torch with CUDA, triton, pytest (no datasets/evaluate: the kernel tests do not import them).
+# The GPU check: ONE call on one H100/H200, at most 6 minutes, at most 8 result files under $OUT.
+#   bash scripts/gpu_check.sh                 # results under ${OUT:-gpu_check_out}/, summary table printed last
+#   GPU_CHECK_CPU_SMOKE=1 bash scripts/gpu_check.sh   # its CPU-possible steps, tiny settings (CI): throughput,
+#                                                     # training, evaluation (no device probe, search, kernels)
+# Wheels: a `.whl/` folder (scripts/fetch_gpu_wheels.sh: datasets, evaluate, dill, multiprocess, which the
+# GPU image lacks) is installed first into /tmp/site (pip --no-index) when `import datasets` fails.
+#
+# Steps, the most valuable first; each has its own limit and all share one deadline (GPU_CHECK_BUDGET_S,
+# default 340 s; a step that would start with under 15 s left is skipped and says so; a failing step does
+# not stop the others):
+#   1. device, versions                                                              (log.txt)
+#   2. training throughput: the trainer's step, eager and regional-compiled, and its real loop on
+#      synth-pedes-small (decode, augment, pinned copies, 8 workers)   python -m benchmarks.train_throughput
+#                                                                                     (throughput.json)
+#   3. end to end: accelerate launch bf16 (accelerate_configs/single_gpu_bf16.yaml), the full ViT-B/16
+#      architecture at random init through a backbone mapping, the paper recipe (configs/cuhk-pedes.yaml) on
+#      synth-pedes-small, 2 epochs, ALR from epoch 1; then eval_3rtpr.py --leaderboard on the test split and
+#      one `search`                                          (e2e_metrics.jsonl: per-phase times; leaderboard.md)
+#   4. the CUDA kernel tests, compiled (TRITON_INTERPRET=0): tests/test_kernels_*.py (pytest-xdist: -n 8)
+#   5. the quick kernel benchmark: python -m benchmarks.bench_kernels --quick    (bench/kernels_gpu_quick.*)
+#   6. the summary table, printed last                                                (summary.md)
+# Files under $OUT: log.txt, steps.tsv, summary.md, throughput.json, e2e_metrics.jsonl, leaderboard.md,
+# bench/kernels_gpu_quick.md, bench/kernels_gpu_quick.json (8). The run folder and caches live in $WORK.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
 OUT="${OUT:-gpu_check_out}"
-PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+OUT="$(cd "$OUT" && pwd)"
+PYTHON="${PYTHON:-python3}"
+SMOKE="${GPU_CHECK_CPU_SMOKE:-0}"
+WORK="${GPU_CHECK_WORK:-}"
+[ -n "$WORK" ] || { WORK="$(mktemp -d /tmp/gpu_check.XXXXXX)"; REMOVE_WORK=1; }
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TRPR_CACHE="$WORK/cache" MPLBACKEND=Agg
+LOG="$OUT/log.txt"
 STEPS_FILE="$OUT/steps.tsv"
+: > "$LOG"
 : > "$STEPS_FILE"
+exec > >(tee -a "$LOG") 2>&1
 
-run_step() {  # run_step NAME LIMIT_S LOGFILE CMD...
-    local name=$1 limit=$2 log=$3
-    shift 3
-    local start=$SECONDS
-    echo "=== $name (limit ${limit}s) ==="
-    timeout "$limit" "$@" > >(tee "$log") 2>&1
-    local rc=$?
-    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$log" >> "$STEPS_FILE"
-    return 0
+VIT_B16='{projection_dim: 512, text_hidden_size: 512, text_intermediate_size: 2048, text_num_hidden_layers: 12, text_num_attention_heads: 8, vision_hidden_size: 768, vision_intermediate_size: 3072, vision_num_hidden_layers: 12, vision_num_attention_heads: 12, vision_patch_size: 16}'
+TINY='{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, projection_dim: 32}'
+QUERY="a woman in a red long coat with a black handbag"
+if [ "$SMOKE" = 1 ]; then
+    BUDGET="${GPU_CHECK_BUDGET_S:-150}"
+    export TRITON_INTERPRET=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    DATASET=synth-pedes-tiny
+    THROUGHPUT_ARGS=(--device cpu --backbone "$TINY" --image-size 32 16 --dataset "$DATASET" --batch-size 8
+                     --steps 2 --warmup 1 --num-workers 0 --compile off)
+    LAUNCH_CONFIG=accelerate_configs/cpu.yaml
+    TRAIN_ARGS=(--config configs/synth-pedes.yaml --data.dataset "$DATASET" --data.image_size "[32, 16]"
+                --model.backbone "$TINY" --model.fused_dim 64 --train.batch_size 48 --data.num_workers 0)
+    EVAL_WORKERS=0
+else
+    BUDGET="${GPU_CHECK_BUDGET_S:-340}"
+    export TRITON_INTERPRET=0
+    DATASET=synth-pedes-small
+    THROUGHPUT_ARGS=(--mode both --compile off,regional --steps 20 --warmup 5 --num-workers 8)
+    LAUNCH_CONFIG=accelerate_configs/single_gpu_bf16.yaml
+    TRAIN_ARGS=(--config configs/cuhk-pedes.yaml --data.dataset "$DATASET" --model.backbone "$VIT_B16"
+                --data.num_workers 8)
+    EVAL_WORKERS=8
+fi
+DEADLINE=$((SECONDS + BUDGET))
+RUN_DIR="$WORK/e2e_run"
+
+record() {  # record NAME STATUS SECONDS NOTE
+    printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STEPS_FILE"
 }
 
-{
-    nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
-    "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA DEVICE')"
-} 2>&1 | tee "$OUT/device.txt"
+run_step() {  # run_step NAME LIMIT_S CMD...: in its own process group, killed whole when over its limit
+    local name=$1 want=$2
+    shift 2
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 15 ]; then
+        echo "=== $name: skipped (budget spent) ==="
+        record "$name" "skipped" 0 "budget spent"
+        return 1
+    fi
+    local limit=$((want < left ? want : left))
+    local start=$SECONDS
+    echo "=== $name (limit ${limit}s) ==="
+    setsid "$@" &
+    local pid=$!
+    ( sleep "$limit"; kill -TERM -- "-$pid" 2>/dev/null; sleep 5; kill -KILL -- "-$pid" 2>/dev/null ) &
+    local watchdog=$!
+    wait "$pid"
+    local rc=$?
+    kill "$watchdog" 2>/dev/null
+    wait "$watchdog" 2>/dev/null
+    local took=$((SECONDS - start))
+    if [ "$took" -ge "$limit" ] && [ "$rc" -ne 0 ]; then
+        record "$name" "timeout" "$took" "limit ${limit}s"
+    else
+        record "$name" "$rc" "$took" ""
+    fi
+    return "$rc"
+}
 
-run_step "kernel tests (CUDA, compiled)" 140 "$OUT/kernel_tests.log" \
-    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_kernels_retrieval.py \
-    --junitxml "$OUT/kernel_tests.xml"
-run_step "kernel benchmark" 120 "$OUT/bench.log" "$PYTHON" -m benchmarks.bench_kernels --quick --out "$OUT/bench"
-if [ -f benchmarks/train_throughput.py ]; then
-    run_step "training throughput" 90 "$OUT/train_throughput.log" "$PYTHON" -m benchmarks.train_throughput \
-        --json "$OUT/train_throughput.json"
+# ---- 1. device, versions (and the wheels the image lacks)
+if ls .whl/*.whl >/dev/null 2>&1 && ! "$PYTHON" -c "import datasets, evaluate" 2>/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
+[ "$SMOKE" = 1 ] || "$PYTHON" - <<'PY'
+import importlib, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA device)")
+for name in ("triton", "transformers", "accelerate", "datasets", "evaluate", "numpy", "pyarrow"):
+    try:
+        print(f"  {name} {importlib.import_module(name).__version__}")
+    except Exception as error:
+        print(f"  {name}: MISSING ({type(error).__name__})")
+PY
+record "device" 0 0 ""
+
+# ---- 2. training throughput: step (eager, regional compile) and the real loop, side by side
+run_step "training throughput" 130 "$PYTHON" -m benchmarks.train_throughput "${THROUGHPUT_ARGS[@]}" \
+    --json "$OUT/throughput.json"
+
+# ---- 3. end to end: train 2 epochs (ALR from epoch 1), evaluate with the leaderboard, one search
+if run_step "end-to-end training" 150 "$PYTHON" -m accelerate.commands.launch --config_file "$LAUNCH_CONFIG" \
+        train_3rtpr.py "${TRAIN_ARGS[@]}" --train.epochs 2 --alr.start_epoch 1 --logging.trackers "[]" \
+        --output-dir "$RUN_DIR"; then
+    run_step "evaluation + leaderboard" 45 "$PYTHON" eval_3rtpr.py --checkpoint "$RUN_DIR" --dataset "$DATASET" \
+        --split test --out "$WORK/eval" --leaderboard --num-workers "$EVAL_WORKERS"
+    if [ "$SMOKE" = 1 ]; then  # one Python start less (CI time); the search CLI: tests/test_eval_cli.py
+        record "search" "skipped" 0 "CPU smoke"
+    else
+        run_step "search" 30 "$PYTHON" eval_3rtpr.py search "$QUERY" --checkpoint "$RUN_DIR" --dataset "$DATASET" \
+            --top 5 --out "$WORK/search"
+    fi
+fi
+cp "$RUN_DIR/metrics.jsonl" "$OUT/e2e_metrics.jsonl" 2>/dev/null
+cp "$WORK/eval/leaderboard.md" "$OUT/leaderboard.md" 2>/dev/null
+
+# ---- 4. CUDA kernel tests, 5. quick kernel benchmark (GPU only)
+if [ "$SMOKE" = 1 ]; then
+    record "kernel tests (CUDA)" "skipped" 0 "CPU smoke"
+    record "kernel benchmark" "skipped" 0 "CPU smoke"
 else
-    printf '%s\t%s\t%s\t%s\n' "training throughput" "skipped" "0" "benchmarks/train_throughput.py not present" >> "$STEPS_FILE"
+    XDIST=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+    run_step "kernel tests (CUDA)" 150 "$PYTHON" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_*.py
+    run_step "kernel benchmark" 100 "$PYTHON" -m benchmarks.bench_kernels --quick --out "$OUT/bench" --budget-s 85
 fi
 
-"$PYTHON" - "$OUT" <<'PY' | tee "$OUT/summary.md"
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-print("\n# GPU check summary\n")
-print((out / "device.txt").read_text().strip().replace("\n", "  \n"))
-print("\n| step | exit | seconds | log |\n|---|---|---:|---|")
-for line in (out / "steps.tsv").read_text().splitlines():
-    name, rc, secs, log = line.split("\t")
-    print(f"| {name} | {rc} | {secs} | {log} |")
-tests = (out / "kernel_tests.log")
-if tests.exists():
-    last = [l for l in tests.read_text().splitlines() if " passed" in l or " failed" in l or " error" in l]
-    print(f"\nkernel tests: {last[-1] if last else 'no pytest summary line'}")
-bench = out / "bench" / "kernels_gpu_quick.json"
-if bench.exists():
-    report = json.loads(bench.read_text())
-    rows = {(r["loss"], r["B"], r["D"], r["impl"]): r for r in report["losses"]}
-    print("\n| loss | B | D | triton ms | eager ms | compile ms | triton MiB | eager MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-    def cell(r, key):
-        if r is None:
-            return "–"
-        if r["status"] != "ok":
-            return r["status"]
-        return f"{r[key]:.2f}" if r.get(key) is not None else "–"
-    for (loss, b, d, impl), r in rows.items():
-        if impl != "triton":
-            continue
-        eager, comp = rows.get((loss, b, d, "eager")), rows.get((loss, b, d, "torch.compile"))
-        print(f"| {loss} | {b} | {d} | {cell(r, 'ms')} | {cell(eager, 'ms')} | {cell(comp, 'ms')} "
-              f"| {cell(r, 'peak_mib')} | {cell(eager, 'peak_mib')} |")
-    print("\n| retrieval | impl | median ms | status |\n|---|---|---:|---|")
-    for r in report["retrieval"]:
-        ms = f"{r['ms']:.1f}" if r.get("ms") is not None else "–"
-        print(f"| {r['size']} | {r['impl']} | {ms} | {r['status']} |")
-else:
-    print("\nno benchmark JSON (see bench.log)")
-PY
+# ---- 6. summary, printed last
+"$PYTHON" -m benchmarks.gpu_check_summary "$OUT" | tee "$OUT/summary.md"
+[ "${REMOVE_WORK:-0}" = 1 ] && rm -rf "$WORK"
+exit 0

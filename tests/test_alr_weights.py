@@ -1,10 +1,12 @@
-"""ALR (modeling/alr.py): the weight formula, the consensus and noise separation on planted losses."""
+"""ALR (modeling/alr.py): the weight formula, the consensus, noise separation on planted losses, the
+mixture's settings and its degenerate-fit rules."""
 import math
 
 import pytest
 import torch
 
-from modeling.alr import AlrResult, compute_alr, fit_clean_posterior, noise_detection_scores
+from modeling.alr import (FIT_CONSTANT_LOSSES, FIT_FAILED, FIT_OK, FIT_ONE_SIDED, AlrResult, MixtureSettings,
+                          compute_alr, fit_mixture, noise_detection_scores)
 
 
 def _two_clusters(clean_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -84,8 +86,52 @@ def test_one_model_alr_uses_model_a_clean_set():
 
 
 def test_constant_losses_are_all_clean():
-    posterior = fit_clean_posterior(torch.full((10,), 2.5))
-    assert torch.all(posterior == 1.0)
+    fit = fit_mixture(torch.full((10,), 2.5))
+    assert fit.status == FIT_CONSTANT_LOSSES and torch.all(fit.p_clean == 1.0)
+    assert fit.record()["clean_fraction"] == 1.0 and "every sample clean" in fit.record()["rule"]
+
+
+def _skewed_losses() -> torch.Tensor:
+    """180 low losses, 20 high ones: a clear split under the default settings."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.cat([0.1 * torch.rand(180, generator=generator, dtype=torch.float64),
+                      0.9 + 0.1 * torch.rand(20, generator=generator, dtype=torch.float64)])
+
+
+def test_mixture_settings_reach_the_fit():
+    losses = _skewed_losses()
+    fit = fit_mixture(losses)
+    assert fit.status == FIT_OK and fit.converged and fit.record()["clean_fraction"] == pytest.approx(0.9)
+    assert fit.means[0] < fit.means[1] and fit.weights == pytest.approx([0.9, 0.1], abs=1e-6)
+    planted = _two_clusters(torch.arange(300) < 200, torch.Generator().manual_seed(5))
+    short = fit_mixture(planted, MixtureSettings(max_iter=1, tol=1e-12))
+    assert short.iterations == 1 and not short.converged  # recorded, not warned about
+    assert fit_mixture(planted, MixtureSettings(max_iter=100, tol=1e-12)).iterations > 1
+    # a variance floor as wide as the data leaves no split: the one-sided rule
+    assert fit_mixture(losses, MixtureSettings(reg_covar=1.0)).status == FIT_ONE_SIDED
+    with pytest.raises(ValueError, match="gmm_tol > 0"):
+        fit_mixture(losses, MixtureSettings(tol=0.0))
+
+
+def test_degenerate_fits_call_every_sample_clean():
+    # every sample called clean (the noisy component swallowed by a wide variance floor)
+    all_clean = fit_mixture(_skewed_losses(), MixtureSettings(reg_covar=1.0))
+    assert all_clean.status == FIT_ONE_SIDED and torch.all(all_clean.p_clean == 1.0)
+    assert "every sample clean (one side empty)" in all_clean.detail
+    # every sample called noisy (the clean component empty): no split either, not "drop everything"
+    all_noisy = fit_mixture(1.0 - _skewed_losses(), MixtureSettings(reg_covar=1.0))
+    assert all_noisy.status == FIT_ONE_SIDED and "every sample noisy" in all_noisy.detail
+    assert torch.all(all_noisy.p_clean == 1.0)
+    # a fit scikit-learn rejects (collapsed components without a variance floor)
+    failed = fit_mixture(torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0]), MixtureSettings(reg_covar=0.0))
+    assert failed.status == FIT_FAILED and torch.all(failed.p_clean == 1.0) and "fit failed" in failed.detail
+    # both models without a split: ALR does nothing that epoch, even with drop_noisy
+    losses = 1.0 - _skewed_losses()
+    result = compute_alr(losses, losses.clone(), torch.linspace(0.1, 0.9, 200), drop_noisy=True,
+                         mixture=MixtureSettings(reg_covar=1.0))
+    assert result.fit_a.degenerate and result.fit_b.degenerate
+    assert torch.all(result.weights == 1.0) and result.keep.all() and torch.all(result.consensus == 2)
+    assert result.mu == pytest.approx(0.1)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -5,6 +5,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import engine
 import modeling
 from benchmarks import timing
 from benchmarks.inputs import synthetic_captions
@@ -22,11 +23,11 @@ def test_flops_per_pair_sample_matches_the_flop_counter(throughput):
     config = modeling.small_clip_config(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                         num_attention_heads=4, projection_dim=64)
     pair = modeling.ReciprocalPair.from_clip(config, select_ratio=0.2, fused_dim=256, image_size=(128, 64))
-    batch = throughput.synthetic_batch(4, (128, 64), torch.device("cpu"))
+    batch = throughput.synthetic_batch(4, (128, 64))
     # the math SDPA backend runs attention as counted matmuls (the fused CPU kernel is not counted)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         for view, model in enumerate(pair.models):
-            image_global, image_fused = model.encode_image(batch["pixel_values"][:, view])
+            image_global, image_fused = model.encode_image(engine.step.view_pixels(batch, view, "cpu"))
             text_global, text_fused = model.encode_text(batch["input_ids"][:, view], batch["attention_mask"][:, view])
             (image_fused.sum() + text_fused.sum()).backward()
     counted_per_sample = counter.get_total_flops() / 4
@@ -67,3 +68,40 @@ def test_time_steps_times_every_call_after_the_warmup():
     assert calls == [1, 1] + [0, 1] * 4
     assert set(result) == {"ms", "min_ms", "total_s"} and 0 <= result["min_ms"] <= result["ms"]
     assert set(timing.time_call(lambda: None, torch.device("cpu"), 3)) == {"ms", "min_ms"}
+    calls.clear()
+    sequence = timing.time_sequence(lambda: calls.append(1), torch.device("cpu"), steps=5, warmup=2)
+    assert len(calls) == 7 and sequence["total_s"] >= 0 and sequence["ms"] == pytest.approx(sequence["total_s"] * 200)
+
+
+def test_throughput_times_the_trainers_step_and_loop(throughput, tmp_path, monkeypatch):
+    """Both modes on the CPU with a tiny backbone: the steps rows call engine.reciprocal_step, the loop row
+    engine.train_one_epoch over engine.build_train_loader's batches; one table, one JSON."""
+    import json
+
+    calls = {"step": 0, "epoch": 0}
+    real_step, real_epoch = engine.reciprocal_step, engine.train_one_epoch
+
+    def counting(name, real):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(engine, "reciprocal_step", counting("step", real_step))
+    monkeypatch.setattr(engine.step, "reciprocal_step", counting("step", real_step))
+    monkeypatch.setattr(engine, "train_one_epoch", counting("epoch", real_epoch))
+    monkeypatch.setenv("TRPR_CACHE", str(tmp_path / "cache"))
+    result = throughput.main(["--device", "cpu", "--backbone", "{hidden_size: 32, intermediate_size: 64, "
+                              "num_hidden_layers: 1, num_attention_heads: 2, projection_dim: 32}",
+                              "--image-size", "32", "16", "--dataset", "synth-pedes-tiny", "--batch-size", "8",
+                              "--steps", "3", "--warmup", "1", "--num-workers", "0", "--peak-tflops", "1",
+                              "--json", str(tmp_path / "throughput.json")])
+    assert [(row["mode"], row["compile"], row["status"]) for row in result["rows"]] == [("steps", "off", "ok"),
+                                                                                         ("loop", "off", "ok")]
+    assert calls["epoch"] == 2 and calls["step"] == (1 + 3) + (1 + 3)  # warm-up + timed, per mode
+    for row in result["rows"]:
+        assert row["steps"] == 3 and row["pair_samples_per_s"] == pytest.approx(8 * 3 / row["seconds"])
+        assert row["mfu"] == pytest.approx(row["achieved_tflops"] / 1.0)
+    assert result["rows"][1]["data_wait_s"] >= 0 and result["rows"][1]["compute_s"] > 0
+    assert json.loads((tmp_path / "throughput.json").read_text())["rows"][1]["mode"] == "loop"
+    assert "| loop | off | 8 | 3 |" in throughput.format_table(result["rows"])

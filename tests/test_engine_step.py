@@ -91,8 +91,8 @@ def test_one_step_lowers_both_losses(loss):
                             "optim.backbone_lr": 1e-3, "optim.warmup_epochs": 0})
     accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
     loss = TrainingLoss.from_config(config["loss"])
-    before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator)
-    after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator)
+    before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
     assert before[0] != before[1]  # different heads, different views
     assert after[0] < before[0] and after[1] < before[1]
 
@@ -101,25 +101,90 @@ def test_weights_and_keep_flags_enter_the_loss():
     config = tiny_config(**{"optim.backbone_lr": 0.0, "optim.head_lr": 0.0})
     accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
     loss = TrainingLoss.from_config(config["loss"])
-    base = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator)
+    base = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
     half = {"weights": torch.full((8,), 0.5), "keep": torch.ones(8, dtype=torch.bool)}
-    halved = engine.reciprocal_step(list(pair.models), optimizers, batch, half, loss, accelerator)
+    halved = engine.reciprocal_step(list(pair.models), optimizers, batch, half, loss, accelerator).tolist()
     assert halved == pytest.approx([0.5 * b for b in base], rel=1e-4)  # sum(h w l) / sum(h)
     dropped = {"weights": torch.ones(8), "keep": torch.arange(8) < 4}
-    partial = engine.reciprocal_step(list(pair.models), optimizers, batch, dropped, loss, accelerator)
+    partial = engine.reciprocal_step(list(pair.models), optimizers, batch, dropped, loss, accelerator).tolist()
     assert all(p != pytest.approx(b, rel=1e-3) for p, b in zip(partial, base))  # mean over kept samples only
 
 
-def test_non_finite_loss_stops_with_the_step(monkeypatch):
+def test_a_non_finite_loss_stops_the_epoch_at_the_next_check(monkeypatch):
+    """The step never reads the loss back; train_one_epoch checks every log_every steps and at the end of
+    the epoch and names the first non-finite step and model."""
+    config = tiny_config()
+    loss = TrainingLoss.from_config(config["loss"])
+    real_sdm, calls = kernels.sdm_loss, []
+
+    def nan_from_the_third_call(t, i, *args, **kwargs):  # model A of step 1 (calls: A0, B0, A1, ...)
+        calls.append(1)
+        out = real_sdm(t, i, *args, **kwargs)
+        return out * float("nan") if len(calls) == 3 else out
+
+    monkeypatch.setattr(kernels, "sdm_loss", nan_from_the_third_call)
+    steps_run = []
+    real_step = engine.step.reciprocal_step
+    monkeypatch.setattr(engine.step, "reciprocal_step", lambda *a, **k: steps_run.append(1) or real_step(*a, **k))
+
+    def run(log_every):
+        accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)  # fresh weights (the NaN stepped)
+        steps_run.clear()
+        calls.clear()
+        with pytest.raises(engine.TrainingDiverged, match=r"model A at epoch 3, step 1 \(global step 11\)"):
+            engine.train_one_epoch(list(pair.models), optimizers, [batch] * 6, alr_state, loss, accelerator,
+                                   epoch=3, epochs=4, global_step=10, log_every=log_every,
+                                   batches=iter([batch] * 6))
+        return len(steps_run)
+
+    assert run(log_every=2) == 2    # checked after global step 12: stops there
+    assert run(log_every=100) == 6  # checked at the end of the epoch only
+
+
+def test_epoch_means_and_step_times(monkeypatch):
     config = tiny_config()
     accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
     loss = TrainingLoss.from_config(config["loss"])
-    before = [p.detach().clone() for p in pair.a.parameters()]
-    monkeypatch.setattr(kernels, "sdm_loss", lambda t, i, *a, **k: (t.sum(-1) + i.sum(-1)) * float("nan"))
-    with pytest.raises(engine.TrainingDiverged, match="model A at epoch 3, step 7"):
-        engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator,
-                                    where="epoch 3, step 7")
-    assert all(torch.equal(a, b) for a, b in zip(before, pair.a.parameters()))  # no optimizer step
+    shares = []
+    real_step = engine.step.reciprocal_step
+    monkeypatch.setattr(engine.step, "reciprocal_step",
+                        lambda *a, **k: shares.append(real_step(*a, **k)) or shares[-1])
+    record, step = engine.train_one_epoch(list(pair.models), optimizers, [batch] * 3, alr_state, loss, accelerator,
+                                          epoch=0, epochs=1, global_step=5, log_every=2, batches=iter([batch] * 3))
+    assert step == 8 and record["step"] == 8 and record["steps"] == 3
+    expected = torch.stack(shares).double().mean(0)
+    assert record["loss_a"] == expected[0].item() and record["loss_b"] == expected[1].item()
+    assert record["compute_s"] > 0 and record["data_wait_s"] >= 0
+
+
+def test_uint8_batches_on_the_device_equal_the_float_path():
+    """batch_to_device + view_pixels on a TrainViews(output="uint8") batch == the float path's pixels, and the
+    trimmed captions match trim_text_padding; a badly padded mask is refused on the host."""
+    from data.transforms import build_image_transform, normalize_uint8
+
+    generator = torch.Generator().manual_seed(0)
+    uint8 = torch.randint(0, 256, (3, 2, 3, 32, 16), dtype=torch.uint8, generator=generator)
+    boxes = torch.tensor([[[2, 3, 5, 4], [0, 0, 0, 0]], [[0, 0, 32, 16], [10, 1, 3, 3]], [[0, 0, 0, 0]] * 2])
+    transform = build_image_transform(train=True, image_size=(32, 16))
+    expected = torch.stack([torch.stack([transform.to_float(uint8[i, v].numpy(), tuple(boxes[i, v].tolist()))
+                                         for v in range(2)]) for i in range(3)])
+    mask = torch.zeros(3, 2, 77, dtype=torch.long)
+    for (row, view), length in zip([(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)], [5, 9, 7, 4, 4, 12]):
+        mask[row, view, :length] = 1
+    batch = {"index": torch.arange(3), "pid": torch.arange(3), "pixel_values": uint8, "erase_boxes": boxes,
+             "input_ids": torch.randint(1, 1000, (3, 2, 77), generator=generator) * mask, "attention_mask": mask}
+    moved = engine.batch_to_device(batch, torch.device("cpu"))
+    assert moved[engine.step.TEXT_LENGTHS] == [9, 12]
+    for view in range(2):
+        assert torch.equal(engine.step.view_pixels(moved, view, "cpu"), expected[:, view])
+        ids, trimmed = engine.step.view_text(moved, view, "cpu")
+        assert torch.equal(ids, engine.trim_text_padding(batch["input_ids"][:, view], mask[:, view])[0])
+        assert torch.equal(trimmed, mask[:, view, :[9, 12][view]])
+    assert torch.equal(normalize_uint8(uint8, boxes), expected)
+    holes = mask.clone()
+    holes[0, 0, 2] = 0
+    with pytest.raises(ValueError, match="right-padded"):
+        engine.batch_to_device({**batch, "attention_mask": holes}, torch.device("cpu"))
 
 
 def test_trimming_text_padding_keeps_the_features():

@@ -4,7 +4,7 @@ Implementations: "triton" (cuBLAS/torch similarity slabs + Triton kernels, `kern
 "torch" (the PyTorch reference, `kernels/reference.py`). On the CPU the Triton kernels run under
 TRITON_INTERPRET=1 (tests/conftest.py); with a GPU and TRITON_INTERPRET=0 (scripts/gpu_check.sh)
 the same tests run compiled on CUDA. The oracle below is written from the formulas of
-METHOD.md §3 in float64, dense, and shares no code with the kernels.
+docs/method.md §3 in float64, dense, and shares no code with the kernels.
 """
 import math
 import os

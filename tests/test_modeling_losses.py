@@ -35,13 +35,28 @@ def test_terms_call_their_kernel_and_reduce_over_kept_samples():
     torch.testing.assert_close(trl.per_sample(text, image, pids, weights),
                                kernels.trl_loss(text, image, pids, 0.02, 0.2, weights))
     h = keep.float()
-    for term, per_sample in ((sdm, kernels.sdm_loss(text, image, pids, 30.0)),
-                             (trl, kernels.trl_loss(text, image, pids, 0.02, 0.2))):
-        expected = term.weight * (h * weights * per_sample).sum() / h.sum()  # λ Σ h w ℓ / Σ h
-        torch.testing.assert_close(term(text, image, pids, weights, keep), expected)
-        torch.testing.assert_close(term(text, image, pids), term.weight * per_sample.mean())
+    sdm_per_sample = kernels.sdm_loss(text, image, pids, 30.0)
+    expected = sdm.weight * (h * weights * sdm_per_sample).sum() / h.sum()  # SDM: λ Σ h w ℓ / Σ h
+    torch.testing.assert_close(sdm(text, image, pids, weights, keep), expected)
+    torch.testing.assert_close(sdm(text, image, pids), sdm.weight * sdm_per_sample.mean())
     none_kept = torch.zeros_like(keep)
     assert float(sdm(text, image, pids, weights, none_kept)) == 0.0  # Σ h clamped to 1: no division by 0
+
+
+def test_trl_is_summed_over_the_batch_sdm_averaged_over_kept_samples():
+    """docs/method.md §3: TRL is Σ h w ℓ (RDE, the reference), SDM Σ h w ℓ / Σ h; the difference is a
+    factor Σ h, which Adam with eps 1e-3 does not absorb."""
+    text, image, pids, weights, keep = _batch(size=12, seed=3)
+    h = keep.float()
+    trl = TRLLoss(tau=0.02, margin=0.2, weight=2.0)
+    per_sample = kernels.trl_loss(text, image, pids, 0.02, 0.2)
+    torch.testing.assert_close(trl(text, image, pids, weights, keep), 2.0 * (h * weights * per_sample).sum())
+    torch.testing.assert_close(trl(text, image, pids), 2.0 * per_sample.sum())
+    assert float(trl(text, image, pids, weights, torch.zeros_like(keep))) == 0.0
+    both = TrainingLoss.from_config(LOSS_CFG)
+    sdm_part = LOSS_CFG["lambda_sdm"] * (h * weights * kernels.sdm_loss(text, image, pids)).sum() / h.sum()
+    trl_part = LOSS_CFG["lambda_trl"] * (h * weights * kernels.trl_loss(text, image, pids)).sum()
+    torch.testing.assert_close(both(text, image, pids, weights, keep), sdm_part + trl_part)
 
 
 def test_training_loss_sums_the_enabled_terms():

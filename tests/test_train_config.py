@@ -15,7 +15,17 @@ def test_every_recipe_resolves(recipe):
     assert config["data"]["dataset"] in recipe.stem
     if "noise" in recipe.stem:
         assert config["loss"] == {**config["loss"], "lambda_sdm": 0.0, "lambda_trl": 1.0}
-        assert config["data"]["noise_rate"] == float(recipe.stem.split("noise")[1])
+        rate = recipe.stem.split("noise")[1]
+        assert config["data"]["noise_rate"] == float(rate)
+        # RDE's standard permutation file is picked up by the data layer: nothing may override it
+        assert config["data"]["noise_file"] is None
+        folder = {"cuhk-pedes": "CUHK-PEDES", "icfg-pedes": "ICFG-PEDES", "rstpreid": "RSTPReid"}[config["data"]["dataset"]]
+        header = recipe.read_text().split("base:")[0]
+        assert f"noiseindex/{folder}_{rate}.npy" in header and "GENERATED" in header
+        # RDE's mixture settings: tight above 0.4 noise and on RSTPReid, loose otherwise
+        tight = float(rate) > 0.4 or folder == "RSTPReid"
+        gmm = (config["alr"]["gmm_max_iter"], config["alr"]["gmm_tol"], config["alr"]["gmm_reg_covar"])
+        assert gmm == ((100, 1e-4, 1e-6) if tight else (10, 1e-2, 5e-4))
 
 
 def test_paper_recipe_values():
@@ -52,6 +62,12 @@ def test_overrides_are_typed_and_nested():
     (["--data.dataset", "market1501"], "data.dataset 'market1501' is not one of"),
     (["--alr.mu", "median"], "alr.mu"),
     (["--eval.select_row", "C/GE"], "eval.select_row"),
+    (["--model.head_seeds", "[1]"], "model.head_seeds must be null .* or two integers"),
+    (["--model.head_seeds", "[1, 2.5]"], "model.head_seeds must be null"),
+    (["--model.head_seeds", "7"], "model.head_seeds must be list or null"),
+    (["--alr.gmm_max_iter", "0"], "gmm_max_iter >= 1"),
+    (["--alr.gmm_tol", "-1e-3"], "gmm_tol > 0"),
+    (["--alr.gmm_reg_covar", "-1.0"], "gmm_reg_covar >= 0"),
     (["--train.epochs"], "needs a value"),
     (["epochs", "2"], "expected --section.key VALUE"),
 ])

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Download into .whl/ the wheels of the project's dependencies that the GPU image lacks, so that they can
+# travel with the working tree to a GPU machine without a package index (docs/benchmarks.md, "GPU check").
+#   bash scripts/fetch_gpu_wheels.sh              # -> .whl/*.whl (about 1 MB)
+#   bash scripts/fetch_gpu_wheels.sh --dry-run    # print the pip command only
+# The image (Python 3.12, torch 2.11+cu130, triton 3.6, transformers 5.17, accelerate 1.15, numpy 2.5,
+# pyarrow 25, safetensors, huggingface_hub, pillow, scikit-learn, pyyaml, tqdm, matplotlib, tensorboard,
+# pandas, fsspec, xxhash, requests, pytest, pytest-xdist) has every dependency of pyproject.toml except
+# `datasets` and `evaluate`; of their own requirements it lacks `dill` and `multiprocess`. The versions are
+# those the CPU test environment runs. Pure-Python wheels: --no-deps, one version of each.
+# On the GPU machine scripts/gpu_check.sh installs them (pip --no-index --target /tmp/site).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+WHEELS_DIR="${WHEELS_DIR:-.whl}"
+GPU_IMAGE_WHEELS=(datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19)
+
+command=("$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+         -d "$WHEELS_DIR" "${GPU_IMAGE_WHEELS[@]}")
+if [ "${1:-}" = "--dry-run" ]; then
+    printf '%q ' "${command[@]}"
+    echo
+    exit 0
+fi
+mkdir -p "$WHEELS_DIR"
+"${command[@]}"
+ls -l "$WHEELS_DIR"

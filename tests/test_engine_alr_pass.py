@@ -1,0 +1,268 @@
+"""The ALR pass (engine/alr_pass.py, docs/method.md §4): shuffled batches of the training batch size,
+each unique image and caption encoded once, losses from the training loss's own per_sample, the report
+and the one ALR figure. (1 process vs 2 processes: tests/test_train_runs.py.)"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import engine
+import kernels
+import modeling
+from configs import load_config
+from data.transforms import get_tokenizer
+from engine import alr_pass as alr_pass_module
+from modeling.losses import TrainingLoss
+
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "projection_dim": 32}
+BATCH = 20  # 144 captions: 7 full batches and one of 4, filled with 16 columns
+
+
+@pytest.fixture(scope="module")
+def train_split(tmp_path_factory):
+    """synth-pedes-tiny with 50% noisy correspondence: 144 captions of 72 images (2 per image, adjacent rows)."""
+    return data.load_benchmark("synth-pedes-tiny", root=tmp_path_factory.mktemp("synth"), noise_rate=0.5)["train"]
+
+
+def tiny_config(loss: str = "trl", **overrides):
+    arguments = ["--data.dataset", "synth-pedes-tiny", "--data.image_size", "[32, 16]", "--data.num_workers", "0",
+                 "--model.fused_dim", "48", "--train.batch_size", str(BATCH), "--eval.batch_size", "32",
+                 "--seed", "3", "--loss.lambda_sdm", str(float(loss == "sdm")),
+                 "--loss.lambda_trl", str(float(loss == "trl"))]
+    for key, value in overrides.items():
+        arguments += [f"--{key}", str(value)]
+    return load_config(None, arguments)
+
+
+def tiny_pair():
+    torch.manual_seed(0)
+    return modeling.ReciprocalPair.from_clip(modeling.small_clip_config(**TINY_CLIP), head_seeds=(0, 1),
+                                             fused_dim=48, image_size=(32, 16))
+
+
+def encode_each_sample(model, train_split, config):
+    """Independent oracle for the features: every sample encoded on its own row (TrainViews without
+    augmentation, full 77 tokens). Returns (text [N, D], image [N, D], pids [N])."""
+    views = data.TrainViews(train_split, get_tokenizer(), config["data"]["image_size"], num_views=1, augment=False)
+    items = [views[i] for i in range(len(views))]
+    with torch.no_grad():
+        model.eval()
+        image = model.encode_image(torch.stack([item["pixel_values"][0] for item in items]))[1]
+        text = model.encode_text(torch.stack([item["input_ids"][0] for item in items]),
+                                 torch.stack([item["attention_mask"][0] for item in items]))[1]
+        model.train()
+    return text, image, torch.tensor([item["pid"] for item in items])
+
+
+def per_sample_reference(features, loss: str, batches):
+    """Each sample's loss within its batch, the kernel called directly. batches: [(members, scored)]."""
+    text, image, pids = features
+    losses = torch.full((len(pids),), float("nan"))
+    for members, scored in batches:
+        rows = members[:scored]
+        columns = dict(text_cols=text[members], image_cols=image[members], col_pids=pids[members])
+        if loss == "trl":
+            losses[rows] = kernels.trl_loss(text[rows], image[rows], pids[rows], 0.015, 0.1, **columns)
+        else:
+            losses[rows] = kernels.sdm_loss(text[rows], image[rows], pids[rows], 50.0, **columns)
+    return losses
+
+
+def test_alr_batches_are_shuffled_full_and_score_every_sample_once():
+    batches = engine.alr_batches(50, 8, seed=3, epoch=2)
+    assert [len(members) for members, _ in batches] == [8] * 7  # the last batch is filled up to 8
+    assert [scored for _, scored in batches] == [8] * 6 + [2]
+    scored = torch.cat([members[:count] for members, count in batches])
+    assert sorted(scored.tolist()) == list(range(50))  # every sample scored exactly once
+    order = torch.cat([members for members, _ in batches[:-1]] + [batches[-1][0][:2]])
+    assert torch.equal(batches[-1][0][2:], order[:6])  # filled with the first 6 of the permutation: columns only
+    assert len(set(batches[-1][0].tolist())) == 8
+    first = batches[0][0].tolist()
+    assert first != sorted(first) and max(first) - min(first) > 8  # shuffled, not a run of consecutive rows
+    # deterministic in (seed, epoch), a new order every epoch, and not the training order's stream
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, engine.alr_batches(50, 8, seed=3, epoch=2)))
+    assert not torch.equal(engine.alr_batches(50, 8, seed=3, epoch=3)[0][0], batches[0][0])
+    training = engine.GlobalBatchSampler(50, 8, rank=0, world_size=1, seed=3)
+    training.set_epoch(2)
+    assert next(iter(training)) != first
+    # fewer samples than a batch: one batch of all of them
+    (members, count), = engine.alr_batches(5, 8, seed=0, epoch=0)
+    assert count == 5 and sorted(members.tolist()) == list(range(5))
+
+
+@pytest.mark.parametrize("loss", ["trl", "sdm"])
+def test_pass_scores_shuffled_batches_with_the_training_loss(train_split, monkeypatch, loss):
+    """The losses handed to the mixture are each sample's loss within its shuffled batch of
+    train.batch_size (not within a batch of consecutive rows, where an image's two captions would be
+    each other's extra positive), from features of each unique image and caption encoded once."""
+    from accelerate import Accelerator
+
+    config = tiny_config(loss)
+    pair = tiny_pair()
+    captured = {}
+    real_compute_alr = alr_pass_module.compute_alr
+
+    def capture(losses_a, losses_b, diag_sims, **kwargs):
+        captured.update(losses_a=losses_a, losses_b=losses_b, diag_sims=diag_sims, kwargs=kwargs)
+        return real_compute_alr(losses_a, losses_b, diag_sims, **kwargs)
+
+    monkeypatch.setattr(alr_pass_module, "compute_alr", capture)
+    encoded = {"image": 0, "text": 0}
+    for modality in encoded:
+        for model in pair.models:
+            original = getattr(model, f"encode_{modality}")
+
+            def counting(*inputs, _original=original, _modality=modality):
+                encoded[_modality] += len(inputs[0])
+                return _original(*inputs)
+
+            monkeypatch.setattr(model, f"encode_{modality}", counting)
+    term = TrainingLoss.from_config(config["loss"]).alr_term
+    alr = engine.AlrPass(train_split, get_tokenizer(), config, Accelerator(cpu=True))(list(pair.models), term, epoch=4)
+    num_images = len(np.unique(train_split["image_id"]))
+    assert encoded == {"image": 2 * num_images, "text": 2 * len(train_split)}  # once per model each
+    monkeypatch.undo()
+    batches = engine.alr_batches(len(train_split), BATCH, config["seed"], epoch=4)
+    features = [encode_each_sample(model, train_split, config) for model in pair.models]
+    for got, model_features in zip((captured["losses_a"], captured["losses_b"]), features):
+        expected = per_sample_reference(model_features, loss, batches)
+        torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-4)  # fp16-stored unit features
+    sims = [torch.nn.functional.cosine_similarity(text, image, dim=-1) for text, image, _ in features]
+    torch.testing.assert_close(captured["diag_sims"], (sims[0] + sims[1]) / 2, rtol=0, atol=2e-3)
+    assert captured["kwargs"]["mixture"].max_iter == config["alr"]["gmm_max_iter"]
+    assert alr["weights"].shape == (len(train_split),) and alr["keep"].dtype == torch.bool
+    assert all(model.training for model in pair.models)  # back in training mode
+    # guard: batches of consecutive rows (an image's captions side by side) score differently here
+    consecutive = [(torch.arange(start, start + BATCH), BATCH) for start in range(0, 140, BATCH)]
+    old = per_sample_reference(features[0], loss, consecutive)
+    assert (old[:140] - captured["losses_a"][:140]).abs().max() > 1e-2
+
+
+def test_one_model_pass_and_persistent_loaders(train_split, monkeypatch):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    with_workers = engine.AlrPass(train_split, get_tokenizer(), tiny_config("trl", **{"data.num_workers": 2}),
+                                  accelerator)
+    assert with_workers.image_loader.num_workers == 2 and with_workers.image_loader.persistent_workers
+    config = tiny_config("trl", **{"alr.models": 1})
+    captured = []
+    real_compute_alr = alr_pass_module.compute_alr
+    monkeypatch.setattr(alr_pass_module, "compute_alr",
+                        lambda a, b, s, **k: captured.append(b) or real_compute_alr(a, b, s, **k))
+    pair = tiny_pair()
+    engine.AlrPass(train_split, get_tokenizer(), config, accelerator)(
+        list(pair.models), TrainingLoss.from_config(config["loss"]).alr_term, epoch=1)
+    assert captured == [None]  # alr.models 1: model A only
+
+
+def _records(train_split, epochs):
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.tensor(train_split["noisy"])
+    records = []
+    for epoch in epochs:
+        losses = torch.where(noisy, 2.0, 0.5) + 0.3 * torch.rand(len(noisy), generator=generator)
+        sims = torch.where(noisy, 0.1, 0.6) + 0.1 * torch.rand(len(noisy), generator=generator)
+        result = modeling.alr.compute_alr(losses, losses + 0.01, sims)
+        records.append((epoch, result, sims))
+    return noisy, records
+
+
+def test_report_and_one_figure_over_the_epochs(train_split, tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    noisy, records = _records(train_split, range(1, 4))
+    for epoch, result, sims in records:
+        report = engine.report_alr({"result": result, "diag_sims": sims}, noisy, epoch, tmp_path, accelerator,
+                                   global_step=epoch, trackers=[])
+        engine.append_metrics(tmp_path, {"epoch": epoch, "alr": report})
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["alr_weights.png"]  # one figure, rewritten
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["alr"]
+    quantiles = last["weight_quantiles"]
+    assert quantiles["levels"][0] == 0.0 and quantiles["levels"][-1] == 1.0
+    assert set(quantiles) == {"levels", "all", "clean", "noisy"}
+    assert quantiles["noisy"][3] < quantiles["clean"][3] <= 1.0  # noisy pairs' median weight is lower
+    assert last["mixture"]["A"]["status"] == "ok" and last["noise_detection"]["f1"] > 90
+    image = engine.plot_alr_history([{"epoch": e, "alr": engine.alr_report(r, s, noisy)} for e, r, s in records],
+                                    tmp_path / "again.png")
+    assert image.ndim == 3 and image.shape[2] == 3 and (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    # without noisy flags: one group, no detection panel; old records without quantiles are skipped
+    clean_only = [{"epoch": 0, "alr": {"mu": 0.1}}] + [
+        {"epoch": e, "alr": engine.alr_report(r, s, torch.zeros_like(noisy))} for e, r, s in records]
+    assert set(clean_only[-1]["alr"]["weight_quantiles"]) == {"levels", "all"}
+    engine.plot_alr_history(clean_only, tmp_path / "clean.png")
+
+
+def test_degenerate_mixture_is_logged_and_recorded(train_split, tmp_path, capsys):
+    from accelerate import Accelerator
+
+    noisy = torch.tensor(train_split["noisy"])
+    constant = torch.full((len(noisy),), 1.5)
+    result = modeling.alr.compute_alr(constant, constant, torch.rand(len(noisy)))
+    report = engine.report_alr({"result": result, "diag_sims": torch.rand(len(noisy))}, noisy, 2, tmp_path,
+                               Accelerator(cpu=True), global_step=0, trackers=[])
+    for name in "AB":
+        assert report["mixture"][name]["status"] == "constant_losses"
+        assert "every sample clean" in report["mixture"][name]["rule"]
+    assert report["mean_weight"] == 1.0 and report["consensus_counts"] == [0, 0, len(noisy)]
+    assert "model A: degenerate mixture (constant_losses)" in capsys.readouterr().out
+
+
+def _sharded_worker(rank: int, root: str, out_dir: str, port: int) -> None:
+    """One of 2 CPU processes (gloo, through Accelerate): the pass over 143 captions / 72 images, so
+    both shards are padded."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.num_processes == 2
+    statistics, weights = _pass_on_odd_split(root, accelerator)
+    torch.save({"statistics": statistics, "weights": weights}, f"{out_dir}/rank{rank}.pt")
+    accelerator.wait_for_everyone()
+
+
+def _pass_on_odd_split(root, accelerator):
+    split = data.load_benchmark("synth-pedes-tiny", root=root, noise_rate=0.5)["train"]
+    split = data.keep_rows(split, list(range(143)))
+    config = tiny_config("trl")
+    pair = tiny_pair()
+    alr_pass = engine.AlrPass(split, get_tokenizer(), config, accelerator)
+    term = TrainingLoss.from_config(config["loss"], rank=accelerator.process_index,
+                                    world_size=accelerator.num_processes).alr_term
+    with torch.no_grad():
+        for model in pair.models:
+            model.eval()
+        statistics = alr_pass.sample_statistics(list(pair.models), term, epoch=2)
+        for model in pair.models:
+            model.train()
+    return statistics, alr_pass(list(pair.models), term, epoch=2)["weights"].cpu()
+
+
+def test_two_processes_give_the_one_process_pass(tmp_path):
+    """Each process encodes a padded share; the main process alone scores and fits; every process ends
+    with the main process's weights, equal to one process's."""
+    import socket
+
+    from accelerate import Accelerator
+
+    root = str(tmp_path / "synth")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (losses, sims), weights = _pass_on_odd_split(root, Accelerator(cpu=True))  # (generates the data once)
+    torch.multiprocessing.start_processes(_sharded_worker, args=(root, str(tmp_path), port), nprocs=2,
+                                          start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[1]["statistics"] is None  # scored on the main process only
+    torch.testing.assert_close(ranks[0]["statistics"][0], losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["statistics"][1], sims, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # identical on every process
+    torch.testing.assert_close(ranks[0]["weights"], weights, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,87 @@
+"""train.compile: regional compilation of the encoder layers (engine.compilation) runs the trainer's step
+with the same numbers; the config values and their resolution per device."""
+import pytest
+import torch
+
+import configs
+import engine
+import modeling
+from benchmarks.train_throughput import synthetic_batch
+from modeling.backbone import SDPAEncoderLayer
+from modeling.losses import TrainingLoss
+
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "projection_dim": 32}
+
+
+def test_compile_modes_resolve_per_device():
+    assert engine.resolve_compile_mode("auto", "cpu") == "off"
+    assert engine.resolve_compile_mode("auto", torch.device("cuda")) == "regional"
+    assert engine.resolve_compile_mode(False, "cuda") == "off" == engine.resolve_compile_mode("off", "cuda")
+    assert engine.resolve_compile_mode("full", "cpu") == "full"
+    with pytest.raises(ValueError, match="train.compile"):
+        engine.resolve_compile_mode("max-autotune", "cpu")
+    assert configs.load_config(None)["train"]["compile"] == "auto"
+    assert configs.load_config(None, ["--train.compile", "false"])["train"]["compile"] is False
+    assert configs.load_config(None, ["--train.compile", "regional"])["train"]["compile"] == "regional"
+    for bad in ("true", "fast"):
+        with pytest.raises(configs.ConfigError, match="train.compile must be"):
+            configs.load_config(None, ["--train.compile", bad])
+
+
+def _setup(config):
+    torch.manual_seed(0)
+    pair = modeling.ReciprocalPair.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
+    for model in pair.models:
+        model.clip.check_text_padding = False
+    return pair, [engine.build_optimizer(model, config)[0] for model in pair.models]
+
+
+def _batches():
+    """Two batches whose longest captions differ (the trimmed text length changes between steps)."""
+    batches = []
+    for seed, length in ((0, 41), (1, 23)):
+        batch = synthetic_batch(8, (32, 16), seed=seed)
+        mask = batch["attention_mask"]
+        mask[:, :, length:] = 0
+        batch["input_ids"] = batch["input_ids"] * mask
+        batch["input_ids"][:, :, length - 1] = modeling.clip_configs.EOT_TOKEN_ID
+        batches.append(batch)
+    return batches
+
+
+def test_regional_compile_runs_the_step_with_the_eager_numbers(tmp_path):
+    """Every SDPAEncoderLayer is compiled (names and checkpoints unchanged); two steps whose text lengths
+    differ give the eager step's losses and weights. Backend aot_eager: dynamo capture + AOT autograd
+    without code generation (Inductor's CPU code generation takes minutes on a small CI machine; the GPU
+    check runs Inductor on CUDA, and `python -m benchmarks.train_throughput --compile off,regional`
+    runs it on either)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    config = configs.load_config(None, ["--model.fused_dim", "64", "--data.image_size", "[32, 16]",
+                                        "--optim.warmup_epochs", "0", "--optim.backbone_lr", "1e-3"])
+    loss = TrainingLoss.from_config(config["loss"])
+    alr_state = engine.initial_alr_state(8, "cpu")
+    results = {}
+    for mode in ("off", "regional"):
+        pair, optimizers = _setup(config)
+        names = list(pair.state_dict())
+        counts = [engine.compile_model(model, mode, backend="aot_eager") for model in pair.models]
+        assert list(pair.state_dict()) == names
+        if mode == "regional":
+            layers = [m for m in pair.a.modules() if isinstance(m, SDPAEncoderLayer)]
+            assert counts == [4, 4] and len(layers) == 4
+            assert all(layer._compiled_call_impl is not None for layer in layers)
+        losses = [engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator)
+                  for batch in _batches()]
+        results[mode] = (torch.stack(losses), {k: v.clone() for k, v in pair.state_dict().items()})
+    # the checkpoint writer's host twin of a compiled pair saves the weights under their usual names
+    writer = engine.CheckpointWriter(tmp_path, pair, optimizers, [], accelerator, background=False)
+    writer._copy_pair().save_pretrained(tmp_path / "twin")
+    saved = modeling.ReciprocalPair.from_pretrained(tmp_path / "twin").state_dict()
+    assert saved.keys() == results["regional"][1].keys()
+    assert all(torch.equal(saved[name], value) for name, value in results["regional"][1].items())
+    torch.testing.assert_close(results["regional"][0], results["off"][0], rtol=1e-6, atol=1e-6)
+    for name, value in results["off"][1].items():
+        torch.testing.assert_close(results["regional"][1][name], value, rtol=1e-5, atol=1e-6, msg=name)
