@@ -12,6 +12,7 @@ import os
 import sys
 
 LOG_MININTERVAL_S = 60  # seconds between two redraws of a bar when stderr is not a terminal
+_TQDM_INIT = None  # tqdm's own __init__, kept when quiet_progress_in_logs replaces it
 
 
 def quiet_progress_in_logs(stream=None) -> bool:
@@ -24,9 +25,21 @@ def quiet_progress_in_logs(stream=None) -> bool:
     interactive = hasattr(stream, "isatty") and stream.isatty()
     if interactive or "TQDM_MININTERVAL" in os.environ or "TQDM_DISABLE" in os.environ:
         return False
+    global _TQDM_INIT
     os.environ["TQDM_MININTERVAL"] = str(LOG_MININTERVAL_S)
     import tqdm.std
 
     bar = tqdm.std.tqdm  # tqdm.auto's class and the others call its __init__; explicit arguments still win
-    bar.__init__ = functools.partialmethod(bar.__init__, mininterval=LOG_MININTERVAL_S)
+    if _TQDM_INIT is None:
+        _TQDM_INIT = bar.__init__
+    bar.__init__ = functools.partialmethod(_TQDM_INIT, mininterval=LOG_MININTERVAL_S)  # once, not stacked
     return True
+
+
+def restore_progress_defaults() -> None:
+    """Undo quiet_progress_in_logs in this process (tqdm's own defaults again; the environment is left)."""
+    global _TQDM_INIT
+    if _TQDM_INIT is not None:
+        import tqdm.std
+
+        tqdm.std.tqdm.__init__, _TQDM_INIT = _TQDM_INIT, None

@@ -186,6 +186,7 @@ def test_progress_bars_are_quiet_in_logs(monkeypatch):
 
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    progress.restore_progress_defaults()  # an earlier in-process command may have quietened them
     monkeypatch.setattr(tqdm_std.tqdm, "__init__", tqdm_std.tqdm.__init__)  # restored afterwards
 
     def draws() -> int:
@@ -203,6 +204,7 @@ def test_progress_bars_are_quiet_in_logs(monkeypatch):
     assert progress.quiet_progress_in_logs(io.StringIO()) is True
     assert os.environ["TQDM_MININTERVAL"] == str(progress.LOG_MININTERVAL_S)  # for the processes it starts
     assert draws() == 2  # first draw and the final one, not one per step
+    progress.restore_progress_defaults()
     monkeypatch.setenv("TQDM_MININTERVAL", "5")  # the user's choice wins
     assert progress.quiet_progress_in_logs(io.StringIO()) is False and os.environ["TQDM_MININTERVAL"] == "5"
 
@@ -216,6 +218,7 @@ def test_both_commands_quiet_their_progress_bars(module, monkeypatch):
 
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    progress.restore_progress_defaults()
     monkeypatch.setattr(tqdm.std.tqdm, "__init__", tqdm.std.tqdm.__init__)
     monkeypatch.setattr(command, "main", lambda *a, **k: 0)
     monkeypatch.setattr("sys.stderr", io.StringIO())
