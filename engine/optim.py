@@ -41,11 +41,12 @@ def build_optimizer(model: torch.nn.Module, config: dict):
     fused when the model is on CUDA (build it after moving the model)."""
     optim = config["optim"]
     groups = param_groups(model, optim)
-    # one fused kernel per step on CUDA (no host sync, ~3 reads + 3 writes per parameter); torch's default
-    # (the for-each path) elsewhere, which keeps the CPU numbers unchanged
+    # CUDA: one fused kernel per step (no host sync, ~3 reads + 3 writes per parameter); elsewhere the
+    # multi-tensor (for-each) update, which PyTorch picks by itself only for CUDA tensors: on the CPU it
+    # takes ~18 % off a demo step (many small tensors), same arithmetic
     on_cuda = all(parameter.is_cuda for group in groups for parameter in group["params"])
     optimizer = torch.optim.Adam(groups, betas=tuple(optim["betas"]), eps=optim["eps"],
-                                 fused=True if on_cuda else None)
+                                 fused=True if on_cuda else None, foreach=None if on_cuda else True)
     schedule = lambda epoch: lr_factor(epoch, config["train"]["epochs"], optim["warmup_epochs"],  # noqa: E731
                                        optim["warmup_factor"])
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
