@@ -38,7 +38,7 @@ demo: setup
 		--split test --out runs/demo/eval --leaderboard
 	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/python eval_3rtpr.py search \
 		"a woman in a red long coat with a black handbag" --checkpoint runs/demo --dataset synth-pedes \
-		--score A+B/FS --top 8 --out runs/demo/search
+		--top 8 --out runs/demo/search
 
 bench: setup
 	$(BIN)/python -m benchmarks.bench_kernels

@@ -24,6 +24,7 @@ from evaluation import (EvalInputError, build_gallery_index, evaluate_checkpoint
                         load_pair, resolve_checkpoint, save_gallery_index, save_search_grid, search_cache_dir,
                         search_cache_key, search_gallery, search_grid_path)
 from evaluation.checkpoints import unreadable_images_as_input_errors
+from evaluation.progress import quiet_progress_in_logs
 from evaluation.search import parse_score_row
 from metrics.report import make_names_unique, write_reports
 from modeling.pair import ROW_KEYS
@@ -31,6 +32,8 @@ from modeling.pair import ROW_KEYS
 PROG = "eval_3rtpr.py"
 COMMANDS = ("evaluate", "search")
 EXIT_BAD_INPUT = 2
+MAX_TOP = 100  # the grid draws every match: 100 is a 10 x 10 PNG
+DEFAULT_SEARCH_ROW = "A+B/GE+FS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--dataset", required=True, help="benchmark whose gallery is searched")
     search.add_argument("--root", default=None, help="datasets root (default: data.load_benchmark's default)")
     search.add_argument("--split", default="test", help="gallery split (default: test)")
-    search.add_argument("--top", type=int, default=10, help="number of matches (default: 10)")
+    search.add_argument("--top", type=int, default=10,
+                        help=f"number of matches, 1..{MAX_TOP} (default: 10; all are drawn in the PNG grid)")
     search.add_argument("--out", type=Path, default=Path("search-results"),
                         help="folder for the PNG grid (default: ./search-results)")
-    search.add_argument("--score", default="A+B/GE+FS",
-                        help=f"ranking row, one of {', '.join(ROW_KEYS)} (default: A+B/GE+FS)")
+    search.add_argument("--score", default=None,
+                        help=f"ranking row, one of {', '.join(ROW_KEYS)} (default: the row the run was selected on, "
+                             f"its config's eval.select_row; without a run config {DEFAULT_SEARCH_ROW})")
     search.add_argument("--batch-size", type=int, default=64, help="encoder batch size when the gallery is encoded")
     search.add_argument("--cache-dir", type=Path, default=None,
                         help="gallery feature cache (default: $TRPR_CACHE/search-features or "
@@ -118,17 +123,36 @@ def _read_queries(query: str):
             yield line.strip()
 
 
+def search_row(score: str | None, checkpoint) -> tuple[str, str]:
+    """(ranking row, why it was chosen): --score when given, else the row the run was selected on (its
+    config.yaml's eval.select_row), else DEFAULT_SEARCH_ROW."""
+    if score is not None:
+        return score, "--score"
+    selected = ((checkpoint.run_config or {}).get("eval") or {}).get("select_row")
+    if selected is not None:
+        try:
+            parse_score_row(selected)
+        except EvalInputError:
+            raise EvalInputError(f"checkpoint {checkpoint.path}: config.yaml's eval.select_row {selected!r} is not a "
+                                 f"row; pass --score (one of {', '.join(ROW_KEYS)})") from None
+        return selected, "the row the run was selected on, its eval.select_row; --score to change"
+    return DEFAULT_SEARCH_ROW, "no run config to take eval.select_row from; --score to change"
+
+
 def search_command(args: argparse.Namespace) -> int:
     """`eval_3rtpr.py search QUERY ...`: print the top matches and save a PNG grid per query."""
     if not args.query.strip():
         raise EvalInputError("search: the query is empty")
-    if args.top < 1:
-        raise EvalInputError(f"--top must be at least 1, got {args.top}")
-    parse_score_row(args.score)
+    if not 1 <= args.top <= MAX_TOP:
+        raise EvalInputError(f"--top must be between 1 and {MAX_TOP} (every match is drawn in the grid), got {args.top}")
+    if args.score is not None:
+        parse_score_row(args.score)
     from data.transforms import get_tokenizer
 
     started = time.perf_counter()
     checkpoint = resolve_checkpoint(args.checkpoint)
+    row, why = search_row(args.score, checkpoint)
+    print(f"ranking with {row} ({why})", file=sys.stderr)
     cache_stem = (args.cache_dir or search_cache_dir()) / search_cache_key(checkpoint, args.dataset, args.root, args.split)
     index = load_gallery_index(cache_stem)
     pair = load_pair(checkpoint)
@@ -145,7 +169,7 @@ def search_command(args: argparse.Namespace) -> int:
           f"ready in {time.perf_counter() - started:.2f} s", file=sys.stderr)
     for query in _read_queries(args.query):
         query_started = time.perf_counter()
-        matches = search_gallery(pair, index, query, tokenizer=tokenizer, row=args.score, top=args.top)
+        matches = search_gallery(pair, index, query, tokenizer=tokenizer, row=row, top=args.top)
         answered = time.perf_counter()
         print(f"query: {query}")
         print(f"{'rank':>4}  {'score':>7}  {'pid':>6}  path")
@@ -153,7 +177,7 @@ def search_command(args: argparse.Namespace) -> int:
             print(f"{match['rank']:>4}  {match['score']:>7.4f}  {match['pid']:>6}  {match['path'] or '(embedded image)'}")
         grid = save_search_grid(matches, query, search_grid_path(args.out, query), gallery_split=gallery)
         print(f"grid: {grid}", flush=True)
-        print(f"answered in {answered - query_started:.3f} s ({args.score}, score = sum of cosines)", file=sys.stderr)
+        print(f"answered in {answered - query_started:.3f} s ({row}, score = sum of cosines)", file=sys.stderr)
     return 0
 
 
@@ -172,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console entry point (`3rtpr-eval`)."""
+    """Console entry point (`3rtpr-eval`): progress bars quiet in logs, then `main`."""
+    quiet_progress_in_logs()
     sys.exit(main())
 
 

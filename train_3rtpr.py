@@ -23,6 +23,7 @@ The pieces live in `engine/` (one module each) and `modeling.losses`.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -31,38 +32,64 @@ import torch
 import configs
 import engine
 from data.transforms import get_tokenizer
+from evaluation.progress import quiet_progress_in_logs
+from modeling.run_folder import RunFolderBusy
 from modeling.losses import TrainingLoss
+
+
+HELP_EPILOG = """config sections and keys (defaults from configs/defaults.yaml, where each is explained);
+override any of them on the command line as --section.key VALUE (VALUE is YAML: 2, 1e-4, true, null, [64, 32]):
+{keys}
+
+examples:
+  train_3rtpr.py --config configs/synth-pedes.yaml --output-dir runs/demo --train.epochs 4
+  train_3rtpr.py --resume runs/demo --train.epochs 20      (continue, here with more epochs)
+A run folder is used by one training at a time; a new run needs an empty (or new) --output-dir."""
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     """(known arguments, the remaining --section.key VALUE overrides)."""
     parser = argparse.ArgumentParser(prog="train_3rtpr.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Any config key can be overridden: --train.epochs 2 --alr.sharpness 3 ...")
-    parser.add_argument("--config", help="recipe YAML (configs/*.yaml); with --resume: the run's config.yaml")
-    parser.add_argument("--output-dir", help="run folder (created); default with --resume: the resumed folder")
+                                     epilog=HELP_EPILOG.format(keys=configs.describe_keys()))
+    parser.add_argument("--config", help="recipe YAML (configs/*.yaml, on top of configs/defaults.yaml); "
+                                         "with --resume: the run's config.yaml")
+    parser.add_argument("--output-dir", help="run folder (created; must be empty); default with --resume: the resumed folder")
     parser.add_argument("--resume", help="run folder to continue from its last finished epoch")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the previous run in --output-dir (its checkpoints, metrics, logs)")
     parser.add_argument("--final-test", action="store_true",
                         help="after training, evaluate best/ (else last/) on the test split")
     return parser.parse_known_args(argv)
 
 
 def main(argv=None) -> Path:
+    """Parse, check what can be checked before any work (config, backbone), then train in the run folder
+    (`engine.RunFolder`: locked while the run lives; removed when the run fails before its first epoch)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     args, overrides = parse_args(argv)
     config, run_dir = engine.resolve_run(overrides, config_path=args.config, output_dir=args.output_dir,
                                          resume_dir=args.resume)
+    engine.check_backbone(config)
     trackers = config["logging"]["trackers"]
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(run_dir))
     engine.check_distributed_type(accelerator)
+    engine.check_batch_size(config, accelerator.num_processes)
+    with engine.RunFolder(run_dir, accelerator, resume_dir=args.resume, overwrite=args.overwrite) as run_folder:
+        return train(args, config, run_dir, accelerator, run_folder)
+
+
+def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, run_folder) -> Path:
+    """The training itself, in an owned run folder: data, models, (resume), epochs, final test."""
+    from accelerate.utils import set_seed
+
+    trackers = config["logging"]["trackers"]
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     set_seed(config["seed"])
     engine.configure_fast_math(device)
 
-    # ---- data (fails early on a missing dataset, before any model is built)
-    engine.prepare_run_folder(config, run_dir, accelerator)
+    # ---- data (fails early on a missing dataset, a batch larger than it or bad images, before any model is built)
     splits = engine.load_splits(config, run_dir, accelerator)
     noisy = torch.tensor(splits["train"]["noisy"], dtype=torch.bool)
     tokenizer = get_tokenizer()
@@ -86,7 +113,8 @@ def main(argv=None) -> Path:
     state = engine.TrainerState()
     if args.resume:
         alr_state, state = engine.resume(args.resume, models, optimizers, schedulers, accelerator)
-    engine.restart_metrics(run_dir, state.epoch + 1, accelerator)
+    run_folder.start(config)  # the real work begins: config.yaml
+    engine.restart_metrics(run_dir, state.epoch + 1, accelerator, last_record=state.epoch_record)
     if trackers:
         accelerator.init_trackers("3rtpr", config=engine.flat_config(config))
     epochs = config["train"]["epochs"]
@@ -138,13 +166,14 @@ def main(argv=None) -> Path:
                 scheduler.step()
 
             # ---- 4. checkpoint: a snapshot now, written in the background; the epoch's metrics record is
-            # appended once its last/ is in place (a record always has its checkpoint)
+            # saved inside last/ (so --resume puts it back if the run dies before the append) and appended
+            # to metrics.jsonl once last/ is in place (a record always has its checkpoint)
             state.epoch = epoch
             with clock.phase("checkpoint"):
                 checkpoints.snapshot(alr_state, state, improved=improved)
             timing = engine.epoch_timing(clock.seconds, step_times, clock.elapsed(), samples_per_epoch)
             record.update(best_epoch=state.best_epoch, epoch_time_s=timing["epoch_s"], time=timing)
-            checkpoints.write(after=lambda seconds, record=record: engine.append_metrics(
+            checkpoints.write(epoch_record=record, after=lambda seconds, record=record: engine.append_metrics(
                 run_dir, {**record, "time": {**record["time"], "checkpoint_write_s": round(seconds, 4)}}))
             accelerator.log({f"time/{key}": value for key, value in timing.items() if value is not None},
                             step=state.global_step)
@@ -162,13 +191,25 @@ def main(argv=None) -> Path:
     return run_dir
 
 
+# ordinary failures that end as one line (exit status 1) instead of a traceback
+ONE_LINE_ERRORS = (configs.ConfigError, engine.TrainingDiverged, engine.CheckpointError, RunFolderBusy)
+
+
 def cli() -> None:
-    """Console entry point (`3rtpr-train`): configuration and divergence errors end as one line."""
+    """Console entry point (`3rtpr-train`): configuration, run-folder, checkpoint, divergence and
+    disk-full errors end as one line."""
+    quiet_progress_in_logs()
     try:
         main()
-    except (configs.ConfigError, engine.TrainingDiverged) as error:
+    except ONE_LINE_ERRORS as error:
         sys.exit(f"error: {error}")
-
+    except OSError as error:  # out of disk space anywhere (checkpoints say more: engine.DiskFullError)
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if isinstance(error, engine.DiskFullError):
+            sys.exit(f"error: {error.strerror}")
+        sys.exit(f"error: no space left on {error.filename or 'the output device'} ({error.strerror}); free space, "
+                 "then continue with --resume")
 
 if __name__ == "__main__":
     cli()

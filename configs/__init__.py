@@ -155,6 +155,7 @@ def parse_overrides(arguments: Iterable[str]) -> dict:
 
 def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
+    from data.images import IMAGE_POLICIES
     from data.noise import check_noise_rate
     from modeling.alr import MixtureSettings, validate_mu_rule
     from modeling.pair import parse_row_key
@@ -195,8 +196,13 @@ def validate(config: dict, source: str = "config") -> None:
         validate_mu_rule(config["alr"]["mu"])
     except ValueError as error:
         fail(f"alr.mu: {error}")
-    if config["train"]["epochs"] < 1 or config["train"]["batch_size"] < 2:
-        fail("train.epochs must be >= 1 and train.batch_size >= 2")
+    if config["data"]["image_policy"] not in IMAGE_POLICIES:
+        fail(f"data.image_policy must be one of {', '.join(IMAGE_POLICIES)}, got {config['data']['image_policy']!r}")
+    if config["train"]["epochs"] < 1:
+        fail(f"train.epochs must be >= 1, got {config['train']['epochs']}")
+    if config["train"]["batch_size"] < 2:
+        fail(f"train.batch_size must be >= 2 (the losses contrast the samples of a batch), "
+             f"got {config['train']['batch_size']}")
     if config["train"]["compile"] is not False and config["train"]["compile"] not in COMPILE_MODES:
         fail(f"train.compile must be auto, regional, full or false, got {config['train']['compile']!r}")
     if config["eval"]["every"] < 1:
@@ -230,3 +236,25 @@ def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> di
 def save_config(config: dict, path: str | Path) -> None:
     """Write the resolved config as YAML (key order kept)."""
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def describe_keys(width: int = 100) -> str:
+    """Every config section with its keys and defaults, from defaults.yaml (for `train_3rtpr.py --help`),
+    one section per line (wrapped between keys)."""
+    def show(value) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+    lines = []
+    for section, values in default_config().items():
+        if not isinstance(values, dict):
+            lines.append(f"  {section}: {show(values)}")
+            continue
+        line = f"  {section}:"
+        for key, value in values.items():
+            item = f" {key}={show(value)}"
+            if len(line) + len(item) > width:
+                lines.append(line)
+                line = "     "
+            line += item
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """The training engine of 3RTPR (docs/method.md §3-§7), used by train_3rtpr.py.
 
-    run          resolve_run, prepare_run_folder, load_splits, build_train_loader, build_pair, head_seeds
+    run          resolve_run, RunFolder (lock, early-failure cleanup), check_backbone / check_batch_size /
+                 check_images (before any work), load_splits, build_train_loader, build_pair, head_seeds
     sampler      GlobalBatchSampler
     optim        param_groups, lr_factor, build_optimizer(s)
     step         batch_to_device, encode_view, reciprocal_step, start_epoch, train_one_epoch, TrainingDiverged
@@ -10,7 +11,7 @@
                  score_samples for scripts), report_alr (record + alr_weights.png)
     validation   validate, log_validation, final_test
     checkpoint   TrainerState, CheckpointWriter (background writes), save_checkpoint / save_last / load_last /
-                 resume, atomic folder writes, RNG
+                 resume, atomic folder writes (disk full: DiskFullError), CheckpointError, RNG
     distributed  sync_batch_norms, check_distributed_type
     metrics_log  metrics.jsonl records, curves.png, flat_config
 
@@ -18,14 +19,15 @@ The loss and its data parallelism are `modeling.losses.TrainingLoss`.
 """
 from .alr_pass import (AlrPass, SampleScores, alr_active, alr_batches, alr_report, batch_statistics,
                        plot_alr_history, report_alr, score_samples)
-from .checkpoint import (CheckpointWriter, TrainerState, initial_alr_state, load_last, recover_checkpoint, resume,
-                         rng_state, save_checkpoint, save_last, set_rng_state, write_folder_atomically)
+from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, TrainerState, initial_alr_state, load_last,
+                         recover_checkpoint, resume, rng_state, save_checkpoint, save_last, set_rng_state,
+                         tidy_checkpoints, write_folder_atomically)
 from .compilation import compile_model, configure_fast_math, resolve_compile_mode
 from .distributed import check_distributed_type, sync_batch_norms
 from .metrics_log import append_metrics, flat_config, plot_curves, plot_run_curves, read_metrics, restart_metrics
 from .optim import build_optimizer, build_optimizers, current_lrs, lr_factor, param_groups
-from .run import (build_clip_source, build_pair, build_train_loader, head_seeds, load_splits, prepare_run_folder,
-                  resolve_run)
+from .run import (RunFolder, build_clip_source, build_pair, build_train_loader, check_backbone, check_batch_size,
+                  check_images, head_seeds, load_splits, resolve_run)
 from .sampler import GlobalBatchSampler
 from .step import (TrainingDiverged, batch_to_device, encode_view, reciprocal_step, start_epoch, train_one_epoch,
                    trim_text_padding)
@@ -34,12 +36,13 @@ from .validation import final_test, log_validation, selection_score, validate, v
 
 __all__ = ["AlrPass", "SampleScores", "alr_active", "alr_batches", "alr_report", "batch_statistics",
            "plot_alr_history", "report_alr", "score_samples",
-           "CheckpointWriter", "TrainerState", "initial_alr_state", "load_last", "recover_checkpoint", "resume",
-           "rng_state", "save_checkpoint", "save_last", "set_rng_state", "write_folder_atomically", "check_distributed_type",
+           "CheckpointError", "CheckpointWriter", "DiskFullError", "TrainerState", "initial_alr_state", "load_last",
+           "recover_checkpoint", "resume", "rng_state", "save_checkpoint", "save_last", "set_rng_state",
+           "tidy_checkpoints", "write_folder_atomically", "check_distributed_type",
            "sync_batch_norms", "append_metrics", "flat_config", "plot_curves", "plot_run_curves", "read_metrics",
            "restart_metrics", "build_optimizer", "build_optimizers", "current_lrs", "lr_factor", "param_groups",
-           "build_clip_source", "build_pair", "build_train_loader", "head_seeds", "load_splits", "prepare_run_folder",
-           "resolve_run", "GlobalBatchSampler", "TrainingDiverged", "batch_to_device", "encode_view", "reciprocal_step",
-           "start_epoch", "train_one_epoch", "trim_text_padding", "compile_model", "configure_fast_math",
-           "resolve_compile_mode", "PhaseClock", "StepClock", "epoch_timing", "format_timing", "final_test",
-           "log_validation", "selection_score", "validate", "validation_due"]
+           "RunFolder", "build_clip_source", "build_pair", "build_train_loader", "check_backbone", "check_batch_size",
+           "check_images", "head_seeds", "load_splits", "resolve_run", "GlobalBatchSampler", "TrainingDiverged",
+           "batch_to_device", "encode_view", "reciprocal_step", "start_epoch", "train_one_epoch", "trim_text_padding",
+           "compile_model", "configure_fast_math", "resolve_compile_mode", "PhaseClock", "StepClock", "epoch_timing",
+           "format_timing", "final_test", "log_validation", "selection_score", "validate", "validation_due"]

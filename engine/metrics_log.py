@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 
 from modeling.run_folder import CURVES_FILE, METRICS_FILE
@@ -14,24 +16,49 @@ def append_metrics(run_dir: Path, record: dict) -> None:
 
 
 def read_metrics(run_dir: Path, before_epoch: int | None = None) -> list[dict]:
-    """The epoch records of RUN_DIR/metrics.jsonl (those with epoch < before_epoch when given)."""
+    """The epoch records of RUN_DIR/metrics.jsonl (those with epoch < before_epoch when given).
+    A torn last line (the process died while appending it) is dropped with a warning; any other line
+    that is not a JSON record raises ValueError naming the file and the line."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("not an epoch record")
+        except ValueError as error:
+            if position == len(lines) - 1:
+                warnings.warn(f"{path}: line {number} is incomplete (the run stopped while writing it); dropped",
+                              stacklevel=2)
+                break
+            raise ValueError(f"{path}: line {number} is not an epoch record ({error}); remove or fix that line") from None
+        records.append(record)
     return [r for r in records if before_epoch is None or r["epoch"] < before_epoch]
 
 
-def restart_metrics(run_dir: Path, start_epoch: int, accelerator) -> None:
-    """Main process: drop the records of the epochs that will be (re)done (all of them for a new run)."""
+def restart_metrics(run_dir: Path, start_epoch: int, accelerator, last_record: dict | None = None) -> None:
+    """Main process: drop the records of the epochs that will be (re)done (all of them for a new run) and
+    a torn last line. `last_record`: the record saved with the checkpoint resumed from
+    (TrainerState.epoch_record); when metrics.jsonl lacks it (killed between the checkpoint and the
+    append) it is put back. The file is rewritten atomically."""
     if not accelerator.is_main_process:
         return
     path = run_dir / METRICS_FILE
-    if start_epoch > 0:
-        kept = read_metrics(run_dir, before_epoch=start_epoch)
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    elif path.exists():
-        path.unlink()
+    if start_epoch <= 0:
+        path.unlink(missing_ok=True)
+        return
+    kept = read_metrics(run_dir, before_epoch=start_epoch)
+    if last_record is not None and last_record.get("epoch") == start_epoch - 1 and \
+            all(record["epoch"] != start_epoch - 1 for record in kept):
+        kept.append(last_record)
+        accelerator.print(f"{path}: epoch {start_epoch - 1}'s record restored from the checkpoint (the run "
+                          "stopped before appending it)")
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(temporary, path)
 
 
 def plot_curves(records: list[dict], select_row: str, path: Path) -> None:

@@ -38,17 +38,29 @@ def lr_factor(epoch: int, epochs: int, warmup_epochs: int, warmup_factor: float)
 
 def build_optimizer(model: torch.nn.Module, config: dict):
     """(Adam, per-epoch LambdaLR) for one model from the resolved config (sections optim, train); Adam is
-    fused when the model is on CUDA (build it after moving the model)."""
+    fused (one kernel per step) where torch has a fused Adam for the parameters' device (build it after
+    moving the model)."""
     optim = config["optim"]
     groups = param_groups(model, optim)
-    # one fused kernel per step on CUDA (no host sync, ~3 reads + 3 writes per parameter); torch's default
-    # (the for-each path) elsewhere, which keeps the CPU numbers unchanged
-    on_cuda = all(parameter.is_cuda for group in groups for parameter in group["params"])
+    # fused: CUDA (no host sync, ~3 reads + 3 writes per parameter) and, since torch 2.4, the CPU, where it
+    # is ~3.4x faster than the multi-tensor update on the demo's 49408x64 token table (5 vs 17 ms, 1 thread);
+    # otherwise the multi-tensor (for-each) update, which PyTorch picks by itself only for CUDA tensors
+    kind = {parameter.device.type for group in groups for parameter in group["params"]}
+    fused = len(kind) == 1 and kind <= set(_fused_adam_devices())
     optimizer = torch.optim.Adam(groups, betas=tuple(optim["betas"]), eps=optim["eps"],
-                                 fused=True if on_cuda else None)
+                                 fused=True if fused else None, foreach=None if fused else True)
     schedule = lambda epoch: lr_factor(epoch, config["train"]["epochs"], optim["warmup_epochs"],  # noqa: E731
                                        optim["warmup_factor"])
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _fused_adam_devices() -> list[str]:
+    """Device types with a fused Adam in this torch ("cuda"; also "cpu" from torch 2.4 on)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return ["cuda"]
+    return list(_get_fused_kernels_supported_devices())
 
 
 def build_optimizers(models, config: dict, accelerator) -> tuple[list, list]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from modeling.hub import resolve_pretrained_folder
 from modeling.model import CONFIG_NAME as MODEL_CONFIG_NAME
 from modeling.model import WEIGHTS_NAME as MODEL_WEIGHTS_NAME
 from modeling.pair import MEMBER_DIRS, PAIR_CONFIG_NAME
-from modeling.run_folder import CHECKPOINT_DIRS, CONFIG_FILE, selected_checkpoint
+from modeling.run_folder import (CHECKPOINT_DIRS, CONFIG_FILE, describe_holder, interrupted_swap, lock_holder,
+                                 recover_interrupted_swap, selected_checkpoint)
 
 
 class EvalInputError(Exception):
@@ -82,10 +84,38 @@ def _pair_layout_hint() -> str:
     return f"{PAIR_CONFIG_NAME} + {'/, '.join(MEMBER_DIRS)}/ with {MODEL_CONFIG_NAME} and {MODEL_WEIGHTS_NAME}"
 
 
+def recover_run_checkpoints(run_dir: Path) -> None:
+    """Before a run folder's best/ or last/ is chosen: a swap interrupted between its two renames left
+    the previous copy as `.<name>.old` without `<name>/`; move it back (with a note on stderr) unless a
+    running training owns the folder (then that swap is in progress: EvalInputError, try again). A
+    folder that cannot be written gets an EvalInputError saying which rename to do."""
+    for name in CHECKPOINT_DIRS:
+        folder = run_dir / name
+        old = interrupted_swap(folder)
+        if old is None:
+            continue
+        holder = lock_holder(run_dir)
+        if holder is not None:
+            raise EvalInputError(f"checkpoint {run_dir}: {name}/ is being replaced right now by the training that owns "
+                                 f"the folder ({describe_holder(holder)}); try again in a moment")
+        try:
+            recover_interrupted_swap(folder)
+        except OSError as error:
+            raise EvalInputError(f"checkpoint {run_dir}: {name}/ is missing and {old.name}/ holds the copy an "
+                                 f"interrupted save left; it cannot be moved back ({first_line(error)}): rename "
+                                 f"{old} to {folder}") from error
+        print(f"note: {folder}: restored from {old.name}/ (a save of {name}/ was interrupted)", file=sys.stderr)
+
+
 def resolve_checkpoint(path: str | Path) -> Checkpoint:
-    """A run folder (uses best/, else last/), a pair folder, or the Hub repo id of a pair (its cached
-    snapshot; downloaded when online) -> Checkpoint; EvalInputError when none of these."""
+    """A run folder (uses best/, else last/, after `recover_run_checkpoints`), a pair folder, or the Hub
+    repo id of a pair (its cached snapshot; downloaded when online) -> Checkpoint; EvalInputError when
+    none of these."""
     given = Path(path)
+    if given.name in CHECKPOINT_DIRS and given.parent.is_dir():
+        recover_run_checkpoints(given.parent)
+    elif given.is_dir():
+        recover_run_checkpoints(given)
     if not given.exists():
         try:
             snapshot = resolve_pretrained_folder(str(path))
@@ -131,7 +161,7 @@ def load_pair(checkpoint: Checkpoint):
 
 def load_eval_split(dataset: str, root: str | None, split: str):
     """(`<split>_gallery`, `<split>_queries`) of data.load_benchmark(dataset, root); EvalInputError on an
-    unknown dataset, a missing or empty split."""
+    unknown dataset, a missing or empty split, or unusable gallery images (`check_gallery_images`)."""
     try:
         splits = data.load_benchmark(dataset, root=root)
     except (OSError, ValueError, KeyError) as error:
@@ -144,7 +174,29 @@ def load_eval_split(dataset: str, root: str | None, split: str):
     for key in (gallery_key, queries_key):
         if len(splits[key]) == 0:
             raise EvalInputError(f"dataset {dataset!r}: split {split!r} is empty ({key} has no rows)")
+    check_gallery_images(splits[gallery_key], f"{dataset}/{gallery_key}")
     return splits[gallery_key], splits[queries_key]
+
+
+def image_check_summary(error: Exception) -> tuple[str, str, str]:
+    """(the full list, its headline "NAME: N unusable image(s), R of M rows", the first "FILE: reason") of
+    a data.images.ImageCheckError, for a one-line error after the list is printed."""
+    lines = str(error).splitlines()
+    first = lines[1].strip().lstrip("- ") if len(lines) > 2 else ""
+    return "\n".join(lines[:-1]), lines[0], first
+
+
+def check_gallery_images(gallery_split, name: str) -> None:
+    """Decode every gallery image once before any encoding (data.verify_images, parallel and cached):
+    EvalInputError naming the first unusable file and how many there are (the full list on stderr)."""
+    from data.images import ImageCheckError
+
+    try:
+        data.verify_images(gallery_split, policy="error", name=name)
+    except ImageCheckError as error:
+        listing, headline, first = image_check_summary(error)
+        print(listing, file=sys.stderr)
+        raise EvalInputError(f"{headline}: cannot read image {first}") from None
 
 
 @contextlib.contextmanager

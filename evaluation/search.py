@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,14 +79,23 @@ def save_gallery_index(index: GalleryIndex, stem: Path) -> None:
     for model_name, (global_emb, fused_emb) in zip("ab", index.image_outputs):
         tensors[f"{model_name}.global"] = global_emb.contiguous()
         tensors[f"{model_name}.fused"] = fused_emb.contiguous()
-    temporary = stem.with_suffix(".tmp")
-    save_file(tensors, str(temporary))
-    stem.with_suffix(".json").write_text(json.dumps({"sources": index.sources}))
-    temporary.replace(stem.with_suffix(".safetensors"))  # the features file appears last: its presence = complete
+    # unique temporary names + atomic renames: concurrent searches with a cold cache each write their own
+    # files and the last rename wins (both hold the same index)
+    unique = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    features_tmp, sources_tmp = stem.with_name(stem.name + ".safetensors" + unique), stem.with_name(stem.name + ".json" + unique)
+    try:
+        save_file(tensors, str(features_tmp))
+        sources_tmp.write_text(json.dumps({"sources": index.sources}))
+        os.replace(sources_tmp, stem.with_suffix(".json"))
+        os.replace(features_tmp, stem.with_suffix(".safetensors"))  # the features file appears last: its presence = complete
+    finally:
+        features_tmp.unlink(missing_ok=True)
+        sources_tmp.unlink(missing_ok=True)
 
 
 def load_gallery_index(stem: Path) -> GalleryIndex | None:
     """The cached index at `stem`, or None when absent or unreadable (it is then rebuilt)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     features_path, sources_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
@@ -94,7 +105,7 @@ def load_gallery_index(stem: Path) -> GalleryIndex | None:
         tensors = load_file(str(features_path))
         sources = json.loads(sources_path.read_text())["sources"]
         outputs = [(tensors[f"{m}.global"], tensors[f"{m}.fused"]) for m in "ab"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, SafetensorError):  # damaged: rebuilt
         return None
     if len(sources) != tensors["pids"].numel():
         return None

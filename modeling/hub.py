@@ -81,3 +81,57 @@ class HubMixin(ModelHubMixin, library_name=LIBRARY_NAME, tags=HUB_TAGS):
 
     def _save_pretrained(self, save_directory: Path) -> None:
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------- a pretrained CLIP backbone, checked early
+CLIP_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _save_locally_hint(name: str) -> str:
+    return ("on a connected machine run  python -c \"from transformers import CLIPModel; "
+            f"CLIPModel.from_pretrained('{name}').save_pretrained('DIR')\"  then copy DIR here and pass "
+            "--model.backbone DIR")
+
+
+def check_pretrained_clip(name_or_path: str | Path, *, timeout_s: float = HUB_PROBE_TIMEOUT_S) -> None:
+    """Fail fast, before any work, when `transformers.CLIPModel.from_pretrained(name_or_path)` cannot
+    succeed: a local folder must hold config.json and weights; a Hub model id must be in the Hugging Face
+    cache ($HF_HUB_CACHE), or (not offline) the Hub must answer a TCP connection within `timeout_s`
+    seconds: no retries. Under HF_HUB_OFFLINE=1 the network is never touched. OSError with one actionable
+    line (naming --model.backbone DIR and how to make DIR) otherwise."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    path = Path(name_or_path)
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is not a folder (give a CLIP model folder saved by transformers)")
+        missing = [name for name in ("config.json",) if not (path / name).is_file()]
+        if not any((path / name).is_file() for name in CLIP_WEIGHT_FILES):
+            missing.append(" or ".join(CLIP_WEIGHT_FILES[::2]))
+        if missing:
+            raise FileNotFoundError(f"folder {path} lacks {', '.join(missing)}: not a model saved by transformers; "
+                                    + _save_locally_hint("openai/clip-vit-base-patch16"))
+        return
+    repo_id = str(name_or_path)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise FileNotFoundError(f"{name_or_path}: no such folder (and not a Hugging Face Hub model id); give a "
+                                "CLIP model folder: " + _save_locally_hint("openai/clip-vit-base-patch16")) from None
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached: transformers loads it (also offline)
+    where = f"neither a local folder nor in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.is_offline_mode():
+        raise OSError(f"{repo_id} is {where} and HF_HUB_OFFLINE is set; " + _save_locally_hint(repo_id))
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError as error:
+        raise OSError(f"{repo_id} is {where} and {constants.ENDPOINT} cannot be reached ({error}); "
+                      + _save_locally_hint(repo_id)) from None

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPConfig
@@ -148,7 +149,10 @@ class TRPRModel(nn.Module, HubMixin):
         weights_path = directory / WEIGHTS_NAME
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path}: missing (expected the safetensors weights)")
-        state = load_file(str(weights_path), device=str(map_location))
+        try:
+            state = load_file(str(weights_path), device=str(map_location))
+        except SafetensorError as error:  # truncated / corrupt file: name it (SafetensorError is no OSError)
+            raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from error
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

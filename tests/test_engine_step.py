@@ -65,6 +65,28 @@ def test_param_groups_follow_the_recipe():
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(1e-3 * 0.1)  # warm-up starts at 0.1x
 
 
+def test_adam_is_fused_where_torch_has_it_and_matches_the_multi_tensor_update():
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
+    twin = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
+    twin.load_state_dict(model.state_dict())
+    optimizer, _ = engine.build_optimizer(model, config)
+    assert optimizer.defaults["fused"] is ("cpu" in engine.optim._fused_adam_devices() or None)
+    groups = engine.param_groups(twin, config["optim"])
+    for group, built in zip(groups, optimizer.param_groups):
+        group["lr"] = built["lr"]  # the warm-up factor the schedule applied
+    reference = torch.optim.Adam(groups, eps=config["optim"]["eps"], betas=tuple(config["optim"]["betas"]), foreach=True)
+    for _ in range(3):
+        for each in (model, twin):
+            for parameter in each.parameters():
+                parameter.grad = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel()))
+        optimizer.step()
+        reference.step()
+    for (name, mine), (_, theirs) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
 def _tiny_setup(config):
     from accelerate import Accelerator
 
