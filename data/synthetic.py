@@ -167,18 +167,48 @@ def _limb(draw: ImageDraw.ImageDraw, start, end, width: float, fill) -> None:
         draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fill)
 
 
-def render_person(identity: Identity, rng: np.random.Generator) -> Image.Image:
-    """One image (RGB, IMAGE_HEIGHT × IMAGE_WIDTH) of `identity` with random view, pose, placement,
-    background, lighting and occlusion drawn from `rng`."""
-    width, height = IMAGE_WIDTH * SUPERSAMPLE, IMAGE_HEIGHT * SUPERSAMPLE
+class _MaskedDraw:
+    """Stands in for an ImageDraw: every drawing call goes to the picture unchanged and paints the same
+    shape with `value` into a mask (an 'L' image of the canvas size), so the mask marks what was drawn."""
+
+    def __init__(self, draw: ImageDraw.ImageDraw, mask_draw: ImageDraw.ImageDraw, value: int):
+        self._draw, self._mask_draw, self._value = draw, mask_draw, value
+
+    def __getattr__(self, name: str):
+        paint, shadow = getattr(self._draw, name), getattr(self._mask_draw, name)
+
+        def both(*args, **kwargs):
+            paint(*args, **kwargs)
+            shadow(*args, **{**kwargs, "fill": self._value})
+        return both
+
+
+def render_person(identity: Identity, rng: np.random.Generator, size: tuple[int, int] = (IMAGE_HEIGHT, IMAGE_WIDTH),
+                  placement: float = 0.08, with_mask: bool = False):
+    """One image of `identity` with random view, pose, placement, background, lighting and occlusion
+    drawn from `rng`.
+
+    size:      (H, W) of the output in pixels (the benchmark's crops: IMAGE_HEIGHT × IMAGE_WIDTH; the
+               figure's height is 78-95 % of H whatever W is, so a wider canvas shows more scene).
+    placement: the figure's horizontal centre lies uniformly within ±placement·W of the middle.
+    with_mask: also return the person mask, bool [H, W]: output pixels at least half covered by the
+               figure (body, clothes, hat, bag) and not hidden by an occluder.
+    Returns the RGB image, or (image, mask) with `with_mask`. The defaults give the benchmark's images
+    (the same random draws in the same order whatever the options)."""
+    out_height, out_width = (int(s) for s in size)
+    width, height = out_width * SUPERSAMPLE, out_height * SUPERSAMPLE
     canvas = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(canvas)
     _draw_background(draw, rng, width, height)
+    mask = Image.new("L", (width, height), 0) if with_mask else None
+    scene_draw = draw
+    if mask is not None:
+        draw = _MaskedDraw(scene_draw, ImageDraw.Draw(mask), 255)
 
     back_view = bool(rng.random() < 0.35)
     unit = height * float(rng.uniform(0.78, 0.95))  # figure height in pixels
     top = float(rng.uniform(0.01, 0.99) * (height - unit))
-    centre = width / 2 + float(rng.uniform(-0.08, 0.08)) * width
+    centre = width / 2 + float(rng.uniform(-placement, placement)) * width
 
     def at(fx: float, fy: float) -> tuple[float, float]:
         return centre + fx * unit, top + fy * unit
@@ -297,7 +327,9 @@ def render_person(identity: Identity, rng: np.random.Generator) -> Image.Image:
         draw.line([at(-shoulder * 0.7, 0.15), at(shoulder + 0.02, 0.44)], fill=bag_rgb, width=max(1, int(0.02 * unit)))
         draw.rectangle([*at(shoulder - 0.02, 0.42), *at(shoulder + 0.08, 0.53)], fill=bag_rgb)
 
-    # partial occlusion: an object in front (pole, car, another passer-by's shoulder)
+    # partial occlusion: an object in front (pole, car, another passer-by's shoulder); it hides the mask
+    if mask is not None:
+        draw = _MaskedDraw(scene_draw, ImageDraw.Draw(mask), 0)
     if rng.random() < 0.25:
         occ_rgb = tuple(int(v) for v in rng.integers(30, 220, size=3))
         kind = int(rng.integers(3))
@@ -312,14 +344,18 @@ def render_person(identity: Identity, rng: np.random.Generator) -> Image.Image:
             x1 = x0 + int(width * rng.uniform(0.2, 0.35))
             draw.rectangle([x0, int(height * 0.2), x1, height], fill=occ_rgb)
 
-    image = canvas.resize((IMAGE_WIDTH, IMAGE_HEIGHT), Image.LANCZOS)
+    image = canvas.resize((out_width, out_height), Image.LANCZOS)
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.8))))
     # lighting: brightness, colour cast and sensor noise
     pixels = np.asarray(image, dtype=np.float32)
     gain = float(rng.uniform(0.75, 1.2)) * rng.uniform(0.93, 1.07, size=3)
     pixels = pixels * gain + rng.normal(0.0, 4.0, size=pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    if mask is None:
+        return image
+    coverage = np.asarray(mask.resize((out_width, out_height), Image.BOX), dtype=np.uint8)
+    return image, coverage >= 128
 
 
 # ----------------------------------------------------------------------------- captions
@@ -403,10 +439,11 @@ def caption_tokens(caption: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- dataset writer
-def sample_identities(count: int, seed: int) -> list[Identity]:
-    """`count` identities with pairwise distinct attribute keys, deterministic in `seed`."""
+def sample_identities(count: int, seed: int, exclude: frozenset = frozenset()) -> list[Identity]:
+    """`count` identities with pairwise distinct attribute keys, deterministic in `seed`; identities whose
+    `key()` is in `exclude` are skipped (the random draws are the same; the list is filtered)."""
     rng = np.random.default_rng([seed, 0])
-    identities, seen = [], set()
+    identities, seen = [], set(exclude)
     while len(identities) < count:
         identity = sample_identity(rng)
         if identity.key() not in seen:
@@ -424,12 +461,8 @@ def generate(out_dir, preset: str = "small", seed: int = 0, progress: bool = Tru
         raise ValueError(f"unknown synth-pedes preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "synth_info.json").is_file():
-        raise FileExistsError(f"{out_dir} exists and is not a synth-pedes folder (no synth_info.json); "
-                              "refusing to replace it — choose an empty or new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    (tmp_dir / "imgs").mkdir(parents=True)
+    tmp_dir = temporary_folder_for(out_dir, "synth_info.json", "synth-pedes")
+    (tmp_dir / "imgs").mkdir()
     start = time.perf_counter()
     try:
         splits = ["train"] * spec.train_ids + ["val"] * spec.val_ids + ["test"] * spec.test_ids
@@ -455,16 +488,15 @@ def generate(out_dir, preset: str = "small", seed: int = 0, progress: bool = Tru
                 "image_size_hw": [IMAGE_HEIGHT, IMAGE_WIDTH], **spec.__dict__,
                 "captions_per_image": CAPTIONS_PER_IMAGE}
         (tmp_dir / "synth_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-        if out_dir.exists() and overwrite:
-            stale = out_dir.parent / f".{out_dir.name}.stale-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp_dir, out_dir)
-        except OSError:
-            if overwrite or not (out_dir / "reid_raw.json").exists():
-                raise
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # another process finished first: keep its copy
+        if overwrite:
+            replace_folder(tmp_dir, out_dir)
+        else:
+            try:
+                os.replace(tmp_dir, out_dir)
+            except OSError:
+                if not (out_dir / "reid_raw.json").exists():
+                    raise
+                shutil.rmtree(tmp_dir, ignore_errors=True)  # another process finished first: keep its copy
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -472,6 +504,49 @@ def generate(out_dir, preset: str = "small", seed: int = 0, progress: bool = Tru
         print(f"synth-pedes-{preset}: {len(entries)} images written to {out_dir} "
               f"in {time.perf_counter() - start:.1f} s")
     return out_dir
+
+
+def temporary_folder_for(out_dir: Path, marker: str, what: str) -> Path:
+    """A new empty folder beside `out_dir` to build it in (then swapped in by `replace_folder`). Refuses an
+    existing non-empty `out_dir` that lacks the file `marker` (not a `what` folder: never replaced)."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).is_file():
+        raise FileExistsError(f"{out_dir} exists and is not a {what} folder (no {marker}); "
+                              "refusing to replace it — choose an empty or new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    return tmp_dir
+
+
+def replace_folder(tmp_dir: Path, out_dir: Path) -> None:
+    """Swap the complete folder `tmp_dir` in as `out_dir` (same parent folder): an existing `out_dir` is
+    renamed away first and deleted after, so a reader finds the old or the new folder, never a mix."""
+    if out_dir.exists():
+        stale = out_dir.parent / f".{out_dir.name}.stale-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp_dir, out_dir)
+
+
+def save_image(image: Image.Image, path) -> Path:
+    """Write `image` to `path` (format from the suffix), creating the parent folders; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def wrap_words(text: str, width: int) -> list[str]:
+    """`text` broken into lines of at most about `width` characters, at spaces."""
+    lines, line = [], ""
+    for word in text.split():
+        if len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    lines.append(line)
+    return lines
 
 
 def synth_folder(root, preset: str) -> Path:
@@ -521,20 +596,9 @@ def contact_sheet(dataset_dir, out_path, identities: int = 12, columns_per_id: O
         for k, entry in enumerate(group[:per_id]):
             image = Image.open(dataset_dir / "imgs" / entry["file_path"]).convert("RGB")
             sheet.paste(image.resize((cell_w, cell_h), Image.NEAREST), (x0 + k * cell_w, y0))
-        words = group[0]["captions"][0].split()
-        lines, line = [], ""
-        for word in words:
-            if len(line) + len(word) + 1 > block_w // 6:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}".strip()
-        lines.append(line)
+        lines = wrap_words(group[0]["captions"][0], block_w // 6)
         draw.multiline_text((x0 + 2, y0 + cell_h + 2), "\n".join(lines[:5]), fill=(0, 0, 0), font=font, spacing=1)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out_path)
-    return out_path
+    return save_image(sheet, out_path)
 
 
 def main(argv=None) -> None:

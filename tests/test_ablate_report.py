@@ -6,6 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import configs
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("ablate", REPO / "scripts" / "ablate.py")
@@ -43,7 +46,7 @@ def test_bad_set_option_is_refused(tmp_path):
 
 def fake_run(folder: Path, r1: dict, detection=None):
     """Writes the two files the report reads, in the trainer's format."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     r1 = {"A+B/FS": r1["A/FS"] + 1.0, **r1}  # every run has the ensemble rows
     rows = {key: {"R1": value, "R5": 0.0, "R10": 0.0, "mAP": value / 2, "mINP": 0.0} for key, value in r1.items()}
     (folder / "test_metrics.json").write_text(json.dumps({"checkpoint": "best", **rows}))
@@ -83,7 +86,7 @@ def test_a_run_folder_of_another_command_is_not_reused(tmp_path):
     args = args_for(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean", "--epochs", "3")
     (run,) = ablate.plan_runs(args)
     fake_run(run.folder, {"A/FS": 10.0})
-    (run.folder / "command.txt").write_text(" ".join(run.command + ["--resume", str(run.folder)]) + "\n")
+    run.command_file.write_text(" ".join(run.command + ["--resume", str(run.folder)]) + "\n")
     assert ablate.plan_runs(args)[0].finished  # same command (a resume is the same run): reused
     other = args_for(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean", "--epochs", "4")
     with pytest.raises(SystemExit, match="another command"):
@@ -110,3 +113,201 @@ def test_end_to_end_one_tiny_run_then_resume_skips_it(tmp_path):
     assert f"{test['A/FS']['R1']:.2f} (1 seed)" in row
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "1 of 1 runs already finished, 0 to train" in second.stdout
+
+
+# ============================================================================ proxy mode (issue 12)
+def proxy_args(tmp_path, *extra):
+    return ablate.parse_args(["--proxy", "--backbone", str(tmp_path / "proxy"), "--runs-dir", str(tmp_path / "runs"),
+                              "--docs-dir", str(tmp_path / "docs"), *extra])
+
+
+def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path):
+    args = proxy_args(tmp_path, "--seeds", "0", "1")
+    runs = ablate.plan_runs(args)
+    assert len(runs) == 2 * 3 * 6  # seeds x (clean, 50 %, 80 %) x variants
+    by_name = {r.name: r for r in runs}
+    options = {name: dict(zip(run.command, run.command[1:])) for name, run in by_name.items()}
+    assert options["baseline-clean-seed0"]["--config"] == "configs/proxy-clean.yaml"
+    assert options["baseline-noisy-seed0"]["--config"] == "configs/proxy-noisy.yaml"
+    assert options["full-noisy80-seed1"]["--data.noise_rate"] == "0.8"
+    assert all(o["--model.backbone"] == str(tmp_path / "proxy") for o in options.values())
+    assert options["fused_all-clean-seed0"]["--model.image_tokens"] == "all"
+    assert "--model.image_tokens" not in options["fused-clean-seed0"]
+    # the control: a second + ALR run, another seed, the partner's noisy training set
+    control, partner = by_name["ensemble-noisy-seed1"], by_name["alr-noisy-seed1"]
+    assert control.partner is partner and partner.partner is None
+    control_options, partner_options = options["ensemble-noisy-seed1"], options["alr-noisy-seed1"]
+    assert control_options["--seed"] == "1001" and partner_options["--seed"] == "1"
+    assert control_options["--data.noise_rate"] == "0.0"
+    assert control_options["--data.noise_file"] == str(ablate.noise_file_for("noisy", 1, args))
+    assert control_options["--alr.models"] == "1" and control_options["--eval.select_row"] == "A/FS"
+    assert "--data.noise_file" not in options["ensemble-clean-seed1"]
+    assert control.metrics_file.name == ablate.ENSEMBLE_METRICS and partner.metrics_file.name == "test_metrics.json"
+    assert args.runs_dir == str(tmp_path / "runs") and args.docs_dir == str(tmp_path / "docs")
+
+
+def test_proxy_defaults_and_random_init_control(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRPR_CACHE", str(tmp_path / "cache"))
+    args = ablate.parse_args(["--proxy"])
+    assert args.runs_dir == "runs/ablation_proxy" and args.docs_dir == "docs/results/proxy"
+    proxy = ablate.load_pretrain_proxy()
+    assert args.backbone == str(proxy.proxy_folder(proxy.ProxySettings()))
+    assert args.backbone.startswith(str(tmp_path / "cache"))
+    scratch = ablate.parse_args(["--proxy", "--random-init"])
+    assert scratch.runs_dir == "runs/ablation_proxy_random"
+    mapping = configs.parse_overrides(["--model.backbone", scratch.backbone])["model"]["backbone"]
+    assert mapping == proxy.ProxySettings().architecture()
+    assert " " not in scratch.backbone  # command.txt is compared word by word
+    default = ablate.parse_args([])
+    assert default.variants == ablate.DEFAULT_VARIANTS and default.conditions == ["clean", "noisy"]
+    assert default.backbone is None and default.config == "configs/synth-pedes.yaml" and default.noisy_config is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--random-init"], "belongs to --proxy"),
+    (["--proxy", "--random-init", "--backbone", "x"], "exclude each other"),
+    (["--proxy", "--backbone", "x", "--variants", "full", "ensemble"], "add --variants alr"),
+])
+def test_bad_proxy_options_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        ablate.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_missing_backbone_folder_stops_the_sweep_before_training(tmp_path):
+    args = proxy_args(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean")
+    with pytest.raises(SystemExit, match="does not exist; build the proxy first"):
+        ablate.train_all(ablate.plan_runs(args), args)
+
+
+def write_pair_run(folder: Path, dataset_root: Path, seed: int):
+    """A trained-looking run folder: a real (untrained, tiny) pair in best/, config.yaml, test metrics."""
+    import modeling
+    import yaml
+
+    torch.manual_seed(seed)
+    pair = modeling.ReciprocalPair.from_clip(modeling.small_clip_config(hidden_size=32, intermediate_size=64,
+                                                                        num_hidden_layers=1, num_attention_heads=2,
+                                                                        projection_dim=32),
+                                             head_seeds=(seed, seed + 1), fused_dim=16, image_size=(32, 16))
+    pair.save_pretrained(folder / "best")
+    config = configs.load_config(None, ["--data.dataset", "synth-pedes-tiny", "--data.root", str(dataset_root),
+                                        "--data.image_size", "[32, 16]", "--eval.batch_size", "64",
+                                        "--data.num_workers", "0"])
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    fake_run(folder, {"A/FS": 5.0})
+    return pair
+
+
+def test_ensemble_control_evaluates_the_two_independent_models_a(tmp_path):
+    import data
+    import modeling
+    from data.transforms import get_tokenizer
+    from evaluation import evaluate_pair
+
+    args = proxy_args(tmp_path, "--seeds", "0", "--variants", "alr", "ensemble", "--conditions", "clean")
+    partner, control = ablate.plan_runs(args)
+    first = write_pair_run(partner.folder, tmp_path / "data", seed=0)
+    second = write_pair_run(control.folder, tmp_path / "data", seed=5)
+    assert control.trained and not control.finished
+    assert ablate.evaluate_ensembles([partner, control], {"TRPR_CACHE": str(tmp_path / "data")}, threads=1) == []
+    assert control.finished
+    saved = json.loads((control.folder / ablate.ENSEMBLE_METRICS).read_text())
+    splits = data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data")
+    expected = evaluate_pair(modeling.ReciprocalPair(first.a, second.a), splits["test_gallery"],
+                                        splits["test_queries"], tokenizer=get_tokenizer(), image_size=(32, 16))
+    assert saved["A+B/FS"] == pytest.approx(expected["A+B/FS"])
+    assert saved["A/FS"] == pytest.approx(expected["A/FS"]) and saved["members"][0].startswith(str(partner.folder))
+    report = ablate.write_report([partner, control], args, failed=[]).read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| control"))
+    assert f"{saved['A+B/FS']['R1']:.2f} (1 seed)" in row and "A+A'" in row
+
+
+def alr_record(noisy) -> dict:
+    """An epoch's ALR record as the trainer writes it (engine.alr_report of a real mixture fit): noisy pairs
+    have higher losses and lower similarities than clean ones, with some overlap."""
+    from engine import alr_report
+    from modeling.alr import compute_alr
+
+    flags = torch.as_tensor(noisy, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(int(flags.sum()))
+    losses = [flags.float() + 0.6 * torch.rand(len(flags), generator=generator) for _ in range(2)]
+    sims = 0.5 - 0.3 * flags.float() + 0.1 * torch.rand(len(flags), generator=generator)
+    return alr_report(compute_alr(losses[0], losses[1], sims), sims, flags)
+
+
+def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
+    import numpy as np
+    import data
+    from data.noise import generate_permutation, save_permutation
+
+    args = proxy_args(tmp_path, "--seeds", "0", "--variants", "alr", "full", "--conditions", "noisy", "noisy80")
+    runs = {r.name: r for r in ablate.plan_runs(args)}
+    train_size = len(data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data")["train"])
+    for name, run in runs.items():
+        rate = 0.8 if "noisy80" in name else 0.5
+        permutation = save_permutation(run.folder / "noise_permutation.npy", generate_permutation(train_size, rate, 0))
+        noisy = np.asarray(data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data",
+                                               noise_file=permutation)["train"]["noisy"])
+        write_pair_run(run.folder, tmp_path / "data", seed=0)
+        state = run.folder / "last" / "training_state"
+        state.mkdir(parents=True)
+        weights = torch.where(torch.from_numpy(noisy), torch.tensor(0.2), torch.tensor(0.95))
+        torch.save({"weights": weights, "keep": torch.ones(train_size, dtype=torch.bool)}, state / "alr_state.pt")
+        records = [{"epoch": 0, "best_epoch": 0}, {"epoch": 1, "best_epoch": 1, "alr": alr_record(noisy)}]
+        (run.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    found = ablate.run_alr_weights(runs["full-noisy80-seed0"], tmp_path / "data")
+    assert found is not None and found[1].mean() == pytest.approx(0.8, abs=0.02)
+    assert np.all(found[0][found[1]] == np.float32(0.2))
+    report = ablate.write_report(list(runs.values()), args, failed=[]).read_text()
+    assert "### 50% noisy correspondence" in report and "### 80% noisy correspondence" in report
+    for name, run in runs.items():  # the detection and weights of each run's current-format ALR record
+        alr = json.loads((run.folder / "metrics.jsonl").read_text().splitlines()[1])["alr"]
+        detection, quantiles = alr["noise_detection"], alr["weight_quantiles"]
+        row = (f"| 1 | {detection['precision']:.1f} (1 seed) | {detection['recall']:.1f} (1 seed) | "
+               f"{detection['f1']:.1f} (1 seed) | {alr['mean_weight_noisy']:.3f} (1 seed) | "
+               f"{quantiles['noisy'][1]:.3f} (1 seed) | {quantiles['noisy'][3]:.3f} (1 seed) | "
+               f"{alr['mean_weight_clean']:.3f} (1 seed) | {alr['mu']:.3f} (1 seed) | 0 of 2 | 1 |")
+        assert row in report, row
+    assert "alr_weight_distributions.png" in report
+    assert (tmp_path / "docs" / "alr_weight_distributions.png").stat().st_size > 0
+    assert (tmp_path / "docs" / "alr_detection.png").stat().st_size > 0
+
+
+def test_diagnosis_scores_with_the_trainers_alr_pass_and_draws_the_losses(tmp_path):
+    import numpy as np
+    import data
+    import modeling
+    from accelerate import Accelerator
+    from data.transforms import get_tokenizer
+    from engine import AlrPass
+    from modeling.losses import TrainingLoss
+
+    run = tmp_path / "runs" / "full-noisy-seed0"
+    pair = write_pair_run(run, tmp_path / "data", seed=0)
+    result = ablate.separability(run, 0.5, tmp_path / "docs")
+    assert result["alr_epoch"] == 1  # the fake run's best epoch is 0: the pass before epoch 1
+    # the same losses as the trainer's pass on that training set and epoch
+    config = yaml_config(run)
+    train = data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data", noise_rate=0.5, seed=0)["train"]
+    truth = np.asarray(train["noisy"])
+    with torch.no_grad():
+        losses, sims = AlrPass(train, get_tokenizer(), config, Accelerator(cpu=True)).sample_statistics(
+            modeling.ReciprocalPair.from_pretrained(run / "best").eval().models,
+            TrainingLoss.from_config(config["loss"]).alr_term, 1)
+    from sklearn.metrics import roc_auc_score
+    for m, name in enumerate(("A", "B")):
+        assert result[name]["auc_loss"] == pytest.approx(roc_auc_score(truth, losses[m].numpy()))
+        assert result[name]["cos_noisy"] == pytest.approx(float(sims[m][torch.from_numpy(truth)].mean()), abs=1e-6)
+        assert 0.0 <= result[name]["auc_global_similarity"] <= 1.0
+        assert -1.0 <= result[name]["cos_other_identity"] <= 1.0
+        assert 0.0 <= result[name]["gmm_f1"] <= 100.0
+    assert (tmp_path / "docs" / "alr_losses_full-noisy-seed0.png").stat().st_size > 0
+    table = ablate.write_separability([result], tmp_path / "docs").read_text()
+    assert "engine.AlrPass" in table and table.count("| full-noisy-seed0 (0.0) |") == 2
+
+
+def yaml_config(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())

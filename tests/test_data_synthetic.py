@@ -107,3 +107,30 @@ def test_generate_refuses_to_replace_a_foreign_folder(tmp_path):
         generate(tmp_path / "precious", preset="tiny", progress=False)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["precious"]  # no temporary folder left behind
+
+
+def test_square_scene_mask_marks_the_person_and_images_are_unchanged():
+    identity = sample_identities(1, 4)[0]
+    crop = render_person(identity, np.random.default_rng([9, 1]))
+    crop_again, mask = render_person(identity, np.random.default_rng([9, 1]), with_mask=True)
+    assert np.array_equal(np.asarray(crop), np.asarray(crop_again))  # the mask does not change the picture
+    assert mask.shape == (128, 48) and 0.1 < mask.mean() < 0.6
+    scene, scene_mask = render_person(identity, np.random.default_rng([9, 2]), size=(64, 64), placement=0.3,
+                                      with_mask=True)
+    assert scene.size == (64, 64) and scene_mask.shape == (64, 64)
+    columns = np.flatnonzero(scene_mask.any(axis=0))
+    rows = np.flatnonzero(scene_mask.any(axis=1))
+    assert 0.05 < scene_mask.mean() < 0.3 and columns.max() - columns.min() < 32  # a narrow figure in a wide scene
+    assert rows.max() - rows.min() > 32  # and tall: 78-95 % of the height
+
+
+def test_the_tiny_preset_is_the_one_this_generator_version_always_wrote(tiny_root):
+    """Pixels and annotation of synth-pedes-tiny (seed 0) as written by GENERATOR_VERSION 3 before render_person
+    learnt other sizes and masks: a change here must bump GENERATOR_VERSION (cached copies are then rebuilt)."""
+    import hashlib
+
+    folder = synth_folder(tiny_root, "tiny")
+    digest = hashlib.sha256((folder / "reid_raw.json").read_bytes())
+    for path in sorted((folder / "imgs").rglob("*.png")):
+        digest.update(np.asarray(Image.open(path).convert("RGB")).tobytes())
+    assert digest.hexdigest() == "e3ce899fbeeb38413d153d54aa9b673487bc3b0fc8fda4a938617c6320b65681"
