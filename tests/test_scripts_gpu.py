@@ -4,6 +4,7 @@ environment already holds torch (VENV_FLAGS=--system-site-packages: nothing rein
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run_script(command, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run for a script whose children may outlive it (its `tee`, the workers of a step it timed
+    out): the script gets its own process group, killed at the timeout, so reading its output can never
+    wait forever on an orphan that holds the pipe (the test then fails instead of hanging the suite)."""
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{command} did not finish (or left a child holding its output) within {timeout} s:\n"
+                    + stdout[-3000:] + stderr[-3000:])
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_gpu_check_script_parses():
@@ -27,8 +44,8 @@ def test_gpu_check_cpu_smoke(tmp_path):
     environment = dict(os.environ, **OFFLINE, GPU_CHECK_CPU_SMOKE="1", OUT=str(out), PYTHON=sys.executable,
                        GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_BUDGET_S="280", OMP_NUM_THREADS="1")
     environment.pop("PYTHONPATH", None)
-    finished = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=environment,
-                              capture_output=True, text=True, timeout=420)
+    finished = run_script(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=environment,
+                          timeout=420)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8 and {"log.txt", "steps.tsv", "summary.md", "throughput.json", "e2e_metrics.jsonl",
