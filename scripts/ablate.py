@@ -50,8 +50,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # this checkout's packages, also when another checkout is installed editable
-    sys.path.insert(0, str(REPO))
 METRICS = ("R1", "mAP")
 
 

@@ -38,8 +38,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from data.proxy_corpus import CorpusSpec, ensure_corpus, load_corpus  # noqa: E402
 from data.synthetic import replace_folder, temporary_folder_for  # noqa: E402

@@ -29,8 +29,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from data.synthetic import PRESETS, render_person, sample_identities, synth_folder  # noqa: E402
 from data.transforms import ImageTransform  # noqa: E402
