@@ -10,7 +10,7 @@ Free-text search:
 Installed, `3rtpr-eval` is the same command.
 
 For every checkpoint the rows are GE, FS and GE+FS for model A, model B and the ensemble A+B
-(`evaluation/`, reports by `metrics.report`). Bad input (a checkpoint folder missing files, an unknown
+(`trpr/evaluation/`, reports by `metrics.report`). Bad input (a checkpoint folder missing files, an unknown
 dataset, an empty split, ...) ends with a one-line error on stderr and exit status 2.
 """
 from __future__ import annotations
@@ -20,14 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-from evaluation import (EvalInputError, build_gallery_index, evaluate_checkpoint, load_eval_split, load_gallery_index,
+from trpr.evaluation import (EvalInputError, build_gallery_index, evaluate_checkpoint, load_eval_split, load_gallery_index,
                         load_pair, resolve_checkpoint, save_gallery_index, save_search_grid, search_cache_dir,
                         search_cache_key, search_gallery, search_grid_path)
-from evaluation.checkpoints import unreadable_images_as_input_errors
-from evaluation.progress import quiet_progress_in_logs
-from evaluation.search import parse_score_row
-from metrics.report import make_names_unique, write_reports
-from modeling.pair import ROW_KEYS
+from trpr.evaluation.checkpoints import unreadable_images_as_input_errors
+from trpr.evaluation.progress import quiet_progress_in_logs
+from trpr.evaluation.search import parse_score_row
+from trpr.metrics.report import make_names_unique, write_reports
+from trpr.modeling.pair import ROW_KEYS
 
 PROG = "eval_3rtpr.py"
 COMMANDS = ("evaluate", "search")
@@ -88,7 +88,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         raise EvalInputError(f"--batch-size must be at least 1, got {args.batch_size}")
     from accelerate import Accelerator
 
-    from data.transforms import get_tokenizer
+    from trpr.data.transforms import get_tokenizer
 
     accelerator = Accelerator()
     checkpoints = [resolve_checkpoint(path) for path in args.checkpoint]
@@ -147,7 +147,7 @@ def search_command(args: argparse.Namespace) -> int:
         raise EvalInputError(f"--top must be between 1 and {MAX_TOP} (every match is drawn in the grid), got {args.top}")
     if args.score is not None:
         parse_score_row(args.score)
-    from data.transforms import get_tokenizer
+    from trpr.data.transforms import get_tokenizer
 
     started = time.perf_counter()
     checkpoint = resolve_checkpoint(args.checkpoint)

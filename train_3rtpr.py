@@ -1,7 +1,7 @@
 """Train 3RTPR: a reciprocal pair of CLIP models with fused representations and adaptive loss refinement.
 
     accelerate launch [--config_file accelerate_configs/X.yaml] train_3rtpr.py \
-        --config configs/<recipe>.yaml [--section.key VALUE ...] --output-dir RUN_DIR [--resume RUN_DIR] [--final-test]
+        --config trpr/configs/<recipe>.yaml [--section.key VALUE ...] --output-dir RUN_DIR [--resume RUN_DIR] [--final-test]
     python train_3rtpr.py ...   (one process; installed: 3rtpr-train ...)
 
 Every epoch (docs/method.md §3-§7):
@@ -16,9 +16,9 @@ Every epoch (docs/method.md §3-§7):
   3. validation on `eval.split` every `eval.every` epochs (best/ keeps the best `eval.select_row` R@1);
   4. last/ (models + optimizers, schedulers, RNG, ALR state) written atomically in the background from a
      snapshot taken at the end of the epoch; then the epoch's line in metrics.jsonl, with the time of
-     every phase (engine/timing.py), also printed.
+     every phase (trpr/engine/timing.py), also printed.
 Epochs are counted from 0. The run folder layout is described in docs/design.md ("Run folder").
-The pieces live in `engine/` (one module each) and `modeling.losses`.
+The pieces live in `trpr/engine/` (one module each) and `modeling.losses`.
 """
 from __future__ import annotations
 
@@ -29,20 +29,20 @@ from pathlib import Path
 
 import torch
 
-import configs
-import engine
-from data.transforms import get_tokenizer
-from evaluation.progress import quiet_progress_in_logs
-from modeling.run_folder import RunFolderBusy
-from modeling.losses import TrainingLoss
+from trpr import configs
+from trpr import engine
+from trpr.data.transforms import get_tokenizer
+from trpr.evaluation.progress import quiet_progress_in_logs
+from trpr.modeling.run_folder import RunFolderBusy
+from trpr.modeling.losses import TrainingLoss
 
 
-HELP_EPILOG = """config sections and keys (defaults from configs/defaults.yaml, where each is explained);
+HELP_EPILOG = """config sections and keys (defaults from trpr/configs/defaults.yaml, where each is explained);
 override any of them on the command line as --section.key VALUE (VALUE is YAML: 2, 1e-4, true, null, [64, 32]):
 {keys}
 
 examples:
-  train_3rtpr.py --config configs/synth-pedes.yaml --output-dir runs/demo --train.epochs 4
+  train_3rtpr.py --config synth-pedes --output-dir runs/demo --train.epochs 4
   train_3rtpr.py --resume runs/demo --train.epochs 20      (continue, here with more epochs)
 A run folder is used by one training at a time; a new run needs an empty (or new) --output-dir."""
 
@@ -52,7 +52,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="train_3rtpr.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=HELP_EPILOG.format(keys=configs.describe_keys()))
-    parser.add_argument("--config", help="recipe YAML (configs/*.yaml, on top of configs/defaults.yaml); "
+    parser.add_argument("--config", help="recipe YAML (trpr/configs/*.yaml, on top of trpr/configs/defaults.yaml); "
                                          "with --resume: the run's config.yaml")
     parser.add_argument("--output-dir", help="run folder (created; must be empty); default with --resume: the resumed folder")
     parser.add_argument("--resume", help="run folder to continue from its last finished epoch")

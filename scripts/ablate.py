@@ -17,7 +17,7 @@ is the one-model result. Model selection is the trainer's (best/ on val R@1 of e
 the one-model variants, A+B/FS for the full method); the reported numbers are the TEST split's.
 
 Proxy mode (`--proxy`): the same table fine-tuned from the pretrained proxy CLIP (scripts/pretrain_proxy.py)
-with the paper's recipes: configs/proxy-clean.yaml (SDM) for the clean condition, configs/proxy-noisy.yaml
+with the paper's recipes: trpr/configs/proxy-clean.yaml (SDM) for the clean condition, trpr/configs/proxy-noisy.yaml
 (TRL) for the noisy ones (50 % and 80 %), every run given `--model.backbone <proxy folder>` (a config cannot
 hold that cache-dependent path; `--backbone DIR` picks another folder, `--random-init` the same
 architecture untrained, as the control). Two more variants:
@@ -84,7 +84,7 @@ PROXY_VARIANTS = ["baseline", "fused", "fused_all", "alr", "full", "ensemble"]
 CONDITIONS = {"clean": "0.0", "noisy": "0.5", "noisy80": "0.8"}
 CONDITION_LABELS = {"clean": "clean", "noisy": "50% noisy correspondence", "noisy80": "80% noisy correspondence"}
 DEFAULT_CONDITIONS = ["clean", "noisy"]
-PROXY_CONFIGS = {"clean": "configs/proxy-clean.yaml", "noisy": "configs/proxy-noisy.yaml"}
+PROXY_CONFIGS = {"clean": "proxy-clean", "noisy": "proxy-noisy"}
 TWIN_SEED_OFFSET = 1000  # the ensemble control's second model: seed + 1000
 ENSEMBLE_METRICS = "ensemble_test_metrics.json"
 
@@ -146,8 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
-                        help="recipe every run starts from (default configs/synth-pedes.yaml; --proxy: "
-                             "configs/proxy-clean.yaml for clean runs, configs/proxy-noisy.yaml for noisy ones)")
+                        help="recipe every run starts from (default synth-pedes; --proxy: "
+                             "proxy-clean for clean runs, proxy-noisy for noisy ones)")
     parser.add_argument("--noisy-config", default=None, help="recipe of the noisy runs (default: --config)")
     parser.add_argument("--proxy", action="store_true",
                         help="fine-tune from the pretrained proxy CLIP with the proxy recipes; defaults become "
@@ -199,7 +199,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def apply_mode_defaults(args) -> None:
     """Fills the options left unset with the defaults of the from-scratch mode or of --proxy."""
     if not args.proxy:
-        args.config = args.config or "configs/synth-pedes.yaml"
+        args.config = args.config or "synth-pedes"
         args.runs_dir = args.runs_dir or "runs/ablation"
         args.docs_dir = args.docs_dir or "docs/results"
         args.variants = args.variants or list(DEFAULT_VARIANTS)
@@ -343,9 +343,9 @@ def train_all(runs: list[Run], args) -> list[str]:
 
 def recipe_dataset(config: str, args) -> str:
     """data.dataset of a recipe file (`--set data.dataset=...` wins)."""
-    import configs
+    from trpr import configs
 
-    dataset = configs.load_config(REPO / config)["data"]["dataset"]
+    dataset = configs.load_config(configs.resolve_recipe(config, relative_to=REPO))["data"]["dataset"]
     for item in args.extra:
         key, value = item.split("=", 1)
         if key.strip() == "data.dataset":
@@ -359,7 +359,7 @@ def prepare_dataset(runs: list[Run], args, env: dict) -> None:
     for the partner "+ ALR" run: same dataset, rate and seed, same code)."""
     datasets = {recipe_dataset(config_for(condition, args), args) for condition in args.conditions}
     for dataset in sorted(d for d in datasets if d.startswith("synth-pedes")):
-        code = ("import data; data.load_benchmark(" + repr(dataset) + ")")
+        code = ("from trpr import data; data.load_benchmark(" + repr(dataset) + ")")
         subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     for run in runs:
         if run.partner is None or run.condition == "clean" or run.trained:
@@ -369,7 +369,7 @@ def prepare_dataset(runs: list[Run], args, env: dict) -> None:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         dataset = recipe_dataset(config_for(run.condition, args), args)
-        code = (f"import data; data.load_benchmark({dataset!r}, noise_rate={CONDITIONS[run.condition]}, "
+        code = (f"from trpr import data; data.load_benchmark({dataset!r}, noise_rate={CONDITIONS[run.condition]}, "
                 f"seed={run.seed}, noise_out={str(target)!r})")
         subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
 
@@ -387,11 +387,11 @@ def evaluate_ensembles(runs: list[Run], env: dict, threads: int) -> list[str]:
     import torch
     import yaml
 
-    import data
-    import modeling
-    from data.transforms import get_tokenizer
-    from evaluation import evaluate_pair
-    from modeling.run_folder import selected_checkpoint
+    from trpr import data
+    from trpr import modeling
+    from trpr.data.transforms import get_tokenizer
+    from trpr.evaluation import evaluate_pair
+    from trpr.modeling.run_folder import selected_checkpoint
 
     torch.set_num_threads(threads)
     for run in tqdm(todo, desc="ensemble controls", unit="run"):
@@ -504,7 +504,7 @@ def ensemble_markdown(table: dict, variants: list[str], conditions: list[str]) -
 def alr_markdown(table: dict, variants: list[str], condition: str = "noisy") -> str:
     """Per-epoch noisy-pair detection (noisy = no model calls the pair clean) of one noisy condition,
     mean over seeds."""
-    from modeling.alr import FIT_OK
+    from trpr.modeling.alr import FIT_OK
 
     blocks = []
     for name in variants:
@@ -604,7 +604,7 @@ def run_alr_weights(run: Run, root: Path) -> tuple | None:
     import torch
     import yaml
 
-    from modeling.run_folder import ALR_STATE_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, STATE_DIR
+    from trpr.modeling.run_folder import ALR_STATE_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, STATE_DIR
 
     states = [run.folder / LAST_DIR / STATE_DIR / ALR_STATE_FILE]
     states = [path for path in states if path.is_file()]
@@ -615,7 +615,7 @@ def run_alr_weights(run: Run, root: Path) -> tuple | None:
     permutation = config["data"].get("noise_file") or run.folder / NOISE_PERMUTATION_FILE
     if not Path(permutation).is_file():
         return None
-    import data
+    from trpr import data
 
     flags = data.load_benchmark(config["data"]["dataset"], root=config["data"]["root"] or root,
                                 noise_file=permutation)["train"]["noisy"]
@@ -674,7 +674,7 @@ def plot_weight_distributions(runs: list[Run], args, path: Path) -> bool:
 def copy_histogram(runs: list[Run], docs_dir: Path) -> str | None:
     """Copies the ALR figure over the epochs (the trainer's alr_weights.png) of the first finished noisy full
     run (else any ALR run)."""
-    from modeling.run_folder import ALR_WEIGHTS_FILE
+    from trpr.modeling.run_folder import ALR_WEIGHTS_FILE
 
     ordered = sorted((r for r in runs if r.finished),
                      key=lambda r: (r.variant.name != "full", r.condition != "noisy", r.seed))
@@ -772,15 +772,15 @@ def separability(run_dir: Path, noise_rate: float, plot_dir: Path | None = None)
     from accelerate import Accelerator
     from sklearn.metrics import roc_auc_score
 
-    import data
-    import modeling
-    from data.transforms import get_tokenizer
-    from engine import AlrPass, alr_batches
-    from engine.metrics_log import read_metrics
-    from evaluation.features import encode_dataset
-    from modeling.alr import MixtureSettings, fit_mixture, noise_detection_scores
-    from modeling.losses import TrainingLoss
-    from modeling.run_folder import BEST_DIR, selected_checkpoint
+    from trpr import data
+    from trpr import modeling
+    from trpr.data.transforms import get_tokenizer
+    from trpr.engine import AlrPass, alr_batches
+    from trpr.engine.metrics_log import read_metrics
+    from trpr.evaluation.features import encode_dataset
+    from trpr.modeling.alr import MixtureSettings, fit_mixture, noise_detection_scores
+    from trpr.modeling.losses import TrainingLoss
+    from trpr.modeling.run_folder import BEST_DIR, selected_checkpoint
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     chosen = selected_checkpoint(run_dir)

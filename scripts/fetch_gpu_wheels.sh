@@ -7,13 +7,19 @@
 # pyarrow 25, safetensors, huggingface_hub, pillow, scikit-learn, pyyaml, tqdm, matplotlib, tensorboard,
 # pandas, fsspec, xxhash, requests, pytest, pytest-xdist) has every dependency of pyproject.toml except
 # `datasets` and `evaluate`; of their own requirements it lacks `dill` and `multiprocess`. The versions are
-# those the CPU test environment runs. Pure-Python wheels: --no-deps, one version of each.
+# those of requirements.lock (what CI tests), read from it. Pure-Python wheels: --no-deps, one version of each.
 # On the GPU machine scripts/gpu_check.sh installs them (pip --no-index --target /tmp/site).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 WHEELS_DIR="${WHEELS_DIR:-.whl}"
-GPU_IMAGE_WHEELS=(datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19)
+GPU_IMAGE_WHEELS=()
+for name in datasets evaluate dill multiprocess; do
+    # the Python 3.12 line of the lock (lines without a marker hold for every Python)
+    pin=$(grep -E "^${name}==[^ ;]+( ; .*python_full_version >= '3.1[12]'.*)?$" requirements.lock | head -n 1 | cut -d' ' -f1)
+    [ -n "$pin" ] || { echo "fetch_gpu_wheels: $name is not pinned in requirements.lock" >&2; exit 1; }
+    GPU_IMAGE_WHEELS+=("$pin")
+done
 
 command=("$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
          --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64

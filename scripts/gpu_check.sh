@@ -11,14 +11,14 @@
 # not stop the others):
 #   1. device, versions                                                              (log.txt)
 #   2. training throughput: the trainer's step, eager and regional-compiled, and its real loop on
-#      synth-pedes-small (decode, augment, pinned copies, 8 workers)   python -m benchmarks.train_throughput
+#      synth-pedes-small (decode, augment, pinned copies, 8 workers)   python -m trpr.benchmarks.train_throughput
 #                                                                                     (throughput.json)
 #   3. end to end: accelerate launch bf16 (accelerate_configs/single_gpu_bf16.yaml), the full ViT-B/16
-#      architecture at random init through a backbone mapping, the paper recipe (configs/cuhk-pedes.yaml) on
+#      architecture at random init through a backbone mapping, the paper recipe (trpr/configs/cuhk-pedes.yaml) on
 #      synth-pedes-small, 2 epochs, ALR from epoch 1; then eval_3rtpr.py --leaderboard on the test split and
 #      one `search`                                          (e2e_metrics.jsonl: per-phase times; leaderboard.md)
 #   4. the CUDA kernel tests, compiled (TRITON_INTERPRET=0): tests/test_kernels_*.py (pytest-xdist: -n 8)
-#   5. the quick kernel benchmark: python -m benchmarks.bench_kernels --quick    (bench/kernels_gpu_quick.*)
+#   5. the quick kernel benchmark: python -m trpr.benchmarks.bench_kernels --quick    (bench/kernels_gpu_quick.*)
 #   6. the summary table, printed last                                                (summary.md)
 # Files under $OUT: log.txt, steps.tsv, summary.md, throughput.json, e2e_metrics.jsonl, leaderboard.md,
 # bench/kernels_gpu_quick.md, bench/kernels_gpu_quick.json (8). The run folder and caches live in $WORK.
@@ -50,7 +50,7 @@ if [ "$SMOKE" = 1 ]; then
     THROUGHPUT_ARGS=(--device cpu --backbone "$TINY" --image-size 32 16 --dataset "$DATASET" --batch-size 8
                      --steps 2 --warmup 1 --num-workers 0 --compile off)
     LAUNCH_CONFIG=accelerate_configs/cpu.yaml
-    TRAIN_ARGS=(--config configs/synth-pedes.yaml --data.dataset "$DATASET" --data.image_size "[32, 16]"
+    TRAIN_ARGS=(--config synth-pedes --data.dataset "$DATASET" --data.image_size "[32, 16]"
                 --model.backbone "$TINY" --model.fused_dim 64 --train.batch_size 48 --data.num_workers 0)
     EVAL_WORKERS=0
 else
@@ -59,7 +59,7 @@ else
     DATASET=synth-pedes-small
     THROUGHPUT_ARGS=(--mode both --compile off,regional --steps 20 --warmup 5 --num-workers 8)
     LAUNCH_CONFIG=accelerate_configs/single_gpu_bf16.yaml
-    TRAIN_ARGS=(--config configs/cuhk-pedes.yaml --data.dataset "$DATASET" --model.backbone "$VIT_B16"
+    TRAIN_ARGS=(--config cuhk-pedes --data.dataset "$DATASET" --model.backbone "$VIT_B16"
                 --data.num_workers 8)
     EVAL_WORKERS=8
 fi
@@ -118,7 +118,7 @@ PY
 record "device" 0 0 ""
 
 # ---- 2. training throughput: step (eager, regional compile) and the real loop, side by side
-run_step "training throughput" 130 "$PYTHON" -m benchmarks.train_throughput "${THROUGHPUT_ARGS[@]}" \
+run_step "training throughput" 130 "$PYTHON" -m trpr.benchmarks.train_throughput "${THROUGHPUT_ARGS[@]}" \
     --json "$OUT/throughput.json"
 
 # ---- 3. end to end: train 2 epochs (ALR from epoch 1), evaluate with the leaderboard, one search
@@ -145,10 +145,10 @@ else
     XDIST=()
     "$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
     run_step "kernel tests (CUDA)" 150 "$PYTHON" -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_kernels_*.py
-    run_step "kernel benchmark" 100 "$PYTHON" -m benchmarks.bench_kernels --quick --out "$OUT/bench" --budget-s 85
+    run_step "kernel benchmark" 100 "$PYTHON" -m trpr.benchmarks.bench_kernels --quick --out "$OUT/bench" --budget-s 85
 fi
 
 # ---- 6. summary, printed last
-"$PYTHON" -m benchmarks.gpu_check_summary "$OUT" | tee "$OUT/summary.md"
+"$PYTHON" -m trpr.benchmarks.gpu_check_summary "$OUT" | tee "$OUT/summary.md"
 [ "${REMOVE_WORK:-0}" = 1 ] && rm -rf "$WORK"
 exit 0

@@ -1,5 +1,5 @@
 """Pre-train the proxy CLIP: a small CLIP trained with CLIP's own contrastive loss on the synthetic
-web-photo corpus (data/proxy_corpus.py), saved as a `transformers` CLIP folder so that fine-tuning loads
+web-photo corpus (trpr/data/proxy_corpus.py), saved as a `transformers` CLIP folder so that fine-tuning loads
 it through `--model.backbone DIR` exactly like `openai/clip-vit-base-patch16`.
 
     python scripts/pretrain_proxy.py                # build (or reuse) the cached proxy, print its folder
@@ -39,9 +39,9 @@ from tqdm.auto import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 
-from data.proxy_corpus import CorpusSpec, ensure_corpus, load_corpus  # noqa: E402
-from data.synthetic import replace_folder, temporary_folder_for  # noqa: E402
-from data.transforms import CLIP_MEAN, CLIP_STD, default_cache_dir, get_tokenizer, tokenize  # noqa: E402
+from trpr.data.proxy_corpus import CorpusSpec, ensure_corpus, load_corpus  # noqa: E402
+from trpr.data.synthetic import replace_folder, temporary_folder_for  # noqa: E402
+from trpr.data.transforms import CLIP_MEAN, CLIP_STD, default_cache_dir, get_tokenizer, tokenize  # noqa: E402
 
 PROXY_VERSION = 1  # bump when the training code changes what a given set of settings produces
 INFO_NAME = "pretrain_info.json"
@@ -76,7 +76,7 @@ class ProxySettings:
 
     def clip_config(self):
         """The transformers CLIPConfig of the proxy (random init)."""
-        from modeling import small_clip_config
+        from trpr.modeling import small_clip_config
 
         return small_clip_config(**self.architecture())
 
@@ -150,7 +150,7 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
 def build_model(settings: ProxySettings):
     """(CLIPModel, CLIPBackbone at the square pre-training size over the same parameters). Unlike
     fine-tuning, the patch-embedding convolution trains."""
-    from modeling.backbone import CLIPBackbone
+    from trpr.modeling.backbone import CLIPBackbone
     from transformers import CLIPModel
 
     torch.manual_seed(settings.seed)
@@ -239,7 +239,7 @@ def train(settings: ProxySettings, corpus, work_dir: Path, progress: bool = True
 def zero_shot_heldout(backbone, corpus, batch_size: int = 256) -> dict:
     """Text → image retrieval over the corpus's held-out identities (square pictures, first caption of each
     picture as a query; a match is any picture of the same identity). kernels.retrieval_metrics dict."""
-    import kernels
+    from trpr import kernels
 
     batches = CorpusBatches(corpus, corpus.indices("heldout"), batch_size, seed=0)
     images, texts = [], []
@@ -261,10 +261,10 @@ def zero_shot_benchmark(folder: Path, image_size: tuple[int, int], dataset: str 
                         split: str = "test", root=None) -> dict:
     """Text → image retrieval on a benchmark split with the saved proxy loaded the way fine-tuning loads it
     (TRPRModel.from_clip(folder) at `image_size`, position embeddings resized), global embeddings."""
-    import data
-    import kernels
-    from evaluation import encode_dataset
-    from modeling import TRPRModel
+    from trpr import data
+    from trpr import kernels
+    from trpr.evaluation import encode_dataset
+    from trpr.modeling import TRPRModel
 
     model = TRPRModel.from_clip(str(folder), select_ratio=0.0, image_size=image_size).eval()
     splits = data.load_benchmark(dataset, root=root)

@@ -30,8 +30,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
-from data.synthetic import PRESETS, render_person, sample_identities, synth_folder  # noqa: E402
-from data.transforms import ImageTransform  # noqa: E402
+from trpr.data.synthetic import PRESETS, render_person, sample_identities, synth_folder  # noqa: E402
+from trpr.data.transforms import ImageTransform  # noqa: E402
 
 PERSON_PATCH = 0.5  # a patch is "person" when at least half of its pixels are
 
@@ -42,7 +42,7 @@ def test_pictures(preset: str, count: int, root, seed: int = 0) -> list[dict]:
     re-rendered picture differs from the stored file (the mask would not belong to it)."""
     from PIL import Image
 
-    import data
+    from trpr import data
 
     data.load_benchmark(f"synth-pedes-{preset}", root=root)  # generated on first use
     folder = synth_folder(root, preset)
@@ -67,7 +67,7 @@ def test_pictures(preset: str, count: int, root, seed: int = 0) -> list[dict]:
 def corpus_pictures(count: int, root) -> list[dict]:
     """`count` held-out pictures of the default proxy corpus (square scenes), re-rendered with their person
     masks (checked against images.npy), in the format of `test_pictures`."""
-    from data.proxy_corpus import CorpusSpec, corpus_identities, ensure_corpus, load_corpus
+    from trpr.data.proxy_corpus import CorpusSpec, corpus_identities, ensure_corpus, load_corpus
 
     spec = CorpusSpec()
     corpus = load_corpus(ensure_corpus(spec, root))
@@ -118,8 +118,8 @@ def attention_scores(attention: np.ndarray, person: np.ndarray, k: int) -> dict:
 
 def load_backbones(args, image_size: tuple[int, int]) -> dict:
     """{label: CLIPBackbone at image_size}, in figure order."""
-    import modeling
-    from modeling.backbone import CLIPBackbone, load_clip_model
+    from trpr import modeling
+    from trpr.modeling.backbone import CLIPBackbone, load_clip_model
 
     backbones = {}
     if args.random_init:
@@ -195,8 +195,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/results/proxy_attention.png")
     args = parser.parse_args(argv)
 
-    from data.benchmarks import default_root
-    from modeling.fused import num_selected
+    from trpr.data.benchmarks import default_root
+    from trpr.modeling.fused import num_selected
 
     image_size = tuple(args.image_size)
     root = Path(args.root) if args.root else default_root()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import configs
+from trpr import configs
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("ablate", REPO / "scripts" / "ablate.py")
@@ -127,8 +127,8 @@ def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path)
     assert len(runs) == 2 * 3 * 6  # seeds x (clean, 50 %, 80 %) x variants
     by_name = {r.name: r for r in runs}
     options = {name: dict(zip(run.command, run.command[1:])) for name, run in by_name.items()}
-    assert options["baseline-clean-seed0"]["--config"] == "configs/proxy-clean.yaml"
-    assert options["baseline-noisy-seed0"]["--config"] == "configs/proxy-noisy.yaml"
+    assert options["baseline-clean-seed0"]["--config"] == "proxy-clean"
+    assert options["baseline-noisy-seed0"]["--config"] == "proxy-noisy"
     assert options["full-noisy80-seed1"]["--data.noise_rate"] == "0.8"
     assert all(o["--model.backbone"] == str(tmp_path / "proxy") for o in options.values())
     assert options["fused_all-clean-seed0"]["--model.image_tokens"] == "all"
@@ -160,7 +160,7 @@ def test_proxy_defaults_and_random_init_control(tmp_path, monkeypatch):
     assert " " not in scratch.backbone  # command.txt is compared word by word
     default = ablate.parse_args([])
     assert default.variants == ablate.DEFAULT_VARIANTS and default.conditions == ["clean", "noisy"]
-    assert default.backbone is None and default.config == "configs/synth-pedes.yaml" and default.noisy_config is None
+    assert default.backbone is None and default.config == "synth-pedes" and default.noisy_config is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -182,7 +182,7 @@ def test_missing_backbone_folder_stops_the_sweep_before_training(tmp_path):
 
 def write_pair_run(folder: Path, dataset_root: Path, seed: int):
     """A trained-looking run folder: a real (untrained, tiny) pair in best/, config.yaml, test metrics."""
-    import modeling
+    from trpr import modeling
     import yaml
 
     torch.manual_seed(seed)
@@ -200,10 +200,10 @@ def write_pair_run(folder: Path, dataset_root: Path, seed: int):
 
 
 def test_ensemble_control_evaluates_the_two_independent_models_a(tmp_path):
-    import data
-    import modeling
-    from data.transforms import get_tokenizer
-    from evaluation import evaluate_pair
+    from trpr import data
+    from trpr import modeling
+    from trpr.data.transforms import get_tokenizer
+    from trpr.evaluation import evaluate_pair
 
     args = proxy_args(tmp_path, "--seeds", "0", "--variants", "alr", "ensemble", "--conditions", "clean")
     partner, control = ablate.plan_runs(args)
@@ -226,8 +226,8 @@ def test_ensemble_control_evaluates_the_two_independent_models_a(tmp_path):
 def alr_record(noisy) -> dict:
     """An epoch's ALR record as the trainer writes it (engine.alr_report of a real mixture fit): noisy pairs
     have higher losses and lower similarities than clean ones, with some overlap."""
-    from engine import alr_report
-    from modeling.alr import compute_alr
+    from trpr.engine import alr_report
+    from trpr.modeling.alr import compute_alr
 
     flags = torch.as_tensor(noisy, dtype=torch.bool)
     generator = torch.Generator().manual_seed(int(flags.sum()))
@@ -238,8 +238,8 @@ def alr_record(noisy) -> dict:
 
 def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
     import numpy as np
-    import data
-    from data.noise import generate_permutation, save_permutation
+    from trpr import data
+    from trpr.data.noise import generate_permutation, save_permutation
 
     args = proxy_args(tmp_path, "--seeds", "0", "--variants", "alr", "full", "--conditions", "noisy", "noisy80")
     runs = {r.name: r for r in ablate.plan_runs(args)}
@@ -276,12 +276,12 @@ def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
 
 def test_diagnosis_scores_with_the_trainers_alr_pass_and_draws_the_losses(tmp_path):
     import numpy as np
-    import data
-    import modeling
+    from trpr import data
+    from trpr import modeling
     from accelerate import Accelerator
-    from data.transforms import get_tokenizer
-    from engine import AlrPass
-    from modeling.losses import TrainingLoss
+    from trpr.data.transforms import get_tokenizer
+    from trpr.engine import AlrPass
+    from trpr.modeling.losses import TrainingLoss
 
     run = tmp_path / "runs" / "full-noisy-seed0"
     pair = write_pair_run(run, tmp_path / "data", seed=0)

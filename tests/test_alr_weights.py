@@ -1,11 +1,11 @@
-"""ALR (modeling/alr.py): the weight formula, the consensus, noise separation on planted losses, the
+"""ALR (trpr/modeling/alr.py): the weight formula, the consensus, noise separation on planted losses, the
 mixture's settings and its degenerate-fit rules."""
 import math
 
 import pytest
 import torch
 
-from modeling.alr import (FIT_CONSTANT_LOSSES, FIT_FAILED, FIT_OK, FIT_ONE_SIDED, AlrResult, MixtureSettings,
+from trpr.modeling.alr import (FIT_CONSTANT_LOSSES, FIT_FAILED, FIT_OK, FIT_ONE_SIDED, AlrResult, MixtureSettings,
                           compute_alr, fit_mixture, noise_detection_scores)
 
 

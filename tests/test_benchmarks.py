@@ -1,21 +1,21 @@
-"""benchmarks/: the training-throughput FLOP count agrees with torch's FLOP counter on a real step; the
+"""trpr/benchmarks/: the training-throughput FLOP count agrees with torch's FLOP counter on a real step; the
 synthetic inputs and the shared timing helper."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import engine
-import modeling
-from benchmarks import timing
-from benchmarks.inputs import synthetic_captions
+from trpr import engine
+from trpr import modeling
+from trpr.benchmarks import timing
+from trpr.benchmarks.inputs import synthetic_captions
 
 
 @pytest.fixture(scope="module")
 def throughput():
-    import benchmarks.train_throughput
+    import trpr.benchmarks.train_throughput
 
-    return benchmarks.train_throughput
+    return trpr.benchmarks.train_throughput
 
 
 def test_flops_per_pair_sample_matches_the_flop_counter(throughput):
@@ -52,7 +52,7 @@ def test_known_peaks_cover_h100_and_h200(throughput):
 
 
 def test_synthetic_captions_are_right_padded_clip_captions():
-    from modeling.clip_configs import EOT_TOKEN_ID, SOT_TOKEN_ID
+    from trpr.modeling.clip_configs import EOT_TOKEN_ID, SOT_TOKEN_ID
 
     ids, mask = synthetic_captions(3, words=5, full_first=True, generator=torch.Generator().manual_seed(0))
     assert ids.shape == mask.shape == (3, 77)

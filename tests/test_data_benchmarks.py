@@ -1,4 +1,4 @@
-"""load_benchmark on fixtures written in each official layout; noise; bad input; python -m data.check."""
+"""load_benchmark on fixtures written in each official layout; noise; bad input; python -m trpr.data.check."""
 import json
 import logging
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import load_benchmark
-from data.check import check_benchmark, main as check_main
+from trpr.data import load_benchmark
+from trpr.data.check import check_benchmark, main as check_main
 
 # (folder, annotation file, image key, splits present)
 FORMATS = {
@@ -95,7 +95,7 @@ def test_pid_renumbering_and_images(tmp_path, fmt):
 def test_names_are_case_insensitive_and_summary_logged(tmp_path, caplog):
     write_fixture(tmp_path, "cuhk-pedes")
     write_fixture(tmp_path, "rstpreid")
-    with caplog.at_level(logging.INFO, logger="data.benchmarks"):
+    with caplog.at_level(logging.INFO, logger="trpr.data.benchmarks"):
         assert len(load_benchmark("CUHK-PEDES", root=tmp_path)["train"]) == 12
         assert len(load_benchmark("RSTPReid", root=str(tmp_path))["train"]) == 12
     text = caplog.text
@@ -163,7 +163,7 @@ def test_bad_entries_name_file_and_entry(tmp_path, mutation, message):
 
 def test_empty_caption_dropped_with_warning(tmp_path, caplog):
     write_fixture(tmp_path, "cuhk-pedes", mutate=lambda e: e[0]["captions"].__setitem__(1, "  "))
-    with caplog.at_level(logging.WARNING, logger="data.benchmarks"):
+    with caplog.at_level(logging.WARNING, logger="trpr.data.benchmarks"):
         train = load_benchmark("cuhk-pedes", root=tmp_path)["train"]
     assert len(train) == 11 and "1 blank caption(s) (dropped)" in caplog.text
 
@@ -220,20 +220,20 @@ def test_check_reports_every_problem(tmp_path, capsys):
 
 
 def test_no_count_warning_when_counts_match_the_release(tmp_path, caplog, monkeypatch):
-    from data import benchmarks
+    from trpr.data import benchmarks
 
     write_fixture(tmp_path, "icfg-pedes")
     matching = benchmarks.BenchmarkLayout("icfg-pedes", "ICFG-PEDES", "ICFG-PEDES.json", "file_path", ("train", "test"),
                                           {"train": (3, 6, 6), "test": (2, 4, 4)})
     monkeypatch.setitem(benchmarks.LAYOUTS, "icfg-pedes", matching)
-    with caplog.at_level(logging.INFO, logger="data.benchmarks"):
+    with caplog.at_level(logging.INFO, logger="trpr.data.benchmarks"):
         load_benchmark("icfg-pedes", root=tmp_path)
     assert "official release" not in caplog.text and "train" in caplog.text
     mismatching = benchmarks.BenchmarkLayout("icfg-pedes", "ICFG-PEDES", "ICFG-PEDES.json", "file_path",
                                              ("train", "test"), {"train": (3, 6, 6), "test": (2, 4, 5)})
     monkeypatch.setitem(benchmarks.LAYOUTS, "icfg-pedes", mismatching)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="data.benchmarks"):
+    with caplog.at_level(logging.INFO, logger="trpr.data.benchmarks"):
         load_benchmark("icfg-pedes", root=tmp_path)
     assert "split 'test'" in caplog.text and "official release has (2, 4, 5)" in caplog.text
     assert "split 'train'" not in caplog.text
@@ -253,6 +253,6 @@ def test_bad_noise_rate(tmp_path, caplog):
         with pytest.raises(ValueError, match=r"noise_rate must lie in \[0, 1\)"):
             load_benchmark("cuhk-pedes", root=tmp_path, noise_rate=bad)
     np.save(tmp_path / "id.npy", np.arange(12, dtype=np.int64))
-    with caplog.at_level(logging.WARNING, logger="data.benchmarks"):
+    with caplog.at_level(logging.WARNING, logger="trpr.data.benchmarks"):
         train = load_benchmark("cuhk-pedes", root=tmp_path, noise_rate=0.5, noise_file=tmp_path / "id.npy")["train"]
     assert not any(train["noisy"]) and "noise_rate=0.5 is not used" in caplog.text

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import data
-from data.transforms import get_tokenizer
+from trpr import data
+from trpr.data.transforms import get_tokenizer
 from test_data_benchmarks import write_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +67,8 @@ import numpy, torch, torch.distributed
 from torch.utils.data import DataLoader
 import transformers
 from accelerate import Accelerator
-import configs, data, kernels, modeling
-from data.transforms import get_tokenizer
+from trpr import configs, data, kernels, modeling
+from trpr.data.transforms import get_tokenizer
 accelerator = Accelerator(cpu=True)
 
 # the GPU image's trigger: pyarrow imported from a folder that is neither under sys.prefix nor a
@@ -104,8 +104,8 @@ def test_fresh_process_with_the_gpu_image_trigger(tmp_path):
 
 
 def test_columns_follow_an_indices_mapping(tmp_path):
-    from data.arrow_splits import column_values
-    from data.torch_datasets import image_sources
+    from trpr.data.arrow_splits import column_values
+    from trpr.data.torch_datasets import image_sources
 
     write_fixture(tmp_path, "cuhk-pedes")
     train = data.load_benchmark("cuhk-pedes", root=tmp_path)["train"]

@@ -1,5 +1,5 @@
 """Image rules (16-bit, alpha, tiny, unreadable), verify_images (parallel, cached, error/skip), and the
-agreement of load_benchmark / verify_images / TrainViews with python -m data.check; annotation encoding."""
+agreement of load_benchmark / verify_images / TrainViews with python -m trpr.data.check; annotation encoding."""
 import io
 import json
 import os
@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-from data import images as images_lib
-from data.check import check_benchmark, main as check_main
-from data.images import ALPHA_BACKGROUND, ImageCheckError, image_problem, open_image, verify_images
-from data.transforms import get_tokenizer
+from trpr import data
+from trpr.data import images as images_lib
+from trpr.data.check import check_benchmark, main as check_main
+from trpr.data.images import ALPHA_BACKGROUND, ImageCheckError, image_problem, open_image, verify_images
+from trpr.data.transforms import get_tokenizer
 from test_data_benchmarks import write_fixture
 
 IMAGE_DIR = ("CUHK-PEDES", "imgs")

@@ -4,9 +4,9 @@ import logging
 import numpy as np
 import pytest
 
-import configs
-from data import load_benchmark
-from data.noise import check_noise_rate, load_permutation, standard_noise_file
+from trpr import configs
+from trpr.data import load_benchmark
+from trpr.data.noise import check_noise_rate, load_permutation, standard_noise_file
 from test_data_benchmarks import write_fixture
 
 
@@ -24,7 +24,7 @@ def test_standard_noise_file_is_used_when_present(tmp_path, caplog, fmt, folder)
     (tmp_path / "noiseindex").mkdir()
     np.save(tmp_path / "noiseindex" / f"{folder}_0.2.npy", permutation)
     out = tmp_path / "run" / "noise_permutation.npy"
-    with caplog.at_level(logging.INFO, logger="data.benchmarks"):
+    with caplog.at_level(logging.INFO, logger="trpr.data.benchmarks"):
         noisy = load_benchmark(fmt, root=tmp_path, noise_rate=0.2, seed=5, noise_out=out)["train"]
     assert noisy["caption"][:] == [clean["caption"][j] for j in permutation]
     assert all(noisy["noisy"][:])
@@ -33,7 +33,7 @@ def test_standard_noise_file_is_used_when_present(tmp_path, caplog, fmt, folder)
     assert np.array_equal(np.load(out), permutation)  # the run folder keeps the permutation it used
     # another rate has no file: generated, with the loud warning
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="data.benchmarks"):
+    with caplog.at_level(logging.INFO, logger="trpr.data.benchmarks"):
         generated = load_benchmark(fmt, root=tmp_path, noise_rate=0.5, seed=5)["train"]
     assert generated["caption"][:] != noisy["caption"][:]
     assert any(record.levelno == logging.WARNING and "GENERATING a noise permutation" in record.getMessage()
@@ -51,7 +51,7 @@ def test_explicit_noise_file_wins_over_the_standard_file(tmp_path):
 
 
 def test_synth_pedes_generates_without_the_published_numbers_warning(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="data.benchmarks"):
+    with caplog.at_level(logging.INFO, logger="trpr.data.benchmarks"):
         train = load_benchmark("synth-pedes-tiny", root=tmp_path, noise_rate=0.5, seed=0)["train"]
     assert any(train["noisy"][:])
     assert "generated" in caplog.text and "GENERATING" not in caplog.text  # no published numbers exist

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import load_benchmark
-from data.check import check_benchmark
-from data.synthetic import (COLOURS, PRESETS, contact_sheet, generate, render_person, sample_identities,
+from trpr.data import load_benchmark
+from trpr.data.check import check_benchmark
+from trpr.data.synthetic import (COLOURS, PRESETS, contact_sheet, generate, render_person, sample_identities,
                             synth_folder, write_caption)
 
 

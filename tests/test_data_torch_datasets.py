@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data import EvalImages, EvalTexts, TrainViews, load_benchmark
-from data.transforms import EOT_TOKEN_ID, build_image_transform, get_tokenizer, tokenize
+from trpr.data import EvalImages, EvalTexts, TrainViews, load_benchmark
+from trpr.data.transforms import EOT_TOKEN_ID, build_image_transform, get_tokenizer, tokenize
 
 IMAGE_SIZE = (64, 32)
 
@@ -86,9 +86,9 @@ def _reference_views(split, tokenizer, position, seed, epoch, num_views=2, image
     import numpy as np
     from PIL import Image
 
-    from data.images import open_image
-    from data.torch_datasets import image_sources
-    from data.transforms import CLIP_MEAN, CLIP_STD, _uniform, augment_text, random_erase, random_pad_crop
+    from trpr.data.images import open_image
+    from trpr.data.torch_datasets import image_sources
+    from trpr.data.transforms import CLIP_MEAN, CLIP_STD, _uniform, augment_text, random_erase, random_pad_crop
 
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     scale, bias = 1.0 / (255.0 * std), -torch.tensor(CLIP_MEAN).view(3, 1, 1) / std
@@ -119,7 +119,7 @@ def test_float_views_equal_the_step_by_step_reference(splits, tokenizer):
 
 @pytest.mark.parametrize("image_size", [IMAGE_SIZE, (96, 40)])
 def test_uint8_views_normalised_on_device_equal_the_float_path(splits, tokenizer, image_size):
-    from data.transforms import normalize_uint8
+    from trpr.data.transforms import normalize_uint8
 
     float_views = TrainViews(splits["train"], tokenizer, image_size, seed=2)
     uint8_views = TrainViews(splits["train"], tokenizer, image_size, seed=2, output="uint8")
@@ -149,7 +149,7 @@ def test_uint8_views_normalised_on_device_equal_the_float_path(splits, tokenizer
 
 
 def test_uint8_eval_images_and_unaugmented_views(splits, tokenizer):
-    from data.transforms import normalize_uint8
+    from trpr.data.transforms import normalize_uint8
 
     gallery_float = EvalImages(splits["test_gallery"], IMAGE_SIZE)
     gallery_uint8 = EvalImages(splits["test_gallery"], IMAGE_SIZE, output="uint8")
@@ -167,7 +167,7 @@ def test_uint8_eval_images_and_unaugmented_views(splits, tokenizer):
 def test_epoch_keys_reach_persistent_workers(splits, tokenizer):
     from torch.utils.data import BatchSampler, SequentialSampler
 
-    from data import EpochKeyedBatches
+    from trpr.data import EpochKeyedBatches
 
     views = TrainViews(splits["train"], tokenizer, IMAGE_SIZE, seed=5, output="uint8")
     batches = EpochKeyedBatches(BatchSampler(SequentialSampler(range(8)), batch_size=4, drop_last=True))
@@ -188,7 +188,7 @@ def test_epoch_keys_reach_persistent_workers(splits, tokenizer):
 
 
 def test_epoch_keyed_batches_forward_set_epoch():
-    from data import EpochKeyedBatches
+    from trpr.data import EpochKeyedBatches
 
     class Inner:
         epoch = None
@@ -209,7 +209,7 @@ def test_epoch_keyed_batches_forward_set_epoch():
 
 
 def test_bench_pipeline_prints_its_table(tmp_path):
-    from data.bench_pipeline import format_table, run
+    from trpr.data.bench_pipeline import format_table, run
 
     rows = run("synth-pedes-tiny", num_samples=8, image_size=IMAGE_SIZE, root=tmp_path / "synth")
     assert [row[0] for row in rows] == ["decode", "resize", "item float (2 views)", "item uint8 (2 views)",

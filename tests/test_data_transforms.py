@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.transforms import (CLIP_MEAN, CLIP_STD, EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, augment_text,
+from trpr.data.transforms import (CLIP_MEAN, CLIP_STD, EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, augment_text,
                              build_image_transform, get_tokenizer, tokenize)
 
 # Published ids of the openai CLIP tokenizer (clip.tokenize / openai/clip-vit-base-patch16), collected

@@ -1,4 +1,4 @@
-"""The ALR pass (engine/alr_pass.py, docs/method.md §4): shuffled batches of the training batch size,
+"""The ALR pass (trpr/engine/alr_pass.py, docs/method.md §4): shuffled batches of the training batch size,
 each unique image and caption encoded once, losses from the training loss's own per_sample, the report
 and the one ALR figure. (1 process vs 2 processes: tests/test_train_runs.py.)"""
 import json
@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import engine
-import kernels
-import modeling
-from configs import load_config
-from data.transforms import get_tokenizer
-from engine import alr_pass as alr_pass_module
-from modeling.losses import TrainingLoss
+from trpr import data
+from trpr import engine
+from trpr import kernels
+from trpr import modeling
+from trpr.configs import load_config
+from trpr.data.transforms import get_tokenizer
+from trpr.engine import alr_pass as alr_pass_module
+from trpr.modeling.losses import TrainingLoss
 
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
              "projection_dim": 32}

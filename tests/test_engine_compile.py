@@ -3,12 +3,12 @@ with the same numbers; the config values and their resolution per device."""
 import pytest
 import torch
 
-import configs
-import engine
-import modeling
-from benchmarks.train_throughput import synthetic_batch
-from modeling.backbone import SDPAEncoderLayer
-from modeling.losses import TrainingLoss
+from trpr import configs
+from trpr import engine
+from trpr import modeling
+from trpr.benchmarks.train_throughput import synthetic_batch
+from trpr.modeling.backbone import SDPAEncoderLayer
+from trpr.modeling.losses import TrainingLoss
 
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
              "projection_dim": 32}
@@ -54,7 +54,7 @@ def test_regional_compile_runs_the_step_with_the_eager_numbers(tmp_path):
     """Every SDPAEncoderLayer is compiled (names and checkpoints unchanged); two steps whose text lengths
     differ give the eager step's losses and weights. Backend aot_eager: dynamo capture + AOT autograd
     without code generation (Inductor's CPU code generation takes minutes on a small CI machine; the GPU
-    check runs Inductor on CUDA, and `python -m benchmarks.train_throughput --compile off,regional`
+    check runs Inductor on CUDA, and `python -m trpr.benchmarks.train_throughput --compile off,regional`
     runs it on either)."""
     from accelerate import Accelerator
 

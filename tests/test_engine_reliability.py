@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import configs
-import engine
+from trpr import configs
+from trpr import engine
 import train_3rtpr
-from engine import checkpoint, metrics_log
-from modeling.run_folder import RUN_LOCK_FILE, RunFolderBusy, RunLock, lock_holder
+from trpr.engine import checkpoint, metrics_log
+from trpr.modeling.run_folder import RUN_LOCK_FILE, RunFolderBusy, RunLock, lock_holder
 from test_data_benchmarks import write_fixture
 from test_data_images import _broken_fixture
 from test_train_runs import ROOT, data_root, read_records, tiny_args  # noqa: F401 (data_root: a fixture)
@@ -259,12 +259,12 @@ def test_offline_backbone_is_one_actionable_line_before_any_work(tmp_path, monke
     import huggingface_hub.constants as hub_constants
     import socket
 
-    import data
+    from trpr import data
 
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setattr(data, "load_benchmark", lambda *a, **k: pytest.fail("dataset built before the backbone check"))
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("network used under HF_HUB_OFFLINE"))
-    argv = ["--config", str(ROOT / "configs" / "cuhk-pedes.yaml"), "--output-dir", str(tmp_path / "run")]
+    argv = ["--config", str(ROOT / "trpr" / "configs" / "cuhk-pedes.yaml"), "--output-dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as info:
         train_3rtpr.main(argv)
     message = str(info.value.code)
@@ -304,12 +304,12 @@ def test_bad_images_stop_training_before_the_model_is_built(tmp_path, monkeypatc
 def test_image_policy_skip_drops_bad_rows_and_their_queries(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    import data
+    from trpr import data
 
     monkeypatch.setenv("TRPR_CACHE", str(tmp_path / "cache"))
     folder = _broken_fixture(tmp_path)
     (folder / "val" / "33_1.png").write_bytes(b"not an image")
-    config = configs.load_config(ROOT / "configs" / "synth-pedes.yaml",
+    config = configs.load_config(ROOT / "trpr" / "configs" / "synth-pedes.yaml",
                                  ["--data.dataset", "cuhk-pedes", "--data.image_policy", "skip"])
     splits = data.load_benchmark("cuhk-pedes", root=tmp_path)
     checked = engine.check_images(dict(splits), config, Accelerator(cpu=True))
@@ -319,7 +319,7 @@ def test_image_policy_skip_drops_bad_rows_and_their_queries(tmp_path, monkeypatc
     assert splits["val_gallery"]["image_id"][bad_id[0]] not in checked["val_queries"]["image_id"]
     assert len(checked["test_gallery"]) == len(splits["test_gallery"])  # only train and eval.split are checked
     with pytest.raises(configs.ConfigError, match="data.image_policy must be one of error, skip, got 'ignore'"):
-        configs.load_config(ROOT / "configs" / "synth-pedes.yaml", ["--data.image_policy", "ignore"])
+        configs.load_config(ROOT / "trpr" / "configs" / "synth-pedes.yaml", ["--data.image_policy", "ignore"])
 
 
 def test_data_errors_are_one_line(tmp_path, monkeypatch):
@@ -346,14 +346,14 @@ def test_data_errors_are_one_line(tmp_path, monkeypatch):
 ])
 def test_epochs_and_batch_size_messages_name_the_value(override, message):
     with pytest.raises(configs.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        configs.load_config(ROOT / "configs" / "synth-pedes.yaml", override)
+        configs.load_config(ROOT / "trpr" / "configs" / "synth-pedes.yaml", override)
 
 
 def test_help_lists_every_config_key_and_points_to_defaults(capsys):
     with pytest.raises(SystemExit):
         train_3rtpr.parse_args(["--help"])
     text = capsys.readouterr().out
-    assert "configs/defaults.yaml" in text and "--overwrite" in text
+    assert "trpr/configs/defaults.yaml" in text and "--overwrite" in text
     for section, values in configs.default_config().items():
         assert f"  {section}:" in text
         for key in values if isinstance(values, dict) else []:

@@ -1,10 +1,10 @@
-"""engine/run.py: the pair a run builds. The run `seed` decides the fused-head initialisation of both
+"""trpr/engine/run.py: the pair a run builds. The run `seed` decides the fused-head initialisation of both
 models unless model.head_seeds names the seeds; run folders written with head_seeds [0, 1] resume."""
 import torch
 import yaml
 
-import configs
-import engine
+from trpr import configs
+from trpr import engine
 
 TINY_BACKBONE = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, projection_dim: 32}"
 

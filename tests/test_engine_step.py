@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-import engine
-import kernels
-import modeling
-from configs import load_config
-from modeling.losses import TrainingLoss
+from trpr import engine
+from trpr import kernels
+from trpr import modeling
+from trpr.configs import load_config
+from trpr.modeling.losses import TrainingLoss
 
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
              "projection_dim": 32}
@@ -182,7 +182,7 @@ def test_epoch_means_and_step_times(monkeypatch):
 def test_uint8_batches_on_the_device_equal_the_float_path():
     """batch_to_device + view_pixels on a TrainViews(output="uint8") batch == the float path's pixels, and the
     trimmed captions match trim_text_padding; a badly padded mask is refused on the host."""
-    from data.transforms import build_image_transform, normalize_uint8
+    from trpr.data.transforms import build_image_transform, normalize_uint8
 
     generator = torch.Generator().manual_seed(0)
     uint8 = torch.randint(0, 256, (3, 2, 3, 32, 16), dtype=torch.uint8, generator=generator)

@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-import data
+from trpr import data
 import eval_3rtpr
-import evaluation
-import modeling
-from data.transforms import get_tokenizer, tokenize
-from metrics import report
+from trpr import evaluation
+from trpr import modeling
+from trpr.data.transforms import get_tokenizer, tokenize
+from trpr.metrics import report
 
 IMAGE_SIZE = (64, 32)
 DATASET = "synth-pedes-tiny"

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
-import evaluation
-import modeling
-from data.transforms import get_tokenizer
+from trpr import data
+from trpr import evaluation
+from trpr import modeling
+from trpr.data.transforms import get_tokenizer
 
 IMAGE_SIZE = (64, 32)
 WORLD_SIZE = 2

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from metrics.cmc import cmc_curve, plot_cmc
-from metrics.leaderboard import LeaderboardRow, markdown_table, mean_std_rows, reported_rows, sort_by_r1
-from metrics.published import PUBLISHED_RESULTS, published_for
+from trpr import kernels
+from trpr.metrics.cmc import cmc_curve, plot_cmc
+from trpr.metrics.leaderboard import LeaderboardRow, markdown_table, mean_std_rows, reported_rows, sort_by_r1
+from trpr.metrics.published import PUBLISHED_RESULTS, published_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_kernels_on_hand_built_scores():
 def metric():
     import evaluate
 
-    return evaluate.load(str(ROOT / "metrics" / "text_person_retrieval"))
+    return evaluate.load(str(ROOT / "trpr" / "metrics" / "text_person_retrieval"))
 
 
 def test_evaluate_module_similarity_matrix(metric):

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import data
+from trpr import data
 import eval_3rtpr
-import evaluation
-from evaluation import progress, search
-from modeling.run_folder import RunLock
+from trpr import evaluation
+from trpr.evaluation import progress, search
+from trpr.modeling.run_folder import RunLock
 from test_eval_cli import DATASET, _error_line, _small_pair
 
 
@@ -105,7 +105,7 @@ def test_damaged_search_cache_is_rebuilt(setup, tmp_path, capsys):
 def test_concurrent_cold_cache_writes_do_not_collide(setup, tmp_path, monkeypatch):
     """Two searches encode the same gallery and save it at once: with one fixed temporary name the second
     rename found nothing (FileNotFoundError); each writer now has its own temporary files."""
-    import modeling
+    from trpr import modeling
     import safetensors.torch
 
     pair = modeling.ReciprocalPair.from_pretrained(setup["run"] / "best")

@@ -1,5 +1,5 @@
 """The kernel benchmark's plan and tables (the timings themselves are measured by running it)."""
-from benchmarks.bench_kernels import loss_cases, loss_table, retrieval_table
+from trpr.benchmarks.bench_kernels import loss_cases, loss_table, retrieval_table
 
 
 def test_quick_plan_compiles_once_and_covers_the_goal_sizes():

@@ -2,7 +2,7 @@
 without register spills; the kernel modules import nothing beyond torch and triton.
 
 The interpreter used by the other kernel tests accepts code the compiler rejects, so this runs
-`python -m kernels.compile_check` in a subprocess without TRITON_INTERPRET.
+`python -m trpr.kernels.compile_check` in a subprocess without TRITON_INTERPRET.
 """
 import importlib.util
 import os
@@ -30,7 +30,7 @@ def test_all_kernels_compile_for_sm90(tmp_path):
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     # fp32 + fp16: every loss kernel variant, the score-slab and the fused retrieval kernel (the
     # 5-slot variant: the 8-slot one, built for bf16 by the full check, takes ~4x longer in ptxas)
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--dtypes", "fp32", "fp16"],
+    proc = subprocess.run([sys.executable, "-m", "trpr.kernels.compile_check", "--dtypes", "fp32", "fp16"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" ok") == 14, proc.stdout
@@ -39,7 +39,7 @@ def test_all_kernels_compile_for_sm90(tmp_path):
 
 def test_kernels_import_only_torch_and_triton():
     """The GPU image lacks datasets/evaluate: importing every kernel module must not pull them (or transformers)."""
-    code = ("import sys, kernels, kernels.sdm, kernels.trl, kernels.slab, kernels.retrieval, kernels.reference\n"
+    code = ("import sys, trpr.kernels, trpr.kernels.sdm, trpr.kernels.trl, trpr.kernels.slab, trpr.kernels.retrieval, trpr.kernels.reference\n"
             "heavy = ('datasets', 'evaluate', 'transformers', 'accelerate', 'sklearn')\n"
             "bad = sorted(m for m in heavy if m in sys.modules)\n"
             "print('pulled:', bad)\n"

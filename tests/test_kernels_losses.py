@@ -1,7 +1,7 @@
 """SDM / TRL losses: every implementation against an independent float64 oracle, forward and backward.
 
-Implementations: "triton" (cuBLAS/torch similarity slabs + Triton kernels, `kernels/slab.py`) and
-"torch" (the PyTorch reference, `kernels/reference.py`). On the CPU the Triton kernels run under
+Implementations: "triton" (cuBLAS/torch similarity slabs + Triton kernels, `trpr/kernels/slab.py`) and
+"torch" (the PyTorch reference, `trpr/kernels/reference.py`). On the CPU the Triton kernels run under
 TRITON_INTERPRET=1 (tests/conftest.py); with a GPU and TRITON_INTERPRET=0 (scripts/gpu_check.sh)
 the same tests run compiled on CUDA. The oracle below is written from the formulas of
 docs/method.md §3 in float64, dense, and shares no code with the kernels.
@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.reference import (sdm_direction_reference, sdm_loss_reference, trl_direction_reference,
+from trpr import kernels
+from trpr.kernels.reference import (sdm_direction_reference, sdm_loss_reference, trl_direction_reference,
                                trl_loss_reference)
-from kernels.sdm import sdm_loss_triton
-from kernels.slab import SLAB_BUDGET_BYTES, plan_chunks
-from kernels.trl import trl_loss_triton
+from trpr.kernels.sdm import sdm_loss_triton
+from trpr.kernels.slab import SLAB_BUDGET_BYTES, plan_chunks
+from trpr.kernels.trl import trl_loss_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 HYPER = {"sdm": {"logit_scale": 50.0}, "trl": {"tau": 0.015, "margin": 0.1}}

@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels.reference import retrieval_metrics_from_scores, retrieval_metrics_reference
-import kernels.retrieval
-from kernels.retrieval import MAX_SLOTS, retrieval_metrics_triton
+from trpr import kernels
+from trpr.kernels.reference import retrieval_metrics_from_scores, retrieval_metrics_reference
+import trpr.kernels.retrieval
+from trpr.kernels.retrieval import MAX_SLOTS, retrieval_metrics_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from modeling import TRPRModel, small_clip_config
-from modeling.backbone import resize_position_embedding
+from trpr.modeling import TRPRModel, small_clip_config
+from trpr.modeling.backbone import resize_position_embedding
 from caption_ids import EOT, SOT, captions
 
 

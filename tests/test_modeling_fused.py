@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from modeling import TRPRModel, small_clip_config
-from modeling.fused import FusedHead, MaskedBatchNorm1d, num_selected, select_image_tokens, select_text_tokens
+from trpr.modeling import TRPRModel, small_clip_config
+from trpr.modeling.fused import FusedHead, MaskedBatchNorm1d, num_selected, select_image_tokens, select_text_tokens
 from caption_ids import EOT, SOT, captions
 
 

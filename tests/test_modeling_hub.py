@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import modeling
-from modeling import ReciprocalPair, TRPRModel, small_clip_config
+from trpr import modeling
+from trpr.modeling import ReciprocalPair, TRPRModel, small_clip_config
 
 ROOT = Path(__file__).resolve().parents[1]
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -75,7 +75,7 @@ def test_hub_cache_from_the_environment_offline(saved_pair, tmp_path):
     fake_hub_cache(cache, "org/tiny-pair", folder)
     expected = tmp_path / "expected.pt"
     torch.save({name: t.clone() for name, t in pair.state_dict().items()}, expected)
-    code = ("import sys, torch; from modeling import ReciprocalPair; "
+    code = ("import sys, torch; from trpr.modeling import ReciprocalPair; "
             "pair = ReciprocalPair.from_pretrained('org/tiny-pair'); expected = torch.load(sys.argv[1]); "
             "state = pair.state_dict(); assert state.keys() == expected.keys(); "
             "assert all(torch.equal(state[k], v) for k, v in expected.items()); print('loaded', len(state))")
@@ -117,7 +117,7 @@ def test_bad_names_are_clear_errors(tmp_path):
 
 
 def test_evaluation_resolves_a_repo_id_to_its_snapshot(saved_pair, tmp_path, monkeypatch):
-    import evaluation
+    from trpr import evaluation
 
     _, folder = saved_pair
     cache = tmp_path / "hub"

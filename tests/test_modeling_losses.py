@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from modeling.collectives import all_reduce_sum
-from modeling.fused import MaskedBatchNorm1d
-from modeling.losses import SDMLoss, TRLLoss, TrainingLoss
+from trpr import kernels
+from trpr.modeling.collectives import all_reduce_sum
+from trpr.modeling.fused import MaskedBatchNorm1d
+from trpr.modeling.losses import SDMLoss, TRLLoss, TrainingLoss
 
 LOSS_CFG = {"lambda_sdm": 0.7, "lambda_trl": 1.3, "logit_scale": 50.0, "tau": 0.015, "margin": 0.1}
 WORLD_SIZE = 2

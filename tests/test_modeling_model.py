@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from modeling import TRPRModel, small_clip_config, vit_b16_config
-from modeling.model import count_parameters
+from trpr.modeling import TRPRModel, small_clip_config, vit_b16_config
+from trpr.modeling.model import count_parameters
 from caption_ids import captions
 
 
@@ -131,11 +131,11 @@ def test_forward_compiles_without_graph_breaks():
 
 
 def test_import_needs_no_datasets_evaluate_or_sklearn():
-    """modeling/ must import on a GPU image without datasets / evaluate (and scikit-learn stays lazy)."""
+    """trpr/modeling/ must import on a GPU image without datasets / evaluate (and scikit-learn stays lazy)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    code = ("import sys, modeling; bad = [m for m in ('datasets', 'evaluate', 'sklearn') if m in sys.modules]; "
+    code = ("import sys, trpr.modeling; bad = [m for m in ('datasets', 'evaluate', 'sklearn') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

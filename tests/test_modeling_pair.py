@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from modeling import ReciprocalPair, TRPRModel, scoring_features, small_clip_config
+from trpr.modeling import ReciprocalPair, TRPRModel, scoring_features, small_clip_config
 from caption_ids import captions
 
 

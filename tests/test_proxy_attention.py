@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from modeling import small_clip_config
+from trpr.modeling import small_clip_config
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("proxy_attention", ROOT / "scripts" / "proxy_attention.py")

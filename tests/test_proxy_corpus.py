@@ -5,9 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from data.proxy_corpus import (CORPUS_VERSION, CorpusSpec, attribute_phrase, benchmark_identity_keys, corpus_folder,
+from trpr.data.proxy_corpus import (CORPUS_VERSION, CorpusSpec, attribute_phrase, benchmark_identity_keys, corpus_folder,
                                corpus_identities, ensure_corpus, generate_corpus, load_corpus, write_alt_text)
-from data.synthetic import PRESETS, sample_identities, write_caption
+from trpr.data.synthetic import PRESETS, sample_identities, write_caption
 
 TINY = CorpusSpec(train_ids=12, heldout_ids=4, images_per_id=2, captions_per_image=2, image_size=32, seed=5)
 

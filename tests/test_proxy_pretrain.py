@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import CLIPModel, CLIPTokenizerFast
 
-import configs
-from data.proxy_corpus import CorpusSpec, ensure_corpus, load_corpus
-from data.transforms import get_tokenizer, tokenize
-from modeling import TRPRModel
-from modeling.backbone import CLIPBackbone, load_clip_model, resize_position_embedding
+from trpr import configs
+from trpr.data.proxy_corpus import CorpusSpec, ensure_corpus, load_corpus
+from trpr.data.transforms import get_tokenizer, tokenize
+from trpr.modeling import TRPRModel
+from trpr.modeling.backbone import CLIPBackbone, load_clip_model, resize_position_embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("pretrain_proxy", ROOT / "scripts" / "pretrain_proxy.py")
@@ -167,7 +167,7 @@ def test_batches_flip_pictures_and_pick_each_pictures_own_captions(root):
 def test_trainer_fine_tunes_from_the_proxy_folder(proxy, root, tmp_path):
     """The noisy recipe (TRL, 50 % noise, ALR pass in epoch 1) through the trainer's command line."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "train_3rtpr.py", "--config", "configs/proxy-noisy.yaml", "--model.backbone", str(proxy),
+    command = [sys.executable, "train_3rtpr.py", "--config", "proxy-noisy", "--model.backbone", str(proxy),
                "--data.dataset", "synth-pedes-tiny", "--data.root", str(root), "--data.image_size", "[32, 16]",
                "--data.noise_rate", "0.5", "--model.fused_dim", "32", "--train.epochs", "2",
                "--train.batch_size", "48", "--output-dir", str(run_dir), "--final-test"]
@@ -187,7 +187,7 @@ def test_trainer_fine_tunes_from_the_proxy_folder(proxy, root, tmp_path):
 
 @pytest.mark.parametrize("recipe", ["proxy-clean.yaml", "proxy-noisy.yaml"])
 def test_the_recipes_are_the_papers_and_refuse_to_run_without_the_proxy(recipe):
-    config = configs.load_config(ROOT / "configs" / recipe)
+    config = configs.load_config(ROOT / "trpr" / "configs" / recipe)
     assert config["optim"]["eps"] == 1e-3 and config["data"]["dataset"] == "synth-pedes"
     assert (config["loss"]["lambda_sdm"], config["loss"]["lambda_trl"]) == ((1.0, 0.0) if "clean" in recipe else (0.0, 1.0))
     with pytest.raises(FileNotFoundError, match="no such CLIP model directory"):

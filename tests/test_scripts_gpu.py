@@ -67,8 +67,12 @@ def test_fetch_gpu_wheels_dry_run_names_the_missing_packages():
     finished = subprocess.run(["bash", str(ROOT / "scripts" / "fetch_gpu_wheels.sh"), "--dry-run"],
                               capture_output=True, text=True, check=True)
     command = finished.stdout
-    for wheel in ("datasets==5.2.0", "evaluate==0.4.6", "dill==0.4.1", "multiprocess==0.70.19",
-                  "--python-version 3.12", "--no-deps", "--only-binary=:all:", "-d .whl"):
+    lock = (ROOT / "requirements.lock").read_text().splitlines()
+    pins = [line.split(" ;")[0] for line in lock
+            if line.split("==")[0] in ("datasets", "evaluate", "dill", "multiprocess")
+            and ("python_full_version" not in line or ">= '3.1" in line)]
+    assert len(pins) == 4, pins  # the versions CI tests, the Python 3.12 line of each
+    for wheel in (*pins, "--python-version 3.12", "--no-deps", "--only-binary=:all:", "-d .whl"):
         assert wheel in command, wheel
     assert "torch" not in command
 
@@ -87,11 +91,11 @@ def test_make_setup_over_an_environment_with_torch_keeps_its_torch(tmp_path):
     import torch
 
     probe = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import sysconfig, torch, engine; print(torch.__file__); print(torch.__version__); "
+                            "import sysconfig, torch; from trpr import engine; print(torch.__file__); print(torch.__version__); "
                             "print(engine.__file__); print(sysconfig.get_path('purelib'))"],
                            capture_output=True, text=True, check=True, cwd=tmp_path)
     torch_file, version, engine_file, own_site = probe.stdout.split()
     assert Path(torch_file).resolve() == Path(torch.__file__).resolve() and version == torch.__version__
-    assert Path(engine_file).resolve() == (ROOT / "engine" / "__init__.py").resolve()
+    assert Path(engine_file).resolve() == (ROOT / "trpr" / "engine" / "__init__.py").resolve()
     assert not list(Path(own_site).glob("torch*")), list(Path(own_site).iterdir())
     assert (venv / "torch-constraint.txt").read_text().strip() == f"torch=={torch.__version__}"

@@ -1,10 +1,10 @@
-"""Training configs (configs/__init__.py): recipes, bases, dotted overrides and early errors."""
+"""Training configs (trpr/configs/__init__.py): recipes, bases, dotted overrides and early errors."""
 from pathlib import Path
 
 import pytest
 import yaml
 
-from configs import CONFIG_DIR, ConfigError, load_config, parse_overrides
+from trpr.configs import CONFIG_DIR, ConfigError, load_config, parse_overrides
 
 RECIPES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name not in ("defaults.yaml", "noisy-correspondence.yaml"))
 

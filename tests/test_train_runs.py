@@ -10,19 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import configs
-import engine
-import kernels
-import modeling
+from trpr import configs
+from trpr import engine
+from trpr import kernels
+from trpr import modeling
 import train_3rtpr
-from engine import checkpoint
+from trpr.engine import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, projection_dim: 32}"
 
 
 def tiny_args(data_root: Path) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "synth-pedes.yaml"), "--data.dataset", "synth-pedes-tiny",
+    return ["--config", str(ROOT / "trpr" / "configs" / "synth-pedes.yaml"), "--data.dataset", "synth-pedes-tiny",
             "--data.root", str(data_root), "--train.epochs", "2", "--train.batch_size", "48",
             "--data.image_size", "[32, 16]", "--model.fused_dim", "64", "--model.backbone", TINY_BACKBONE,
             "--logging.trackers", "[]", "--alr.drop_noisy", "true",
@@ -211,8 +211,8 @@ def test_non_finite_loss_writes_no_checkpoint(data_root, tmp_path, monkeypatch):
 def test_loader_batches_do_not_depend_on_workers(data_root):
     """The trainer's loader (uint8 views, EpochKeyedBatches): 0 workers and 2 persistent workers give the
     same batches in every epoch, new ones each epoch; the workers survive from one epoch to the next."""
-    import data
-    from data.transforms import get_tokenizer
+    from trpr import data
+    from trpr.data.transforms import get_tokenizer
 
     config = configs.load_config(None, tiny_args(data_root)[2:])
     train = data.load_benchmark("synth-pedes-tiny", root=data_root)["train"]

@@ -1,0 +1,335 @@
+"""The ALR pass (docs/method.md §4): score every training sample with both models, fit the mixture,
+and turn the result into the per-sample weights and keep flags of the next epoch; its report and figure.
+
+    alr_pass = AlrPass(train_split, tokenizer, config, accelerator)    # once per run: loaders persist
+    alr = alr_pass(models, loss.alr_term, epoch)                        # every ALR epoch
+
+One pass: (1) every process encodes its share of the UNIQUE training images (test transform) and of the
+captions, once each, with the models in eval mode; the fused features are stored L2-normalised in fp16
+and gathered; (2) the main process forms the epoch's shuffled batches of train.batch_size
+(`alr_batches`) from the stored features and computes each sample's loss within its batch with the
+training loss's own `per_sample` (`batch_statistics`), and its fused diagonal similarity; (3) it fits
+the mixtures (`modeling.alr.compute_alr`) and the weights are broadcast to every process.
+
+`batch_statistics` is the one implementation of ALR's per-batch scoring; `score_samples` (encode a
+TrainViews batch, then score it) uses it too, for scripts.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from trpr import data
+from trpr.data.arrow_splits import column_values
+from trpr.data.transforms import normalize_uint8
+from trpr.evaluation.features import eval_mode, shard_indices
+from trpr.modeling.alr import MixtureSettings, compute_alr, noise_detection_scores
+from trpr.modeling.run_folder import ALR_WEIGHTS_FILE
+
+from .distributed import broadcast_from_main
+from .metrics_log import read_metrics
+from .step import encode_view, trim_text_padding
+
+# Spawn key of the pass's batch order: np.random.SeedSequence([seed, epoch], spawn_key=(ALR_BATCH_STREAM,)),
+# a stream of its own, distinct from the training order's SeedSequence([seed, epoch]) ("ALR" in ASCII).
+ALR_BATCH_STREAM = 0x414C52
+# Stored features: L2-normalised (every entry in [-1, 1], no overflow) in fp16 (11-bit mantissa: a cosine
+# is off by < 1e-3, far below what moves a loss at tau 0.015 or scale 50 noticeably); bf16 (8 bits) is not.
+FEATURE_DTYPE = torch.float16
+# Weight quantiles recorded per epoch (the figure's bands) and drawn in alr_weights.png.
+WEIGHT_QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+class SampleScores(NamedTuple):
+    """ALR's statistics of one batch under one model: losses [b] (the unweighted per-sample loss of the
+    ALR term against the batch's columns), diag_sims [b] (cosine of each sample's fused text and image
+    features), text / image [b, D] the fused features (fp32)."""
+
+    losses: torch.Tensor
+    diag_sims: torch.Tensor
+    text: torch.Tensor
+    image: torch.Tensor
+
+
+def batch_statistics(loss_term, text: torch.Tensor, image: torch.Tensor, pids: torch.Tensor,
+                     columns: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample losses [b] fp32, fused diagonal cosines [b]) of rows text / image [b, D] and pids [b]
+    against `columns` ({"text_cols", "image_cols", "col_pids"}; None: the loss term gathers the global
+    batch like in training). loss_term: a modeling.losses.PairLoss (TrainingLoss.alr_term): ALR scores
+    with the training loss's own per_sample, never a copy of its formula."""
+    losses = loss_term.per_sample(text, image, pids, columns=columns)
+    return losses, F.cosine_similarity(text.float(), image.float(), dim=-1)
+
+
+def score_samples(model, batch: dict, loss_term, device, view: int = 0, autocast=None) -> SampleScores:
+    """Encode view `view` of a TrainViews batch with `model` and score it with `loss_term` (a
+    modeling.losses.PairLoss, e.g. TrainingLoss.alr_term, whose world size decides the columns).
+    For scripts that score their own batches; the ALR pass itself is `AlrPass`."""
+    text, image = encode_view(model, batch, view, device, autocast)
+    losses, diag_sims = batch_statistics(loss_term, text, image, batch["pid"].to(device))
+    return SampleScores(losses, diag_sims, text, image)
+
+
+def alr_active(config: dict, epoch: int) -> bool:
+    """Whether epoch `epoch` trains with ALR weights (alr.enabled and epoch >= alr.start_epoch)."""
+    return bool(config["alr"]["enabled"]) and epoch >= config["alr"]["start_epoch"]
+
+
+def alr_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[tuple[torch.Tensor, int]]:
+    """The ALR pass's batches of one epoch, composed like training batches: a uniform permutation of the
+    sample positions 0..N-1 drawn from (seed, epoch) on the pass's own stream (ALR_BATCH_STREAM; never the
+    training order), cut into consecutive batches of `batch_size`.
+
+    Returns [(members [B] int64, scored)]: the first `scored` members are scored in that batch, the others
+    only serve as its columns. An incomplete last batch of r samples is filled up to B with the first
+    B - r samples of the permutation (scored in the first batch), so every batch holds B samples and every
+    sample is scored exactly once. With N < B there is one batch of all N samples."""
+    state = np.random.SeedSequence([seed, epoch], spawn_key=(ALR_BATCH_STREAM,)).generate_state(1)[0]
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(state)))
+    batches = []
+    for start in range(0, num_samples, batch_size):
+        members = order[start:start + batch_size]
+        scored = len(members)
+        fill = min(batch_size, num_samples) - scored
+        batches.append((torch.cat([members, order[:fill]]) if fill > 0 else members, scored))
+    return batches
+
+
+class AlrPass:
+    """ALR over the whole training set, built once per run (its image loader persists across epochs).
+
+    train_split: the training split (`index` 0..N-1, `pid`, `image_id`, `image`, `caption`); tokenizer;
+    config: the run config (seed, train.batch_size, data.image_size, data.num_workers, eval.batch_size
+    for encoding, alr.*); accelerator: its process index / count, device and autocast.
+
+    Cost per pass: each unique image and each caption is encoded once per scoring model (images with
+    the test transform: an image's features do not depend on its caption), sharded over the processes.
+    Memory: the features of the whole training set stay on `accelerator.device`, L2-normalised in fp16,
+    (N captions + U images) x D x 2 bytes per model on every process: for CUHK-PEDES (N = 68,126,
+    U = 34,054, D = 2048) 399 MiB per model, 798 MiB for the pair, plus, with several processes, the
+    largest share of one tensor (the gather's input) at the moment it is gathered.
+    """
+
+    def __init__(self, train_split, tokenizer, config: dict, accelerator):
+        self.config, self.accelerator = config, accelerator
+        index = np.asarray(column_values(train_split, "index"), dtype=np.int64)
+        if not np.array_equal(index, np.arange(len(index))):
+            raise ValueError(f"ALR pass: the train split's 'index' column is not 0..{len(index) - 1} in row order")
+        self.num_samples = len(index)
+        image_ids = np.asarray(column_values(train_split, "image_id"), dtype=np.int64)
+        _, first_rows, image_of = np.unique(image_ids, return_index=True, return_inverse=True)
+        device = accelerator.device
+        self.image_of = torch.from_numpy(image_of.reshape(-1).astype(np.int64)).to(device)  # sample -> unique image
+        self.pids = torch.as_tensor(column_values(train_split, "pid"), dtype=torch.int64, device=device)
+        self.num_images = len(first_rows)
+        self.encode_batch = config["eval"]["batch_size"]
+        images = data.EvalImages(data.keep_rows(train_split, first_rows), config["data"]["image_size"], output="uint8")
+        workers = config["data"]["num_workers"]
+        self.image_share, _ = shard_indices(self.num_images, accelerator)
+        self.image_loader = DataLoader(Subset(images, self.image_share), batch_size=self.encode_batch, shuffle=False,
+                                       num_workers=workers, persistent_workers=workers > 0,
+                                       pin_memory=device.type == "cuda")
+        texts = data.EvalTexts(train_split, tokenizer)
+        caption_share, _ = shard_indices(self.num_samples, accelerator)
+        self.input_ids, self.attention_mask = texts.input_ids[caption_share], texts.attention_mask[caption_share]
+
+    def _gather(self, tensor: torch.Tensor, total: int) -> torch.Tensor:
+        """Every process's shares in rank order, padding dropped: [total, D] on every process."""
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.gather(tensor)[:total]
+
+    def encode(self, models) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per model (captions [N, D], unique images [U, D]): fused features, L2-normalised, FEATURE_DTYPE,
+        on the accelerator's device, on every process (each encodes its share; shares gathered)."""
+        accelerator, device = self.accelerator, self.accelerator.device
+        images = [torch.empty(len(self.image_share), m.output_dim, dtype=FEATURE_DTYPE, device=device) for m in models]
+        captions = [torch.empty(len(self.input_ids), m.output_dim, dtype=FEATURE_DTYPE, device=device) for m in models]
+        quiet = not accelerator.is_main_process
+        with accelerator.autocast():
+            start = 0
+            for batch in tqdm(self.image_loader, desc="ALR pass: images", disable=quiet, leave=False):
+                pixels = normalize_uint8(batch["pixel_values"].to(device, non_blocking=True))
+                for model, stored in zip(models, images):
+                    stored[start:start + len(pixels)] = F.normalize(model.encode_image(pixels)[1].float(), dim=-1)
+                start += len(pixels)
+            for start in tqdm(range(0, len(self.input_ids), self.encode_batch), desc="ALR pass: captions",
+                              disable=quiet, leave=False):
+                ids, mask = trim_text_padding(self.input_ids[start:start + self.encode_batch],
+                                              self.attention_mask[start:start + self.encode_batch])
+                ids, mask = ids.to(device), mask.to(device)
+                for model, stored in zip(models, captions):
+                    stored[start:start + len(ids)] = F.normalize(model.encode_text(ids, mask)[1].float(), dim=-1)
+        return [(self._gather(text, self.num_samples), self._gather(image, self.num_images))
+                for text, image in zip(captions, images)]
+
+    def sample_statistics(self, models, loss_term, epoch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Main process: (losses [M, N], diag_sims [M, N]) float32 on the CPU, per scoring model (M =
+        len(models), in eval mode: the caller's business) and sample; None on the other processes.
+        Each sample's loss is computed within its batch of `alr_batches` (seed, epoch)."""
+        features = self.encode(models)
+        if not self.accelerator.is_main_process:
+            return None
+        device = self.accelerator.device
+        losses = torch.empty(len(models), self.num_samples, device=device)
+        sims = torch.empty(len(models), self.num_samples, device=device)
+        batches = alr_batches(self.num_samples, self.config["train"]["batch_size"], self.config["seed"], epoch)
+        for members, scored in batches:
+            members = members.to(device)
+            pids, rows = self.pids[members], members[:scored]
+            for model_losses, model_sims, (captions, images) in zip(losses, sims, features):
+                text, image = captions[members].float(), images[self.image_of[members]].float()
+                columns = {"text_cols": text, "image_cols": image, "col_pids": pids}
+                model_losses[rows], model_sims[rows] = batch_statistics(
+                    loss_term, text[:scored], image[:scored], pids[:scored], columns)
+        return losses.cpu(), sims.cpu()
+
+    @torch.no_grad()
+    def __call__(self, models, loss_term, epoch: int) -> dict:
+        """One ALR round before epoch `epoch`. models: the unwrapped (A, B); the first `alr.models` score.
+        loss_term: the ALR term (TrainingLoss.alr_term). Returns {"result": AlrResult (main process only,
+        else None), "weights": [N], "keep": [N] bool (every process, identical), "diag_sims": [N] (main)}."""
+        alr_cfg = self.config["alr"]
+        chosen = models[: alr_cfg["models"]]
+        with contextlib.ExitStack() as stack:
+            for model in chosen:
+                stack.enter_context(eval_mode(model))
+            statistics = self.sample_statistics(chosen, loss_term, epoch)
+        device = self.accelerator.device
+        weights, keep = torch.ones(self.num_samples, device=device), torch.ones(self.num_samples, device=device)
+        result, diag_sims = None, None
+        if statistics is not None:
+            losses, sims = statistics
+            diag_sims = sims.mean(0)
+            result = compute_alr(losses[0], losses[1] if len(losses) > 1 else None, diag_sims, mu=alr_cfg["mu"],
+                                 sharpness=alr_cfg["sharpness"], drop_noisy=alr_cfg["drop_noisy"],
+                                 mixture=MixtureSettings.from_config(alr_cfg))
+            weights = result.weights.to(device)
+            keep = result.keep.float().to(device)
+        broadcast_from_main(weights, keep)  # the mixture is fitted once, on the main process
+        return {"result": result, "weights": weights, "keep": keep.bool(), "diag_sims": diag_sims}
+
+
+def weight_quantiles(weights: torch.Tensor) -> list[float]:
+    """The WEIGHT_QUANTILES of weights [n] (n >= 1)."""
+    return [float(q) for q in torch.quantile(weights.double(), torch.tensor(WEIGHT_QUANTILES, dtype=torch.float64))]
+
+
+def alr_report(result, diag_sims, noisy: torch.Tensor) -> dict:
+    """JSON-able ALR figures of one epoch: mu, kept fraction, weights (mean, full-weight fraction,
+    quantiles of all / clean / noisy pairs), consensus counts, each model's mixture fit (status, the
+    degenerate rule when one applied); with any truly noisy sample also P/R/F1 of the split
+    'noisy = no model calls it clean' (the samples drop_noisy drops) against the `noisy` column."""
+    fits = {"A": result.fit_a, **({"B": result.fit_b} if result.fit_b is not None else {})}
+    quantiles = {"levels": list(WEIGHT_QUANTILES), "all": weight_quantiles(result.weights)}
+    report = {"mu": result.mu, "mean_diag_similarity": float(diag_sims.mean()),
+              "kept_fraction": float(result.keep.float().mean()),
+              "mean_weight": float(result.weights.mean()),
+              "full_weight_fraction": float((result.weights >= 1).float().mean()),
+              "consensus_counts": [int((result.consensus == c).sum()) for c in range(3)],
+              "mixture": {name: fit.record() for name, fit in fits.items()},
+              "weight_quantiles": quantiles}
+    if noisy.any():
+        report["noise_detection"] = noise_detection_scores(result.consensus == 0, noisy)
+        report["mean_weight_noisy"] = float(result.weights[noisy].mean())
+        report["mean_weight_clean"] = float(result.weights[~noisy].mean()) if (~noisy).any() else None
+        quantiles["noisy"] = weight_quantiles(result.weights[noisy])
+        if (~noisy).any():
+            quantiles["clean"] = weight_quantiles(result.weights[~noisy])
+    return report
+
+
+def plot_alr_history(records: list[dict], path: Path) -> np.ndarray:
+    """ONE figure of ALR over the epochs -> PNG at `path` (written atomically; rewritten every epoch).
+
+    records: epoch records {"epoch", "alr": alr_report(...)} in epoch order (records without
+    "weight_quantiles" are skipped). Left: per group (clean / noisy pairs when the noisy flag is known,
+    else all pairs) the median weight with its 25-75 % and 5-95 % bands, the minimum and the mean. Right: noisy-pair
+    precision / recall / F1 when known, else the full-weight and kept fractions.
+    Returns the RGB image [H, W, 3] uint8 for the trackers."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if "weight_quantiles" in r.get("alr", {})]
+    epochs = [r["epoch"] for r in records]
+    figure, (weight_axis, right_axis) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    groups = [g for g in ("clean", "noisy") if records and g in records[-1]["alr"]["weight_quantiles"]] or ["all"]
+    for group, colour in zip(groups, ("tab:blue", "tab:red", "tab:grey")):
+        rows = [r["alr"]["weight_quantiles"] for r in records]
+        levels = rows[0]["levels"] if rows else list(WEIGHT_QUANTILES)
+        band = {level: np.array([row[group][levels.index(level)] if group in row else np.nan for row in rows])
+                for level in (0.0, 0.05, 0.25, 0.5, 0.75, 0.95)}
+        label = {"all": "all pairs", "clean": "clean pairs", "noisy": "noisy pairs"}[group]
+        weight_axis.fill_between(epochs, band[0.05], band[0.95], color=colour, alpha=0.12, linewidth=0)
+        weight_axis.fill_between(epochs, band[0.25], band[0.75], color=colour, alpha=0.3, linewidth=0)
+        weight_axis.plot(epochs, band[0.5], color=colour, marker="o", label=f"{label}: median (bands 25-75, 5-95 %)")
+        weight_axis.plot(epochs, band[0.0], color=colour, linestyle=":", label=f"{label}: minimum")
+        mean_key = {"all": "mean_weight", "clean": "mean_weight_clean", "noisy": "mean_weight_noisy"}[group]
+        weight_axis.plot(epochs, [r["alr"].get(mean_key) if r["alr"].get(mean_key) is not None else np.nan
+                                  for r in records], color=colour, linestyle="--", label=f"{label}: mean")
+    weight_axis.set_ylim(-0.02, 1.05)
+    weight_axis.set_xlabel("epoch")
+    weight_axis.set_ylabel("ALR weight w")
+    weight_axis.set_title("ALR weight distribution per epoch")
+    weight_axis.legend(fontsize=7, loc="lower left")
+    detection = [r["alr"].get("noise_detection") for r in records]
+    if any(detection):
+        for metric in ("precision", "recall", "f1"):
+            right_axis.plot(epochs, [d[metric] if d else np.nan for d in detection], marker="o", label=metric)
+        right_axis.set_ylabel("%")
+        right_axis.set_ylim(-2, 102)
+        right_axis.set_title("noisy-pair detection (no model calls it clean)")
+    else:
+        right_axis.plot(epochs, [100 * r["alr"]["full_weight_fraction"] for r in records], marker="o",
+                        label="pairs at full weight")
+        right_axis.plot(epochs, [100 * r["alr"]["kept_fraction"] for r in records], marker="o", label="pairs kept")
+        right_axis.set_ylabel("% of training pairs")
+        right_axis.set_title("ALR (no noisy flags known)")
+    right_axis.set_xlabel("epoch")
+    right_axis.legend(fontsize=7)
+    for axis in (weight_axis, right_axis):
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    figure.tight_layout()
+    partial = path.with_name(f".{path.name}.tmp")
+    figure.savefig(partial, format="png")
+    os.replace(partial, path)
+    figure.canvas.draw()
+    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return image
+
+
+def report_alr(alr: dict, noisy: torch.Tensor, epoch: int, run_dir: Path, accelerator, *, global_step: int,
+               trackers: list) -> dict | None:
+    """Main process: the epoch's ALR report (returned for metrics.jsonl), the ALR figure over all epochs so
+    far (alr_weights.png in the run folder, and TensorBoard), its scalars to the trackers and a log line;
+    a degenerate mixture fit is logged with the rule applied. Other processes: None."""
+    if not accelerator.is_main_process:
+        return None
+    report = alr_report(alr["result"], alr["diag_sims"], noisy)
+    history = [r for r in read_metrics(run_dir, before_epoch=epoch) if "alr" in r] + [{"epoch": epoch, "alr": report}]
+    image = plot_alr_history(history, run_dir / ALR_WEIGHTS_FILE)
+    if "tensorboard" in trackers:
+        accelerator.get_tracker("tensorboard").log_images({"alr/weights": image[None]}, step=global_step,
+                                                          dataformats="NHWC")
+    scalars = {f"alr/{k}": v for k, v in report.items() if isinstance(v, float)}
+    scalars.update({f"alr/noise_{k}": v for k, v in report.get("noise_detection", {}).items()})
+    accelerator.log(scalars, step=global_step)
+    for name, fit in report["mixture"].items():
+        if "rule" in fit:
+            accelerator.print(f"epoch {epoch} ALR, model {name}: degenerate mixture ({fit['status']}): {fit['rule']}")
+    detection = report.get("noise_detection")
+    accelerator.print(f"epoch {epoch} ALR: mu {report['mu']:.3f}, kept {report['kept_fraction']:.1%}, "
+                      f"mean weight {report['mean_weight']:.3f}"
+                      + (f", noisy-pair detection P {detection['precision']:.1f} R {detection['recall']:.1f} "
+                         f"F1 {detection['f1']:.1f}" if detection else ""))
+    return report

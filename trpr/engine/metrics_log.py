@@ -1,0 +1,100 @@
+"""The run's epoch records (metrics.jsonl), tracker-friendly config and the training curves plot."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+from trpr.modeling.run_folder import CURVES_FILE, METRICS_FILE
+
+
+def append_metrics(run_dir: Path, record: dict) -> None:
+    """Append one epoch record as a JSON line to RUN_DIR/metrics.jsonl."""
+    with open(run_dir / METRICS_FILE, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path, before_epoch: int | None = None) -> list[dict]:
+    """The epoch records of RUN_DIR/metrics.jsonl (those with epoch < before_epoch when given).
+    A torn last line (the process died while appending it) is dropped with a warning; any other line
+    that is not a JSON record raises ValueError naming the file and the line."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("not an epoch record")
+        except ValueError as error:
+            if position == len(lines) - 1:
+                warnings.warn(f"{path}: line {number} is incomplete (the run stopped while writing it); dropped",
+                              stacklevel=2)
+                break
+            raise ValueError(f"{path}: line {number} is not an epoch record ({error}); remove or fix that line") from None
+        records.append(record)
+    return [r for r in records if before_epoch is None or r["epoch"] < before_epoch]
+
+
+def restart_metrics(run_dir: Path, start_epoch: int, accelerator, last_record: dict | None = None) -> None:
+    """Main process: drop the records of the epochs that will be (re)done (all of them for a new run) and
+    a torn last line. `last_record`: the record saved with the checkpoint resumed from
+    (TrainerState.epoch_record); when metrics.jsonl lacks it (killed between the checkpoint and the
+    append) it is put back. The file is rewritten atomically."""
+    if not accelerator.is_main_process:
+        return
+    path = run_dir / METRICS_FILE
+    if start_epoch <= 0:
+        path.unlink(missing_ok=True)
+        return
+    kept = read_metrics(run_dir, before_epoch=start_epoch)
+    if last_record is not None and last_record.get("epoch") == start_epoch - 1 and \
+            all(record["epoch"] != start_epoch - 1 for record in kept):
+        kept.append(last_record)
+        accelerator.print(f"{path}: epoch {start_epoch - 1}'s record restored from the checkpoint (the run "
+                          "stopped before appending it)")
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(temporary, path)
+
+
+def plot_curves(records: list[dict], select_row: str, path: Path) -> None:
+    """curves.png: per-epoch mean training loss of A and B, and validation R@1 of `select_row`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    figure, (loss_axis, r1_axis) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    loss_axis.plot(epochs, [r["loss_a"] for r in records], marker="o", label="model A")
+    loss_axis.plot(epochs, [r["loss_b"] for r in records], marker="o", label="model B")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("training loss (epoch mean)")
+    loss_axis.legend()
+    validated = [r for r in records if r.get("val")]
+    r1_axis.plot([r["epoch"] for r in validated], [r["val"][select_row]["R1"] for r in validated], marker="o")
+    r1_axis.set_xlabel("epoch")
+    r1_axis.set_ylabel(f"val R@1 {select_row} (%)")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_run_curves(run_dir: Path, select_row: str, accelerator) -> None:
+    """Main process: RUN_DIR/curves.png from RUN_DIR/metrics.jsonl."""
+    if accelerator.is_main_process:
+        plot_curves(read_metrics(run_dir), select_row, run_dir / CURVES_FILE)
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """Tracker-friendly {dotted key: int|float|str|bool}."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and not (prefix + key == "model.backbone"):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

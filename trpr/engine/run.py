@@ -1,0 +1,310 @@
+"""Setting up a training run: config and run folder (ownership, early-failure cleanup), the checks done
+before any work (backbone, batch size, images), datasets, the training loader, the pair."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from trpr import configs
+from trpr import data
+from trpr import modeling
+from trpr.data.arrow_splits import column_values
+from trpr.data.images import ImageCheckError
+from trpr.evaluation.checkpoints import image_check_summary
+from trpr.modeling.hub import check_pretrained_clip
+from trpr.modeling.run_folder import (CONFIG_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, REPLACED_DIR, RUN_LOCK_FILE,
+                                 RUN_MARKERS, RunLock, describe_holder)
+
+from .distributed import sync_batch_norms
+from .sampler import GlobalBatchSampler
+
+
+def resolve_run(overrides: list[str], *, config_path=None, output_dir=None, resume_dir=None) -> tuple[dict, Path]:
+    """(resolved config, run folder) of a new run (config_path + output_dir) or a resumed one
+    (resume_dir: its config.yaml; output_dir defaults to it). overrides: --section.key VALUE tokens.
+    Raises configs.ConfigError with a one-line message. Whether the folder may be used is decided by
+    `RunFolder` (under its lock)."""
+    if resume_dir:
+        resume_dir = Path(resume_dir)
+        if config_path:
+            raise configs.ConfigError("give either --config or --resume (a resumed run uses its own config.yaml)")
+        if not (resume_dir / CONFIG_FILE).is_file():
+            raise configs.ConfigError(f"--resume {resume_dir}: no {CONFIG_FILE} (not a run folder)")
+        return configs.load_config(resume_dir / CONFIG_FILE, overrides), Path(output_dir) if output_dir else resume_dir
+    if not config_path or not output_dir:
+        raise configs.ConfigError("--config and --output-dir are required (or --resume RUN_DIR)")
+    return configs.load_config(config_path, overrides), Path(output_dir)
+
+
+# ----------------------------------------------------------------------------------------- the run folder
+def _entries(run_dir: Path) -> list[Path]:
+    """What the folder holds, the lock file aside."""
+    return sorted(p for p in run_dir.iterdir() if p.name != RUN_LOCK_FILE) if run_dir.is_dir() else []
+
+
+def _remove(paths) -> None:
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+class RunFolder:
+    """The run folder of one training, owned by its main process while the run lives.
+
+        with RunFolder(run_dir, accelerator, resume_dir=args.resume, overwrite=args.overwrite) as folder:
+            ...                   # checks and data loading: a failure here leaves the folder as it was
+            folder.start(config)  # the real work begins: config.yaml is written
+            ...                   # training
+
+    On entry the main process creates the folder and takes its lock (`modeling.run_folder.RunLock`: a
+    running training into the same folder is refused; the stale lock of a crashed one is taken over with a
+    note). A new run (or a resumed one written to another folder) needs an empty folder; with `overwrite`
+    a previous run's folder (never a folder that is not a run folder) is moved aside into `.replaced/`,
+    deleted at `start` and put back if the run fails before. Every process gets the same outcome: the main
+    process's error is broadcast and raised everywhere.
+    On exit the lock is released; after a failure, a folder that this process created (or found empty)
+    and that holds no finished epoch (no last/) is removed (emptied), so failed runs leave nothing behind.
+    """
+
+    def __init__(self, run_dir: Path, accelerator, *, resume_dir=None, overwrite: bool = False):
+        self.run_dir, self.accelerator = Path(run_dir), accelerator
+        self.in_place = resume_dir is not None and Path(resume_dir).resolve() == self.run_dir.resolve()
+        self.overwrite = overwrite
+        self.lock = RunLock(self.run_dir)
+        self.replaced = self.run_dir / REPLACED_DIR
+        self.created = self.was_empty = False
+
+    def __enter__(self) -> "RunFolder":
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                try:
+                    self._open()
+                except OSError as failure:
+                    raise configs.ConfigError(f"--output-dir {self.run_dir}: {failure}") from failure
+            except (configs.ConfigError, RuntimeError) as failure:
+                self.lock.release()
+                if self.created:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
+                error = failure
+        self._agree(error)
+        return self
+
+    def _open(self) -> None:
+        if self.in_place and self.overwrite:
+            raise configs.ConfigError("--overwrite would delete the run that --resume continues; drop one of them")
+        try:  # atomic: of two runs started at once, only one counts as the folder's creator
+            self.run_dir.mkdir(parents=True)
+            self.created = True
+        except FileExistsError:
+            self.created = False
+        stale = self.lock.acquire()
+        if stale is not None:
+            print(f"note: {self.run_dir} was locked by {describe_holder(stale)}, which is no longer running "
+                  "(crashed or killed); taking the folder over", file=sys.stderr)
+        entries = _entries(self.run_dir)
+        self.was_empty = not entries
+        if self.in_place or not entries:
+            return
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in entries[:6]) + (", ..." if len(entries) > 6 else "")
+        if not any((self.run_dir / marker).exists() for marker in RUN_MARKERS):
+            raise configs.ConfigError(f"--output-dir {self.run_dir} is not empty and is not a run folder ({names}); "
+                                      "choose an empty or new folder")
+        if not self.overwrite:
+            raise configs.ConfigError(f"--output-dir {self.run_dir} already holds a run ({names}); continue it with "
+                                      f"--resume {self.run_dir}, replace it with --overwrite, or choose another folder")
+        if self.replaced.exists():  # an earlier --overwrite died before its run started: that copy is the previous run
+            _remove(p for p in entries if p != self.replaced)
+        else:
+            self.replaced.mkdir()
+            for entry in entries:
+                entry.rename(self.replaced / entry.name)
+        self.was_empty = True
+
+    def _agree(self, error: BaseException | None) -> None:
+        """Raise the main process's error on every process (one line on the others)."""
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            message = [str(error) if error is not None else None]
+            broadcast_object_list(message)
+            if error is None and message[0] is not None:
+                raise SystemExit(f"error: {message[0]}")
+        if error is not None:
+            raise error
+
+    def start(self, config: dict) -> None:
+        """The real work begins: the main process deletes a run replaced by --overwrite and writes the
+        resolved config.yaml; every process waits."""
+        if self.accelerator.is_main_process:
+            if self.replaced.exists():
+                shutil.rmtree(self.replaced)
+                print(f"note: --overwrite: the previous run in {self.run_dir} was deleted", file=sys.stderr)
+            configs.save_config(config, self.run_dir / CONFIG_FILE)
+        self.accelerator.wait_for_everyone()
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.lock.release()
+        if kind is None or self.in_place or (self.run_dir / LAST_DIR).exists():
+            return
+        if self.created:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        elif self.replaced.exists():  # failed before the real work: the previous run comes back
+            _remove(p for p in _entries(self.run_dir) if p != self.replaced)
+            for entry in list(self.replaced.iterdir()):
+                entry.rename(self.run_dir / entry.name)
+            self.replaced.rmdir()
+        elif self.was_empty:
+            _remove(_entries(self.run_dir))
+
+
+# ----------------------------------------------------------------------------- checks before any work
+def check_backbone(config: dict) -> None:
+    """Before anything is built or written: a model.backbone name must be a usable local folder, or a
+    Hub model that is cached or can be downloaded (modeling.hub.check_pretrained_clip; HF_HUB_OFFLINE
+    honoured, no retries). SystemExit with one actionable line otherwise."""
+    backbone = config["model"]["backbone"]
+    if isinstance(backbone, dict):
+        return
+    try:
+        check_pretrained_clip(backbone)
+    except OSError as error:
+        raise SystemExit(f"error: config model.backbone={backbone!r}: {error}") from None
+
+
+def check_batch_size(config: dict, world_size: int, num_samples: int | None = None) -> None:
+    """train.batch_size (the global batch) must split evenly over the processes and, once the training set
+    is known (`num_samples`), not exceed it. SystemExit naming the value and the fix."""
+    batch = config["train"]["batch_size"]
+    if batch % world_size:
+        raise SystemExit(f"error: config train.batch_size={batch} is the global batch and must be divisible by the "
+                         f"{world_size} processes")
+    if num_samples is not None and batch > num_samples:
+        raise SystemExit(f"error: config train.batch_size={batch} is larger than the training set of "
+                         f"{config['data']['dataset']} ({num_samples} samples): use --train.batch_size {num_samples} "
+                         "or less")
+
+
+def _image_check(split, name: str, policy: str, accelerator):
+    """data.verify_images of one split inside main_process_first (the main process decodes and caches,
+    the others read the cache); the 'error' policy ends as one line (the full list printed before it)."""
+    with accelerator.main_process_first():
+        try:
+            return data.verify_images(split, policy=policy, name=name,
+                                      progress=None if accelerator.is_main_process else False)
+        except ImageCheckError as error:
+            listing, headline, first = image_check_summary(error)
+            if accelerator.is_main_process:
+                print(listing, file=sys.stderr)
+            raise SystemExit(f"error: config data.image_policy=error: {headline} (first: {first}); fix or remove "
+                             "them, or pass --data.image_policy skip to train without them") from None
+
+
+def check_images(splits, config: dict, accelerator):
+    """Decode every image of the training split and of the validation gallery once before training
+    (data.verify_images: parallel, cached per dataset) under config data.image_policy: "error" ->
+    SystemExit naming the files; "skip" -> the splits without them (data.keep_rows; validation queries of
+    a skipped gallery image go with it). Returns the (possibly reduced) splits."""
+    policy, dataset = config["data"]["image_policy"], config["data"]["dataset"]
+    keys = ["train"] + ([f"{config['eval']['split']}_gallery"] if config["eval"]["split"] else [])
+    for key in keys:
+        check = _image_check(splits[key], f"{dataset}/{key}", policy, accelerator)
+        if len(check.keep) == check.num_rows:
+            continue
+        splits[key] = data.keep_rows(splits[key], check.keep)
+        if key.endswith("_gallery"):
+            queries_key = key.replace("_gallery", "_queries")
+            kept = set(column_values(splits[key], "image_id"))
+            image_ids = column_values(splits[queries_key], "image_id")
+            splits[queries_key] = data.keep_rows(splits[queries_key],
+                                                 [i for i, image_id in enumerate(image_ids) if image_id in kept])
+        accelerator.print(f"data.image_policy=skip: {key} keeps {len(check.keep)} of {check.num_rows} rows "
+                          f"({len(check.bad)} unusable image(s) skipped)")
+    return splits
+
+
+def load_splits(config: dict, run_dir: Path, accelerator):
+    """data.load_benchmark for the config's data section (synth-pedes is generated once, by the main
+    process; a generated noise permutation is saved in the run folder), then, before anything is built,
+    the batch size against the training set (`check_batch_size`) and the images (`check_images`).
+    SystemExit naming the config entry when the dataset is missing or unreadable, has no eval.split, or
+    fails a check."""
+    data_cfg = config["data"]
+    generate_noise = data_cfg["noise_rate"] > 0 and not data_cfg["noise_file"]
+    noise_out = run_dir / NOISE_PERMUTATION_FILE if generate_noise and accelerator.is_main_process else None
+    with accelerator.main_process_first():
+        try:
+            splits = data.load_benchmark(data_cfg["dataset"], root=data_cfg["root"], noise_rate=data_cfg["noise_rate"],
+                                         noise_file=data_cfg["noise_file"], seed=config["seed"], noise_out=noise_out)
+        except (FileNotFoundError, ValueError, OSError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SystemExit(f"error: config data.dataset={data_cfg['dataset']!r} (data.root={data_cfg['root']!r}): "
+                             f"{message}") from None
+    eval_split = config["eval"]["split"]
+    if eval_split is not None and f"{eval_split}_gallery" not in splits:
+        raise SystemExit(f"error: config eval.split={eval_split!r}: dataset {data_cfg['dataset']} has no such split "
+                         f"(splits: {', '.join(splits.keys())}); use --eval.split null to keep the last epoch")
+    check_batch_size(config, accelerator.num_processes, len(splits["train"]))
+    splits = check_images(splits, config, accelerator)
+    check_batch_size(config, accelerator.num_processes, len(splits["train"]))
+    return splits
+
+
+def build_train_loader(train_split, tokenizer, config: dict, rank: int, world_size: int, *,
+                       pin_memory: bool = False) -> DataLoader:
+    """DataLoader of TrainViews (two augmented views per sample, uint8 pixels + erase boxes: normalised on
+    the device by `engine.step.view_pixels`) over this process's share of each global batch
+    (GlobalBatchSampler wrapped in data.EpochKeyedBatches: every sample's augmentation is a function of
+    (seed, epoch, position), whichever worker decodes it). With data.num_workers > 0 the workers persist
+    across epochs; pin_memory (on CUDA) lets batches be copied to the device without blocking.
+    Start an epoch with `engine.start_epoch(loader, epoch)`."""
+    data_cfg = config["data"]
+    train_views = data.TrainViews(train_split, tokenizer, data_cfg["image_size"], num_views=2, augment=True,
+                                  seed=config["seed"], output="uint8")
+    sampler = GlobalBatchSampler(len(train_views), config["train"]["batch_size"], rank, world_size, config["seed"])
+    workers = data_cfg["num_workers"]
+    # the loader's own generator: starting an epoch never draws from the global RNG (resume stays exact)
+    return DataLoader(train_views, batch_sampler=data.EpochKeyedBatches(sampler), num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(config["seed"]))
+
+
+def build_clip_source(backbone):
+    """config model.backbone -> what TRPRModel.from_clip takes: a name/path, or a random-init small config."""
+    if isinstance(backbone, dict):
+        return modeling.small_clip_config(**backbone)
+    return backbone
+
+
+def head_seeds(config: dict) -> tuple[int, int]:
+    """The fused-head initialisation seeds of models A and B: `model.head_seeds` when given, else derived
+    from the run `seed` as (2 seed, 2 seed + 1): distinct for A and B, and different for every run seed
+    (seed 0 gives (0, 1), the fixed default of earlier releases)."""
+    explicit = config["model"]["head_seeds"]
+    if explicit is not None:
+        return int(explicit[0]), int(explicit[1])
+    return 2 * config["seed"], 2 * config["seed"] + 1
+
+
+def build_pair(config: dict, world_size: int = 1) -> modeling.ReciprocalPair:
+    """The reciprocal pair of the config's model section (on the CPU; fused heads from `head_seeds`),
+    gradient checkpointing set, its BatchNorm statistics synchronised across processes when world_size > 1."""
+    model_cfg = config["model"]
+    pair = modeling.ReciprocalPair.from_clip(build_clip_source(model_cfg["backbone"]),
+                                             head_seeds=head_seeds(config),
+                                             select_ratio=model_cfg["select_ratio"], fused_dim=model_cfg["fused_dim"],
+                                             image_size=tuple(config["data"]["image_size"]),
+                                             image_tokens=model_cfg["image_tokens"])
+    for model in pair.models:
+        model.set_gradient_checkpointing(model_cfg["gradient_checkpointing"])
+        if world_size > 1:
+            sync_batch_norms(model)
+    return pair

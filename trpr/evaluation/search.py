@@ -1,0 +1,187 @@
+"""Free-text person search in an evaluation gallery: a gallery index cached on disk, ranking one query,
+and a PNG grid of the matches."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trpr import data
+from trpr import modeling
+from trpr.data.transforms import default_cache_dir
+from trpr.metrics.published import canonical_dataset
+from trpr.modeling.pair import parse_row_key
+
+from .checkpoints import Checkpoint, EvalInputError
+from .features import encode_dataset, eval_mode, model_device
+
+SEARCH_CACHE_SUBDIR = "search-features"
+
+
+@dataclass
+class GalleryIndex:
+    """Gallery features of one checkpoint on one split, as cached on disk for search.
+
+    image_outputs: per model (A, B) (global [Ng, E], fused [Ng, D]) fp32 CPU;
+    pids / image_ids: LongTensor[Ng]; sources: per gallery item its image file path ("" when the
+    dataset embeds the image bytes instead).
+    """
+
+    image_outputs: list
+    pids: torch.Tensor
+    image_ids: torch.Tensor
+    sources: list
+
+
+def search_cache_dir() -> Path:
+    """`<data.transforms.default_cache_dir()>/search-features` ($TRPR_CACHE, else ~/.cache/3rtpr)."""
+    return default_cache_dir() / SEARCH_CACHE_SUBDIR
+
+
+def search_cache_key(checkpoint: Checkpoint, dataset: str, root, split: str) -> str:
+    """Hash of (every file of the pair folder: relative path, size, mtime in ns) + dataset + root + split.
+    Re-saving a checkpoint changes the mtimes and so the key; nothing is read from the weights."""
+    files = sorted(p for p in checkpoint.pair_dir.rglob("*") if p.is_file())
+    signature = [[str(p.relative_to(checkpoint.pair_dir)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    blob = json.dumps({"pair_dir": str(checkpoint.pair_dir.resolve()), "files": signature,
+                       "dataset": canonical_dataset(dataset), "root": None if root is None else str(Path(root).resolve()),
+                       "split": split}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def build_gallery_index(pair, gallery_split, *, batch_size: int = 64, num_workers: int = 0) -> GalleryIndex:
+    """Encode the gallery with both models (eval mode, no_grad) and keep its pids and image paths."""
+    from trpr.data.torch_datasets import image_sources
+
+    with eval_mode(pair):
+        images = data.EvalImages(gallery_split, tuple(pair.a.image_size))
+        outputs = encode_dataset([pair.a, pair.b], images, "image", batch_size=batch_size,
+                                 num_workers=num_workers, desc="gallery images")
+    sources = [s if isinstance(s, str) else "" for s in image_sources(gallery_split)]
+    return GalleryIndex(image_outputs=[(g.cpu(), f.cpu()) for g, f in outputs],
+                        pids=torch.as_tensor(gallery_split["pid"], dtype=torch.int64),
+                        image_ids=torch.as_tensor(gallery_split["image_id"], dtype=torch.int64), sources=sources)
+
+
+def save_gallery_index(index: GalleryIndex, stem: Path) -> None:
+    """`<stem>.safetensors` (features, pids, image ids) + `<stem>.json` (image paths)."""
+    from safetensors.torch import save_file
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"pids": index.pids, "image_ids": index.image_ids}
+    for model_name, (global_emb, fused_emb) in zip("ab", index.image_outputs):
+        tensors[f"{model_name}.global"] = global_emb.contiguous()
+        tensors[f"{model_name}.fused"] = fused_emb.contiguous()
+    # unique temporary names + atomic renames: concurrent searches with a cold cache each write their own
+    # files and the last rename wins (both hold the same index)
+    unique = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    features_tmp, sources_tmp = stem.with_name(stem.name + ".safetensors" + unique), stem.with_name(stem.name + ".json" + unique)
+    try:
+        save_file(tensors, str(features_tmp))
+        sources_tmp.write_text(json.dumps({"sources": index.sources}))
+        os.replace(sources_tmp, stem.with_suffix(".json"))
+        os.replace(features_tmp, stem.with_suffix(".safetensors"))  # the features file appears last: its presence = complete
+    finally:
+        features_tmp.unlink(missing_ok=True)
+        sources_tmp.unlink(missing_ok=True)
+
+
+def load_gallery_index(stem: Path) -> GalleryIndex | None:
+    """The cached index at `stem`, or None when absent or unreadable (it is then rebuilt)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    features_path, sources_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    if not (features_path.is_file() and sources_path.is_file()):
+        return None
+    try:
+        tensors = load_file(str(features_path))
+        sources = json.loads(sources_path.read_text())["sources"]
+        outputs = [(tensors[f"{m}.global"], tensors[f"{m}.fused"]) for m in "ab"]
+    except (OSError, ValueError, KeyError, SafetensorError):  # damaged: rebuilt
+        return None
+    if len(sources) != tensors["pids"].numel():
+        return None
+    return GalleryIndex(image_outputs=outputs, pids=tensors["pids"], image_ids=tensors["image_ids"], sources=sources)
+
+
+def parse_score_row(row: str) -> tuple[tuple[int, ...], str]:
+    """modeling.pair.parse_row_key with the error as EvalInputError naming --score."""
+    try:
+        return parse_row_key(row)
+    except ValueError as error:
+        raise EvalInputError(f"--score {error}") from None
+
+
+@torch.no_grad()
+def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str = "A+B/GE+FS",
+                   top: int = 10) -> list[dict]:
+    """Rank the gallery for one free-text query.
+
+    row: which models and score rank ("A/GE" ... "A+B/GE+FS"); the score is the sum of the chosen
+    cosine similarities (so at most 1, 2 or 4). Returns up to `top` dicts {"rank" (1-based),
+    "score", "pid", "image_id", "path", "gallery_index"}; equal scores keep gallery order.
+    """
+    from trpr.data.transforms import tokenize
+
+    model_indices, score = parse_score_row(row)
+    models = [pair.a, pair.b]
+    device = model_device(pair)
+    input_ids, attention_mask = tokenize(tokenizer, [query])
+    with eval_mode(pair):
+        text_outputs = [models[i].encode_text(input_ids.to(device), attention_mask.to(device)) for i in model_indices]
+    query_feats = modeling.scoring_features([(g.float().cpu(), f.float().cpu()) for g, f in text_outputs], score)
+    gallery_feats = modeling.scoring_features([index.image_outputs[i] for i in model_indices], score)
+    scores = gallery_feats @ query_feats[0]
+    order = torch.sort(scores, descending=True, stable=True).indices[:top]
+    return [{"rank": rank, "score": float(scores[i]), "pid": int(index.pids[i]), "image_id": int(index.image_ids[i]),
+             "path": index.sources[i], "gallery_index": int(i)} for rank, i in enumerate(order.tolist(), start=1)]
+
+
+def query_slug(text: str, limit: int = 60) -> str:
+    """A file-name-safe form of a query (lower case, runs of other characters -> "-")."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "query"
+
+
+def search_grid_path(out_dir: Path, query: str) -> Path:
+    """Where the grid of `query` is saved: OUT/search_<slug>.png."""
+    return Path(out_dir) / f"search_{query_slug(query)}.png"
+
+
+def save_search_grid(matches: list[dict], query: str, path: Path, *, gallery_split=None) -> Path:
+    """A PNG with the matched images in rank order, each titled "#rank pid score". Images are read from
+    their paths; embedded images (no path) come from `gallery_split` when given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from trpr.data.torch_datasets import image_sources, open_image
+
+    embedded = None
+    columns = min(len(matches), 10) or 1
+    rows = math.ceil(len(matches) / columns) or 1
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 3.6 * rows + 0.6), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, match in zip(axes.flat, matches):
+        source = match["path"]
+        if not source:
+            if gallery_split is None:
+                continue
+            embedded = embedded or image_sources(gallery_split)
+            source = embedded[match["gallery_index"]]
+        ax.imshow(open_image(source))
+        ax.set_title(f"#{match['rank']} pid {match['pid']}\n{match['score']:.3f}", fontsize=8)
+    fig.suptitle(query if len(query) <= 90 else query[:87] + "...", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
