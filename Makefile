@@ -1,10 +1,15 @@
 # One-command entry points (see README.md).
-#   make test   set up .venv (if needed) and run the test suite, offline, Triton interpreted
-#   make demo   set up .venv (if needed), train + evaluate 3RTPR on the built-in synth-pedes
+#   make test          set up .venv (if needed) from the lock and run the test suite, offline, Triton interpreted
+#   make demo          set up .venv (if needed), train + evaluate 3RTPR on the built-in synth-pedes
+# For maintainers:
+#   make lock          regenerate requirements.lock (exact versions, torch excluded) from pyproject.toml with uv
+#   make test-latest   a fresh .venv-latest with the NEWEST releases pyproject.toml allows (no lock), then the suite:
+#                      how the next upstream break is found before a user finds it
 PYTHON      ?= python3
 VENV        ?= .venv
 # torch is installed first so that the project's dependencies (pyproject.toml) never pull another build:
-# the project is then installed under a constraint pinning the torch already there.
+# then requirements.txt (= requirements.lock, the exact set CI tested, + the project, editable) is installed
+# under a constraint pinning the torch already there.
 # On a GPU machine keep its CUDA torch: make setup VENV_FLAGS=--system-site-packages (the new venv sees the
 # packages of $(PYTHON), also when $(PYTHON) itself lives in a virtual environment: scripts/inherit_site_packages.py),
 # or set TORCH_SPEC to the build you want. PIP_FLAGS: extra pip options (e.g. --no-index --no-build-isolation).
@@ -14,18 +19,34 @@ PIP_FLAGS   ?=
 BIN         := $(VENV)/bin
 OFFLINE_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup test demo bench gpu-check gpu-wheels clean
+.PHONY: setup test demo bench gpu-check gpu-wheels clean lock test-latest
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements.txt
+# REQUIREMENTS: what is installed after torch; `make test-latest` passes the project alone (no lock).
+REQUIREMENTS ?= -r requirements.txt
+$(VENV)/.installed: pyproject.toml requirements.txt requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(if $(findstring system-site-packages,$(VENV_FLAGS)),$(PYTHON) scripts/inherit_site_packages.py $(VENV))
 	$(BIN)/python -m pip install -q $(PIP_FLAGS) --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(PIP_FLAGS) "$(TORCH_SPEC)"
 	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
-	$(BIN)/python -m pip install -q $(PIP_FLAGS) --constraint $(VENV)/torch-constraint.txt -e ".[test]"
-	$(BIN)/python -c "import torch; print('setup: torch', torch.__version__, 'from', torch.__file__)"
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) --constraint $(VENV)/torch-constraint.txt $(REQUIREMENTS)
+	$(BIN)/python -c "import torch, transformers; print('setup: torch', torch.__version__, 'from', torch.__file__, '| transformers', transformers.__version__)"
 	touch $@
+
+# requirements.lock from pyproject.toml's bounds and its [tool.uv] settings (torch left out, triton paired with it)
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade uv
+	$(BIN)/uv pip compile pyproject.toml --upgrade -o requirements.lock
+
+# The newest releases pyproject.toml allows, in a venv of their own (torch: TORCH_SPEC, installed first as always)
+LATEST_VENV ?= .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(MAKE) test VENV=$(LATEST_VENV) REQUIREMENTS='--upgrade --upgrade-strategy eager -e .[test]'
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
+	@echo "test-latest: passed with the versions in $(LATEST_VENV)/versions.txt (diff them against requirements.lock)"
 
 test: setup
 	HF_HOME=$$(mktemp -d) $(OFFLINE_ENV) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
@@ -33,7 +54,7 @@ test: setup
 demo: setup
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml \
-		train_3rtpr.py --config configs/synth-pedes.yaml --output-dir runs/demo
+		train_3rtpr.py --config synth-pedes --output-dir runs/demo
 	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/python eval_3rtpr.py --checkpoint runs/demo --dataset synth-pedes \
 		--split test --out runs/demo/eval --leaderboard
 	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/python eval_3rtpr.py search \
@@ -41,7 +62,7 @@ demo: setup
 		--top 8 --out runs/demo/search
 
 bench: setup
-	$(BIN)/python -m benchmarks.bench_kernels
+	$(BIN)/python -m trpr.benchmarks.bench_kernels
 
 gpu-check:
 	bash scripts/gpu_check.sh
@@ -50,7 +71,7 @@ gpu-wheels:
 	bash scripts/fetch_gpu_wheels.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache
 
 # The pretrained proxy CLIP of the synth-pedes proxy ablation (scripts/pretrain_proxy.py): built once, cached under
 # $TRPR_CACHE (default ~/.cache/3rtpr) in a folder named after its settings, reused when present.
