@@ -129,7 +129,6 @@ def build_setup(args, use_cuda: bool) -> dict:
     if args.backbone:
         overrides += ["--model.backbone", args.backbone]
     config = load_config(CONFIG_DIR / "cuhk-pedes.yaml", overrides)
-    engine.configure_fast_math(accelerator.device)
     torch.manual_seed(0)
     backbone = modeling.vit_b16_config() if not args.backbone else engine.build_clip_source(config["model"]["backbone"])
     pair = modeling.ReciprocalPair.from_clip(backbone, head_seeds=(0, 1), select_ratio=config["model"]["select_ratio"],
