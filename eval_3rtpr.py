@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"ranking row, one of {', '.join(ROW_KEYS)} (default: the row the run was selected on, "
                              f"its config's eval.select_row; without a run config {DEFAULT_SEARCH_ROW})")
     search.add_argument("--batch-size", type=int, default=64, help="encoder batch size when the gallery is encoded")
+    search.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the models encode (default auto: CUDA when available, else the CPU)")
     search.add_argument("--cache-dir", type=Path, default=None,
                         help="gallery feature cache (default: $TRPR_CACHE/search-features or "
                              "~/.cache/3rtpr/search-features)")
@@ -139,6 +141,18 @@ def search_row(score: str | None, checkpoint) -> tuple[str, str]:
     return DEFAULT_SEARCH_ROW, "no run config to take eval.select_row from; --score to change"
 
 
+def search_device(name: str):
+    """torch.device of `search --device`: auto = CUDA when available, else the CPU; "cuda" without a device
+    is a one-line input error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvalInputError("search --device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
 def search_command(args: argparse.Namespace) -> int:
     """`eval_3rtpr.py search QUERY ...`: print the top matches and save a PNG grid per query."""
     if not args.query.strip():
@@ -155,7 +169,7 @@ def search_command(args: argparse.Namespace) -> int:
     print(f"ranking with {row} ({why})", file=sys.stderr)
     cache_stem = (args.cache_dir or search_cache_dir()) / search_cache_key(checkpoint, args.dataset, args.root, args.split)
     index = load_gallery_index(cache_stem)
-    pair = load_pair(checkpoint)
+    pair = load_pair(checkpoint).to(search_device(args.device))
     gallery = None
     from_cache = index is not None
     if index is None:

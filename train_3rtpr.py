@@ -87,7 +87,6 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
     trackers = config["logging"]["trackers"]
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     set_seed(config["seed"])
-    engine.configure_fast_math(device)
 
     # ---- data (fails early on a missing dataset, a batch larger than it or bad images, before any model is built)
     splits = engine.load_splits(config, run_dir, accelerator)

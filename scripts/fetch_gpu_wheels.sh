@@ -8,6 +8,8 @@
 # pandas, fsspec, xxhash, requests, pytest, pytest-xdist) has every dependency of pyproject.toml except
 # `datasets` and `evaluate`; of their own requirements it lacks `dill` and `multiprocess`. The versions are
 # those of requirements.lock (what CI tests), read from it. Pure-Python wheels: --no-deps, one version of each.
+# Plus huggingface_hub: datasets needs >= 1.31, the image's transformers 5.17 needs < 2.0 (the lock's 2.x
+# serves the newer transformers of CI), so GPU_IMAGE_HUB pins the newest 1.x (1.33.0; unverified on the image).
 # On the GPU machine scripts/gpu_check.sh installs them (pip --no-index --target /tmp/site).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +22,8 @@ for name in datasets evaluate dill multiprocess; do
     [ -n "$pin" ] || { echo "fetch_gpu_wheels: $name is not pinned in requirements.lock" >&2; exit 1; }
     GPU_IMAGE_WHEELS+=("$pin")
 done
+GPU_IMAGE_HUB="${GPU_IMAGE_HUB:-huggingface_hub==1.33.0}"
+GPU_IMAGE_WHEELS+=("$GPU_IMAGE_HUB")
 
 command=("$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
          --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64

@@ -91,6 +91,14 @@ def test_throughput_times_the_trainers_step_and_loop(throughput, tmp_path, monke
     monkeypatch.setattr(engine.step, "reciprocal_step", counting("step", real_step))
     monkeypatch.setattr(engine, "train_one_epoch", counting("epoch", real_epoch))
     monkeypatch.setenv("TRPR_CACHE", str(tmp_path / "cache"))
+    on_disk = []
+    real_loop = throughput.time_training_loop
+
+    def loop_after_reading_the_json(*args, **kwargs):     # the steps row is on disk before the loop starts
+        on_disk.append(json.loads((tmp_path / "throughput.json").read_text()))
+        return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(throughput, "time_training_loop", loop_after_reading_the_json)
     result = throughput.main(["--device", "cpu", "--backbone", "{hidden_size: 32, intermediate_size: 64, "
                               "num_hidden_layers: 1, num_attention_heads: 2, projection_dim: 32}",
                               "--image-size", "32", "16", "--dataset", "synth-pedes-tiny", "--batch-size", "8",
@@ -104,4 +112,6 @@ def test_throughput_times_the_trainers_step_and_loop(throughput, tmp_path, monke
         assert row["mfu"] == pytest.approx(row["achieved_tflops"] / 1.0)
     assert result["rows"][1]["data_wait_s"] >= 0 and result["rows"][1]["compute_s"] > 0
     assert json.loads((tmp_path / "throughput.json").read_text())["rows"][1]["mode"] == "loop"
+    assert [row["mode"] for row in on_disk[0]["rows"]] == ["steps"] and on_disk[0]["complete"] is False
+    assert json.loads((tmp_path / "throughput.json").read_text())["complete"] is True
     assert "| loop | off | 8 | 3 |" in throughput.format_table(result["rows"])

@@ -85,3 +85,90 @@ def test_regional_compile_runs_the_step_with_the_eager_numbers(tmp_path):
     torch.testing.assert_close(results["regional"][0], results["off"][0], rtol=1e-6, atol=1e-6)
     for name, value in results["off"][1].items():
         torch.testing.assert_close(results["regional"][1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- TF32 scoping (issue 24)
+def test_matmul_precision_is_scoped_and_restored():
+    from trpr.kernels.precision import exact_float32, matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    with matmul_precision("high"):
+        assert torch.get_float32_matmul_precision() == "high"
+        with exact_float32():
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+        with pytest.raises(RuntimeError), exact_float32():
+            raise RuntimeError("restored on errors too")
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(ValueError, match="highest"):
+        with matmul_precision("tf32"):
+            pass
+    # fast math is a scope on CUDA and nothing on the CPU: never a process-wide setting
+    with engine.fast_math("cpu"):
+        assert torch.get_float32_matmul_precision() == before
+
+
+def test_triton_loss_slabs_run_exact_under_a_callers_tf32(monkeypatch):
+    """The slab products (forward and backward) see "highest" although the caller set "high"."""
+    from trpr import kernels
+    from trpr.kernels import slab
+    from trpr.kernels.precision import matmul_precision
+
+    seen = []
+    real = slab.matmul_fp32
+
+    def spy(a, b):
+        seen.append(torch.get_float32_matmul_precision())
+        return real(a, b)
+
+    monkeypatch.setattr(slab, "matmul_fp32", spy)
+    text = torch.randn(8, 16, requires_grad=True)
+    image = torch.randn(8, 16, requires_grad=True)
+    pids = torch.arange(8) // 2
+    with matmul_precision("high"):
+        kernels.sdm_loss(text, image, pids, backend="triton").sum().backward()
+        assert torch.get_float32_matmul_precision() == "high"
+    assert len(seen) >= 3 and set(seen) == {"highest"}, seen      # forward slab + backward slab + dR
+
+
+def test_trainer_validation_equals_eval_cli_with_fast_math_on(tmp_path, monkeypatch):
+    """A 1-epoch tiny run with the trainer's fast math forced on (as on CUDA): the model forward sees
+    "high", every loss and retrieval call sees "highest", the process-wide setting is back to its value
+    after the run, and eval_3rtpr.py on best/ reproduces the validation metrics exactly."""
+    import json
+
+    import eval_3rtpr
+    import train_3rtpr
+    from trpr import kernels
+    from trpr.engine import compilation
+    from trpr.modeling.model import TRPRModel
+
+    monkeypatch.setattr(compilation, "fast_math_enabled", lambda device: True)
+    seen = {"forward": set(), "loss": set(), "retrieval": set()}
+
+    def spying(name, function):
+        def wrapped(*args, **kwargs):
+            seen[name].add(torch.get_float32_matmul_precision())
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(TRPRModel, "forward", spying("forward", TRPRModel.forward))
+    monkeypatch.setattr(kernels, "sdm_loss_reference", spying("loss", kernels.sdm_loss_reference))
+    monkeypatch.setattr(kernels, "trl_loss_reference", spying("loss", kernels.trl_loss_reference))
+    monkeypatch.setattr(kernels, "retrieval_metrics_reference", spying("retrieval", kernels.retrieval_metrics_reference))
+    before = torch.get_float32_matmul_precision()
+    tiny = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, projection_dim: 32}"
+    run_dir = tmp_path / "run"
+    train_3rtpr.main(["--config", "synth-pedes", "--data.dataset", "synth-pedes-tiny", "--data.root",
+                      str(tmp_path / "data"), "--train.epochs", "1", "--train.batch_size", "48",
+                      "--data.image_size", "[32, 16]", "--model.fused_dim", "64", "--model.backbone", tiny,
+                      "--logging.trackers", "[]", "--data.num_workers", "0", "--output-dir", str(run_dir)])
+    assert torch.get_float32_matmul_precision() == before
+    assert seen["forward"] == {"high"} and seen["loss"] == {"highest"} and seen["retrieval"] == {"highest"}, seen
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    validation = record["val"]
+    assert eval_3rtpr.main(["--checkpoint", str(run_dir), "--dataset", "synth-pedes-tiny", "--root",
+                            str(tmp_path / "data"), "--split", "val", "--out", str(tmp_path / "eval")]) == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["checkpoints"][0]["rows"]
+    assert len(validation) == 9 and {key: rows[key] for key in validation} == validation

@@ -242,3 +242,16 @@ def test_empty_split_is_reported(monkeypatch, setup):
     monkeypatch.setattr(data, "load_benchmark", lambda name, root=None: emptied, raising=False)
     with pytest.raises(evaluation.EvalInputError, match="split 'test' is empty \\(test_gallery has no rows\\)"):
         evaluation.load_eval_split(DATASET, None, "test")
+
+
+def test_search_device_follows_cuda_availability(monkeypatch):
+    """search runs its encoders on the GPU when there is one (issue 24: it ran on the CPU of a GPU machine)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_3rtpr.search_device("auto") == torch.device("cuda")
+    assert eval_3rtpr.search_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eval_3rtpr.search_device("auto") == torch.device("cpu")
+    with pytest.raises(eval_3rtpr.EvalInputError, match="no CUDA device"):
+        eval_3rtpr.search_device("cuda")

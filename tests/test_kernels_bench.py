@@ -35,3 +35,55 @@ def test_retrieval_table_reports_speedup_and_identity():
     lines = retrieval_table(rows)
     assert "| 4.0x |" in lines[3] and "| True |" in lines[3]
     assert "1997 of 2000 sampled queries" in lines[4]
+
+
+def test_loss_rows_are_written_before_any_compile_case(tmp_path, monkeypatch):
+    """The report on disk already holds every Triton and eager row when the first torch.compile starts, and
+    the compile rows come last; --compile off skips them and says so in the notes (issue 24)."""
+    import json
+
+    import torch
+
+    from trpr.benchmarks import bench_kernels
+
+    monkeypatch.setattr(bench_kernels, "loss_cases", lambda on_gpu, quick: [(8, 16, True)])
+    on_disk = []
+
+    def fake_compile(function, **kwargs):
+        on_disk.append(json.loads((tmp_path / "kernels_cpu_quick.json").read_text())["losses"])
+        return function
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    bench_kernels.main(["--quick", "--device", "cpu", "--skip-retrieval", "--out", str(tmp_path), "--repeats", "1",
+                        "--budget-s", "1000"])
+    impls = [(r["loss"], r["impl"], r["status"]) for r in on_disk[0]]
+    assert {("sdm", "triton", "ok"), ("sdm", "eager", "ok"), ("trl", "triton", "ok"), ("trl", "eager", "ok")} \
+        <= set(impls), impls
+    final = json.loads((tmp_path / "kernels_cpu_quick.json").read_text())
+    assert [r["impl"] for r in final["losses"]][-2:] == ["torch.compile", "torch.compile"]
+    assert len(on_disk) == 2 and not list(tmp_path.glob("*.partial"))
+
+    bench_kernels.main(["--quick", "--device", "cpu", "--skip-retrieval", "--out", str(tmp_path), "--repeats", "1",
+                        "--compile", "off"])
+    final = json.loads((tmp_path / "kernels_cpu_quick.json").read_text())
+    assert [r["status"] for r in final["losses"] if r["impl"] == "torch.compile"] == ["skipped (--compile off)"] * 2
+    assert any(note.startswith("FALLBACK: torch.compile off") for note in final["notes"])
+    assert "FALLBACK: torch.compile off" in (tmp_path / "kernels_cpu_quick.md").read_text()
+
+
+def test_fallback_notes_name_the_out_dtype_probe_and_a_missing_triton(monkeypatch):
+    import torch
+
+    from trpr import kernels
+    from trpr.benchmarks.bench_kernels import fallback_notes
+    from trpr.kernels import slab
+
+    monkeypatch.setattr(slab, "_OUT_DTYPE_SUPPORTED", {"cuda": False})
+    monkeypatch.setattr(slab, "_OUT_DTYPE_ERRORS", {"cuda": "TypeError: unexpected keyword out_dtype"})
+    notes = fallback_notes(torch.device("cuda"), compile_enabled=True)
+    assert len(notes) == 1 and notes[0].startswith("FALLBACK: torch.mm(out_dtype=float32) probe failed")
+    assert "unexpected keyword out_dtype" in notes[0] and "upcast" in notes[0]
+    monkeypatch.setattr(slab, "_OUT_DTYPE_SUPPORTED", {"cuda": True})
+    assert fallback_notes(torch.device("cuda"), compile_enabled=True) == []
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    assert fallback_notes(torch.device("cuda"), compile_enabled=True)[0].startswith("FALLBACK: triton is not installed")

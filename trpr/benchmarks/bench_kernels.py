@@ -14,8 +14,11 @@ with per-sample weights (as in training), and the retrieval metrics:
     compared on 2,000 sampled queries with float32 scores of the same features.
 
 `--quick` (for scripts/gpu_check.sh, ≤ 90 s on an H100 including every compilation): D = 2048 at
-B ∈ {128, 1024, 8192, 32768}, torch.compile at B = 8192 only, both retrieval sizes; compile cases
-run last and are skipped (and said so) once `--budget-s` would be exceeded. Without `--quick`:
+B ∈ {128, 1024, 8192, 32768}, torch.compile at B = 8192 only, both retrieval sizes. Order: Triton and
+eager loss rows first, then retrieval, then the compile cases, which are skipped (and said so) once
+`--budget-s` would be exceeded, or all with `--compile off`. The report files are rewritten after every
+row, so a run killed part-way keeps every row it finished. Fallbacks (the slabs' out_dtype probe failed,
+compile off, Triton missing) are listed in the report's notes as "FALLBACK: ...". Without `--quick`:
 B ∈ {128, 1024, 8192, 32768} × D ∈ {512, 2048} (CPU: B ≤ 1024), compile at every shape.
 On the CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set here): their
 times check the path end to end, they are no speed figure; the CPU retrieval skips Triton.
@@ -92,25 +95,37 @@ def measure_loss(fn, batch, dim, device, dtype, repeats):
     return {**timing, "peak_mib": peak_extra_mib(step, device)}
 
 
-def bench_losses(device, cases, repeats, dtype, peak_tflops, deadline, progress):
-    """Rows {loss, B, D, impl, status, ms, ...}: triton and eager first, the compile cases last."""
-    rows, compile_jobs = [], []
+def bench_losses(device, cases, repeats, dtype, peak_tflops, progress, emit) -> list:
+    """Triton and eager rows {loss, B, D, impl, status, ms, ...} of every case, each passed to `emit` as soon
+    as it is measured (the caller writes the report then). Returns the compile jobs [(loss, B, D, reference)]
+    for `bench_compiled`, which runs them last."""
+    compile_jobs = []
     for loss in ("sdm", "trl"):
         impls, reference = loss_functions(loss)
         for batch, dim, with_compile in cases:
             bound = 8.0 * batch * batch * dim / (peak_tflops * 1e12) * 1e3
-            rows.append({"loss": loss, "B": batch, "D": dim, "impl": "GEMM bound", "status": "ok", "ms": bound})
+            emit({"loss": loss, "B": batch, "D": dim, "impl": "GEMM bound", "status": "ok", "ms": bound})
             for impl, fn in impls.items():
                 progress.set_postfix_str(f"{loss} B={batch} D={dim} {impl}")
-                rows.append({"loss": loss, "B": batch, "D": dim, "impl": impl,
-                             **guarded(lambda: measure_loss(fn, batch, dim, device, dtype, repeats))})
+                emit({"loss": loss, "B": batch, "D": dim, "impl": impl,
+                      **guarded(lambda: measure_loss(fn, batch, dim, device, dtype, repeats))})
                 progress.update()
             if with_compile:
                 compile_jobs.append((loss, batch, dim, reference))
+    return compile_jobs
+
+
+def bench_compiled(device, compile_jobs, repeats, dtype, deadline, progress, emit, enabled: bool = True) -> None:
+    """torch.compile rows of `compile_jobs`, each emitted when measured; a job that would start with less
+    than COMPILE_ESTIMATE_S left before `deadline`, or all of them when not `enabled`, is emitted as skipped."""
     for loss, batch, dim, reference in compile_jobs:
         progress.set_postfix_str(f"{loss} B={batch} D={dim} torch.compile")
+        base = {"loss": loss, "B": batch, "D": dim, "impl": "torch.compile"}
+        if not enabled:
+            emit({**base, "status": "skipped (--compile off)"})
+            continue
         if deadline is not None and time.monotonic() + COMPILE_ESTIMATE_S > deadline:
-            rows.append({"loss": loss, "B": batch, "D": dim, "impl": "torch.compile", "status": "skipped (time budget)"})
+            emit({**base, "status": "skipped (time budget)"})
             continue
 
         def compiled_measure():
@@ -123,9 +138,26 @@ def bench_losses(device, cases, repeats, dtype, peak_tflops, deadline, progress)
             compile_s = time.perf_counter() - start
             return {**measure_loss(compiled, batch, dim, device, dtype, repeats), "compile_s": compile_s}
 
-        rows.append({"loss": loss, "B": batch, "D": dim, "impl": "torch.compile", **guarded(compiled_measure)})
+        emit({**base, **guarded(compiled_measure)})
         progress.update()
-    return rows
+
+
+def fallback_notes(device, compile_enabled: bool) -> list[str]:
+    """One "FALLBACK: ..." line per way this run measures something other than the fast path: the
+    slabs' bf16 products upcast (out_dtype probe failed), torch.compile off, Triton missing."""
+    from trpr.kernels import triton_available
+    from trpr.kernels.slab import gemm_path
+
+    notes = []
+    if not triton_available():
+        notes.append("FALLBACK: triton is not installed: the triton rows fail and retrieval skips Triton")
+    elif device.type == "cuda":
+        path, fallback = gemm_path(device)
+        if fallback:
+            notes.append(path)
+    if not compile_enabled:
+        notes.append("FALLBACK: torch.compile off (--compile off): no compile column")
+    return notes
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -292,6 +324,8 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock budget: compile cases that would pass it are skipped (quick default 85)")
     parser.add_argument("--skip-retrieval", action="store_true")
+    parser.add_argument("--compile", choices=["on", "off"], default="on",
+                        help="torch.compile rows (run last, within --budget-s); off: skipped and said so")
     args = parser.parse_args(argv)
     start = time.monotonic()
     if args.device == "auto":
@@ -332,16 +366,28 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels_{'gpu' if on_gpu else 'cpu'}{'_quick' if args.quick else ''}"
 
-    def write():     # after each section, so that a run cut short keeps what it measured
+    def write():     # after every row, so that a run cut short keeps what it measured
         report["wall_s"] = time.monotonic() - start
-        (out / f"{stem}.md").write_text(to_markdown(report))
-        (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+        for suffix, text in ((".md", to_markdown(report)), (".json", json.dumps(report, indent=2, default=str))):
+            partial = out / f"{stem}{suffix}.partial"           # a rename: never a half-written report
+            partial.write_text(text)
+            partial.replace(out / f"{stem}{suffix}")
 
+    def emit(row):   # every row is written as it comes in: a run killed later keeps what it measured
+        report["losses"].append(row)
+        write()
+
+    compile_enabled = args.compile == "on"
+    write()
     n_jobs = 2 * (2 * len(cases) + sum(c for _, _, c in cases)) + 3 * len(sizes)
     with tqdm(total=n_jobs, desc="kernel benchmark", unit="case", disable=None) as progress:
-        report["retrieval"] = bench_retrieval(device, repeats, sizes, progress) if sizes else []
+        compile_jobs = bench_losses(device, cases, repeats, dtype, peak, progress, emit)
+        report["notes"] += fallback_notes(device, compile_enabled)    # after the first slab products ran
         write()
-        report["losses"] = bench_losses(device, cases, repeats, dtype, peak, deadline, progress)
+        if sizes:
+            report["retrieval"] = bench_retrieval(device, repeats, sizes, progress)
+            write()
+        bench_compiled(device, compile_jobs, repeats, dtype, deadline, progress, emit, compile_enabled)
         write()
     print(to_markdown(report))
     print(f"written: {out / stem}.md and .json ({report['wall_s']:.0f} s)")

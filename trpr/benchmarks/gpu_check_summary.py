@@ -4,7 +4,10 @@
 
 Standard library only (it runs last, whatever failed before). Reads OUT_DIR/steps.tsv (step, exit status, seconds, note), log.txt (device line, pytest summary line),
 throughput.json (benchmarks.train_throughput), e2e_metrics.jsonl (the end-to-end run's epoch records with
-their per-phase times), leaderboard.md and bench/kernels_gpu_quick.json; a missing file is said, not fatal.
+their per-phase times), leaderboard.md and bench/kernels_gpu_quick.json; a missing, truncated or
+malformed file is said, never fatal (a step killed at its limit can leave one). A "Fallbacks and
+failures" section lists the preflight's failures, the wheels line and every "FALLBACK: ..." note of the
+kernel benchmark (out_dtype probe, compile off, Triton missing).
 """
 from __future__ import annotations
 
@@ -12,6 +15,19 @@ import json
 import re
 import sys
 from pathlib import Path
+
+
+def read_json(path: Path) -> tuple[dict | None, str]:
+    """(the JSON object at `path`, "") or (None, why not: missing / truncated or malformed)."""
+    if not path.exists():
+        return None, f"no {path.name}"
+    try:
+        value = json.loads(path.read_text(errors="replace"))
+    except ValueError as error:
+        return None, f"{path.name}: truncated or malformed ({error}); the step was probably killed"
+    if not isinstance(value, dict):
+        return None, f"{path.name}: not a JSON object"
+    return value, ""
 
 
 def format_table(rows: list[dict]) -> str:
@@ -22,9 +38,9 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| mode | compile | batch | steps | s/step | pair-samples/s | TFLOP/s | MFU | data wait s | warm-up s |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        if row.get("status", "ok") != "ok":
-            lines.append(f"| {row['mode']} | {row['compile']} | {row['batch_size']} | – | – | – | – | – | – | "
-                         f"{row['status']} |")
+        if row.get("status", "ok") != "ok" or "seconds_per_step" not in row:
+            lines.append(f"| {row.get('mode', '?')} | {row.get('compile', '?')} | {row.get('batch_size', '?')} "
+                         f"| – | – | – | – | – | – | {row.get('status', 'incomplete row')} |")
             continue
         lines.append(f"| {row['mode']} | {row['compile']} | {row['batch_size']} | {row['steps']} "
                      f"| {row['seconds_per_step']:.4f} | {row['pair_samples_per_s']:.4g} "
@@ -68,9 +84,14 @@ def epoch_table(out: Path) -> list[str]:
     header = "| epoch | loss A | loss B | " + " | ".join(label for label, _ in TIME_COLUMNS) \
         + " | steps samples/s | epoch samples/s | epoch ÷ steps |"
     lines = [header, "|" + "---:|" * (3 + len(TIME_COLUMNS) + 3)]
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        timing = record.get("time", {})
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            float(record["loss_a"]), float(record["loss_b"]), record["epoch"]
+        except (ValueError, KeyError, TypeError):
+            lines.append(f"| line {number}: truncated or malformed record |" + " |" * (2 + len(TIME_COLUMNS) + 3))
+            continue
+        timing = record.get("time") or {}
         steps, whole = timing.get("steps_samples_per_s"), timing.get("epoch_samples_per_s")
         cells = [str(record["epoch"]), f"{record['loss_a']:.4f}", f"{record['loss_b']:.4f}"]
         cells += [f"{timing[key]:.2f}" if timing.get(key) is not None else "–" for _, key in TIME_COLUMNS]
@@ -81,11 +102,11 @@ def epoch_table(out: Path) -> list[str]:
 
 
 def bench_tables(out: Path) -> list[str]:
-    bench = out / "bench" / "kernels_gpu_quick.json"
-    if not bench.exists():
-        return ["no kernel benchmark JSON (see log.txt)"]
-    report = json.loads(bench.read_text())
-    rows = {(r["loss"], r["B"], r["D"], r["impl"]): r for r in report["losses"]}
+    report, problem = read_json(out / "bench" / "kernels_gpu_quick.json")
+    if report is None:
+        return [f"{problem} (kernel benchmark; see log.txt)"]
+    rows = {(r["loss"], r["B"], r["D"], r["impl"]): r for r in report.get("losses", [])
+            if isinstance(r, dict) and {"loss", "B", "D", "impl", "status"} <= r.keys()}
 
     def cell(row, key):
         if row is None:
@@ -103,23 +124,38 @@ def bench_tables(out: Path) -> list[str]:
         lines.append(f"| {loss} | {b} | {d} | {cell(row, 'ms')} | {cell(eager, 'ms')} | {cell(compiled, 'ms')} "
                      f"| {cell(row, 'peak_mib')} | {cell(eager, 'peak_mib')} |")
     lines += ["", "| retrieval | impl | median ms | status |", "|---|---|---:|---|"]
-    for row in report["retrieval"]:
+    for row in report.get("retrieval", []):
         ms = f"{row['ms']:.1f}" if row.get("ms") is not None else "–"
-        lines.append(f"| {row['size']} | {row['impl']} | {ms} | {row['status']} |")
+        lines.append(f"| {row.get('size', '?')} | {row.get('impl', '?')} | {ms} | {row.get('status', '?')} |")
     return lines
+
+
+def fallback_lines(out: Path) -> list[str]:
+    """The preflight's failed / absent checks, the wheels line, and the kernel benchmark's FALLBACK notes."""
+    log = out / "log.txt"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found = [line for line in text.splitlines()
+             if (line.startswith("preflight ") and " ok - " not in line) or line.startswith("wheels: ")]
+    report, _ = read_json(out / "bench" / "kernels_gpu_quick.json")
+    found += [note for note in (report or {}).get("notes", []) if str(note).startswith("FALLBACK")]
+    throughput, _ = read_json(out / "throughput.json")
+    if throughput is not None and throughput.get("complete") is False:
+        found.append("throughput.json is incomplete: the throughput step ended before its last row")
+    return [f"- {line}" for line in found] or ["none"]
 
 
 def summary(out: Path) -> str:
     lines = ["# GPU check summary", ""] + device_lines(out) + ["", "## Steps", ""] + steps_table(out)
+    lines += ["", "## Fallbacks and failures", ""] + fallback_lines(out)
     lines += ["", "## Training throughput (benchmarks.train_throughput)", ""]
-    throughput = out / "throughput.json"
-    if throughput.exists():
-        result = json.loads(throughput.read_text())
-        lines += [f"{result['device']}, {result['precision']}, {result['gflops_per_pair_sample']:.1f} GFLOP per "
+    result, problem = read_json(out / "throughput.json")
+    if result is not None:
+        lines += [f"{result.get('device', '?')}, {result.get('precision', '?')}, "
+                  f"{result.get('gflops_per_pair_sample') or 0:.1f} GFLOP per "
                   f"pair-sample, peak memory {result.get('peak_memory_gib') or 0:.1f} GiB", ""]
-        lines += format_table(result["rows"]).splitlines()
+        lines += format_table([r for r in result.get("rows", []) if isinstance(r, dict)]).splitlines()
     else:
-        lines.append("no throughput.json")
+        lines.append(problem)
     lines += ["", "## End-to-end run (per-phase seconds per epoch)", ""] + epoch_table(out)
     leaderboard = out / "leaderboard.md"
     lines += ["", f"leaderboard.md: {'written' if leaderboard.exists() else 'missing'}",

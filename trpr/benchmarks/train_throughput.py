@@ -129,7 +129,6 @@ def build_setup(args, use_cuda: bool) -> dict:
     if args.backbone:
         overrides += ["--model.backbone", args.backbone]
     config = load_config(CONFIG_DIR / "cuhk-pedes.yaml", overrides)
-    engine.configure_fast_math(accelerator.device)
     torch.manual_seed(0)
     backbone = modeling.vit_b16_config() if not args.backbone else engine.build_clip_source(config["model"]["backbone"])
     pair = modeling.ReciprocalPair.from_clip(backbone, head_seeds=(0, 1), select_ratio=config["model"]["select_ratio"],
@@ -228,7 +227,23 @@ def main(argv=None) -> dict:
     flops = flops_per_pair_sample(setup["pair"].a)
     peak, name = device_peak_tflops(device)
     peak = args.peak_tflops or peak
+    height, width = args.image_size
     rows = []
+    result = {"device": name, "precision": setup["precision"], "image_size": [height, width],
+              "backbone": args.backbone or "vit_b16", "gflops_per_pair_sample": flops["total"] / 1e9,
+              "peak_tflops": peak, "torch": torch.__version__, "rows": rows, "peak_memory_gib": None,
+              "complete": False}
+
+    def add(row):        # the JSON is rewritten after every row: a run killed later keeps the rows it finished
+        rows.append(row)
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+        if use_cuda:
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if args.json:
+            write_json_atomically(Path(args.json), result)
+
+    if args.json:
+        write_json_atomically(Path(args.json), result)
     compiled = "off"
     for mode in compile_modes:
         resolved = engine.resolve_compile_mode(False if mode == "false" else mode, device)
@@ -240,23 +255,25 @@ def main(argv=None) -> dict:
             compiled = resolved
         if args.mode in ("steps", "both"):
             measured = guarded(lambda: time_step_sequence(setup, args.batch_size, steps, warmup))
-            rows.append(_row("steps", compiled, measured, args.batch_size, flops["total"], peak))
-            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+            add(_row("steps", compiled, measured, args.batch_size, flops["total"], peak))
     if args.mode in ("loop", "both"):
         measured = guarded(lambda: time_training_loop(setup, steps, warmup))
-        rows.append(_row("loop", compiled, measured, args.batch_size, flops["total"], peak))
-    height, width = args.image_size
-    result = {"device": name, "precision": setup["precision"], "image_size": [height, width],
-              "backbone": args.backbone or "vit_b16", "gflops_per_pair_sample": flops["total"] / 1e9,
-              "peak_tflops": peak, "torch": torch.__version__, "rows": rows,
-              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else None}
+        add(_row("loop", compiled, measured, args.batch_size, flops["total"], peak))
+    result["complete"] = True
     print(f"\nreciprocal pair ({result['backbone']}) at {height}x{width}, {name}, {setup['precision']}, "
           f"{flops['total'] / 1e9:.1f} GFLOP per pair-sample"
           + (f", MFU against {peak:.0f} TFLOP/s" if peak else " (no MFU: pass --peak-tflops)") + "\n")
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomically(Path(args.json), result)
     return result
+
+
+def write_json_atomically(path: Path, result: dict) -> None:
+    """`result` as JSON at `path`, through a temporary file and a rename (never a half-written file)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    partial.replace(path)
 
 
 def _row(mode: str, compile_mode: str, measured: dict, batch_size: int, flops: float, peak) -> dict:

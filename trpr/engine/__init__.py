@@ -22,7 +22,7 @@ from .alr_pass import (AlrPass, SampleScores, alr_active, alr_batches, alr_repor
 from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, TrainerState, initial_alr_state, load_last,
                          recover_checkpoint, resume, rng_state, save_checkpoint, save_last, set_rng_state,
                          tidy_checkpoints, write_folder_atomically)
-from .compilation import compile_model, configure_fast_math, resolve_compile_mode
+from .compilation import compile_model, fast_math, fast_math_enabled, resolve_compile_mode
 from .distributed import check_distributed_type, sync_batch_norms
 from .metrics_log import append_metrics, flat_config, plot_curves, plot_run_curves, read_metrics, restart_metrics
 from .optim import build_optimizer, build_optimizers, current_lrs, lr_factor, param_groups
@@ -44,5 +44,5 @@ __all__ = ["AlrPass", "SampleScores", "alr_active", "alr_batches", "alr_report",
            "RunFolder", "build_clip_source", "build_pair", "build_train_loader", "check_backbone", "check_batch_size",
            "check_images", "head_seeds", "load_splits", "resolve_run", "GlobalBatchSampler", "TrainingDiverged",
            "batch_to_device", "encode_view", "reciprocal_step", "start_epoch", "train_one_epoch", "trim_text_padding",
-           "compile_model", "configure_fast_math", "resolve_compile_mode", "PhaseClock", "StepClock", "epoch_timing",
+           "compile_model", "fast_math", "fast_math_enabled", "resolve_compile_mode", "PhaseClock", "StepClock", "epoch_timing",
            "format_timing", "final_test", "log_validation", "selection_score", "validate", "validation_due"]

@@ -34,6 +34,7 @@ from trpr.evaluation.features import eval_mode, shard_indices
 from trpr.modeling.alr import MixtureSettings, compute_alr, noise_detection_scores
 from trpr.modeling.run_folder import ALR_WEIGHTS_FILE
 
+from .compilation import fast_math
 from .distributed import broadcast_from_main
 from .metrics_log import read_metrics
 from .step import encode_view, trim_text_padding
@@ -154,7 +155,7 @@ class AlrPass:
         images = [torch.empty(len(self.image_share), m.output_dim, dtype=FEATURE_DTYPE, device=device) for m in models]
         captions = [torch.empty(len(self.input_ids), m.output_dim, dtype=FEATURE_DTYPE, device=device) for m in models]
         quiet = not accelerator.is_main_process
-        with accelerator.autocast():
+        with accelerator.autocast(), fast_math(device):     # the forward only; ALR's scores run exact (kernels)
             start = 0
             for batch in tqdm(self.image_loader, desc="ALR pass: images", disable=quiet, leave=False):
                 pixels = normalize_uint8(batch["pixel_values"].to(device, non_blocking=True))

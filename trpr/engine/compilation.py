@@ -13,12 +13,18 @@ What the compiled layers change: elementwise work around the matrix products (La
 residual adds, autocast casts) is fused by Inductor; the products stay cuBLAS / SDPA. Numerics change
 at float rounding level only (fused kernels reorder float operations), so the eager CPU demo keeps its
 numbers by running eagerly ("auto" on the CPU).
+
+TF32 (`fast_math`) is scoped to the training forward (`engine.encode_view`, the ALR pass's encoding),
+never set process-wide.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from trpr.configs import COMPILE_MODES
+from trpr.kernels.precision import matmul_precision
 from trpr.modeling.backbone import SDPAEncoderLayer
 
 # distinct compiled variants of the one layer code: {vision, text} x {last layer, other} x {train, eval},
@@ -59,8 +65,17 @@ def compile_model(model: torch.nn.Module, mode: str, backend: str = "inductor") 
     return len(layers)
 
 
-def configure_fast_math(device) -> None:
-    """On CUDA, let float32 matrix products use TF32 tensor cores (the few products that autocast leaves
-    in float32, e.g. the attention row of the fused heads); nothing on the CPU."""
-    if torch.device(device).type == "cuda":
-        torch.set_float32_matmul_precision("high")
+def fast_math_enabled(device) -> bool:
+    """Whether `fast_math` turns TF32 on for `device`: on CUDA only (the CPU demo keeps its numbers)."""
+    return torch.device(device).type == "cuda"
+
+
+def fast_math(device) -> contextlib.AbstractContextManager:
+    """A context for the model's forward only: on CUDA, float32 matrix products may use TF32 tensor cores
+    (the few products that autocast leaves in float32, e.g. the attention row of the fused heads);
+    nothing on the CPU. Scoped, not global: the loss slabs and retrieval scores (`trpr.kernels`, which
+    force "highest" in any case) and every evaluation (validation in the trainer, eval_3rtpr.py) run
+    outside it, so that validation and eval_3rtpr.py score a checkpoint with the same products."""
+    if not fast_math_enabled(device):
+        return contextlib.nullcontext()
+    return matmul_precision("high")

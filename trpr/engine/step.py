@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from trpr.data.transforms import normalize_uint8
 
+from .compilation import fast_math
 from .optim import current_lrs
 from .timing import StepClock
 
@@ -88,10 +89,11 @@ def encode_view(model, batch: dict, view: int, device, autocast=None) -> tuple[t
     (pixel_values [b, V, 3, H, W] float or uint8 (+ erase_boxes [b, V, 4]), input_ids / attention_mask
     [b, V, 77]), on the host or already moved by `batch_to_device`; the captions are trimmed to the
     batch's longest. model: a TRPRModel or its DDP wrapper; autocast: a context factory
-    (e.g. accelerator.autocast) around the forward, None for none."""
+    (e.g. accelerator.autocast) around the forward, None for none. The forward runs under
+    `engine.fast_math(device)` (TF32 on CUDA), and only the forward."""
     pixel_values = view_pixels(batch, view, device)
     input_ids, attention_mask = view_text(batch, view, device)
-    with autocast() if autocast is not None else contextlib.nullcontext():
+    with autocast() if autocast is not None else contextlib.nullcontext(), fast_math(device):
         out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
     return out["text_fused"].float(), out["image_fused"].float()
 

@@ -13,6 +13,10 @@ Backends: "auto" = Triton for CUDA tensors when triton imports, the PyTorch refe
 (`kernels.reference`) otherwise; "triton" forces the Triton kernels (on CPU tensors only valid
 under TRITON_INTERPRET=1); "torch" forces the reference. This package imports only torch and,
 lazily, triton.
+
+Precision: every entry point runs its float32 products at "highest" (`kernels.precision.exact_float32`),
+whatever `torch.set_float32_matmul_precision` the caller set; the Triton losses' backward too
+(`kernels.slab.SlabLoss`). The PyTorch reference losses' autograd backward runs at the caller's setting.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import os
 
 import torch
 
+from .precision import exact_float32
 from .reference import (DEFAULT_KS, retrieval_metrics_from_scores, retrieval_metrics_reference,
                         sdm_loss_reference, trl_loss_reference)
 
@@ -64,10 +69,11 @@ def sdm_loss(text_feats, image_feats, pids, logit_scale=50.0, weights=None, *, t
     through them). No host synchronisation.
     """
     columns = dict(text_cols=text_cols, image_cols=image_cols, col_pids=col_pids)
-    if _use_triton(backend, text_feats, image_feats):
-        from .sdm import sdm_loss_triton
-        return sdm_loss_triton(text_feats, image_feats, pids, logit_scale, weights, **columns)
-    return sdm_loss_reference(text_feats, image_feats, pids, logit_scale, weights, **columns)
+    with exact_float32():
+        if _use_triton(backend, text_feats, image_feats):
+            from .sdm import sdm_loss_triton
+            return sdm_loss_triton(text_feats, image_feats, pids, logit_scale, weights, **columns)
+        return sdm_loss_reference(text_feats, image_feats, pids, logit_scale, weights, **columns)
 
 
 def trl_loss(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None, *, text_cols=None,
@@ -80,10 +86,11 @@ def trl_loss(text_feats, image_feats, pids, tau=0.015, margin=0.1, weights=None,
     columns and weights as in `sdm_loss`.
     """
     columns = dict(text_cols=text_cols, image_cols=image_cols, col_pids=col_pids)
-    if _use_triton(backend, text_feats, image_feats):
-        from .trl import trl_loss_triton
-        return trl_loss_triton(text_feats, image_feats, pids, tau, margin, weights, **columns)
-    return trl_loss_reference(text_feats, image_feats, pids, tau, margin, weights, **columns)
+    with exact_float32():
+        if _use_triton(backend, text_feats, image_feats):
+            from .trl import trl_loss_triton
+            return trl_loss_triton(text_feats, image_feats, pids, tau, margin, weights, **columns)
+        return trl_loss_reference(text_feats, image_feats, pids, tau, margin, weights, **columns)
 
 
 def retrieval_metrics(query_feats, gallery_feats, query_pids, gallery_pids, ks=DEFAULT_KS, per_query=False,
@@ -98,7 +105,8 @@ def retrieval_metrics(query_feats, gallery_feats, query_pids, gallery_pids, ks=D
     misses in R@K and are left out of mAP/mINP (a warning gives their number).
     Never materialises the [Nq, Ng] score matrix and never sorts the gallery.
     """
-    if _use_triton(backend, query_feats, gallery_feats):
-        from .retrieval import retrieval_metrics_triton
-        return retrieval_metrics_triton(query_feats, gallery_feats, query_pids, gallery_pids, ks, per_query)
-    return retrieval_metrics_reference(query_feats, gallery_feats, query_pids, gallery_pids, ks, per_query)
+    with exact_float32():
+        if _use_triton(backend, query_feats, gallery_feats):
+            from .retrieval import retrieval_metrics_triton
+            return retrieval_metrics_triton(query_feats, gallery_feats, query_pids, gallery_pids, ks, per_query)
+        return retrieval_metrics_reference(query_feats, gallery_feats, query_pids, gallery_pids, ks, per_query)

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .precision import exact_float32
 from .similarity_tiles import INTERPRETED
 
 SLAB_BUDGET_BYTES = 1 << 30
@@ -70,11 +71,13 @@ def plan_chunks(n_rows: int, n_cols: int, bytes_per_entry: int, chunk_rows: Opti
 
 
 _OUT_DTYPE_SUPPORTED: dict[str, bool] = {}
+_OUT_DTYPE_ERRORS: dict[str, str] = {}
 
 
 def _out_dtype_supported(device: torch.device) -> bool:
     """Whether torch.mm(a, b, out_dtype=torch.float32) works for bf16 operands on this device
-    (cuBLAS bf16 x bf16 -> fp32; CUDA only in torch 2.8 - 2.13). Probed once per device type."""
+    (cuBLAS bf16 x bf16 -> fp32; CUDA only in torch 2.8 - 2.13). Probed once per device type; a
+    failure is kept (`gemm_path`) so that reports can say the products were upcast."""
     key = device.type
     if key not in _OUT_DTYPE_SUPPORTED:
         ok = False
@@ -84,10 +87,26 @@ def _out_dtype_supported(device: torch.device) -> bool:
                 product = torch.mm(probe, probe.t(), out_dtype=torch.float32)
                 total = torch.addmm(product[:2, :2].contiguous(), probe.t(), probe, out_dtype=torch.float32)
                 ok = product.dtype == total.dtype == torch.float32
-            except (TypeError, RuntimeError, NotImplementedError):
+                if not ok:
+                    _OUT_DTYPE_ERRORS[key] = f"returned {product.dtype} / {total.dtype}"
+            except (TypeError, RuntimeError, NotImplementedError) as error:
                 ok = False
+                _OUT_DTYPE_ERRORS[key] = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
         _OUT_DTYPE_SUPPORTED[key] = ok
     return _OUT_DTYPE_SUPPORTED[key]
+
+
+def gemm_path(device) -> tuple[str, bool]:
+    """(description, is_fallback) of how the slabs multiply bf16/fp16 operands on `device`:
+    cuBLAS with float32 output, or (fallback) both operands upcast to float32 first (about 10x slower
+    on a GPU; the CPU path, where no out_dtype product exists, is no fallback)."""
+    device = torch.device(device)
+    if _out_dtype_supported(device):
+        return "bf16 x bf16 -> fp32 (torch.mm out_dtype)", False
+    if device.type != "cuda":
+        return "operands upcast to fp32 (CPU path)", False
+    reason = _OUT_DTYPE_ERRORS.get(device.type, "unsupported")
+    return f"FALLBACK: torch.mm(out_dtype=float32) probe failed ({reason}); bf16 operands upcast to fp32 (~10x slower)", True
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -216,12 +235,13 @@ class SlabLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, cols, row_pids, col_pids, spec: SlabLossSpec, both: bool, operand_dtype, chunk_rows):
-        with torch.autocast(rows.device.type, enabled=False):     # the slabs stay float32 under mixed precision
+        # the slabs stay float32 under mixed precision, and exact float32 under a caller's TF32 setting
+        with torch.autocast(rows.device.type, enabled=False), exact_float32():
             return SlabLoss._forward(ctx, rows, cols, row_pids, col_pids, spec, both, operand_dtype, chunk_rows)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        with torch.autocast(grad_loss.device.type, enabled=False):
+        with torch.autocast(grad_loss.device.type, enabled=False), exact_float32():
             return SlabLoss._backward(ctx, grad_loss)
 
     @staticmethod
