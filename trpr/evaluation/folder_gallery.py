@@ -36,10 +36,10 @@ FileKey = tuple  # (relative path with "/", size in bytes, mtime in ns)
 
 
 def scan_gallery(folder: Path) -> list[FileKey]:
-    """Every image file under `folder` (recursive; extensions IMAGE_EXTENSIONS, any case; entries whose
-    name starts with "." are skipped), as (relative path, size, mtime_ns) sorted by path."""
+    """Every image file under `folder` (recursive, not into linked folders; extensions IMAGE_EXTENSIONS, any
+    case; entries whose name starts with "." are skipped), as (relative path, size, mtime_ns) sorted by path."""
     found = []
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
+    for directory, subdirs, files in os.walk(folder):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
         for name in files:
             if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
@@ -209,18 +209,22 @@ def update_folder_index(pair, folder: Path, stem: Path, *, batch_size: int = 64,
         fresh_features = [(g.cpu(), f.cpu()) for g, f in outputs]
     fresh_rows = {key: row for row, key in enumerate(fresh)}
     files = [key for key in scanned if key in known_rows or key in fresh_rows]
+    # row r of the new index comes from the old index (rows kept_at <- kept_from) or from the fresh encode
+    kept_at = torch.tensor([r for r, key in enumerate(files) if key in known_rows], dtype=torch.int64)
+    kept_from = torch.tensor([known_rows[key] for key in files if key in known_rows], dtype=torch.int64)
+    fresh_at = torch.tensor([r for r, key in enumerate(files) if key in fresh_rows], dtype=torch.int64)
+    fresh_from = torch.tensor([fresh_rows[key] for key in files if key in fresh_rows], dtype=torch.int64)
+    templates = old.features if old else (fresh_features or _empty_features(pair))
     features = []
     for model in range(2):
         parts = []
         for kind in range(2):
-            rows = []
-            for key in files:
-                if key in fresh_rows:
-                    rows.append(fresh_features[model][kind][fresh_rows[key]])
-                else:
-                    rows.append(old.features[model][kind][known_rows[key]])
-            empty = (old.features if old else _empty_features(pair))[model][kind][:0]
-            parts.append(torch.stack(rows) if rows else empty)
+            merged = torch.empty(len(files), templates[model][kind].shape[1], dtype=torch.float32)
+            if len(kept_at):
+                merged[kept_at] = old.features[model][kind][kept_from].float()
+            if len(fresh_at):
+                merged[fresh_at] = fresh_features[model][kind][fresh_from].float()
+            parts.append(merged)
         features.append(tuple(parts))
     index = FolderIndex(folder=folder, files=files, features=features,
                         unreadable=sorted(key + (reason,) for key, reason in bad.items()))
