@@ -28,7 +28,7 @@ from trpr.evaluation import (EvalInputError, build_gallery_index, check_gallery_
 from trpr.evaluation.folder_gallery import IMAGE_EXTENSIONS
 from trpr.evaluation.checkpoints import unreadable_images_as_input_errors
 from trpr.evaluation.progress import quiet_progress_in_logs
-from trpr.evaluation.search import parse_score_row
+from trpr.evaluation.search import DEFAULT_SEARCH_ROW, choose_search_row, parse_score_row
 from trpr.metrics.report import make_names_unique, write_reports
 from trpr.modeling.pair import ROW_KEYS
 
@@ -36,7 +36,6 @@ PROG = "eval_3rtpr.py"
 COMMANDS = ("evaluate", "search")
 EXIT_BAD_INPUT = 2
 MAX_TOP = 100  # the grid draws every match: 100 is a 10 x 10 PNG
-DEFAULT_SEARCH_ROW = "A+B/GE+FS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,20 +131,7 @@ def _read_queries(query: str):
             yield line.strip()
 
 
-def search_row(score: str | None, checkpoint) -> tuple[str, str]:
-    """(ranking row, why it was chosen): --score when given, else the row the run was selected on (its
-    config.yaml's eval.select_row), else DEFAULT_SEARCH_ROW."""
-    if score is not None:
-        return score, "--score"
-    selected = ((checkpoint.run_config or {}).get("eval") or {}).get("select_row")
-    if selected is not None:
-        try:
-            parse_score_row(selected)
-        except EvalInputError:
-            raise EvalInputError(f"checkpoint {checkpoint.path}: config.yaml's eval.select_row {selected!r} is not a "
-                                 f"row; pass --score (one of {', '.join(ROW_KEYS)})") from None
-        return selected, "the row the run was selected on, its eval.select_row; --score to change"
-    return DEFAULT_SEARCH_ROW, "no run config to take eval.select_row from; --score to change"
+search_row = choose_search_row  # (row, why): --score, else the run's eval.select_row, else DEFAULT_SEARCH_ROW
 
 
 def search_command(args: argparse.Namespace) -> int:

@@ -17,12 +17,13 @@ from trpr import data
 from trpr import modeling
 from trpr.data.transforms import default_cache_dir
 from trpr.metrics.published import canonical_dataset
-from trpr.modeling.pair import parse_row_key
+from trpr.modeling.pair import ROW_KEYS, parse_row_key
 
 from .checkpoints import Checkpoint, EvalInputError
 from .features import encode_dataset, eval_mode, model_device
 
 SEARCH_CACHE_SUBDIR = "search-features"
+DEFAULT_SEARCH_ROW = "A+B/GE+FS"
 
 
 @dataclass
@@ -126,6 +127,23 @@ def parse_score_row(row: str) -> tuple[tuple[int, ...], str]:
         return parse_row_key(row)
     except ValueError as error:
         raise EvalInputError(f"--score {error}") from None
+
+
+def choose_search_row(score: str | None, checkpoint: Checkpoint) -> tuple[str, str]:
+    """(ranking row, why it was chosen): `score` when given, else the row the run was selected on (its
+    config.yaml's eval.select_row), else DEFAULT_SEARCH_ROW. EvalInputError for a row that is not one."""
+    if score is not None:
+        parse_score_row(score)
+        return score, "--score"
+    selected = ((checkpoint.run_config or {}).get("eval") or {}).get("select_row")
+    if selected is not None:
+        try:
+            parse_row_key(selected)
+        except ValueError:
+            raise EvalInputError(f"checkpoint {checkpoint.path}: config.yaml's eval.select_row {selected!r} is not a "
+                                 f"row; pass --score (one of {', '.join(ROW_KEYS)})") from None
+        return selected, "the row the run was selected on, its eval.select_row; --score to change"
+    return DEFAULT_SEARCH_ROW, "no run config to take eval.select_row from; --score to change"
 
 
 @torch.no_grad()
