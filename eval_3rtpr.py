@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="run folder(s) (best/, else last/), ReciprocalPair folder(s) or Hub repo id(s); several seeds of "
                                "one config also get a mean ± std row")
     evaluate.add_argument("--dataset", required=True,
-                          help="cuhk-pedes | icfg-pedes | rstpreid | synth-pedes[-tiny|-small|-full]")
+                          help="cuhk-pedes | icfg-pedes | rstpreid | synth-pedes[-tiny|-small|-full] | folder "
+                               "(a custom dataset: --root is its folder)")
     evaluate.add_argument("--root", default=None, help="datasets root (default: data.load_benchmark's default)")
     evaluate.add_argument("--split", default="test", help="evaluation split (default: test)")
     evaluate.add_argument("--out", required=True, type=Path,
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "backpack\"; \"-\" reads one query per line from stdin")
     search.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run folder, ReciprocalPair folder or Hub repo id")
     where = search.add_mutually_exclusive_group(required=True)
-    where.add_argument("--dataset", help="benchmark whose gallery is searched")
+    where.add_argument("--dataset", help="benchmark (or folder: a custom dataset) whose gallery is searched")
     where.add_argument("--gallery", type=Path, metavar="DIR",
                        help=f"a folder of images, searched recursively ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}); "
                             "indexed once in the cache and updated when files are added, changed or removed")

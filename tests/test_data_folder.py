@@ -3,6 +3,7 @@ generator, loading equal to the synth-pedes it was made from, `python -m trpr.da
 same rules (file, line and reason for every problem), and one tiny training epoch + evaluation + search."""
 import csv
 import json
+import os
 import shutil
 
 import pytest
@@ -121,5 +122,13 @@ def test_train_one_epoch_then_evaluate_and_search(example, tmp_path, capsys, mon
     capsys.readouterr()
     assert eval_3rtpr.main(["search", "a man in a red jacket", "--checkpoint", str(run_dir), "--dataset", "folder",
                             "--root", str(example), "--top", "3", "--out", str(tmp_path / "search")]) == 0
-    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    captured = capsys.readouterr()
+    table = [line.split() for line in captured.out.splitlines() if line.strip()[:1].isdigit()]
     assert len(table) == 3 and all(row[3].startswith(str(example / "images" / "test")) for row in table)
+    assert "encoded and cached" in captured.err
+    search = ["search", "a man in a red jacket", "--checkpoint", str(run_dir), "--dataset", "folder", "--root",
+              str(example), "--top", "3", "--out", str(tmp_path / "search")]
+    assert eval_3rtpr.main(search) == 0 and "from cache" in capsys.readouterr().err
+    stat = (example / "annotations.csv").stat()  # an edited table: the gallery is encoded again, not stale
+    os.utime(example / "annotations.csv", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert eval_3rtpr.main(search) == 0 and "encoded and cached" in capsys.readouterr().err

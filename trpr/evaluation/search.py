@@ -56,10 +56,27 @@ def checkpoint_signature(checkpoint: Checkpoint) -> dict:
     return {"pair_dir": str(checkpoint.pair_dir.resolve()), "files": signature}
 
 
+def _custom_annotation_signature(dataset: str, root) -> list | None:
+    """[name, size, mtime_ns] of a custom dataset's table (editing it changes the key), else None."""
+    from trpr.data.benchmarks import CUSTOM_DATASET
+    from trpr.data.folder_dataset import ANNOTATION_NAMES
+
+    if canonical_dataset(dataset) != CUSTOM_DATASET or root is None:
+        return None
+    for name in ANNOTATION_NAMES:
+        path = Path(root) / name
+        if path.is_file():
+            return [name, path.stat().st_size, path.stat().st_mtime_ns]
+    return None
+
+
 def search_cache_key(checkpoint: Checkpoint, dataset: str, root, split: str) -> str:
-    """Hash of `checkpoint_signature` + dataset + root + split."""
+    """Hash of `checkpoint_signature` + dataset + root + split (+ for a custom dataset, its table's name,
+    size and mtime_ns, so an edited table is encoded again)."""
     signature = checkpoint_signature(checkpoint)
-    blob = json.dumps({"pair_dir": signature["pair_dir"], "files": signature["files"],
+    annotation = _custom_annotation_signature(dataset, root)
+    extra = {} if annotation is None else {"annotation": annotation}
+    blob = json.dumps({**extra, "pair_dir": signature["pair_dir"], "files": signature["files"],
                        "dataset": canonical_dataset(dataset), "root": None if root is None else str(Path(root).resolve()),
                        "split": split}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
