@@ -4,9 +4,10 @@ Evaluation (docs/method.md §5, §8, §9):
     python eval_3rtpr.py [evaluate] --checkpoint RUN_DIR [RUN_DIR ...] --dataset NAME [--root ROOT]
                          [--split test] --out DIR [--i2t] [--leaderboard] [--batch-size N]
     (also under `accelerate launch`: feature extraction is sharded over the processes)
-Free-text search:
+Free-text search, in a benchmark's gallery or in any folder of images (indexed once, kept up to date):
     python eval_3rtpr.py search "a man in a blue jacket" --checkpoint RUN_DIR --dataset NAME [--root ROOT]
                          [--split test] [--top 10] [--out DIR]      (QUERY "-": one query per stdin line)
+    python eval_3rtpr.py search "a man in a blue jacket" --checkpoint RUN_DIR --gallery PHOTOS_DIR [--top 10]
 Installed, `3rtpr-eval` is the same command.
 
 For every checkpoint the rows are GE, FS and GE+FS for model A, model B and the ensemble A+B
@@ -20,12 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-from trpr.evaluation import (EvalInputError, build_gallery_index, evaluate_checkpoint, load_eval_split, load_gallery_index,
-                        load_pair, resolve_checkpoint, save_gallery_index, save_search_grid, search_cache_dir,
-                        search_cache_key, search_gallery, search_grid_path)
+from trpr.evaluation import (EvalInputError, build_gallery_index, check_gallery_folder, evaluate_checkpoint,
+                             folder_cache_stem, load_eval_split, load_gallery_index, load_pair, resolve_checkpoint,
+                             save_gallery_index, save_search_grid, search_cache_dir, search_cache_key, search_gallery,
+                             search_grid_path, update_folder_index, warn_unreadable)
+from trpr.evaluation.folder_gallery import IMAGE_EXTENSIONS
 from trpr.evaluation.checkpoints import unreadable_images_as_input_errors
 from trpr.evaluation.progress import quiet_progress_in_logs
-from trpr.evaluation.search import parse_score_row
+from trpr.evaluation.search import DEFAULT_SEARCH_ROW, choose_search_row, parse_score_row
 from trpr.metrics.report import make_names_unique, write_reports
 from trpr.modeling.pair import ROW_KEYS
 
@@ -33,7 +36,6 @@ PROG = "eval_3rtpr.py"
 COMMANDS = ("evaluate", "search")
 EXIT_BAD_INPUT = 2
 MAX_TOP = 100  # the grid draws every match: 100 is a 10 x 10 PNG
-DEFAULT_SEARCH_ROW = "A+B/GE+FS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="run folder(s) (best/, else last/), ReciprocalPair folder(s) or Hub repo id(s); several seeds of "
                                "one config also get a mean ± std row")
     evaluate.add_argument("--dataset", required=True,
-                          help="cuhk-pedes | icfg-pedes | rstpreid | synth-pedes[-tiny|-small|-full]")
+                          help="cuhk-pedes | icfg-pedes | rstpreid | synth-pedes[-tiny|-small|-full] | folder "
+                               "(a custom dataset: --root is its folder)")
     evaluate.add_argument("--root", default=None, help="datasets root (default: data.load_benchmark's default)")
     evaluate.add_argument("--split", default="test", help="evaluation split (default: test)")
     evaluate.add_argument("--out", required=True, type=Path,
@@ -60,14 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-workers", type=int, default=0,
                           help="DataLoader workers for decoding images (default: 0)")
 
-    search = commands.add_parser("search", help="free-text person search in an evaluation gallery",
-                                 description="Free-text person search in an evaluation gallery.")
+    search = commands.add_parser("search", help="free-text person search in an evaluation gallery or a folder of images",
+                                 description="Free-text person search in an evaluation gallery (--dataset) or in "
+                                             "any folder of images (--gallery).")
     search.add_argument("query", help="a description of the person, e.g. \"a man in a blue jacket with a black "
                                       "backpack\"; \"-\" reads one query per line from stdin")
     search.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run folder, ReciprocalPair folder or Hub repo id")
-    search.add_argument("--dataset", required=True, help="benchmark whose gallery is searched")
-    search.add_argument("--root", default=None, help="datasets root (default: data.load_benchmark's default)")
-    search.add_argument("--split", default="test", help="gallery split (default: test)")
+    where = search.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", help="benchmark (or folder: a custom dataset) whose gallery is searched")
+    where.add_argument("--gallery", type=Path, metavar="DIR",
+                       help=f"a folder of images, searched recursively ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}); "
+                            "indexed once in the cache and updated when files are added, changed or removed")
+    search.add_argument("--root", default=None, help="datasets root (default: data.load_benchmark's default; "
+                                                     "with --dataset only)")
+    search.add_argument("--split", default="test", help="gallery split (default: test; with --dataset only)")
     search.add_argument("--top", type=int, default=10,
                         help=f"number of matches, 1..{MAX_TOP} (default: 10; all are drawn in the PNG grid)")
     search.add_argument("--out", type=Path, default=Path("search-results"),
@@ -79,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the models encode (default auto: CUDA when available, else the CPU)")
     search.add_argument("--cache-dir", type=Path, default=None,
-                        help="gallery feature cache (default: $TRPR_CACHE/search-features or "
-                             "~/.cache/3rtpr/search-features)")
+                        help="gallery feature cache, folder galleries included (default: $TRPR_CACHE/search-features "
+                             "or ~/.cache/3rtpr/search-features)")
     return parser
 
 
@@ -125,20 +134,7 @@ def _read_queries(query: str):
             yield line.strip()
 
 
-def search_row(score: str | None, checkpoint) -> tuple[str, str]:
-    """(ranking row, why it was chosen): --score when given, else the row the run was selected on (its
-    config.yaml's eval.select_row), else DEFAULT_SEARCH_ROW."""
-    if score is not None:
-        return score, "--score"
-    selected = ((checkpoint.run_config or {}).get("eval") or {}).get("select_row")
-    if selected is not None:
-        try:
-            parse_score_row(selected)
-        except EvalInputError:
-            raise EvalInputError(f"checkpoint {checkpoint.path}: config.yaml's eval.select_row {selected!r} is not a "
-                                 f"row; pass --score (one of {', '.join(ROW_KEYS)})") from None
-        return selected, "the row the run was selected on, its eval.select_row; --score to change"
-    return DEFAULT_SEARCH_ROW, "no run config to take eval.select_row from; --score to change"
+search_row = choose_search_row  # (row, why): --score, else the run's eval.select_row, else DEFAULT_SEARCH_ROW
 
 
 def search_device(name: str):
@@ -164,9 +160,56 @@ def search_command(args: argparse.Namespace) -> int:
     from trpr.data.transforms import get_tokenizer
 
     started = time.perf_counter()
+    if args.gallery is not None and args.root is not None:
+        raise EvalInputError("--root names a datasets root for --dataset; a --gallery folder needs none")
+    folder = check_gallery_folder(args.gallery) if args.gallery is not None else None
     checkpoint = resolve_checkpoint(args.checkpoint)
     row, why = search_row(args.score, checkpoint)
     print(f"ranking with {row} ({why})", file=sys.stderr)
+    if folder is not None:
+        pair = load_pair(checkpoint)
+        index, gallery = load_folder_gallery(pair, checkpoint, folder, args), None
+    else:
+        pair, index, gallery = load_benchmark_gallery(checkpoint, args, started)
+    tokenizer = get_tokenizer()
+    for query in _read_queries(args.query):
+        query_started = time.perf_counter()
+        matches = search_gallery(pair, index, query, tokenizer=tokenizer, row=row, top=args.top)
+        answered = time.perf_counter()
+        print(f"query: {query}")
+        if folder is not None:
+            print(f"{'rank':>4}  {'score':>7}  file")
+            for match in matches:
+                print(f"{match['rank']:>4}  {match['score']:>7.4f}  {match['file']}")
+        else:
+            print(f"{'rank':>4}  {'score':>7}  {'pid':>6}  path")
+            for match in matches:
+                print(f"{match['rank']:>4}  {match['score']:>7.4f}  {match['pid']:>6}  {match['path'] or '(embedded image)'}")
+        grid = save_search_grid(matches, query, search_grid_path(args.out, query), gallery_split=gallery)
+        print(f"grid: {grid}", flush=True)
+        print(f"answered in {answered - query_started:.3f} s ({row}, score = sum of cosines)", file=sys.stderr)
+    return 0
+
+
+def load_folder_gallery(pair, checkpoint, folder: Path, args: argparse.Namespace):
+    """The folder's index brought up to date (`update_folder_index`, progress bars), one warning listing
+    unreadable files; EvalInputError when the folder holds no readable image."""
+    started = time.perf_counter()
+    stem = folder_cache_stem(checkpoint, folder, args.cache_dir)
+    with unreadable_images_as_input_errors():
+        folder_index, update = update_folder_index(pair, folder, stem, batch_size=args.batch_size)
+    warn_unreadable(folder_index)
+    if not folder_index.files:
+        raise EvalInputError(f"--gallery {folder}: no readable image ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) "
+                             f"found" + (f"; {len(folder_index.unreadable)} unreadable file(s) listed above"
+                                         if folder_index.unreadable else ""))
+    print(f"gallery: {len(folder_index.files)} images in {folder} ({update.describe()}), index at {stem}.safetensors; "
+          f"ready in {time.perf_counter() - started:.2f} s", file=sys.stderr)
+    return folder_index.gallery_index()
+
+
+def load_benchmark_gallery(checkpoint, args: argparse.Namespace, started: float):
+    """(pair, GalleryIndex, gallery split or None) of --dataset/--split: from the cache, else encoded and cached."""
     cache_stem = (args.cache_dir or search_cache_dir()) / search_cache_key(checkpoint, args.dataset, args.root, args.split)
     index = load_gallery_index(cache_stem)
     pair = load_pair(checkpoint).to(search_device(args.device))
@@ -177,22 +220,10 @@ def search_command(args: argparse.Namespace) -> int:
         with unreadable_images_as_input_errors():
             index = build_gallery_index(pair, gallery, batch_size=args.batch_size)
         save_gallery_index(index, cache_stem)
-    tokenizer = get_tokenizer()
     print(f"gallery: {index.pids.numel()} images of {args.dataset} ({args.split}), "
           f"{'from cache' if from_cache else 'encoded and cached'} at {cache_stem}.safetensors; "
           f"ready in {time.perf_counter() - started:.2f} s", file=sys.stderr)
-    for query in _read_queries(args.query):
-        query_started = time.perf_counter()
-        matches = search_gallery(pair, index, query, tokenizer=tokenizer, row=row, top=args.top)
-        answered = time.perf_counter()
-        print(f"query: {query}")
-        print(f"{'rank':>4}  {'score':>7}  {'pid':>6}  path")
-        for match in matches:
-            print(f"{match['rank']:>4}  {match['score']:>7.4f}  {match['pid']:>6}  {match['path'] or '(embedded image)'}")
-        grid = save_search_grid(matches, query, search_grid_path(args.out, query), gallery_split=gallery)
-        print(f"grid: {grid}", flush=True)
-        print(f"answered in {answered - query_started:.3f} s ({row}, score = sum of cosines)", file=sys.stderr)
-    return 0
+    return pair, index, gallery
 
 
 def main(argv: list[str] | None = None) -> int:

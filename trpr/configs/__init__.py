@@ -35,7 +35,7 @@ COMPILE_MODES = ("auto", "regional", "full", "off")
 # list-valued keys whose length may differ from the default's (the others are fixed: [H, W], betas, ...)
 VARIABLE_LENGTH = {"logging.trackers"}
 KNOWN_DATASETS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-pedes", "synth-pedes-tiny",
-                  "synth-pedes-small", "synth-pedes-full")
+                  "synth-pedes-small", "synth-pedes-full", "folder")
 
 
 class ConfigError(ValueError):
@@ -188,6 +188,9 @@ def validate(config: dict, source: str = "config") -> None:
 
     if config["data"]["dataset"].lower() not in KNOWN_DATASETS:
         fail(f"data.dataset {config['data']['dataset']!r} is not one of {', '.join(KNOWN_DATASETS)}")
+    if config["data"]["dataset"].lower() == "folder" and not config["data"]["root"]:
+        fail("data.dataset folder (a custom dataset) needs data.root: the folder holding annotations.csv or "
+             "annotations.jsonl and the images")
     try:  # the one rule for noise rates, shared with data.load_benchmark
         check_noise_rate(config["data"]["noise_rate"], name="data.noise_rate")
     except ValueError as error:

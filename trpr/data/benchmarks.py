@@ -5,6 +5,8 @@ On-disk layouts (docs/method.md §6), under `root`:
     ICFG-PEDES/ICFG-PEDES.json + imgs/    same keys; splits train/test
     RSTPReid/data_captions.json + imgs/   image key `img_path`
     SYNTH-PEDES-<preset>/reid_raw.json + imgs/   (CUHK-PEDES layout, generated on first use)
+A custom dataset ("folder", `data.folder_dataset`) is `root` itself: annotations.csv or annotations.jsonl
+(columns image, pid, caption, split; one row per caption) + the image files it names, relative to `root`.
 
 Splits returned:
     train            index int64 (0..N-1), pid int64 (0..P-1), image_id int64, image Image(), caption str, noisy bool
@@ -20,6 +22,7 @@ import codecs
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,8 @@ class BenchmarkLayout:
     image_key: str       # entry key holding the image path (relative to imgs/)
     splits: tuple        # split names the benchmark has
     expected: Optional[dict] = None  # split -> (ids, images, captions) of the official release
+    image_dir: str = "imgs"  # folder (inside the dataset folder) the image paths are relative to
+    rows: bool = False   # annotation is a CSV/JSONL table, one row per caption (custom datasets)
 
 
 LAYOUTS = {
@@ -57,6 +62,7 @@ LAYOUTS = {
                                 {"train": (3701, 18505, 37010), "val": (200, 1000, 2000),
                                  "test": (200, 1000, 2000)}),
 }
+CUSTOM_DATASET = "folder"  # load_benchmark("folder", root=DIR): a custom dataset (data.folder_dataset)
 SYNTH_ALIASES = {"synth-pedes": "small", "synth-pedes-tiny": "tiny", "synth-pedes-small": "small",
                  "synth-pedes-full": "full"}
 
@@ -69,6 +75,18 @@ def default_root() -> Path:
 def resolve_layout(name: str, root: Optional[Union[str, Path]]) -> tuple[BenchmarkLayout, Path]:
     """(layout, dataset folder) for a benchmark name; generates synth-pedes presets on first use."""
     key = name.strip().lower()
+    if key == CUSTOM_DATASET:
+        from .folder_dataset import find_annotation
+
+        if root is None:
+            raise ValueError(f"load_benchmark({name!r}) needs root=<the dataset folder holding annotations.csv or "
+                             "annotations.jsonl and the images>")
+        folder = Path(root).expanduser().absolute()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"custom dataset folder not found: {folder} (root={root})")
+        layout = BenchmarkLayout(CUSTOM_DATASET, folder.name, find_annotation(folder).name, "image", KNOWN_SPLITS,
+                                 image_dir="", rows=True)
+        return layout, folder
     if key in SYNTH_ALIASES:
         from .synthetic import ensure_generated
 
@@ -78,7 +96,8 @@ def resolve_layout(name: str, root: Optional[Union[str, Path]]) -> tuple[Benchma
                                  ("train", "val", "test"))
         return layout, folder
     if key not in LAYOUTS:
-        raise ValueError(f"unknown benchmark {name!r}; choose one of {sorted(LAYOUTS) + sorted(SYNTH_ALIASES)}")
+        raise ValueError(f"unknown benchmark {name!r}; choose one of "
+                         f"{sorted(LAYOUTS) + sorted(SYNTH_ALIASES) + [CUSTOM_DATASET]}")
     layout = LAYOUTS[key]
     if root is None:
         raise ValueError(f"load_benchmark({name!r}) needs root=<folder holding {layout.folder}/>")
@@ -201,6 +220,18 @@ def review_annotation(entries: list, layout: BenchmarkLayout) -> AnnotationRevie
     return review
 
 
+def review_layout(layout: BenchmarkLayout, folder: Path) -> AnnotationReview:
+    """The review of a dataset folder's annotation: `review_annotation` of the JSON list, or for a custom
+    dataset (layout.rows) `folder_dataset.review_rows` of its table. Shared by load_benchmark and data.check."""
+    if layout.rows:
+        from .folder_dataset import read_rows, review_rows
+
+        path = folder / layout.annotation
+        rows, bad = read_rows(path)
+        return review_rows(rows, bad, path, layout.splits)
+    return review_annotation(read_annotation(folder / layout.annotation), layout)
+
+
 def _group_split(entries: list[dict], image_key: str, image_dir: Path) -> dict:
     """Columns for one split: per image (paths, pids, image_ids) and per caption (pid, image_id, caption)."""
     raw_ids = sorted({entry["id"] for entry in entries})
@@ -228,10 +259,14 @@ def _summary_table(name: str, counts: dict) -> str:
 def _raise_review_errors(review: AnnotationReview, annotation_path: Path, layout: BenchmarkLayout) -> None:
     """One line: the first error of the review, how many more there are, and the command that lists them."""
     messages = [message for items in review.errors.values() for message in items]
+    if layout.rows:  # the earliest line first
+        messages.sort(key=lambda m: int(re.search(r" line (\d+)", m).group(1)) if re.search(r" line (\d+)", m) else 0)
     if messages:
         more = f" (and {len(messages) - 1} more problem(s))" if len(messages) > 1 else ""
-        raise ValueError(f"{annotation_path}: {messages[0]}{more}. Run `python -m trpr.data.check {layout.name} "
-                         f"--root <root>` for the full list.")
+        where = "" if layout.rows else f"{annotation_path}: "  # a custom dataset's messages name file and line
+        root = annotation_path.parent if layout.rows else "<root>"
+        raise ValueError(f"{where}{messages[0]}{more}. Run `python -m trpr.data.check {layout.name} "
+                         f"--root {root}` for the full list.")
 
 
 def _apply_noise(captions: list, layout: BenchmarkLayout, folder: Path, noise_rate: float,
@@ -273,9 +308,11 @@ def load_benchmark(name: str, root: Optional[Union[str, Path]] = None, noise_rat
                    noise_out: Optional[Union[str, Path]] = None):
     """Load a benchmark as a `datasets.DatasetDict` (splits and columns: see the module docstring).
 
-    name: cuhk-pedes | icfg-pedes | rstpreid (case-insensitive; the folder names are accepted too) or
-          synth-pedes (= synth-pedes-small) | synth-pedes-tiny | synth-pedes-small | synth-pedes-full.
-    root: folder holding the dataset folders (synth-pedes default: `$TRPR_CACHE` or ~/.cache/3rtpr).
+    name: cuhk-pedes | icfg-pedes | rstpreid (case-insensitive; the folder names are accepted too),
+          synth-pedes (= synth-pedes-small) | synth-pedes-tiny | synth-pedes-small | synth-pedes-full, or
+          folder (a custom dataset: image folder + annotations.csv/.jsonl, `data.folder_dataset`).
+    root: folder holding the dataset folders (synth-pedes default: `$TRPR_CACHE` or ~/.cache/3rtpr); for
+          folder, the custom dataset's folder itself.
     noise_file: RDE `.npy` int64 permutation of the training captions (wins over noise_rate).
     noise_rate: in [0, 1) (`data.noise.check_noise_rate`). Without noise_file, `<root>/noiseindex/<Folder>_<rate>.npy`
           (RDE's file name, e.g. CUHK-PEDES_0.2.npy) is used when it exists; otherwise a random `noise_rate`
@@ -290,14 +327,14 @@ def load_benchmark(name: str, root: Optional[Union[str, Path]] = None, noise_rat
     noise_lib.check_noise_rate(noise_rate)
     layout, folder = resolve_layout(name, root)
     annotation_path = folder / layout.annotation
-    review = review_annotation(read_annotation(annotation_path), layout)
+    review = review_layout(layout, folder)
     _raise_review_errors(review, annotation_path, layout)
     for category, messages in review.warnings.items():
         logger.warning("%s: %s in %d entries (first: %s)", annotation_path, category, len(messages), messages[0])
     by_split = review.by_split
     if "train" not in by_split:
-        raise ValueError(f"{annotation_path}: no entry has split 'train'")
-    image_dir = folder / "imgs"
+        raise ValueError(f"{annotation_path}: no {'row' if layout.rows else 'entry'} has split 'train'")
+    image_dir = folder / layout.image_dir
 
     image_feature = datasets.Image()
     out, counts = {}, {}

@@ -1,6 +1,7 @@
 """Validate a benchmark folder and print a report; exit status 1 when anything is wrong.
 
     python -m trpr.data.check NAME --root ROOT
+    python -m trpr.data.check folder --root DATASET_DIR      (a custom dataset, data.folder_dataset)
 
 The rules are the loader's own, so `data.check` passes exactly when `load_benchmark` accepts the annotation
 and every image is usable in training: `data.benchmarks.review_annotation` (entry keys, the benchmark's
@@ -15,7 +16,7 @@ import argparse
 import sys
 from typing import Optional
 
-from .benchmarks import count_warnings, read_annotation, resolve_layout, review_annotation
+from .benchmarks import count_warnings, resolve_layout, review_layout
 from .images import image_problems
 
 MAX_LISTED = 10  # problems listed per category; the rest are counted
@@ -27,10 +28,10 @@ def check_benchmark(name: str, root: Optional[str] = None, check_images: bool = 
     """Run all checks. Returns (problems by category, warnings, counts split -> (ids, images, captions) of
     the entries the loader would use). progress=None: a progress bar on a terminal only."""
     layout, folder = resolve_layout(name, root)
-    review = review_annotation(read_annotation(folder / layout.annotation), layout)
+    review = review_layout(layout, folder)
     problems = {category: list(items) for category, items in review.errors.items()}
     warnings = [f"{category}: {message}" for category, items in review.warnings.items() for message in items]
-    image_dir = folder / "imgs"
+    image_dir = folder / layout.image_dir
     if not image_dir.is_dir():
         problems["missing image folder"] = [f"{image_dir} does not exist"]
 
@@ -38,15 +39,16 @@ def check_benchmark(name: str, root: Optional[str] = None, check_images: bool = 
                       sum(len(entry["captions"]) for entry in entries))
               for split, entries in review.by_split.items()}
     if check_images and image_dir.is_dir():
-        usable = [(entry["_position"], image_dir / entry[layout.image_key])
+        usable = [(entry["_position"], entry.get("_where", f"entry {entry['_position']}"),
+                   image_dir / entry[layout.image_key])
                   for entries in review.by_split.values() for entry in entries]
         usable.sort()
-        reasons = image_problems([str(file) for _, file in usable], num_threads, progress,
+        reasons = image_problems([str(file) for _, _, file in usable], num_threads, progress,
                                  desc=f"checking {layout.name} images")
-        for (position, file), reason in zip(usable, reasons):
+        for (_, where, file), reason in zip(usable, reasons):
             if reason is not None:
                 category = "missing images" if reason == "file not found" else "unreadable images"
-                problems.setdefault(category, []).append(f"entry {position}: {file}: {reason}")
+                problems.setdefault(category, []).append(f"{where}: {file}: {reason}")
     warnings += count_warnings(layout, counts)
     return problems, warnings, counts
 
@@ -70,8 +72,9 @@ def format_report(name: str, problems: dict[str, list[str]], warnings: list[str]
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Validate a text-based person-retrieval benchmark folder.")
-    parser.add_argument("name", help="cuhk-pedes | icfg-pedes | rstpreid | synth-pedes[-tiny|-small|-full]")
-    parser.add_argument("--root", default=None, help="folder holding the dataset folder")
+    parser.add_argument("name", help="cuhk-pedes | icfg-pedes | rstpreid | synth-pedes[-tiny|-small|-full] | folder")
+    parser.add_argument("--root", default=None, help="folder holding the dataset folder (folder: the custom "
+                                                     "dataset's own folder)")
     parser.add_argument("--skip-images", action="store_true", help="do not open the image files")
     args = parser.parse_args(argv)
     try:

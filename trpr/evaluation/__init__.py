@@ -5,12 +5,14 @@
     checkpoints  resolve_checkpoint (run folder: best/, else last/; or a pair folder), load_pair,
                  load_eval_split, EvalInputError
     search       GalleryIndex (cached on disk), search_gallery, save_search_grid
+    folder_gallery  any folder of images as a search gallery: update_folder_index (incremental, on disk)
 
 Rows: "A/GE" ... "A+B/GE+FS" (modeling.pair.ROW_KEYS), "i2t:" for image->text; metrics in percent.
 """
 from .checkpoints import Checkpoint, EvalInputError, load_eval_split, load_pair, resolve_checkpoint
 from .evaluate import evaluate_checkpoint, evaluate_pair
 from .features import PairFeatures, encode_dataset, extract_pair_features, score_pair_features, shard_indices
+from .folder_gallery import FolderIndex, check_gallery_folder, folder_cache_stem, update_folder_index, warn_unreadable
 from .search import (GalleryIndex, build_gallery_index, load_gallery_index, save_gallery_index, save_search_grid,
                      search_cache_dir, search_cache_key, search_gallery, search_grid_path)
 
@@ -18,4 +20,5 @@ __all__ = ["Checkpoint", "EvalInputError", "load_eval_split", "load_pair", "reso
            "evaluate_checkpoint", "evaluate_pair", "PairFeatures", "encode_dataset", "extract_pair_features",
            "score_pair_features", "shard_indices", "GalleryIndex", "build_gallery_index", "load_gallery_index",
            "save_gallery_index", "save_search_grid", "search_cache_dir", "search_cache_key", "search_gallery",
-           "search_grid_path"]
+           "search_grid_path", "FolderIndex", "check_gallery_folder", "folder_cache_stem", "update_folder_index",
+           "warn_unreadable"]

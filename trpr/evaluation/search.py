@@ -1,5 +1,5 @@
-"""Free-text person search in an evaluation gallery: a gallery index cached on disk, ranking one query,
-and a PNG grid of the matches."""
+"""Free-text person search in an evaluation gallery or a folder of images (`folder_gallery`): a gallery
+index cached on disk, ranking one query, and a PNG grid of the matches."""
 from __future__ import annotations
 
 import hashlib
@@ -17,12 +17,13 @@ from trpr import data
 from trpr import modeling
 from trpr.data.transforms import default_cache_dir
 from trpr.metrics.published import canonical_dataset
-from trpr.modeling.pair import parse_row_key
+from trpr.modeling.pair import ROW_KEYS, parse_row_key
 
 from .checkpoints import Checkpoint, EvalInputError
 from .features import encode_dataset, eval_mode, model_device
 
 SEARCH_CACHE_SUBDIR = "search-features"
+DEFAULT_SEARCH_ROW = "A+B/GE+FS"
 
 
 @dataclass
@@ -30,14 +31,16 @@ class GalleryIndex:
     """Gallery features of one checkpoint on one split, as cached on disk for search.
 
     image_outputs: per model (A, B) (global [Ng, E], fused [Ng, D]) fp32 CPU;
-    pids / image_ids: LongTensor[Ng]; sources: per gallery item its image file path ("" when the
-    dataset embeds the image bytes instead).
+    pids / image_ids: LongTensor[Ng] (pids -1 in a folder gallery: no identities); sources: per gallery
+    item its image file path ("" when the dataset embeds the image bytes instead), relative to `root`
+    when root is set (folder galleries).
     """
 
     image_outputs: list
     pids: torch.Tensor
     image_ids: torch.Tensor
     sources: list
+    root: Path | None = None
 
 
 def search_cache_dir() -> Path:
@@ -45,12 +48,35 @@ def search_cache_dir() -> Path:
     return default_cache_dir() / SEARCH_CACHE_SUBDIR
 
 
-def search_cache_key(checkpoint: Checkpoint, dataset: str, root, split: str) -> str:
-    """Hash of (every file of the pair folder: relative path, size, mtime in ns) + dataset + root + split.
-    Re-saving a checkpoint changes the mtimes and so the key; nothing is read from the weights."""
+def checkpoint_signature(checkpoint: Checkpoint) -> dict:
+    """{"pair_dir", "files": [[relative path, size, mtime in ns], ...]} of the pair folder: re-saving a
+    checkpoint changes the mtimes and so every cache key built on it; nothing is read from the weights."""
     files = sorted(p for p in checkpoint.pair_dir.rglob("*") if p.is_file())
     signature = [[str(p.relative_to(checkpoint.pair_dir)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    blob = json.dumps({"pair_dir": str(checkpoint.pair_dir.resolve()), "files": signature,
+    return {"pair_dir": str(checkpoint.pair_dir.resolve()), "files": signature}
+
+
+def _custom_annotation_signature(dataset: str, root) -> list | None:
+    """[name, size, mtime_ns] of a custom dataset's table (editing it changes the key), else None."""
+    from trpr.data.benchmarks import CUSTOM_DATASET
+    from trpr.data.folder_dataset import ANNOTATION_NAMES
+
+    if canonical_dataset(dataset) != CUSTOM_DATASET or root is None:
+        return None
+    for name in ANNOTATION_NAMES:
+        path = Path(root) / name
+        if path.is_file():
+            return [name, path.stat().st_size, path.stat().st_mtime_ns]
+    return None
+
+
+def search_cache_key(checkpoint: Checkpoint, dataset: str, root, split: str) -> str:
+    """Hash of `checkpoint_signature` + dataset + root + split (+ for a custom dataset, its table's name,
+    size and mtime_ns, so an edited table is encoded again)."""
+    signature = checkpoint_signature(checkpoint)
+    annotation = _custom_annotation_signature(dataset, root)
+    extra = {} if annotation is None else {"annotation": annotation}
+    blob = json.dumps({**extra, "pair_dir": signature["pair_dir"], "files": signature["files"],
                        "dataset": canonical_dataset(dataset), "root": None if root is None else str(Path(root).resolve()),
                        "split": split}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -120,6 +146,23 @@ def parse_score_row(row: str) -> tuple[tuple[int, ...], str]:
         raise EvalInputError(f"--score {error}") from None
 
 
+def choose_search_row(score: str | None, checkpoint: Checkpoint) -> tuple[str, str]:
+    """(ranking row, why it was chosen): `score` when given, else the row the run was selected on (its
+    config.yaml's eval.select_row), else DEFAULT_SEARCH_ROW. EvalInputError for a row that is not one."""
+    if score is not None:
+        parse_score_row(score)
+        return score, "--score"
+    selected = ((checkpoint.run_config or {}).get("eval") or {}).get("select_row")
+    if selected is not None:
+        try:
+            parse_row_key(selected)
+        except ValueError:
+            raise EvalInputError(f"checkpoint {checkpoint.path}: config.yaml's eval.select_row {selected!r} is not a "
+                                 f"row; pass --score (one of {', '.join(ROW_KEYS)})") from None
+        return selected, "the row the run was selected on, its eval.select_row; --score to change"
+    return DEFAULT_SEARCH_ROW, "no run config to take eval.select_row from; --score to change"
+
+
 @torch.no_grad()
 def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str = "A+B/GE+FS",
                    top: int = 10) -> list[dict]:
@@ -127,7 +170,8 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
 
     row: which models and score rank ("A/GE" ... "A+B/GE+FS"); the score is the sum of the chosen
     cosine similarities (so at most 1, 2 or 4). Returns up to `top` dicts {"rank" (1-based),
-    "score", "pid", "image_id", "path", "gallery_index"}; equal scores keep gallery order.
+    "score", "pid", "image_id", "path" (readable from here), "file" (as listed: relative to a folder
+    gallery's root, else the path), "gallery_index"}; equal scores keep gallery order.
     """
     from trpr.data.transforms import tokenize
 
@@ -141,8 +185,12 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
     gallery_feats = modeling.scoring_features([index.image_outputs[i] for i in model_indices], score)
     scores = gallery_feats @ query_feats[0]
     order = torch.sort(scores, descending=True, stable=True).indices[:top]
+    def path(i: int) -> str:
+        return str(Path(index.root) / index.sources[i]) if index.root is not None else index.sources[i]
+
     return [{"rank": rank, "score": float(scores[i]), "pid": int(index.pids[i]), "image_id": int(index.image_ids[i]),
-             "path": index.sources[i], "gallery_index": int(i)} for rank, i in enumerate(order.tolist(), start=1)]
+             "path": path(i), "file": index.sources[i], "gallery_index": int(i)}
+            for rank, i in enumerate(order.tolist(), start=1)]
 
 
 def query_slug(text: str, limit: int = 60) -> str:
@@ -156,8 +204,9 @@ def search_grid_path(out_dir: Path, query: str) -> Path:
 
 
 def save_search_grid(matches: list[dict], query: str, path: Path, *, gallery_split=None) -> Path:
-    """A PNG with the matched images in rank order, each titled "#rank pid score". Images are read from
-    their paths; embedded images (no path) come from `gallery_split` when given."""
+    """A PNG with the matched images in rank order, each titled "#rank pid score" (folder galleries, pid
+    -1: "#rank score file name"). Images are read from their paths; embedded images (no path) come from
+    `gallery_split` when given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +227,12 @@ def save_search_grid(matches: list[dict], query: str, path: Path, *, gallery_spl
             embedded = embedded or image_sources(gallery_split)
             source = embedded[match["gallery_index"]]
         ax.imshow(open_image(source))
-        ax.set_title(f"#{match['rank']} pid {match['pid']}\n{match['score']:.3f}", fontsize=8)
+        if match["pid"] >= 0:
+            ax.set_title(f"#{match['rank']} pid {match['pid']}\n{match['score']:.3f}", fontsize=8)
+        else:
+            name = Path(match.get("file") or source).name
+            name = name if len(name) <= 18 else name[:8] + "…" + name[-9:]
+            ax.set_title(f"#{match['rank']} {match['score']:.3f}\n{name}", fontsize=7)
     fig.suptitle(query if len(query) <= 90 else query[:87] + "...", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
