@@ -232,10 +232,10 @@ def test_cli_prints_disk_full_as_one_line(monkeypatch, capsys):
      r"last/model_a/model.safetensors: not a readable safetensors file"),
     (lambda run: (run / "last/model_b/model.safetensors").write_bytes(b"garbage" * 10),
      r"last/model_b/model.safetensors: not a readable safetensors file"),
-    (lambda run: (run / "last/training_state/optimizer_b.pt").write_bytes(b"\0" * 100),
-     r"last/training_state/optimizer_b.pt: unreadable, the file is damaged"),
-    (lambda run: (run / "last/training_state/alr_state.pt").unlink(),
-     r"last/training_state/alr_state.pt: missing"),
+    (lambda run: (run / "last/training_state/optimizer_b.safetensors").write_bytes(b"\0" * 100),
+     r"last/training_state/optimizer_b.safetensors: not a training-state file of this format, or damaged"),
+    (lambda run: (run / "last/training_state/alr_state.safetensors").unlink(),
+     r"last/training_state/alr_state.safetensors: missing"),
 ])
 def test_damaged_checkpoint_on_resume_is_one_line(one_epoch_run, tmp_path, damage, message):
     run_dir = copy_run(one_epoch_run, tmp_path)

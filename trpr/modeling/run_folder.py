@@ -34,7 +34,8 @@ BEST_DIR, LAST_DIR = "best", "last"
 CHECKPOINT_DIRS = (BEST_DIR, LAST_DIR)  # in order of preference
 STATE_DIR = "training_state"  # inside last/
 TRAINER_STATE_FILE = "trainer_state.json"  # inside last/training_state/
-ALR_STATE_FILE = "alr_state.pt"  # inside last/training_state/
+ALR_STATE_NAME = "alr_state"  # inside last/training_state/, written by engine.state_files.save_state
+ALR_STATE_FILE = ALR_STATE_NAME + ".safetensors"
 RUN_LOCK_FILE = ".run.lock"
 REPLACED_DIR = ".replaced"  # --overwrite: the previous run, kept until the new one starts its real work
 # files that make a folder recognisable as a run folder (what --overwrite may replace)

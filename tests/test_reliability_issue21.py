@@ -1,0 +1,129 @@
+"""Reliability III (issue 21): security and wrong results.
+
+8. nothing a run folder, checkpoint or cache holds is unpickled (a planted pickle never runs; old pickled
+   run folders are refused with one line);
+9. annotation paths that leave the dataset root, and pair.json members outside their folder, are refused;
+1. a diverged model (non-finite weights, non-finite features) is never saved or ranked;
+10. bad config values are one line naming key and value, before any data is read;
+7. --resume with fewer epochs than done, and a run folder of a newer format, are refused.
+"""
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trpr import configs
+from trpr import engine
+import train_3rtpr
+from trpr.engine import state_files
+from test_train_runs import data_root, tiny_args  # noqa: F401 (data_root: a fixture)
+
+
+class Planted:
+    """A pickle that, when loaded, creates `marker` (stands for arbitrary code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: Path) -> None:
+    """Write a malicious pickle to `path` (as torch.save would, a pickle inside)."""
+    path.write_bytes(pickle.dumps({"state": Planted(marker)}))
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(data_root, tmp_path_factory):
+    """A finished 1-epoch run (best/ and last/ of epoch 0); tests work on copies."""
+    run_dir = tmp_path_factory.mktemp("runs21") / "one_epoch"
+    train_3rtpr.main(tiny_args(data_root) + ["--train.epochs", "1", "--output-dir", str(run_dir)])
+    return run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+# ------------------------------------------------------------------------- 8. nothing is unpickled
+def test_state_files_round_trip_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), betas=(0.9, 0.98))
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "rng": engine.checkpoint.rng_state(), "nan": float("nan"),
+             "$odd": {1: (2, None)}, "array": np.arange(4, dtype=np.uint32)}
+    state_files.save_state(state, tmp_path / "s.safetensors")
+    assert b"\x80\x04" not in (tmp_path / "s.safetensors").read_bytes()[:16]  # not a pickle
+    back = state_files.load_state(tmp_path / "s.safetensors")
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.98)
+    torch.testing.assert_close(back["optimizer"]["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert back["$odd"] == {1: (2, None)} and np.isnan(back["nan"]) and back["array"].dtype == np.uint32
+    engine.checkpoint.set_rng_state(back["rng"])
+    with pytest.raises(TypeError, match=r"state.bad: a object cannot be stored"):
+        state_files.save_state({"bad": object()}, tmp_path / "t.safetensors")
+
+
+STATE_FILES = ["rng_0", "alr_state", "optimizer_a", "optimizer_b", "scheduler_a", "scheduler_b"]
+
+
+@pytest.mark.parametrize("name", STATE_FILES)
+def test_planted_pickle_in_training_state_never_runs(one_epoch_run, tmp_path, name):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    marker = tmp_path / "code-ran"
+    target = run_dir / "last" / "training_state" / f"{name}.safetensors"
+    assert target.is_file()
+    plant(target, marker)
+    with pytest.raises(engine.CheckpointError, match=rf"^--resume {run_dir}: {target}: not a training-state file "
+                                                    r"of this format, or damaged") as info:
+        train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2"])
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_old_pickled_run_folder_is_refused_without_opening_it(one_epoch_run, tmp_path):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    marker = tmp_path / "code-ran"
+    state_dir = run_dir / "last" / "training_state"
+    for path in state_dir.glob("*.safetensors"):  # the earlier layout: pickled .pt files
+        path.unlink()
+        plant(path.with_suffix(".pt"), marker)
+    with pytest.raises(engine.CheckpointError, match=rf"{state_dir}: training state in the earlier pickled .pt "
+                                                    r"format, which is never read .*start a new run") as info:
+        train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2"])
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_planted_pickles_in_weights_and_caches_never_run(one_epoch_run, tmp_path, monkeypatch):
+    """Model weights, the search-feature cache and the noise permutation: read without unpickling."""
+    from trpr import modeling
+    from trpr.data.noise import load_permutation
+    from trpr.evaluation.search import load_gallery_index
+
+    marker = tmp_path / "code-ran"
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    for name in ("model.safetensors",):
+        plant(run_dir / "best" / "model_a" / name, marker)
+    plant(run_dir / "best" / "model_a" / "pytorch_model.bin", marker)  # a pickled weights file beside it
+    with pytest.raises(Exception) as info:
+        modeling.ReciprocalPair.from_pretrained(run_dir / "best")
+    assert "model_a" in str(info.value)
+    stem = tmp_path / "cache" / "index"
+    stem.parent.mkdir()
+    plant(stem.with_suffix(".safetensors"), marker)
+    stem.with_suffix(".json").write_text(json.dumps({"sources": []}))
+    assert load_gallery_index(stem) is None  # unreadable cache: rebuilt
+    plant(tmp_path / "noise.npy", marker)
+    with pytest.raises(ValueError):
+        load_permutation(tmp_path / "noise.npy", 10)
+    assert not marker.exists()
+
