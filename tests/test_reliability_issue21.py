@@ -127,3 +127,60 @@ def test_planted_pickles_in_weights_and_caches_never_run(one_epoch_run, tmp_path
         load_permutation(tmp_path / "noise.npy", 10)
     assert not marker.exists()
 
+
+# ---------------------------------------------------------- 9. paths that leave the dataset / pair folder
+def _escaping_fixture(root: Path, path_of) -> tuple[Path, str]:
+    """A cuhk-pedes fixture whose train entry 0 points at an image outside the dataset (which exists, so
+    only the rule can stop it); returns (annotation file, the bad path)."""
+    from PIL import Image
+
+    from test_data_benchmarks import write_fixture
+
+    secret = root / "secret" / "x.png"
+    secret.parent.mkdir(parents=True)
+    Image.new("RGB", (4, 8), (1, 2, 3)).save(secret)
+    bad = path_of(secret)
+
+    def mutate(entries):
+        entries[0]["file_path"] = bad
+
+    write_fixture(root / "data", "cuhk-pedes", mutate)
+    return root / "data" / "CUHK-PEDES" / "reid_raw.json", bad
+
+
+@pytest.mark.parametrize("path_of", [lambda secret: "../../../secret/x.png", lambda secret: str(secret)],
+                         ids=["dotdot", "absolute"])
+def test_annotation_paths_outside_the_dataset_are_refused(tmp_path, capsys, path_of):
+    from trpr.data import check
+    from trpr.data.benchmarks import load_benchmark
+
+    annotation, bad = _escaping_fixture(tmp_path, path_of)
+    assert (annotation.parent / "imgs" / bad).is_file()  # the file is there: only the rule refuses it
+    assert check.main(["cuhk-pedes", "--root", str(tmp_path / "data")]) == 1
+    report = capsys.readouterr().out
+    assert "PROBLEM [path outside the image folder]: 1" in report
+    assert f"entry 0 (file_path={bad!r}) has image path {bad!r}, which leaves the image folder" in report
+    with pytest.raises(ValueError, match=rf"^{annotation}: entry 0 \(file_path='{bad}'\) has image path .* leaves the "
+                                         r"image folder") as info:
+        load_benchmark("cuhk-pedes", root=tmp_path / "data")
+    assert "\n" not in str(info.value)
+
+
+def test_pair_members_outside_the_pair_folder_are_refused(one_epoch_run, tmp_path):
+    from trpr import modeling
+
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(run_dir / "best" / "model_a", outside)
+    pair_json = run_dir / "best" / "pair.json"
+    config = json.loads(pair_json.read_text())
+    for member in ("../../elsewhere", str(outside), "model_a/../../../elsewhere"):
+        pair_json.write_text(json.dumps(dict(config, members=[member, "model_b"])))
+        with pytest.raises(ValueError, match=rf"{pair_json}: member '{member}' is not a folder inside the pair folder"):
+            modeling.ReciprocalPair.from_pretrained(run_dir / "best")
+    (run_dir / "best" / "link").symlink_to(outside)
+    pair_json.write_text(json.dumps(dict(config, members=["link", "model_b"])))
+    with pytest.raises(ValueError, match="member 'link' is not a folder inside the pair folder"):
+        modeling.ReciprocalPair.from_pretrained(run_dir / "best")
+    pair_json.write_text(json.dumps(config))
+    modeling.ReciprocalPair.from_pretrained(run_dir / "best")  # the normal layout still loads
