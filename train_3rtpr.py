@@ -31,6 +31,7 @@ import torch
 
 from trpr import configs
 from trpr import engine
+from trpr import kernels
 from trpr.data.transforms import get_tokenizer
 from trpr.evaluation.progress import quiet_progress_in_logs
 from trpr.modeling.run_folder import RunFolderBusy
@@ -155,7 +156,12 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
             improved = False
             if engine.validation_due(config, epoch):
                 with clock.phase("validation"):
-                    record["val"] = engine.validate(pair, splits, tokenizer, config, accelerator)
+                    try:
+                        record["val"] = engine.validate(pair, splits, tokenizer, config, accelerator)
+                    except kernels.NonFiniteFeatures as error:  # a diverged model is never ranked or saved
+                        raise engine.TrainingDiverged(
+                            f"validation after epoch {epoch}, step {state.global_step}: {error}; stopping without "
+                            "saving this epoch (lower optim.backbone_lr / optim.head_lr)") from None
                 score = engine.selection_score(record["val"], config)
                 improved = state.improves(score)
                 if improved:

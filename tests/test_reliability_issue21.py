@@ -184,3 +184,74 @@ def test_pair_members_outside_the_pair_folder_are_refused(one_epoch_run, tmp_pat
         modeling.ReciprocalPair.from_pretrained(run_dir / "best")
     pair_json.write_text(json.dumps(config))
     modeling.ReciprocalPair.from_pretrained(run_dir / "best")  # the normal layout still loads
+
+
+# ------------------------------------------------------------------- 1. a diverged model is never ranked
+def test_retrieval_metrics_refuse_non_finite_features():
+    from trpr import kernels
+
+    feats = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    pids = torch.tensor([0, 1, 2, 3])
+    assert kernels.retrieval_metrics(feats, feats, pids, pids, backend="torch")["R1"] == 100.0
+    bad = feats.clone()
+    bad[2] = float("nan")
+    with pytest.raises(kernels.NonFiniteFeatures, match=r"^query row 2 of 4 has non-finite features \(nan\)"):
+        kernels.retrieval_metrics(bad, feats, pids, pids, backend="torch")
+    with pytest.raises(kernels.NonFiniteFeatures, match=r"^gallery row 2 of 4"):
+        kernels.retrieval_metrics(feats, bad, pids, pids, backend="torch")
+
+
+def test_huge_learning_rate_stops_training_and_saves_nothing(data_root, tmp_path):
+    """lr 1e38 and one step per epoch: the step's loss is finite, the weights after it are not usable. The
+    run must stop with one line naming the epoch and step instead of validating to R@1 100 (all-NaN
+    scores) and saving best/."""
+    run_dir = tmp_path / "diverged"
+    with pytest.raises(engine.TrainingDiverged, match=r"(validation )?after epoch 0, step 1|epoch 0, step 1") as info:
+        train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir), "--train.epochs", "1",
+                                                 "--train.batch_size", "144",
+                                                 "--optim.backbone_lr", "1e38", "--optim.head_lr", "1e38"])
+    assert "\n" not in str(info.value) and "non-finite" in str(info.value)
+    assert not (run_dir / "best").exists() and not (run_dir / "last").exists()
+
+
+def test_non_finite_weights_are_never_saved(one_epoch_run, tmp_path):
+    from trpr import modeling
+    from trpr.engine.checkpoint import CheckpointWriter, TrainerState
+
+    pair = modeling.ReciprocalPair.from_pretrained(one_epoch_run / "best")
+    with torch.no_grad():
+        next(pair.b.parameters()).fill_(float("inf"))
+    accelerator = checkpoint_accelerator()
+    writer = CheckpointWriter(tmp_path, pair, [], [], accelerator, background=False)
+    with pytest.raises(engine.TrainingDiverged, match=r"non-finite weights of model B after epoch 3, global step 7"):
+        writer.snapshot({}, TrainerState(epoch=3, global_step=7), improved=True)
+    assert not (tmp_path / "best").exists() and not (tmp_path / "last").exists()
+
+
+def checkpoint_accelerator():
+    from trpr.engine.checkpoint import _ThisProcessOnly
+
+    accelerator = _ThisProcessOnly()
+    accelerator.scaler, accelerator.device = None, torch.device("cpu")
+    return accelerator
+
+
+def test_evaluating_a_pair_with_nan_weights_is_an_error_not_a_leaderboard_entry(one_epoch_run, data_root, tmp_path,
+                                                                              capsys):
+    from safetensors.torch import load_file, save_file
+
+    import eval_3rtpr
+
+    pair_dir = tmp_path / "nan_pair"
+    shutil.copytree(one_epoch_run / "best", pair_dir)
+    weights = pair_dir / "model_a" / "model.safetensors"
+    state = load_file(str(weights))
+    projection = next(name for name in state if "visual_projection" in name or "text_projection" in name)
+    state[projection] = torch.full_like(state[projection], float("nan"))
+    save_file(state, str(weights), metadata={"format": "pt"})
+    code = eval_3rtpr.main(["--checkpoint", str(pair_dir), "--dataset", "synth-pedes-tiny", "--root", str(data_root),
+                            "--out", str(tmp_path / "out"), "--batch-size", "32"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code != 0
+    assert f"checkpoint {pair_dir}: model A gives a non-finite" in err and "row 0" in err
+    assert not (tmp_path / "out" / "leaderboard.md").exists()

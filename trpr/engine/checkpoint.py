@@ -37,6 +37,7 @@ from trpr.modeling.run_folder import (ALR_STATE_NAME, BEST_DIR, CHECKPOINT_DIRS,
                                  recover_interrupted_swap, swap_paths)
 
 from .state_files import StateFileError, load_state, save_state, state_path
+from .step import TrainingDiverged, non_finite_weights
 
 KILL_POINT_ENV = "TRPR_KILL_AT"
 OLD_FORMAT_HINT = ("training state in the earlier pickled .pt format, which is never read (unpickling a file can run "
@@ -236,6 +237,16 @@ def gather_rng_states(accelerator) -> list[dict] | None:
     return states if accelerator.is_main_process else None
 
 
+def refuse_non_finite(pair, trainer_state: TrainerState, accelerator) -> None:
+    """TrainingDiverged (one line naming the epoch and step) when a weight of the pair is NaN or infinite:
+    such weights are never written to best/ or last/ (a last resort: training checks them first)."""
+    for model, bad in zip("AB", non_finite_weights(pair.models, accelerator)):
+        if bad:
+            raise TrainingDiverged(f"non-finite weights of model {model} after epoch {trainer_state.epoch}, global "
+                                   f"step {trainer_state.global_step}: not saved "
+                                   "(the run diverged: lower optim.backbone_lr / optim.head_lr)")
+
+
 def training_snapshot(optimizer_states, schedulers, alr_state: dict, trainer_state: TrainerState, accelerator,
                       copy_tensors=None) -> dict:
     """What training_state/ holds, detached from the live objects: {"optimizers": [state_dict per model],
@@ -269,6 +280,7 @@ def save_last(run_dir: Path, pair, optimizers, schedulers, alr_state: dict, trai
     """last/ = the pair + training_state/ (optimizers, schedulers, loss scaler, per-process RNG, ALR, counters
     and the epoch record `trainer_state.epoch_record`), written now (blocking) by the main process; every
     process takes part (RNG states, barriers)."""
+    refuse_non_finite(pair, trainer_state, accelerator)
     snapshot = training_snapshot(optimizers, schedulers, alr_state, trainer_state, accelerator)
     write_folder_atomically(run_dir / LAST_DIR, lambda folder: write_last(folder, pair, snapshot)
                             if accelerator.is_main_process else None, accelerator,
@@ -280,6 +292,7 @@ def save_checkpoint(run_dir: Path, pair, optimizers, schedulers, alr_state: dict
     """End of an epoch, blocking: best/ (the pair) when the validation score improved, then last/. Set
     `trainer_state.epoch_record` to the epoch's metrics record first: it is saved with last/.
     (The trainer uses `CheckpointWriter`, which writes the same folders in the background.)"""
+    refuse_non_finite(pair, trainer_state, accelerator)
     if improved:
         write_folder_atomically(run_dir / BEST_DIR, lambda folder: pair.save_pretrained(folder)
                                 if accelerator.is_main_process else None, accelerator, needed_bytes=tensor_bytes(pair))
@@ -409,6 +422,7 @@ class CheckpointWriter:
     def snapshot(self, alr_state: dict, trainer_state: TrainerState, *, improved: bool) -> None:
         """Copy the training state for this epoch's checkpoint (every process; blocking)."""
         self.wait()
+        refuse_non_finite(self.pair, trainer_state, self.accelerator)
         host_pair = self._copy_pair() if self.accelerator.is_main_process else None
         snapshot = training_snapshot(self.optimizers, self.schedulers, alr_state, trainer_state, self.accelerator,
                                      copy_tensors=self._copy_optimizer_states
