@@ -255,3 +255,50 @@ def test_evaluating_a_pair_with_nan_weights_is_an_error_not_a_leaderboard_entry(
     assert code != 0
     assert f"checkpoint {pair_dir}: model A gives a non-finite" in err and "row 0" in err
     assert not (tmp_path / "out" / "leaderboard.md").exists()
+
+
+# ------------------------------------------------------------------ 10. config values, one line each
+@pytest.mark.parametrize("overrides, message", [
+    (["--optim.backbone_lr", "-1e-5"], "optim.backbone_lr must be > 0, got -1e-05"),
+    (["--optim.head_lr", "0"], "optim.head_lr must be > 0, got 0.0"),
+    (["--optim.head_lr", ".inf"], "optim.head_lr must be a finite number, got inf"),
+    (["--loss.lambda_sdm", "-1"], "loss.lambda_sdm must be >= 0, got -1.0"),
+    (["--loss.lambda_trl", "-0.5"], "loss.lambda_trl must be >= 0, got -0.5"),
+    (["--model.fused_dim", "0"], "model.fused_dim must be > 0, got 0"),
+    (["--model.fused_dim", "-64"], "model.fused_dim must be > 0, got -64"),
+    (["--train.log_every", "0"], "train.log_every must be >= 1, got 0"),
+    (["--eval.batch_size", "0"], "eval.batch_size must be >= 1, got 0"),
+    (["--data.num_workers", "-1"], "data.num_workers must be >= 0, got -1"),
+    (["--seed", "-3"], "seed must be >= 0, got -3"),
+    (["--optim.betas", "[0.9, 1.0]"], r"optim.betas\[1\] must lie in \[0, 1\), got 1.0"),
+    (["--optim.betas", "[-0.1, 0.99]"], r"optim.betas\[0\] must lie in \[0, 1\), got -0.1"),
+    (["--optim.warmup_epochs", "-1"], "optim.warmup_epochs must be >= 0, got -1"),
+    (["--alr.sharpness", "0"], "alr.sharpness must be > 0, got 0.0"),
+    (["--alr.sharpness", "-2"], "alr.sharpness must be > 0, got -2.0"),
+    (["--data.image_size", "[30, 16]"], r"data.image_size \[30, 16\] must be divisible by the backbone's patch size 8"),
+    (["--model.backbone", "{hidden_size: 30, num_attention_heads: 4}"],
+     "model.backbone: the vision width \\(hidden_size\\) 30 is not divisible by its 4 attention heads"),
+    (["--model.backbone", "openai/clip-vit-base-patch16", "--data.image_size", "[384, 120]"],
+     r"data.image_size \[384, 120\] must be divisible by the backbone's patch size 16"),
+])
+def test_bad_config_values_are_one_line_before_any_data(overrides, message, tmp_path, monkeypatch):
+    from trpr import data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the config was checked")
+
+    monkeypatch.setattr(data, "load_benchmark", no_data)
+    with pytest.raises(configs.ConfigError, match=message) as info:
+        train_3rtpr.main(["--config", "synth-pedes", "--output-dir", str(tmp_path / "run")] + overrides)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("base", ["3", "[synth-pedes, 4]", "{a: 1}", "null"])
+def test_non_string_base_is_one_line(tmp_path, base):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"base: {base}\ntrain:\n  epochs: 2\n")
+    with pytest.raises(configs.ConfigError, match=rf"config file {recipe}: base must be a recipe name or path, or a "
+                                                  r"list of them, got") as info:
+        configs.load_config(recipe)
+    assert "\n" not in str(info.value)
