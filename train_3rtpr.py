@@ -114,6 +114,9 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
     state = engine.TrainerState()
     if args.resume:
         alr_state, state = engine.resume(args.resume, models, optimizers, schedulers, accelerator)
+        if config["train"]["epochs"] < state.epoch + 1:  # checked early by engine.resolve_run; here after recovery
+            raise configs.ConfigError(f"--resume {args.resume}: train.epochs {config['train']['epochs']} is fewer "
+                                      f"than the {state.epoch + 1} epoch(s) the run has finished")
     run_folder.start(config)  # the real work begins: config.yaml
     engine.restart_metrics(run_dir, state.epoch + 1, accelerator, last_record=state.epoch_record)
     if trackers:

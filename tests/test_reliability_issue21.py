@@ -302,3 +302,35 @@ def test_non_string_base_is_one_line(tmp_path, base):
                                                   r"list of them, got") as info:
         configs.load_config(recipe)
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------ 7. resume: epochs and format version
+def test_resume_with_fewer_epochs_than_done_is_refused_and_changes_nothing(data_root, tmp_path):
+    import yaml
+
+    two = tmp_path / "two"
+    train_3rtpr.main(tiny_args(data_root) + ["--train.epochs", "2", "--output-dir", str(two),
+                                             "--alr.enabled", "false", "--eval.split", "null"])
+    before = (two / "config.yaml").read_text()
+    with pytest.raises(configs.ConfigError, match=rf"^--resume {two}: train.epochs 1 is fewer than the 2 epoch\(s\) "
+                                                  r"the run has finished; pass --train.epochs 2 or more") as info:
+        train_3rtpr.main(["--resume", str(two), "--train.epochs", "1"])
+    assert "\n" not in str(info.value)
+    assert (two / "config.yaml").read_text() == before and yaml.safe_load(before)["train"]["epochs"] == 2
+
+
+def test_newer_format_versions_are_refused(one_epoch_run, tmp_path):
+    from trpr import modeling
+
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    state_file = run_dir / "last" / "training_state" / "trainer_state.json"
+    counters = json.loads(state_file.read_text())
+    assert counters["format_version"] == engine.checkpoint.TRAINING_STATE_VERSION
+    state_file.write_text(json.dumps(dict(counters, format_version=99)))
+    with pytest.raises(engine.CheckpointError, match=rf"^--resume {run_dir}: {state_file}: format_version 99 is newer "
+                                                    r"than this trpr resumes \(2\); upgrade trpr"):
+        train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2"])
+    model_config = run_dir / "best" / "model_a" / "config.json"
+    model_config.write_text(json.dumps(dict(json.loads(model_config.read_text()), format_version=7)))
+    with pytest.raises(ValueError, match=rf"{model_config}: format_version 7 is newer than this trpr reads \(1\)"):
+        modeling.ReciprocalPair.from_pretrained(run_dir / "best")

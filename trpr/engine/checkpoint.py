@@ -40,6 +40,8 @@ from .state_files import StateFileError, load_state, save_state, state_path
 from .step import TrainingDiverged, non_finite_weights
 
 KILL_POINT_ENV = "TRPR_KILL_AT"
+# training_state/ layout: 1 = pickled .pt files (refused), 2 = engine.state_files (trainer_state.json holds it)
+TRAINING_STATE_VERSION = 2
 OLD_FORMAT_HINT = ("training state in the earlier pickled .pt format, which is never read (unpickling a file can run "
                    "code); its weights (best/, last/) still evaluate, but the run cannot be resumed: start a new run")
 GB = 1e9
@@ -223,7 +225,8 @@ def write_last(folder: Path, pair, snapshot: dict) -> None:
     if snapshot["scaler"] is not None:
         save_state(snapshot["scaler"], state_path(state_dir, "scaler"))
     save_state(snapshot["alr_state"], state_path(state_dir, ALR_STATE_NAME))
-    (state_dir / TRAINER_STATE_FILE).write_text(json.dumps(snapshot["trainer_state"], indent=2) + "\n")
+    counters = {"format_version": TRAINING_STATE_VERSION, **snapshot["trainer_state"]}
+    (state_dir / TRAINER_STATE_FILE).write_text(json.dumps(counters, indent=2) + "\n")
     save_rng_states(state_dir, snapshot["rng"])
 
 
@@ -312,10 +315,19 @@ def _load_file(path: Path):
 
 def check_state_format(state_dir: Path) -> None:
     """CheckpointError (one line) when training_state/ is of the earlier pickled format (`*.pt` files and
-    no trainer state of this format): such files are never opened."""
+    no trainer state of this format: such files are never opened) or of a newer format than
+    TRAINING_STATE_VERSION (trainer_state.json's format_version)."""
     pickled = sorted(state_dir.glob("*.pt")) if state_dir.is_dir() else []
     if pickled and not state_path(state_dir, ALR_STATE_NAME).is_file():
         raise CheckpointError(f"{state_dir}: {OLD_FORMAT_HINT}")
+    state_file = state_dir / TRAINER_STATE_FILE
+    try:
+        version = json.loads(state_file.read_text()).get("format_version", TRAINING_STATE_VERSION)
+    except (OSError, ValueError, AttributeError):
+        return  # missing or damaged: load_last names it
+    if isinstance(version, bool) or not isinstance(version, int) or version > TRAINING_STATE_VERSION:
+        raise CheckpointError(f"{state_file}: format_version {version!r} is newer than this trpr resumes "
+                              f"({TRAINING_STATE_VERSION}); upgrade trpr to continue this run")
 
 
 def _load_into(target, state, path: Path) -> None:

@@ -2,6 +2,7 @@
 before any work (backbone, batch size, images), datasets, the training loader, the pair."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from trpr.data.images import ImageCheckError
 from trpr.evaluation.checkpoints import image_check_summary
 from trpr.modeling.hub import check_pretrained_clip
 from trpr.modeling.run_folder import (CONFIG_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, REPLACED_DIR, RUN_LOCK_FILE,
-                                 RUN_MARKERS, RunLock, describe_holder)
+                                 RUN_MARKERS, STATE_DIR, TRAINER_STATE_FILE, RunLock, describe_holder, swap_paths)
 
 from .distributed import sync_batch_norms
 from .sampler import GlobalBatchSampler
@@ -34,10 +35,38 @@ def resolve_run(overrides: list[str], *, config_path=None, output_dir=None, resu
             raise configs.ConfigError("give either --config or --resume (a resumed run uses its own config.yaml)")
         if not (resume_dir / CONFIG_FILE).is_file():
             raise configs.ConfigError(f"--resume {resume_dir}: no {CONFIG_FILE} (not a run folder)")
-        return configs.load_config(resume_dir / CONFIG_FILE, overrides), Path(output_dir) if output_dir else resume_dir
+        config = configs.load_config(resume_dir / CONFIG_FILE, overrides)
+        check_resume(resume_dir, config)
+        return config, Path(output_dir) if output_dir else resume_dir
     if not config_path or not output_dir:
         raise configs.ConfigError("--config and --output-dir are required (or --resume RUN_DIR)")
     return configs.load_config(config_path, overrides), Path(output_dir)
+
+
+def check_resume(resume_dir: Path, config: dict) -> None:
+    """Before anything is read or written: the run's training state must be of a format this trpr
+    resumes (`checkpoint.check_state_format`: CheckpointError), and config train.epochs must not be fewer
+    than the epochs it has finished (ConfigError: resuming would train nothing and shrink config.yaml).
+    Reads last/ (or the `.last.old` an interrupted swap left) without changing anything."""
+    from .checkpoint import CheckpointError, check_state_format
+
+    last = Path(resume_dir) / LAST_DIR
+    if not last.is_dir():
+        last = swap_paths(last)[1]
+    state_dir = last / STATE_DIR
+    try:
+        check_state_format(state_dir)
+    except CheckpointError as error:
+        raise CheckpointError(f"--resume {resume_dir}: {error}") from None
+    try:
+        done = int(json.loads((state_dir / TRAINER_STATE_FILE).read_text())["epoch"]) + 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no finished epoch or a damaged state: `checkpoint.resume` says so
+    epochs = config["train"]["epochs"]
+    if epochs < done:
+        raise configs.ConfigError(f"--resume {resume_dir}: train.epochs {epochs} is fewer than the {done} epoch(s) "
+                                  f"the run has finished; pass --train.epochs {done} or more to continue it "
+                                  "(nothing was changed)")
 
 
 # ----------------------------------------------------------------------------------------- the run folder
