@@ -168,7 +168,7 @@ def test_torn_last_metrics_line_is_dropped_on_resume(one_epoch_run, tmp_path):
 # ---------------------------------------------------------------------------------------- 3. disk full
 def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resume_works(one_epoch_run, tmp_path, monkeypatch):
     run_dir = copy_run(one_epoch_run, tmp_path)
-    real_save = torch.save
+    real_save = checkpoint.save_state  # the training-state files (engine.state_files)
 
     def disk_full_save(obj, path, *args, **kwargs):
         if ".last.tmp" in str(path):
@@ -176,7 +176,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resume_works(one_e
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", disk_full_save)
+    monkeypatch.setattr(checkpoint, "save_state", disk_full_save)
     with pytest.raises(engine.DiskFullError) as info:
         train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2"])
     message = info.value.strerror
@@ -184,7 +184,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resume_works(one_e
     assert "the previous last/ is kept" in message and "\n" not in message
     assert not (run_dir / ".last.tmp").exists()  # the partial copy does not keep the disk full
     assert trainer_state(run_dir)["epoch"] == 0 and not (run_dir / RUN_LOCK_FILE).exists()
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(checkpoint, "save_state", real_save)
     # the next --resume works, TensorBoard included
     train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2", "--logging.trackers", "[tensorboard]"])
     assert trainer_state(run_dir)["epoch"] == 1 and [r["epoch"] for r in read_records(run_dir)] == [0, 1]
