@@ -182,8 +182,12 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
                 checkpoints.snapshot(alr_state, state, improved=improved)
             timing = engine.epoch_timing(clock.seconds, step_times, clock.elapsed(), samples_per_epoch)
             record.update(best_epoch=state.best_epoch, epoch_time_s=timing["epoch_s"], time=timing)
-            checkpoints.write(epoch_record=record, after=lambda seconds, record=record: engine.append_metrics(
-                run_dir, {**record, "time": {**record["time"], "checkpoint_write_s": round(seconds, 4)}}))
+            def saved(seconds, record=record):  # in the writer, once last/ is in place
+                engine.append_metrics(run_dir, {**record, "time": {**record["time"],
+                                                                   "checkpoint_write_s": round(seconds, 4)}})
+                run_folder.release_replaced()  # --overwrite: the previous run goes once an epoch of this one is saved
+
+            checkpoints.write(epoch_record=record, after=saved)
             accelerator.log({f"time/{key}": value for key, value in timing.items() if value is not None},
                             step=state.global_step)
             accelerator.print(f"epoch {epoch}: loss A {record['loss_a']:.4f}, loss B {record['loss_b']:.4f}, "

@@ -334,3 +334,27 @@ def test_newer_format_versions_are_refused(one_epoch_run, tmp_path):
     model_config.write_text(json.dumps(dict(json.loads(model_config.read_text()), format_version=7)))
     with pytest.raises(ValueError, match=rf"{model_config}: format_version 7 is newer than this trpr reads \(1\)"):
         modeling.ReciprocalPair.from_pretrained(run_dir / "best")
+
+
+# ------------------------------------------------------- 2. --overwrite keeps the old run until an epoch
+def test_overwrite_keeps_the_previous_run_until_the_new_one_saves_an_epoch(one_epoch_run, data_root, tmp_path,
+                                                                         monkeypatch, capsys):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    before = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    def dies_in_epoch_0(*args, **kwargs):
+        assert (run_dir / ".replaced" / "last").is_dir()  # the previous run still exists while epoch 0 runs
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "train_one_epoch", dies_in_epoch_0)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir), "--overwrite", "--train.epochs", "1"])
+    after = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # the previous run is back, byte for byte, and nothing of the new one is left
+    capsys.readouterr()
+    train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir), "--overwrite", "--train.epochs", "1",
+                                             "--seed", "5"])
+    assert "the previous run in" in capsys.readouterr().err
+    assert not (run_dir / ".replaced").exists() and (run_dir / "last").is_dir()
+    assert configs.load_config(run_dir / "config.yaml")["seed"] == 5

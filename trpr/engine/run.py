@@ -95,8 +95,9 @@ class RunFolder:
     running training into the same folder is refused; the stale lock of a crashed one is taken over with a
     note). A new run (or a resumed one written to another folder) needs an empty folder; with `overwrite`
     a previous run's folder (never a folder that is not a run folder) is moved aside into `.replaced/`,
-    deleted at `start` and put back if the run fails before. Every process gets the same outcome: the main
-    process's error is broadcast and raised everywhere.
+    deleted once the new run's first epoch is on disk (its last/: `release_replaced`, called by the
+    checkpoint writer) and put back if the run fails before that. Every process gets the same outcome: the
+    main process's error is broadcast and raised everywhere.
     On exit the lock is released; after a failure, a folder that this process created (or found empty)
     and that holds no finished epoch (no last/) is removed (emptied), so failed runs leave nothing behind.
     """
@@ -169,24 +170,30 @@ class RunFolder:
             raise error
 
     def start(self, config: dict) -> None:
-        """The real work begins: the main process deletes a run replaced by --overwrite and writes the
-        resolved config.yaml; every process waits."""
+        """The real work begins: the main process writes the resolved config.yaml (a run replaced by
+        --overwrite stays in `.replaced/` until `release_replaced`); every process waits."""
         if self.accelerator.is_main_process:
-            if self.replaced.exists():
-                shutil.rmtree(self.replaced)
-                print(f"note: --overwrite: the previous run in {self.run_dir} was deleted", file=sys.stderr)
             configs.save_config(config, self.run_dir / CONFIG_FILE)
         self.accelerator.wait_for_everyone()
+
+    def release_replaced(self) -> None:
+        """Main process, once the new run's first last/ is in place: delete the run --overwrite replaced
+        (until then a failure puts it back). Safe to call from the checkpoint-writer thread and repeatedly."""
+        if self.accelerator.is_main_process and self.replaced.exists() and (self.run_dir / LAST_DIR).is_dir():
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            print(f"note: --overwrite: the previous run in {self.run_dir} was deleted (the new run's first epoch "
+                  "is saved)", file=sys.stderr)
 
     def __exit__(self, kind, error, traceback) -> None:
         if not self.accelerator.is_main_process:
             return
         self.lock.release()
         if kind is None or self.in_place or (self.run_dir / LAST_DIR).exists():
+            self.release_replaced()
             return
         if self.created:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-        elif self.replaced.exists():  # failed before the real work: the previous run comes back
+        elif self.replaced.exists():  # failed before the new run's first epoch was saved: the previous run comes back
             _remove(p for p in _entries(self.run_dir) if p != self.replaced)
             for entry in list(self.replaced.iterdir()):
                 entry.rename(self.run_dir / entry.name)
