@@ -31,6 +31,7 @@ import torch
 
 from trpr import configs
 from trpr import engine
+from trpr import kernels
 from trpr.data.transforms import get_tokenizer
 from trpr.evaluation.progress import quiet_progress_in_logs
 from trpr.modeling.run_folder import RunFolderBusy
@@ -112,6 +113,9 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
     state = engine.TrainerState()
     if args.resume:
         alr_state, state = engine.resume(args.resume, models, optimizers, schedulers, accelerator)
+        if config["train"]["epochs"] < state.epoch + 1:  # checked early by engine.resolve_run; here after recovery
+            raise configs.ConfigError(f"--resume {args.resume}: train.epochs {config['train']['epochs']} is fewer "
+                                      f"than the {state.epoch + 1} epoch(s) the run has finished")
     run_folder.start(config)  # the real work begins: config.yaml
     engine.restart_metrics(run_dir, state.epoch + 1, accelerator, last_record=state.epoch_record)
     if trackers:
@@ -154,7 +158,12 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
             improved = False
             if engine.validation_due(config, epoch):
                 with clock.phase("validation"):
-                    record["val"] = engine.validate(pair, splits, tokenizer, config, accelerator)
+                    try:
+                        record["val"] = engine.validate(pair, splits, tokenizer, config, accelerator)
+                    except kernels.NonFiniteFeatures as error:  # a diverged model is never ranked or saved
+                        raise engine.TrainingDiverged(
+                            f"validation after epoch {epoch}, step {state.global_step}: {error}; stopping without "
+                            "saving this epoch (lower optim.backbone_lr / optim.head_lr)") from None
                 score = engine.selection_score(record["val"], config)
                 improved = state.improves(score)
                 if improved:
@@ -172,8 +181,12 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
                 checkpoints.snapshot(alr_state, state, improved=improved)
             timing = engine.epoch_timing(clock.seconds, step_times, clock.elapsed(), samples_per_epoch)
             record.update(best_epoch=state.best_epoch, epoch_time_s=timing["epoch_s"], time=timing)
-            checkpoints.write(epoch_record=record, after=lambda seconds, record=record: engine.append_metrics(
-                run_dir, {**record, "time": {**record["time"], "checkpoint_write_s": round(seconds, 4)}}))
+            def saved(seconds, record=record):  # in the writer, once last/ is in place
+                engine.append_metrics(run_dir, {**record, "time": {**record["time"],
+                                                                   "checkpoint_write_s": round(seconds, 4)}})
+                run_folder.release_replaced()  # --overwrite: the previous run goes once an epoch of this one is saved
+
+            checkpoints.write(epoch_record=record, after=saved)
             accelerator.log({f"time/{key}": value for key, value in timing.items() if value is not None},
                             step=state.global_step)
             accelerator.print(f"epoch {epoch}: loss A {record['loss_a']:.4f}, loss B {record['loss_b']:.4f}, "

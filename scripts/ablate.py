@@ -599,7 +599,7 @@ def plot_alr(table: dict, variants: list[str], path: Path, conditions: tuple[str
 
 
 def run_alr_weights(run: Run, root: Path) -> tuple | None:
-    """(weights float [N], noisy bool [N]) of a noisy run's last ALR pass (last/training_state/alr_state.pt)
+    """(weights float [N], noisy bool [N]) of a noisy run's last ALR pass (last/training_state/alr_state.safetensors)
     and its training set's noisy flags (from the run's noise permutation), or None when either is missing."""
     import torch
     import yaml
@@ -619,7 +619,12 @@ def run_alr_weights(run: Run, root: Path) -> tuple | None:
 
     flags = data.load_benchmark(config["data"]["dataset"], root=config["data"]["root"] or root,
                                 noise_file=permutation)["train"]["noisy"]
-    weights = torch.load(states[0], map_location="cpu", weights_only=True)["weights"].numpy()
+    from trpr.engine.state_files import StateFileError, load_state
+
+    try:  # safetensors + JSON: nothing is unpickled
+        weights = load_state(states[0])["weights"].numpy()
+    except (StateFileError, KeyError, TypeError):
+        return None
     if len(weights) != len(flags):
         return None
     return weights, __import__("numpy").asarray(flags, dtype=bool)

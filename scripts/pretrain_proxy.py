@@ -11,7 +11,7 @@ config.json + model.safetensors (CLIPModel.save_pretrained, square image_size of
 project's loader resizes the position embeddings to the fine-tuning grid), the CLIP tokenizer files,
 pretrain_info.json (settings, corpus, CPU and wall time, final loss, zero-shot retrieval) and
 loss_curve.png. It is written under a temporary name and renamed when complete; an interrupted run
-resumes from its last finished epoch (`.<name>.work/state.pt`).
+resumes from its last finished epoch (`.<name>.work/state.safetensors`).
 
 Loss: symmetric InfoNCE over the batch with a learned temperature, as CLIP: logits = exp(t) · cos(img, txt),
 t initialised to ln(1/0.07) and clamped at ln(100); mean of the image→text and text→image cross-entropies.
@@ -181,13 +181,16 @@ def lr_at(step: int, total: int, settings: ProxySettings) -> float:
 
 
 def save_state(path: Path, state: dict) -> None:
+    """Write the work state atomically in trpr's state-file format (safetensors + JSON, never a pickle)."""
+    from trpr.engine.state_files import save_state as write_state
+
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
+    write_state(state, tmp)
     os.replace(tmp, path)
 
 
 def train(settings: ProxySettings, corpus, work_dir: Path, progress: bool = True) -> tuple:
-    """Pre-trains (resuming from work_dir/state.pt when present). Returns (CLIPModel, CLIPBackbone, history)
+    """Pre-trains (resuming from work_dir/state.safetensors when present). Returns (CLIPModel, CLIPBackbone, history)
     with history = {"loss": per-step losses, "logit_scale": per-step, "cpu_s", "wall_s", "epochs"}."""
     clip, backbone = build_model(settings)
     optimizer = build_optimizer(clip, settings)
@@ -195,9 +198,11 @@ def train(settings: ProxySettings, corpus, work_dir: Path, progress: bool = True
     total = settings.epochs * len(batches)
     history = {"loss": [], "logit_scale": [], "cpu_s": 0.0, "wall_s": 0.0, "epochs": 0}
     work_dir.mkdir(parents=True, exist_ok=True)
-    state_path = work_dir / "state.pt"
+    state_path = work_dir / "state.safetensors"
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
+        from trpr.engine.state_files import load_state
+
+        state = load_state(state_path)  # nothing is unpickled
         clip.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         history = state["history"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from trpr import configs
+from trpr.engine.state_files import save_state
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("ablate", REPO / "scripts" / "ablate.py")
@@ -253,7 +254,7 @@ def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
         state = run.folder / "last" / "training_state"
         state.mkdir(parents=True)
         weights = torch.where(torch.from_numpy(noisy), torch.tensor(0.2), torch.tensor(0.95))
-        torch.save({"weights": weights, "keep": torch.ones(train_size, dtype=torch.bool)}, state / "alr_state.pt")
+        save_state({"weights": weights, "keep": torch.ones(train_size, dtype=torch.bool)}, state / "alr_state.safetensors")
         records = [{"epoch": 0, "best_epoch": 0}, {"epoch": 1, "best_epoch": 1, "alr": alr_record(noisy)}]
         (run.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     found = ablate.run_alr_weights(runs["full-noisy80-seed0"], tmp_path / "data")

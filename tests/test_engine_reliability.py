@@ -168,7 +168,7 @@ def test_torn_last_metrics_line_is_dropped_on_resume(one_epoch_run, tmp_path):
 # ---------------------------------------------------------------------------------------- 3. disk full
 def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resume_works(one_epoch_run, tmp_path, monkeypatch):
     run_dir = copy_run(one_epoch_run, tmp_path)
-    real_save = torch.save
+    real_save = checkpoint.save_state  # the training-state files (engine.state_files)
 
     def disk_full_save(obj, path, *args, **kwargs):
         if ".last.tmp" in str(path):
@@ -176,7 +176,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resume_works(one_e
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", disk_full_save)
+    monkeypatch.setattr(checkpoint, "save_state", disk_full_save)
     with pytest.raises(engine.DiskFullError) as info:
         train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2"])
     message = info.value.strerror
@@ -184,7 +184,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resume_works(one_e
     assert "the previous last/ is kept" in message and "\n" not in message
     assert not (run_dir / ".last.tmp").exists()  # the partial copy does not keep the disk full
     assert trainer_state(run_dir)["epoch"] == 0 and not (run_dir / RUN_LOCK_FILE).exists()
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(checkpoint, "save_state", real_save)
     # the next --resume works, TensorBoard included
     train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2", "--logging.trackers", "[tensorboard]"])
     assert trainer_state(run_dir)["epoch"] == 1 and [r["epoch"] for r in read_records(run_dir)] == [0, 1]
@@ -232,10 +232,10 @@ def test_cli_prints_disk_full_as_one_line(monkeypatch, capsys):
      r"last/model_a/model.safetensors: not a readable safetensors file"),
     (lambda run: (run / "last/model_b/model.safetensors").write_bytes(b"garbage" * 10),
      r"last/model_b/model.safetensors: not a readable safetensors file"),
-    (lambda run: (run / "last/training_state/optimizer_b.pt").write_bytes(b"\0" * 100),
-     r"last/training_state/optimizer_b.pt: unreadable, the file is damaged"),
-    (lambda run: (run / "last/training_state/alr_state.pt").unlink(),
-     r"last/training_state/alr_state.pt: missing"),
+    (lambda run: (run / "last/training_state/optimizer_b.safetensors").write_bytes(b"\0" * 100),
+     r"last/training_state/optimizer_b.safetensors: not a training-state file of this format, or damaged"),
+    (lambda run: (run / "last/training_state/alr_state.safetensors").unlink(),
+     r"last/training_state/alr_state.safetensors: missing"),
 ])
 def test_damaged_checkpoint_on_resume_is_one_line(one_epoch_run, tmp_path, damage, message):
     run_dir = copy_run(one_epoch_run, tmp_path)

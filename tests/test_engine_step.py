@@ -120,7 +120,9 @@ def test_one_step_lowers_both_losses(loss):
 
 
 def test_weights_and_keep_flags_enter_the_loss():
-    config = tiny_config(**{"optim.backbone_lr": 0.0, "optim.head_lr": 0.0})
+    config = tiny_config()
+    # frozen weights (every step sees the same model): lr 0, set after the config check, which refuses it
+    config["optim"]["backbone_lr"] = config["optim"]["head_lr"] = 0.0
     accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
     loss = TrainingLoss.from_config(config["loss"])
     base = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()

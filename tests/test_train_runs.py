@@ -16,6 +16,7 @@ from trpr import kernels
 from trpr import modeling
 import train_3rtpr
 from trpr.engine import checkpoint
+from trpr.engine.state_files import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, projection_dim: 32}"
@@ -64,7 +65,8 @@ def load_weights(run_dir: Path, checkpoint: str = "last") -> dict:
 
 def test_reference_run_writes_the_run_folder(reference_run):
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "alr_weights.png", "best/pair.json",
-                 "last/pair.json", "last/training_state/optimizer_a.pt", "last/training_state/rng_0.pt"):
+                 "last/pair.json", "last/training_state/optimizer_a.safetensors",
+                 "last/training_state/rng_0.safetensors"):
         assert (reference_run / name).is_file(), name
     assert not list(reference_run.glob("alr_weights_epoch*.png"))  # one ALR figure, rewritten every epoch
     assert not list(reference_run.glob(".*.tmp")) and not list(reference_run.glob(".*.old"))
@@ -114,10 +116,10 @@ def test_interrupted_mid_write_then_resumed_equals_uninterrupted(reference_run, 
     for name in reference:
         torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=1e-6, msg=name)
     for member in "ab":
-        saved = [torch.load(run / "last" / "training_state" / f"optimizer_{member}.pt") for run in (reference_run, run_dir)]
+        saved = [load_state(run / "last" / "training_state" / f"optimizer_{member}.safetensors") for run in (reference_run, run_dir)]
         for key in saved[0]["state"]:
             torch.testing.assert_close(saved[1]["state"][key]["exp_avg_sq"], saved[0]["state"][key]["exp_avg_sq"])
-    alr = [torch.load(run / "last" / "training_state" / "alr_state.pt") for run in (reference_run, run_dir)]
+    alr = [load_state(run / "last" / "training_state" / "alr_state.safetensors") for run in (reference_run, run_dir)]
     assert torch.equal(alr[0]["keep"], alr[1]["keep"])
     torch.testing.assert_close(alr[1]["weights"], alr[0]["weights"])
     for mine, theirs in zip(read_records(run_dir), read_records(reference_run)):
@@ -178,7 +180,7 @@ def test_two_processes_match_one_process(reference_run, data_root, tmp_path):
         for row, metrics in theirs["val"].items():  # 48 queries: fp32 noise may flip one near-tie
             assert mine["val"][row]["R1"] == pytest.approx(metrics["R1"], abs=100 / 48 + 1e-6)
             assert mine["val"][row]["mAP"] == pytest.approx(metrics["mAP"], abs=1.0)
-    alr = [torch.load(run / "last" / "training_state" / "alr_state.pt") for run in (reference_run, run_dir)]
+    alr = [load_state(run / "last" / "training_state" / "alr_state.safetensors") for run in (reference_run, run_dir)]
     assert torch.equal(alr[0]["keep"], alr[1]["keep"])
     torch.testing.assert_close(alr[1]["weights"], alr[0]["weights"], rtol=1e-5, atol=1e-5)
     reference, distributed = load_weights(reference_run), load_weights(run_dir)
@@ -282,7 +284,7 @@ def test_background_checkpoint_equals_the_blocking_one(tmp_path):
     assert names == sorted(p.relative_to(tmp_path / "background").as_posix()
                            for p in (tmp_path / "background").rglob("*"))
     for member in "ab":
-        saved = [torch.load(tmp_path / run / "last" / "training_state" / f"optimizer_{member}.pt")
+        saved = [load_state(tmp_path / run / "last" / "training_state" / f"optimizer_{member}.safetensors")
                  for run in ("blocking", "background")]
         assert saved[0]["param_groups"] == saved[1]["param_groups"]
         for key, entry in saved[0]["state"].items():

@@ -137,7 +137,10 @@ def _apply_file(config: dict, path: Path, defaults: dict, seen: tuple) -> None:
         raise ConfigError(f"config file {path}: base chain loops back to itself")
     recipe = _read_yaml(path)
     bases = recipe.pop("base", [])
-    for base in [bases] if isinstance(bases, str) else bases:
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(base, str) and base.strip() for base in bases):
+        raise ConfigError(f"config file {path}: base must be a recipe name or path, or a list of them, got {bases!r}")
+    for base in bases:
         _apply_file(config, resolve_recipe(base, relative_to=path.parent), defaults, seen + (path,))
     _merge(config, recipe, defaults, f"config file {path}")
 
@@ -176,6 +179,82 @@ def parse_overrides(arguments: Iterable[str]) -> dict:
     return nested
 
 
+# numeric ranges: dotted key -> (lower bound, whether the bound itself is allowed); every value must also be
+# finite (YAML reads .inf and 1e400 as infinity)
+NUMERIC_RANGES = {
+    "seed": (0, True),
+    "data.num_workers": (0, True),
+    "model.fused_dim": (0, False),
+    "loss.lambda_sdm": (0, True), "loss.lambda_trl": (0, True),
+    "loss.logit_scale": (0, False), "loss.tau": (0, False), "loss.margin": (0, True),
+    "alr.sharpness": (0, False), "alr.start_epoch": (0, True),
+    "optim.backbone_lr": (0, False), "optim.head_lr": (0, False), "optim.weight_decay": (0, True),
+    "optim.bias_lr_factor": (0, False), "optim.eps": (0, False),
+    "optim.warmup_epochs": (0, True), "optim.warmup_factor": (0, True),
+    "train.log_every": (1, True),
+    "eval.batch_size": (1, True),
+}
+
+
+def _lookup(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def check_ranges(config: dict, fail) -> None:
+    """`fail(message)` for the first value outside its range in NUMERIC_RANGES, a non-finite number, Adam
+    betas outside [0, 1), or image sizes the backbone cannot cut into patches / widths its heads cannot split."""
+    import math
+
+    for key, (bound, inclusive) in NUMERIC_RANGES.items():
+        value = _lookup(config, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{key} must be a finite number, got {value}")
+        if value < bound or (value == bound and not inclusive):
+            relation = ">=" if inclusive else ">"
+            fail(f"{key} must be {relation} {bound}, got {value}")
+    for index, beta in enumerate(config["optim"]["betas"]):
+        if not 0.0 <= beta < 1.0:
+            fail(f"optim.betas[{index}] must lie in [0, 1), got {beta}")
+
+
+def backbone_geometry(backbone) -> Optional[dict]:
+    """{"patch_size", "vision": (width, heads), "text": (width, heads)} of a config's model.backbone where it
+    can be known without loading weights: a mapping (modeling.small_clip_config), a local folder with a
+    config.json, or a Hub name ending in patch<N> (patch size only). None otherwise."""
+    import json
+    import re
+
+    if isinstance(backbone, dict):  # read from the mapping over small_clip_config's defaults, before building it
+        from trpr.modeling import small_clip_config
+
+        defaults = small_clip_config().to_dict()
+        clip = {}
+        for tower in ("vision", "text"):
+            settings = dict(defaults[f"{tower}_config"])
+            for field in ("hidden_size", "num_attention_heads", "patch_size"):
+                for key in (field, f"{tower}_{field}"):  # a bare field sets both towers, a prefixed one wins
+                    if key in backbone:
+                        settings[field] = backbone[key]
+            clip[f"{tower}_config"] = settings
+    elif Path(backbone).is_dir() and (Path(backbone) / "config.json").is_file():
+        try:
+            clip = json.loads((Path(backbone) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    else:
+        match = re.search(r"patch(\d+)", str(backbone))
+        return {"patch_size": int(match.group(1))} if match else None
+    vision, text = clip.get("vision_config") or {}, clip.get("text_config") or {}
+    geometry = {"patch_size": vision.get("patch_size")}
+    for tower, settings in (("vision", vision), ("text", text)):
+        if "hidden_size" in settings and "num_attention_heads" in settings:
+            geometry[tower] = (settings["hidden_size"], settings["num_attention_heads"])
+    return geometry
+
+
 def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
     from trpr.data.images import IMAGE_POLICIES
@@ -197,12 +276,25 @@ def validate(config: dict, source: str = "config") -> None:
         fail(str(error))
     if min(config["data"]["image_size"]) <= 0:
         fail(f"data.image_size must be positive, got {config['data']['image_size']}")
+    check_ranges(config, fail)
+    geometry = backbone_geometry(config["model"]["backbone"]) or {}
+    patch = geometry.get("patch_size")
+    if isinstance(patch, int) and patch <= 0:
+        fail(f"model.backbone: the patch size must be > 0, got {patch}")
+    if isinstance(patch, int) and patch > 0 and any(side % patch for side in config["data"]["image_size"]):
+        fail(f"data.image_size {config['data']['image_size']} must be divisible by the backbone's patch size {patch}")
+    for tower in ("vision", "text"):
+        width, heads = geometry.get(tower, (None, None))
+        if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
+            fail(f"model.backbone: the {tower} width (hidden_size) {width} is not divisible by its "
+                 f"{heads} attention heads")
     if isinstance(config["model"]["backbone"], dict):
         from trpr.modeling import small_clip_config
         try:
             small_clip_config(**config["model"]["backbone"])
-        except (TypeError, ValueError) as error:
-            fail(f"model.backbone mapping is not a valid modeling.small_clip_config: {error}")
+        except Exception as error:  # noqa: BLE001 - transformers' validators raise their own error types
+            message = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
+            fail(f"model.backbone mapping is not a valid modeling.small_clip_config: {message}")
     if not 0.0 <= config["model"]["select_ratio"] <= 1.0:
         fail(f"model.select_ratio must lie in [0, 1], got {config['model']['select_ratio']}")
     if config["model"]["image_tokens"] not in ("topk", "all"):

@@ -25,7 +25,7 @@ import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional, Union
 
 import numpy as np
@@ -130,6 +130,15 @@ def read_annotation(path: Path) -> list:
     return entries
 
 
+def escapes_folder(path: str) -> bool:
+    """Whether an annotation's image path could name a file outside the image folder it is relative to:
+    absolute (POSIX or Windows, a drive or a UNC share), or with a `..` component (either separator)."""
+    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute() or PureWindowsPath(path).drive \
+            or path.startswith(("/", "\\")):
+        return True
+    return ".." in PureWindowsPath(path).parts or ".." in PurePosixPath(path).parts
+
+
 def entry_problems(entry, image_key: str, splits=KNOWN_SPLITS) -> list[tuple[str, str]]:
     """What is wrong with one annotation entry on its own, as (category, message) pairs (empty when well
     formed). `splits`: the split names the benchmark has."""
@@ -147,6 +156,10 @@ def entry_problems(entry, image_key: str, splits=KNOWN_SPLITS) -> list[tuple[str
         problems.append(("bad id", f"has a negative id {entry['id']}"))
     if not isinstance(entry[image_key], str) or not entry[image_key].strip():
         problems.append(("malformed entry", f"has an empty or non-string {image_key!r}"))
+    elif escapes_folder(entry[image_key]):
+        problems.append(("path outside the image folder",
+                         f"has image path {entry[image_key]!r}, which leaves the image folder (absolute, or with "
+                         "'..'); image paths must be relative to <dataset>/imgs"))
     captions = entry["captions"]
     if not isinstance(captions, list) or not captions:
         problems.append(("empty captions", "has no captions (expected a non-empty list of strings)"))

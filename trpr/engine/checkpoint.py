@@ -1,9 +1,12 @@
 """Checkpoints of a training run: atomic folder writes, best/ and last/ (with the training state), RNG
 state and resume. The folder names are `modeling.run_folder`'s.
 
-last/ = ReciprocalPair.save_pretrained + training_state/ with optimizer_{a,b}.pt, scheduler_{a,b}.pt,
-scaler.pt (mixed precision), alr_state.pt ({"weights" [N], "keep" [N] bool}), trainer_state.json
-(TrainerState, with the epoch's metrics record) and rng_<process>.pt (one per process).
+last/ = ReciprocalPair.save_pretrained + training_state/ with optimizer_{a,b}.safetensors,
+scheduler_{a,b}.safetensors, scaler.safetensors (mixed precision), alr_state.safetensors ({"weights" [N],
+"keep" [N] bool}), trainer_state.json (TrainerState, with the epoch's metrics record) and
+rng_<process>.safetensors (one per process). Every state file is written by `state_files.save_state`
+(tensors in safetensors, the rest as JSON): nothing in a run folder is ever unpickled. A last/ of the
+earlier pickled format (`*.pt`) is refused on --resume with one line (`OLD_FORMAT_HINT`).
 
 Failures: a write that runs out of disk space removes its temporary folder, keeps the previous copy and
 raises DiskFullError ("no space left on <path>, N GB needed"); unreadable or mismatched checkpoint files on
@@ -30,10 +33,17 @@ import torch
 
 from trpr import modeling
 from trpr.evaluation.checkpoints import first_line
-from trpr.modeling.run_folder import (ALR_STATE_FILE, BEST_DIR, CHECKPOINT_DIRS, LAST_DIR, STATE_DIR, TRAINER_STATE_FILE,
+from trpr.modeling.run_folder import (ALR_STATE_NAME, BEST_DIR, CHECKPOINT_DIRS, LAST_DIR, STATE_DIR, TRAINER_STATE_FILE,
                                  recover_interrupted_swap, swap_paths)
 
+from .state_files import StateFileError, load_state, save_state, state_path
+from .step import TrainingDiverged, non_finite_weights
+
 KILL_POINT_ENV = "TRPR_KILL_AT"
+# training_state/ layout: 1 = pickled .pt files (refused), 2 = engine.state_files (trainer_state.json holds it)
+TRAINING_STATE_VERSION = 2
+OLD_FORMAT_HINT = ("training state in the earlier pickled .pt format, which is never read (unpickling a file can run "
+                   "code); its weights (best/, last/) still evaluate, but the run cannot be resumed: start a new run")
 GB = 1e9
 
 
@@ -193,9 +203,9 @@ def set_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------------------------- best/ and last/
 def save_rng_states(state_dir: Path, states: list[dict]) -> None:
-    """rng_<process>.pt for each process's RNG state (`rng_state()`), in process order."""
+    """rng_<process>.safetensors for each process's RNG state (`rng_state()`), in process order."""
     for process, state in enumerate(states):
-        torch.save(state, state_dir / f"rng_{process}.pt")
+        save_state(state, state_path(state_dir, f"rng_{process}"))
 
 
 def last_bytes(pair, snapshot: dict) -> int:
@@ -210,12 +220,13 @@ def write_last(folder: Path, pair, snapshot: dict) -> None:
     state_dir = folder / STATE_DIR
     state_dir.mkdir()
     for name, optimizer_state, scheduler_state in zip("ab", snapshot["optimizers"], snapshot["schedulers"]):
-        torch.save(optimizer_state, state_dir / f"optimizer_{name}.pt")
-        torch.save(scheduler_state, state_dir / f"scheduler_{name}.pt")
+        save_state(optimizer_state, state_path(state_dir, f"optimizer_{name}"))
+        save_state(scheduler_state, state_path(state_dir, f"scheduler_{name}"))
     if snapshot["scaler"] is not None:
-        torch.save(snapshot["scaler"], state_dir / "scaler.pt")
-    torch.save(snapshot["alr_state"], state_dir / ALR_STATE_FILE)
-    (state_dir / TRAINER_STATE_FILE).write_text(json.dumps(snapshot["trainer_state"], indent=2) + "\n")
+        save_state(snapshot["scaler"], state_path(state_dir, "scaler"))
+    save_state(snapshot["alr_state"], state_path(state_dir, ALR_STATE_NAME))
+    counters = {"format_version": TRAINING_STATE_VERSION, **snapshot["trainer_state"]}
+    (state_dir / TRAINER_STATE_FILE).write_text(json.dumps(counters, indent=2) + "\n")
     save_rng_states(state_dir, snapshot["rng"])
 
 
@@ -227,6 +238,16 @@ def gather_rng_states(accelerator) -> list[dict] | None:
 
     states = gather_object([rng_state()])
     return states if accelerator.is_main_process else None
+
+
+def refuse_non_finite(pair, trainer_state: TrainerState, accelerator) -> None:
+    """TrainingDiverged (one line naming the epoch and step) when a weight of the pair is NaN or infinite:
+    such weights are never written to best/ or last/ (a last resort: training checks them first)."""
+    for model, bad in zip("AB", non_finite_weights(pair.models, accelerator)):
+        if bad:
+            raise TrainingDiverged(f"non-finite weights of model {model} after epoch {trainer_state.epoch}, global "
+                                   f"step {trainer_state.global_step}: not saved "
+                                   "(the run diverged: lower optim.backbone_lr / optim.head_lr)")
 
 
 def training_snapshot(optimizer_states, schedulers, alr_state: dict, trainer_state: TrainerState, accelerator,
@@ -262,6 +283,7 @@ def save_last(run_dir: Path, pair, optimizers, schedulers, alr_state: dict, trai
     """last/ = the pair + training_state/ (optimizers, schedulers, loss scaler, per-process RNG, ALR, counters
     and the epoch record `trainer_state.epoch_record`), written now (blocking) by the main process; every
     process takes part (RNG states, barriers)."""
+    refuse_non_finite(pair, trainer_state, accelerator)
     snapshot = training_snapshot(optimizers, schedulers, alr_state, trainer_state, accelerator)
     write_folder_atomically(run_dir / LAST_DIR, lambda folder: write_last(folder, pair, snapshot)
                             if accelerator.is_main_process else None, accelerator,
@@ -273,20 +295,39 @@ def save_checkpoint(run_dir: Path, pair, optimizers, schedulers, alr_state: dict
     """End of an epoch, blocking: best/ (the pair) when the validation score improved, then last/. Set
     `trainer_state.epoch_record` to the epoch's metrics record first: it is saved with last/.
     (The trainer uses `CheckpointWriter`, which writes the same folders in the background.)"""
+    refuse_non_finite(pair, trainer_state, accelerator)
     if improved:
         write_folder_atomically(run_dir / BEST_DIR, lambda folder: pair.save_pretrained(folder)
                                 if accelerator.is_main_process else None, accelerator, needed_bytes=tensor_bytes(pair))
     save_last(run_dir, pair, optimizers, schedulers, alr_state, trainer_state, accelerator)
 
 
-def _load_file(path: Path, **kwargs):
-    """torch.load(path) with a missing or damaged file as a one-line CheckpointError naming it."""
+def _load_file(path: Path):
+    """`state_files.load_state(path)` (never unpickles) with a missing, foreign or damaged file as a
+    one-line CheckpointError naming it."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
     try:
-        return torch.load(path, map_location="cpu", **kwargs)
-    except Exception as error:  # torch raises RuntimeError / UnpicklingError / EOFError ... for damaged files
-        raise CheckpointError(f"{path}: unreadable, the file is damaged ({first_line(error)})") from error
+        return load_state(path)
+    except StateFileError as error:
+        raise CheckpointError(f"{error}; the file is damaged or was not written by trpr") from None
+
+
+def check_state_format(state_dir: Path) -> None:
+    """CheckpointError (one line) when training_state/ is of the earlier pickled format (`*.pt` files and
+    no trainer state of this format: such files are never opened) or of a newer format than
+    TRAINING_STATE_VERSION (trainer_state.json's format_version)."""
+    pickled = sorted(state_dir.glob("*.pt")) if state_dir.is_dir() else []
+    if pickled and not state_path(state_dir, ALR_STATE_NAME).is_file():
+        raise CheckpointError(f"{state_dir}: {OLD_FORMAT_HINT}")
+    state_file = state_dir / TRAINER_STATE_FILE
+    try:
+        version = json.loads(state_file.read_text()).get("format_version", TRAINING_STATE_VERSION)
+    except (OSError, ValueError, AttributeError):
+        return  # missing or damaged: load_last names it
+    if isinstance(version, bool) or not isinstance(version, int) or version > TRAINING_STATE_VERSION:
+        raise CheckpointError(f"{state_file}: format_version {version!r} is newer than this trpr resumes "
+                              f"({TRAINING_STATE_VERSION}); upgrade trpr to continue this run")
 
 
 def _load_into(target, state, path: Path) -> None:
@@ -393,6 +434,7 @@ class CheckpointWriter:
     def snapshot(self, alr_state: dict, trainer_state: TrainerState, *, improved: bool) -> None:
         """Copy the training state for this epoch's checkpoint (every process; blocking)."""
         self.wait()
+        refuse_non_finite(self.pair, trainer_state, self.accelerator)
         host_pair = self._copy_pair() if self.accelerator.is_main_process else None
         snapshot = training_snapshot(self.optimizers, self.schedulers, alr_state, trainer_state, self.accelerator,
                                      copy_tensors=self._copy_optimizer_states
@@ -456,6 +498,7 @@ def load_last(last_dir: Path, models, optimizers, schedulers, accelerator) -> tu
     A damaged or missing file, or a model of another size than the config's, raises CheckpointError
     (one line naming the file and, for a size mismatch, both shapes)."""
     state_dir = last_dir / STATE_DIR
+    check_state_format(state_dir)
     try:
         saved = modeling.ReciprocalPair.from_pretrained(last_dir)
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -464,16 +507,25 @@ def load_last(last_dir: Path, models, optimizers, schedulers, accelerator) -> tu
         _check_same_shapes(model, saved_model, last_dir / member)
         model.load_state_dict(saved_model.state_dict())
     for name, optimizer, scheduler in zip("ab", optimizers, schedulers):
-        for target, path in ((optimizer, state_dir / f"optimizer_{name}.pt"),
-                             (scheduler, state_dir / f"scheduler_{name}.pt")):
+        for target, path in ((optimizer, state_path(state_dir, f"optimizer_{name}")),
+                             (scheduler, state_path(state_dir, f"scheduler_{name}"))):
             _load_into(target, _load_file(path), path)
-    if accelerator.scaler is not None and (state_dir / "scaler.pt").is_file():
-        _load_into(accelerator.scaler, _load_file(state_dir / "scaler.pt"), state_dir / "scaler.pt")
-    rng_file = state_dir / f"rng_{accelerator.process_index}.pt"
+    scaler_file = state_path(state_dir, "scaler")
+    if accelerator.scaler is not None and scaler_file.is_file():
+        _load_into(accelerator.scaler, _load_file(scaler_file), scaler_file)
+    rng_file = state_path(state_dir, f"rng_{accelerator.process_index}")
     if not rng_file.is_file():
         raise CheckpointError(f"{rng_file}: missing; resume with the number of processes of the original run")
-    set_rng_state(_load_file(rng_file, weights_only=False))
-    alr_state = {k: v.to(accelerator.device) for k, v in _load_file(state_dir / ALR_STATE_FILE).items()}
+    rng_loaded = _load_file(rng_file)
+    try:
+        set_rng_state(rng_loaded)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{rng_file}: not an RNG state ({first_line(error)})") from None
+    alr_file = state_path(state_dir, ALR_STATE_NAME)
+    alr_loaded = _load_file(alr_file)
+    if not (isinstance(alr_loaded, dict) and all(isinstance(alr_loaded.get(k), torch.Tensor) for k in ("weights", "keep"))):
+        raise CheckpointError(f"{alr_file}: not an ALR state (tensors weights and keep)")
+    alr_state = {k: v.to(accelerator.device) for k, v in alr_loaded.items()}
     state_file = state_dir / TRAINER_STATE_FILE
     try:
         counters = json.loads(state_file.read_text())

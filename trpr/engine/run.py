@@ -2,6 +2,7 @@
 before any work (backbone, batch size, images), datasets, the training loader, the pair."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from trpr.data.images import ImageCheckError
 from trpr.evaluation.checkpoints import image_check_summary
 from trpr.modeling.hub import check_pretrained_clip
 from trpr.modeling.run_folder import (CONFIG_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, REPLACED_DIR, RUN_LOCK_FILE,
-                                 RUN_MARKERS, RunLock, describe_holder)
+                                 RUN_MARKERS, STATE_DIR, TRAINER_STATE_FILE, RunLock, describe_holder, swap_paths)
 
 from .distributed import sync_batch_norms
 from .sampler import GlobalBatchSampler
@@ -34,10 +35,38 @@ def resolve_run(overrides: list[str], *, config_path=None, output_dir=None, resu
             raise configs.ConfigError("give either --config or --resume (a resumed run uses its own config.yaml)")
         if not (resume_dir / CONFIG_FILE).is_file():
             raise configs.ConfigError(f"--resume {resume_dir}: no {CONFIG_FILE} (not a run folder)")
-        return configs.load_config(resume_dir / CONFIG_FILE, overrides), Path(output_dir) if output_dir else resume_dir
+        config = configs.load_config(resume_dir / CONFIG_FILE, overrides)
+        check_resume(resume_dir, config)
+        return config, Path(output_dir) if output_dir else resume_dir
     if not config_path or not output_dir:
         raise configs.ConfigError("--config and --output-dir are required (or --resume RUN_DIR)")
     return configs.load_config(config_path, overrides), Path(output_dir)
+
+
+def check_resume(resume_dir: Path, config: dict) -> None:
+    """Before anything is read or written: the run's training state must be of a format this trpr
+    resumes (`checkpoint.check_state_format`: CheckpointError), and config train.epochs must not be fewer
+    than the epochs it has finished (ConfigError: resuming would train nothing and shrink config.yaml).
+    Reads last/ (or the `.last.old` an interrupted swap left) without changing anything."""
+    from .checkpoint import CheckpointError, check_state_format
+
+    last = Path(resume_dir) / LAST_DIR
+    if not last.is_dir():
+        last = swap_paths(last)[1]
+    state_dir = last / STATE_DIR
+    try:
+        check_state_format(state_dir)
+    except CheckpointError as error:
+        raise CheckpointError(f"--resume {resume_dir}: {error}") from None
+    try:
+        done = int(json.loads((state_dir / TRAINER_STATE_FILE).read_text())["epoch"]) + 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no finished epoch or a damaged state: `checkpoint.resume` says so
+    epochs = config["train"]["epochs"]
+    if epochs < done:
+        raise configs.ConfigError(f"--resume {resume_dir}: train.epochs {epochs} is fewer than the {done} epoch(s) "
+                                  f"the run has finished; pass --train.epochs {done} or more to continue it "
+                                  "(nothing was changed)")
 
 
 # ----------------------------------------------------------------------------------------- the run folder
@@ -66,8 +95,9 @@ class RunFolder:
     running training into the same folder is refused; the stale lock of a crashed one is taken over with a
     note). A new run (or a resumed one written to another folder) needs an empty folder; with `overwrite`
     a previous run's folder (never a folder that is not a run folder) is moved aside into `.replaced/`,
-    deleted at `start` and put back if the run fails before. Every process gets the same outcome: the main
-    process's error is broadcast and raised everywhere.
+    deleted once the new run's first epoch is on disk (its last/: `release_replaced`, called by the
+    checkpoint writer) and put back if the run fails before that. Every process gets the same outcome: the
+    main process's error is broadcast and raised everywhere.
     On exit the lock is released; after a failure, a folder that this process created (or found empty)
     and that holds no finished epoch (no last/) is removed (emptied), so failed runs leave nothing behind.
     """
@@ -140,24 +170,30 @@ class RunFolder:
             raise error
 
     def start(self, config: dict) -> None:
-        """The real work begins: the main process deletes a run replaced by --overwrite and writes the
-        resolved config.yaml; every process waits."""
+        """The real work begins: the main process writes the resolved config.yaml (a run replaced by
+        --overwrite stays in `.replaced/` until `release_replaced`); every process waits."""
         if self.accelerator.is_main_process:
-            if self.replaced.exists():
-                shutil.rmtree(self.replaced)
-                print(f"note: --overwrite: the previous run in {self.run_dir} was deleted", file=sys.stderr)
             configs.save_config(config, self.run_dir / CONFIG_FILE)
         self.accelerator.wait_for_everyone()
+
+    def release_replaced(self) -> None:
+        """Main process, once the new run's first last/ is in place: delete the run --overwrite replaced
+        (until then a failure puts it back). Safe to call from the checkpoint-writer thread and repeatedly."""
+        if self.accelerator.is_main_process and self.replaced.exists() and (self.run_dir / LAST_DIR).is_dir():
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            print(f"note: --overwrite: the previous run in {self.run_dir} was deleted (the new run's first epoch "
+                  "is saved)", file=sys.stderr)
 
     def __exit__(self, kind, error, traceback) -> None:
         if not self.accelerator.is_main_process:
             return
         self.lock.release()
         if kind is None or self.in_place or (self.run_dir / LAST_DIR).exists():
+            self.release_replaced()
             return
         if self.created:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-        elif self.replaced.exists():  # failed before the real work: the previous run comes back
+        elif self.replaced.exists():  # failed before the new run's first epoch was saved: the previous run comes back
             _remove(p for p in _entries(self.run_dir) if p != self.replaced)
             for entry in list(self.replaced.iterdir()):
                 entry.rename(self.run_dir / entry.name)

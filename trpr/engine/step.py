@@ -12,6 +12,7 @@ host copy of the attention mask, and the losses stay on the device. Their finite
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -158,11 +159,50 @@ class LossTally:
         return sums, first
 
 
-def _check_finite(first_bad: list[int], epoch: int, first_global_step: int) -> None:
-    for model, step in enumerate(first_bad):
-        if step >= 0:
-            raise TrainingDiverged(f"non-finite loss of model {'AB'[model]} at epoch {epoch}, step {step} "
-                                   f"(global step {first_global_step + step}); stopping without saving this epoch")
+def non_finite_lr(optimizers) -> str | None:
+    """"model A, group backbone: lr inf" for the first parameter group whose learning rate is not a finite
+    number, else None (host values: no device sync)."""
+    for model, optimizer in zip("AB", optimizers):
+        for index, group in enumerate(optimizer.param_groups):
+            lr = group["lr"]
+            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+            if not math.isfinite(lr):
+                return f"model {model}, parameter group {group.get('name', index)}: learning rate {lr}"
+    return None
+
+
+def non_finite_weights(models, accelerator=None) -> list[bool]:
+    """Per model, whether any parameter holds a NaN or infinite value (any process; one device sync)."""
+    flags = []
+    for model in models:
+        params = [p.detach() for p in model.parameters()]
+        flags.append(torch.stack([torch.isfinite(p).all() for p in params]).all().logical_not()
+                     if params else torch.zeros((), dtype=torch.bool))
+    bad = torch.stack(flags).float()
+    if accelerator is not None and accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return [bool(value > 0) for value in bad.tolist()]
+
+
+def _check_finite(first_bad: list[int], epoch: int, first_global_step: int, optimizers=None, models=None,
+                  accelerator=None, step: int | None = None) -> None:
+    """TrainingDiverged (one line naming the epoch and step) when a learning rate (`optimizers`), a loss
+    (`first_bad`, from LossTally.read) or, with `models`, a weight is not finite; `step`: the steps done."""
+    where = f"at epoch {epoch}, step {step} (global step {first_global_step + step})" if step is not None else \
+        f"at epoch {epoch}"
+    lr = non_finite_lr(optimizers) if optimizers is not None else None
+    if lr is not None:
+        raise TrainingDiverged(f"non-finite {lr} {where}: check optim.backbone_lr / optim.head_lr; stopping without "
+                               "saving this epoch")
+    for model, step_bad in enumerate(first_bad):
+        if step_bad >= 0:
+            raise TrainingDiverged(f"non-finite loss of model {'AB'[model]} at epoch {epoch}, step {step_bad} "
+                                   f"(global step {first_global_step + step_bad}); stopping without saving this epoch")
+    if models is not None:
+        for model, bad in zip("AB", non_finite_weights(models, accelerator)):
+            if bad:
+                raise TrainingDiverged(f"non-finite weights of model {model} {where} (the run diverged: lower "
+                                       "optim.backbone_lr / optim.head_lr); stopping without saving this epoch")
 
 
 def train_one_epoch(wrapped_models, optimizers, loader, alr_state: dict, loss, accelerator, *, epoch: int,
@@ -197,7 +237,7 @@ def train_one_epoch(wrapped_models, optimizers, loader, alr_state: dict, loss, a
         progress.update()
         if global_step % log_every == 0:
             sums, first_bad = tally.read(accelerator)
-            _check_finite(first_bad, epoch, first_global_step)
+            _check_finite(first_bad, epoch, first_global_step, optimizers, wrapped_models, accelerator, step + 1)
             count = tally.steps - logged_steps
             means = [(now - before) / count for now, before in zip(sums, logged_sums)]
             logged_sums, logged_steps = sums, tally.steps
@@ -208,7 +248,7 @@ def train_one_epoch(wrapped_models, optimizers, loader, alr_state: dict, loss, a
                             step=global_step)
     progress.close()
     sums, first_bad = tally.read(accelerator)  # synchronises the device: the step clock can be read
-    _check_finite(first_bad, epoch, first_global_step)
+    _check_finite(first_bad, epoch, first_global_step, optimizers, wrapped_models, accelerator, tally.steps)
     steps = max(tally.steps, 1)
     record = {"step": global_step, "loss_a": sums[0] / steps, "loss_b": sums[1] / steps,
               **current_lrs(optimizers[0]), "steps": tally.steps, **clock.totals()}

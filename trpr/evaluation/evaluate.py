@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import time
 
+from trpr.kernels import NonFiniteFeatures
 from trpr.metrics.cmc import cmc_curve
 from trpr.metrics.published import METRIC_NAMES
 from trpr.metrics.report import CMC_MAX_RANK, CheckpointResult, config_fingerprint
 from trpr.modeling.pair import I2T_PREFIX
 
-from .checkpoints import Checkpoint, load_pair, unreadable_images_as_input_errors
+from .checkpoints import Checkpoint, EvalInputError, load_pair, unreadable_images_as_input_errors
 from .features import extract_pair_features, score_pair_features
 
 
@@ -50,8 +51,11 @@ def evaluate_checkpoint(checkpoint: Checkpoint, gallery_split, queries_split, *,
                                          image_size=image_size, batch_size=batch_size, accelerator=accelerator,
                                          num_workers=num_workers)
     extracted = time.perf_counter()
-    results = score_pair_features(features, i2t=i2t, per_query=True,
-                                  show_progress=accelerator is None or accelerator.is_local_main_process)
+    try:  # a pair with non-finite weights is an error naming it, never a leaderboard entry
+        results = score_pair_features(features, i2t=i2t, per_query=True,
+                                      show_progress=accelerator is None or accelerator.is_local_main_process)
+    except NonFiniteFeatures as error:
+        raise EvalInputError(f"checkpoint {checkpoint.path}: {error}") from None
     scored = time.perf_counter()
     model_description = {"settings": pair.a.settings(), "clip": pair.a.clip.config.to_dict()}
     return CheckpointResult(

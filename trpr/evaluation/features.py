@@ -128,6 +128,21 @@ def extract_pair_features(pair, gallery_split, queries_split, *, tokenizer, imag
     )
 
 
+def check_finite_features(features: PairFeatures) -> None:
+    """kernels.NonFiniteFeatures naming the model (A or B), the embedding (global / fused), the side (text
+    query / gallery image) and the first row whose features are NaN or infinite: a diverged or damaged
+    model is an error, never a score (NaN similarities would give R@1 100)."""
+    for side, outputs in (("text query", features.text_outputs), ("gallery image", features.image_outputs)):
+        for model_name, (global_emb, fused_emb) in zip("AB", outputs):
+            for kind, feats in (("global", global_emb), ("fused", fused_emb)):
+                row = kernels.first_non_finite_row(feats)
+                if row >= 0:
+                    value = feats[row][~torch.isfinite(feats[row])][0].item()
+                    raise kernels.NonFiniteFeatures(
+                        f"model {model_name} gives a non-finite {kind} embedding ({value}) for {side} row {row} "
+                        f"of {feats.shape[0]}: its weights are not usable (a diverged run?)")
+
+
 def score_pair_features(features: PairFeatures, *, i2t: bool = False, per_query: bool = False,
                         ks=(1, 5, 10), show_progress: bool = True) -> dict[str, dict]:
     """Retrieval metrics for every row "A/GE" ... "A+B/GE+FS" (text->image) and, with `i2t`,
@@ -136,6 +151,7 @@ def score_pair_features(features: PairFeatures, *, i2t: bool = False, per_query:
     Values: kernels.retrieval_metrics dicts ({"R1","R5","R10","mAP","mINP"} in percent, plus per-query
     "AP", "INP", "first_rank" when `per_query`).
     """
+    check_finite_features(features)
     directions = [("", features.text_outputs, features.image_outputs, features.query_pids, features.gallery_pids)]
     if i2t:
         directions.append((I2T_PREFIX, features.image_outputs, features.text_outputs,

@@ -30,7 +30,18 @@ from .reference import (DEFAULT_KS, retrieval_metrics_from_scores, retrieval_met
                         sdm_loss_reference, trl_loss_reference)
 
 __all__ = ["sdm_loss", "trl_loss", "retrieval_metrics", "retrieval_metrics_from_scores",
-           "triton_available", "BACKENDS"]
+           "triton_available", "BACKENDS", "NonFiniteFeatures", "first_non_finite_row"]
+
+
+class NonFiniteFeatures(ValueError):
+    """Features with a NaN or infinite value (a diverged or damaged model): no metric is computed from
+    them (NaN scores would rank every gallery item alike and report R@1 100). The message names the row."""
+
+
+def first_non_finite_row(feats: torch.Tensor) -> int:
+    """Index of the first row of `feats` [N, D] holding a NaN or infinite value, or -1 (one device sync)."""
+    bad = ~torch.isfinite(feats).reshape(feats.shape[0], -1).all(dim=1)
+    return int(bad.float().argmax()) if bool(bad.any()) else -1
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -104,7 +115,13 @@ def retrieval_metrics(query_feats, gallery_feats, query_pids, gallery_pids, ks=D
     INP = #matches / rank of the last match. Queries with no match in the gallery count as
     misses in R@K and are left out of mAP/mINP (a warning gives their number).
     Never materialises the [Nq, Ng] score matrix and never sorts the gallery.
+    NonFiniteFeatures (naming the first bad query or gallery row) when a feature is NaN or infinite.
     """
+    for name, feats in (("query", query_feats), ("gallery", gallery_feats)):
+        row = first_non_finite_row(feats)
+        if row >= 0:
+            raise NonFiniteFeatures(f"{name} row {row} of {feats.shape[0]} has non-finite features "
+                                    f"({feats[row][~torch.isfinite(feats[row])][0].item()})")
     with exact_float32():
         if _use_triton(backend, query_feats, gallery_feats):
             from .retrieval import retrieval_metrics_triton

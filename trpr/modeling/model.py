@@ -194,6 +194,10 @@ def read_model_config(path: Path) -> dict:
     config = read_json_file(path, "TRPRModel checkpoint")
     if config.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, expected {MODEL_TYPE!r}")
+    version = config.get("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is newer than this trpr reads ({FORMAT_VERSION}); "
+                         "upgrade trpr to load it")
     for key, kind in (("select_ratio", (int, float)), ("fused_dim", int), ("image_size", list),
                       ("image_tokens", str), ("clip_config", dict)):
         if not isinstance(config.get(key), kind):

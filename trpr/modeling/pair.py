@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Sequence
 
 import torch
@@ -83,8 +83,23 @@ class ReciprocalPair(nn.Module, HubMixin):
         members = config.get("members")
         if config.get("model_type") != PAIR_TYPE or not isinstance(members, list) or len(members) != 2:
             raise ValueError(f"{config_path}: expected model_type {PAIR_TYPE!r} and two 'members', got {config!r}")
-        model_a, model_b = (TRPRModel._load_folder(directory / str(name), map_location) for name in members)
+        for name in members:
+            check_member_name(name, config_path)
+        model_a, model_b = (TRPRModel._load_folder(directory / name, map_location) for name in members)
         return cls(model_a, model_b)
+
+
+def check_member_name(name, config_path: Path) -> None:
+    """A `members` entry of pair.json must name a folder inside the pair folder: one plain path component
+    (not absolute, no `..`, no separator) that does not resolve (through a symlink) to a place outside it.
+    ValueError naming the file and the entry otherwise (a pair folder from elsewhere must not load
+    weights from anywhere else on the machine)."""
+    directory = Path(config_path).parent
+    plain = (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+             and not PureWindowsPath(name).drive)
+    if not plain or not (directory / name).resolve().is_relative_to(directory.resolve()):
+        raise ValueError(f"{config_path}: member {name!r} is not a folder inside the pair folder "
+                         "(expected a plain folder name such as 'model_a')")
 
 
 def parse_row_key(row: str) -> tuple[tuple[int, ...], str]:

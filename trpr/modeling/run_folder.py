@@ -12,7 +12,7 @@ folder's lock and of the recovery after an interrupted checkpoint swap.
       curves.png                CURVES_FILE: losses and validation R@1 per epoch
       alr_weights.png           ALR_WEIGHTS_FILE: ALR weight distributions (+ noisy-pair P/R/F1) per epoch
       .run.lock                 RUN_LOCK_FILE: the training process that owns the folder (RunLock)
-      .replaced/                REPLACED_DIR: --overwrite's previous run until the new run starts training
+      .replaced/                REPLACED_DIR: --overwrite's previous run until the new run's first last/ is saved
       .<name>.tmp / .<name>.old while best/ or last/ is being replaced (swap_paths)
 """
 from __future__ import annotations
@@ -34,9 +34,10 @@ BEST_DIR, LAST_DIR = "best", "last"
 CHECKPOINT_DIRS = (BEST_DIR, LAST_DIR)  # in order of preference
 STATE_DIR = "training_state"  # inside last/
 TRAINER_STATE_FILE = "trainer_state.json"  # inside last/training_state/
-ALR_STATE_FILE = "alr_state.pt"  # inside last/training_state/
+ALR_STATE_NAME = "alr_state"  # inside last/training_state/, written by engine.state_files.save_state
+ALR_STATE_FILE = ALR_STATE_NAME + ".safetensors"
 RUN_LOCK_FILE = ".run.lock"
-REPLACED_DIR = ".replaced"  # --overwrite: the previous run, kept until the new one starts its real work
+REPLACED_DIR = ".replaced"  # --overwrite: the previous run, kept until the new one has saved its first epoch
 # files that make a folder recognisable as a run folder (what --overwrite may replace)
 RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, BEST_DIR, LAST_DIR, REPLACED_DIR)
 

@@ -1,0 +1,360 @@
+"""Reliability III (issue 21): security and wrong results.
+
+8. nothing a run folder, checkpoint or cache holds is unpickled (a planted pickle never runs; old pickled
+   run folders are refused with one line);
+9. annotation paths that leave the dataset root, and pair.json members outside their folder, are refused;
+1. a diverged model (non-finite weights, non-finite features) is never saved or ranked;
+10. bad config values are one line naming key and value, before any data is read;
+7. --resume with fewer epochs than done, and a run folder of a newer format, are refused.
+"""
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trpr import configs
+from trpr import engine
+import train_3rtpr
+from trpr.engine import state_files
+from test_train_runs import data_root, tiny_args  # noqa: F401 (data_root: a fixture)
+
+
+class Planted:
+    """A pickle that, when loaded, creates `marker` (stands for arbitrary code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path: Path, marker: Path) -> None:
+    """Write a malicious pickle to `path` (as torch.save would, a pickle inside)."""
+    path.write_bytes(pickle.dumps({"state": Planted(marker)}))
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(data_root, tmp_path_factory):
+    """A finished 1-epoch run (best/ and last/ of epoch 0); tests work on copies."""
+    run_dir = tmp_path_factory.mktemp("runs21") / "one_epoch"
+    train_3rtpr.main(tiny_args(data_root) + ["--train.epochs", "1", "--output-dir", str(run_dir)])
+    return run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+# ------------------------------------------------------------------------- 8. nothing is unpickled
+def test_state_files_round_trip_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), betas=(0.9, 0.98))
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    state = {"optimizer": optimizer.state_dict(), "rng": engine.checkpoint.rng_state(), "nan": float("nan"),
+             "$odd": {1: (2, None)}, "array": np.arange(4, dtype=np.uint32)}
+    state_files.save_state(state, tmp_path / "s.safetensors")
+    assert b"\x80\x04" not in (tmp_path / "s.safetensors").read_bytes()[:16]  # not a pickle
+    back = state_files.load_state(tmp_path / "s.safetensors")
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.98)
+    torch.testing.assert_close(back["optimizer"]["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert back["$odd"] == {1: (2, None)} and np.isnan(back["nan"]) and back["array"].dtype == np.uint32
+    engine.checkpoint.set_rng_state(back["rng"])
+    with pytest.raises(TypeError, match=r"state.bad: a object cannot be stored"):
+        state_files.save_state({"bad": object()}, tmp_path / "t.safetensors")
+
+
+STATE_FILES = ["rng_0", "alr_state", "optimizer_a", "optimizer_b", "scheduler_a", "scheduler_b"]
+
+
+@pytest.mark.parametrize("name", STATE_FILES)
+def test_planted_pickle_in_training_state_never_runs(one_epoch_run, tmp_path, name):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    marker = tmp_path / "code-ran"
+    target = run_dir / "last" / "training_state" / f"{name}.safetensors"
+    assert target.is_file()
+    plant(target, marker)
+    with pytest.raises(engine.CheckpointError, match=rf"^--resume {run_dir}: {target}: not a training-state file "
+                                                    r"of this format, or damaged") as info:
+        train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2"])
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_old_pickled_run_folder_is_refused_without_opening_it(one_epoch_run, tmp_path):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    marker = tmp_path / "code-ran"
+    state_dir = run_dir / "last" / "training_state"
+    for path in state_dir.glob("*.safetensors"):  # the earlier layout: pickled .pt files
+        path.unlink()
+        plant(path.with_suffix(".pt"), marker)
+    with pytest.raises(engine.CheckpointError, match=rf"{state_dir}: training state in the earlier pickled .pt "
+                                                    r"format, which is never read .*start a new run") as info:
+        train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2"])
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_planted_pickles_in_weights_and_caches_never_run(one_epoch_run, tmp_path, monkeypatch):
+    """Model weights, the search-feature cache and the noise permutation: read without unpickling."""
+    from trpr import modeling
+    from trpr.data.noise import load_permutation
+    from trpr.evaluation.search import load_gallery_index
+
+    marker = tmp_path / "code-ran"
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    for name in ("model.safetensors",):
+        plant(run_dir / "best" / "model_a" / name, marker)
+    plant(run_dir / "best" / "model_a" / "pytorch_model.bin", marker)  # a pickled weights file beside it
+    with pytest.raises(Exception) as info:
+        modeling.ReciprocalPair.from_pretrained(run_dir / "best")
+    assert "model_a" in str(info.value)
+    stem = tmp_path / "cache" / "index"
+    stem.parent.mkdir()
+    plant(stem.with_suffix(".safetensors"), marker)
+    stem.with_suffix(".json").write_text(json.dumps({"sources": []}))
+    assert load_gallery_index(stem) is None  # unreadable cache: rebuilt
+    plant(tmp_path / "noise.npy", marker)
+    with pytest.raises(ValueError):
+        load_permutation(tmp_path / "noise.npy", 10)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------- 9. paths that leave the dataset / pair folder
+def _escaping_fixture(root: Path, path_of) -> tuple[Path, str]:
+    """A cuhk-pedes fixture whose train entry 0 points at an image outside the dataset (which exists, so
+    only the rule can stop it); returns (annotation file, the bad path)."""
+    from PIL import Image
+
+    from test_data_benchmarks import write_fixture
+
+    secret = root / "secret" / "x.png"
+    secret.parent.mkdir(parents=True)
+    Image.new("RGB", (4, 8), (1, 2, 3)).save(secret)
+    bad = path_of(secret)
+
+    def mutate(entries):
+        entries[0]["file_path"] = bad
+
+    write_fixture(root / "data", "cuhk-pedes", mutate)
+    return root / "data" / "CUHK-PEDES" / "reid_raw.json", bad
+
+
+@pytest.mark.parametrize("path_of", [lambda secret: "../../../secret/x.png", lambda secret: str(secret)],
+                         ids=["dotdot", "absolute"])
+def test_annotation_paths_outside_the_dataset_are_refused(tmp_path, capsys, path_of):
+    from trpr.data import check
+    from trpr.data.benchmarks import load_benchmark
+
+    annotation, bad = _escaping_fixture(tmp_path, path_of)
+    assert (annotation.parent / "imgs" / bad).is_file()  # the file is there: only the rule refuses it
+    assert check.main(["cuhk-pedes", "--root", str(tmp_path / "data")]) == 1
+    report = capsys.readouterr().out
+    assert "PROBLEM [path outside the image folder]: 1" in report
+    assert f"entry 0 (file_path={bad!r}) has image path {bad!r}, which leaves the image folder" in report
+    with pytest.raises(ValueError, match=rf"^{annotation}: entry 0 \(file_path='{bad}'\) has image path .* leaves the "
+                                         r"image folder") as info:
+        load_benchmark("cuhk-pedes", root=tmp_path / "data")
+    assert "\n" not in str(info.value)
+
+
+def test_pair_members_outside_the_pair_folder_are_refused(one_epoch_run, tmp_path):
+    from trpr import modeling
+
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(run_dir / "best" / "model_a", outside)
+    pair_json = run_dir / "best" / "pair.json"
+    config = json.loads(pair_json.read_text())
+    for member in ("../../elsewhere", str(outside), "model_a/../../../elsewhere"):
+        pair_json.write_text(json.dumps(dict(config, members=[member, "model_b"])))
+        with pytest.raises(ValueError, match=rf"{pair_json}: member '{member}' is not a folder inside the pair folder"):
+            modeling.ReciprocalPair.from_pretrained(run_dir / "best")
+    (run_dir / "best" / "link").symlink_to(outside)
+    pair_json.write_text(json.dumps(dict(config, members=["link", "model_b"])))
+    with pytest.raises(ValueError, match="member 'link' is not a folder inside the pair folder"):
+        modeling.ReciprocalPair.from_pretrained(run_dir / "best")
+    pair_json.write_text(json.dumps(config))
+    modeling.ReciprocalPair.from_pretrained(run_dir / "best")  # the normal layout still loads
+
+
+# ------------------------------------------------------------------- 1. a diverged model is never ranked
+def test_retrieval_metrics_refuse_non_finite_features():
+    from trpr import kernels
+
+    feats = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    pids = torch.tensor([0, 1, 2, 3])
+    assert kernels.retrieval_metrics(feats, feats, pids, pids, backend="torch")["R1"] == 100.0
+    bad = feats.clone()
+    bad[2] = float("nan")
+    with pytest.raises(kernels.NonFiniteFeatures, match=r"^query row 2 of 4 has non-finite features \(nan\)"):
+        kernels.retrieval_metrics(bad, feats, pids, pids, backend="torch")
+    with pytest.raises(kernels.NonFiniteFeatures, match=r"^gallery row 2 of 4"):
+        kernels.retrieval_metrics(feats, bad, pids, pids, backend="torch")
+
+
+def test_huge_learning_rate_stops_training_and_saves_nothing(data_root, tmp_path):
+    """lr 1e38 and one step per epoch: the step's loss is finite, the weights after it are not usable. The
+    run must stop with one line naming the epoch and step instead of validating to R@1 100 (all-NaN
+    scores) and saving best/."""
+    run_dir = tmp_path / "diverged"
+    with pytest.raises(engine.TrainingDiverged, match=r"(validation )?after epoch 0, step 1|epoch 0, step 1") as info:
+        train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir), "--train.epochs", "1",
+                                                 "--train.batch_size", "144",
+                                                 "--optim.backbone_lr", "1e38", "--optim.head_lr", "1e38"])
+    assert "\n" not in str(info.value) and "non-finite" in str(info.value)
+    assert not (run_dir / "best").exists() and not (run_dir / "last").exists()
+
+
+def test_non_finite_weights_are_never_saved(one_epoch_run, tmp_path):
+    from trpr import modeling
+    from trpr.engine.checkpoint import CheckpointWriter, TrainerState
+
+    pair = modeling.ReciprocalPair.from_pretrained(one_epoch_run / "best")
+    with torch.no_grad():
+        next(pair.b.parameters()).fill_(float("inf"))
+    accelerator = checkpoint_accelerator()
+    writer = CheckpointWriter(tmp_path, pair, [], [], accelerator, background=False)
+    with pytest.raises(engine.TrainingDiverged, match=r"non-finite weights of model B after epoch 3, global step 7"):
+        writer.snapshot({}, TrainerState(epoch=3, global_step=7), improved=True)
+    assert not (tmp_path / "best").exists() and not (tmp_path / "last").exists()
+
+
+def checkpoint_accelerator():
+    from trpr.engine.checkpoint import _ThisProcessOnly
+
+    accelerator = _ThisProcessOnly()
+    accelerator.scaler, accelerator.device = None, torch.device("cpu")
+    return accelerator
+
+
+def test_evaluating_a_pair_with_nan_weights_is_an_error_not_a_leaderboard_entry(one_epoch_run, data_root, tmp_path,
+                                                                              capsys):
+    from safetensors.torch import load_file, save_file
+
+    import eval_3rtpr
+
+    pair_dir = tmp_path / "nan_pair"
+    shutil.copytree(one_epoch_run / "best", pair_dir)
+    weights = pair_dir / "model_a" / "model.safetensors"
+    state = load_file(str(weights))
+    projection = next(name for name in state if "visual_projection" in name or "text_projection" in name)
+    state[projection] = torch.full_like(state[projection], float("nan"))
+    save_file(state, str(weights), metadata={"format": "pt"})
+    code = eval_3rtpr.main(["--checkpoint", str(pair_dir), "--dataset", "synth-pedes-tiny", "--root", str(data_root),
+                            "--out", str(tmp_path / "out"), "--batch-size", "32"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code != 0
+    assert f"checkpoint {pair_dir}: model A gives a non-finite" in err and "row 0" in err
+    assert not (tmp_path / "out" / "leaderboard.md").exists()
+
+
+# ------------------------------------------------------------------ 10. config values, one line each
+@pytest.mark.parametrize("overrides, message", [
+    (["--optim.backbone_lr", "-1e-5"], "optim.backbone_lr must be > 0, got -1e-05"),
+    (["--optim.head_lr", "0"], "optim.head_lr must be > 0, got 0.0"),
+    (["--optim.head_lr", ".inf"], "optim.head_lr must be a finite number, got inf"),
+    (["--loss.lambda_sdm", "-1"], "loss.lambda_sdm must be >= 0, got -1.0"),
+    (["--loss.lambda_trl", "-0.5"], "loss.lambda_trl must be >= 0, got -0.5"),
+    (["--model.fused_dim", "0"], "model.fused_dim must be > 0, got 0"),
+    (["--model.fused_dim", "-64"], "model.fused_dim must be > 0, got -64"),
+    (["--train.log_every", "0"], "train.log_every must be >= 1, got 0"),
+    (["--eval.batch_size", "0"], "eval.batch_size must be >= 1, got 0"),
+    (["--data.num_workers", "-1"], "data.num_workers must be >= 0, got -1"),
+    (["--seed", "-3"], "seed must be >= 0, got -3"),
+    (["--optim.betas", "[0.9, 1.0]"], r"optim.betas\[1\] must lie in \[0, 1\), got 1.0"),
+    (["--optim.betas", "[-0.1, 0.99]"], r"optim.betas\[0\] must lie in \[0, 1\), got -0.1"),
+    (["--optim.warmup_epochs", "-1"], "optim.warmup_epochs must be >= 0, got -1"),
+    (["--alr.sharpness", "0"], "alr.sharpness must be > 0, got 0.0"),
+    (["--alr.sharpness", "-2"], "alr.sharpness must be > 0, got -2.0"),
+    (["--data.image_size", "[30, 16]"], r"data.image_size \[30, 16\] must be divisible by the backbone's patch size 8"),
+    (["--model.backbone", "{hidden_size: 30, num_attention_heads: 4}"],
+     "model.backbone: the vision width \\(hidden_size\\) 30 is not divisible by its 4 attention heads"),
+    (["--model.backbone", "openai/clip-vit-base-patch16", "--data.image_size", "[384, 120]"],
+     r"data.image_size \[384, 120\] must be divisible by the backbone's patch size 16"),
+])
+def test_bad_config_values_are_one_line_before_any_data(overrides, message, tmp_path, monkeypatch):
+    from trpr import data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the config was checked")
+
+    monkeypatch.setattr(data, "load_benchmark", no_data)
+    with pytest.raises(configs.ConfigError, match=message) as info:
+        train_3rtpr.main(["--config", "synth-pedes", "--output-dir", str(tmp_path / "run")] + overrides)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("base", ["3", "[synth-pedes, 4]", "{a: 1}", "null"])
+def test_non_string_base_is_one_line(tmp_path, base):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"base: {base}\ntrain:\n  epochs: 2\n")
+    with pytest.raises(configs.ConfigError, match=rf"config file {recipe}: base must be a recipe name or path, or a "
+                                                  r"list of them, got") as info:
+        configs.load_config(recipe)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------ 7. resume: epochs and format version
+def test_resume_with_fewer_epochs_than_done_is_refused_and_changes_nothing(data_root, tmp_path):
+    import yaml
+
+    two = tmp_path / "two"
+    train_3rtpr.main(tiny_args(data_root) + ["--train.epochs", "2", "--output-dir", str(two),
+                                             "--alr.enabled", "false", "--eval.split", "null"])
+    before = (two / "config.yaml").read_text()
+    with pytest.raises(configs.ConfigError, match=rf"^--resume {two}: train.epochs 1 is fewer than the 2 epoch\(s\) "
+                                                  r"the run has finished; pass --train.epochs 2 or more") as info:
+        train_3rtpr.main(["--resume", str(two), "--train.epochs", "1"])
+    assert "\n" not in str(info.value)
+    assert (two / "config.yaml").read_text() == before and yaml.safe_load(before)["train"]["epochs"] == 2
+
+
+def test_newer_format_versions_are_refused(one_epoch_run, tmp_path):
+    from trpr import modeling
+
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    state_file = run_dir / "last" / "training_state" / "trainer_state.json"
+    counters = json.loads(state_file.read_text())
+    assert counters["format_version"] == engine.checkpoint.TRAINING_STATE_VERSION
+    state_file.write_text(json.dumps(dict(counters, format_version=99)))
+    with pytest.raises(engine.CheckpointError, match=rf"^--resume {run_dir}: {state_file}: format_version 99 is newer "
+                                                    r"than this trpr resumes \(2\); upgrade trpr"):
+        train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2"])
+    model_config = run_dir / "best" / "model_a" / "config.json"
+    model_config.write_text(json.dumps(dict(json.loads(model_config.read_text()), format_version=7)))
+    with pytest.raises(ValueError, match=rf"{model_config}: format_version 7 is newer than this trpr reads \(1\)"):
+        modeling.ReciprocalPair.from_pretrained(run_dir / "best")
+
+
+# ------------------------------------------------------- 2. --overwrite keeps the old run until an epoch
+def test_overwrite_keeps_the_previous_run_until_the_new_one_saves_an_epoch(one_epoch_run, data_root, tmp_path,
+                                                                         monkeypatch, capsys):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    before = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    def dies_in_epoch_0(*args, **kwargs):
+        assert (run_dir / ".replaced" / "last").is_dir()  # the previous run still exists while epoch 0 runs
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "train_one_epoch", dies_in_epoch_0)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir), "--overwrite", "--train.epochs", "1"])
+    after = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # the previous run is back, byte for byte, and nothing of the new one is left
+    capsys.readouterr()
+    train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir), "--overwrite", "--train.epochs", "1",
+                                             "--seed", "5"])
+    assert "the previous run in" in capsys.readouterr().err
+    assert not (run_dir / ".replaced").exists() and (run_dir / "last").is_dir()
+    assert configs.load_config(run_dir / "config.yaml")["seed"] == 5
