@@ -7,8 +7,8 @@
     step         batch_to_device, encode_view, reciprocal_step, start_epoch, train_one_epoch, TrainingDiverged
     compilation  train.compile (regional torch.compile of the encoder layers), fast-math settings
     timing       per-phase epoch timing (PhaseClock, StepClock, epoch_timing, format_timing)
-    alr_pass     AlrPass (the per-epoch ALR pass), alr_batches, batch_statistics (ALR's scoring, also in
-                 score_samples for scripts), report_alr (the epoch's ALR record, scalars, log line)
+    alr_pass     AlrPass (the per-epoch ALR pass), alr_batches, batch_statistics (ALR's scoring),
+                 report_alr (the epoch's ALR record, scalars, log line)
     validation   validate, log_validation, final_test
     checkpoint   TrainerState, CheckpointWriter (background writes), save_checkpoint / save_last / load_last /
                  resume, atomic folder writes (disk full: DiskFullError), CheckpointError, RNG
@@ -18,8 +18,7 @@
 The loss and its data parallelism are `modeling.losses.TrainingLoss`. The engine emits records only: the
 figures drawn from them (curves.png, alr_weights.png) are `trpr.reporting.training`'s.
 """
-from .alr_pass import (AlrPass, SampleScores, alr_active, alr_batches, alr_report, batch_statistics,
-                       report_alr, score_samples)
+from .alr_pass import AlrPass, alr_active, alr_batches, alr_report, batch_statistics, report_alr
 from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, TrainerState, initial_alr_state, load_last,
                          recover_checkpoint, resume, rng_state, save_checkpoint, save_last, set_rng_state,
                          tidy_checkpoints, write_folder_atomically)
@@ -35,8 +34,7 @@ from .step import (TrainingDiverged, batch_to_device, encode_view, reciprocal_st
 from .timing import PhaseClock, StepClock, epoch_timing, format_timing
 from .validation import final_test, log_validation, selection_score, validate, validation_due
 
-__all__ = ["AlrPass", "SampleScores", "alr_active", "alr_batches", "alr_report", "batch_statistics",
-           "report_alr", "score_samples",
+__all__ = ["AlrPass", "alr_active", "alr_batches", "alr_report", "batch_statistics", "report_alr",
            "CheckpointError", "CheckpointWriter", "DiskFullError", "TrainerState", "initial_alr_state", "load_last",
            "recover_checkpoint", "resume", "rng_state", "save_checkpoint", "save_last", "set_rng_state",
            "tidy_checkpoints", "write_folder_atomically", "check_distributed_type",

@@ -12,13 +12,11 @@ and gathered; (2) the main process forms the epoch's shuffled batches of train.b
 training loss's own `per_sample` (`batch_statistics`), and its fused diagonal similarity; (3) it fits
 the mixtures (`modeling.alr.compute_alr`) and the weights are broadcast to every process.
 
-`batch_statistics` is the one implementation of ALR's per-batch scoring; `score_samples` (encode a
-TrainViews batch, then score it) uses it too, for scripts.
+`batch_statistics` is the one implementation of ALR's per-batch scoring.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +32,7 @@ from trpr.modeling.alr import MixtureSettings, compute_alr, noise_detection_scor
 
 from .compilation import fast_math
 from .distributed import broadcast_from_main
-from .step import encode_view, trim_text_padding
+from .step import trim_text_padding
 
 # Spawn key of the pass's batch order: np.random.SeedSequence([seed, epoch], spawn_key=(ALR_BATCH_STREAM,)),
 # a stream of its own, distinct from the training order's SeedSequence([seed, epoch]) ("ALR" in ASCII).
@@ -46,17 +44,6 @@ FEATURE_DTYPE = torch.float16
 WEIGHT_QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
-class SampleScores(NamedTuple):
-    """ALR's statistics of one batch under one model: losses [b] (the unweighted per-sample loss of the
-    ALR term against the batch's columns), diag_sims [b] (cosine of each sample's fused text and image
-    features), text / image [b, D] the fused features (fp32)."""
-
-    losses: torch.Tensor
-    diag_sims: torch.Tensor
-    text: torch.Tensor
-    image: torch.Tensor
-
-
 def batch_statistics(loss_term, text: torch.Tensor, image: torch.Tensor, pids: torch.Tensor,
                      columns: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample losses [b] fp32, fused diagonal cosines [b]) of rows text / image [b, D] and pids [b]
@@ -65,15 +52,6 @@ def batch_statistics(loss_term, text: torch.Tensor, image: torch.Tensor, pids: t
     with the training loss's own per_sample, never a copy of its formula."""
     losses = loss_term.per_sample(text, image, pids, columns=columns)
     return losses, F.cosine_similarity(text.float(), image.float(), dim=-1)
-
-
-def score_samples(model, batch: dict, loss_term, device, view: int = 0, autocast=None) -> SampleScores:
-    """Encode view `view` of a TrainViews batch with `model` and score it with `loss_term` (a
-    modeling.losses.PairLoss, e.g. TrainingLoss.alr_term, whose world size decides the columns).
-    For scripts that score their own batches; the ALR pass itself is `AlrPass`."""
-    text, image = encode_view(model, batch, view, device, autocast)
-    losses, diag_sims = batch_statistics(loss_term, text, image, batch["pid"].to(device))
-    return SampleScores(losses, diag_sims, text, image)
 
 
 def alr_active(config: dict, epoch: int) -> bool:
