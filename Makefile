@@ -73,9 +73,9 @@ gpu-wheels:
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache
 
-# The pretrained proxy CLIP of the synth-pedes proxy ablation (scripts/pretrain_proxy.py): built once, cached under
+# The pretrained proxy CLIP of the synth-pedes proxy ablation (trpr/experiments/proxy_pretrain.py): built once, cached under
 # $TRPR_CACHE (default ~/.cache/3rtpr) in a folder named after its settings, reused when present.
 PROXY_THREADS ?= 1
 .PHONY: proxy
 proxy: setup
-	OMP_NUM_THREADS=$(PROXY_THREADS) $(OFFLINE_ENV) nice -n 10 $(BIN)/python scripts/pretrain_proxy.py --threads $(PROXY_THREADS)
+	OMP_NUM_THREADS=$(PROXY_THREADS) $(OFFLINE_ENV) nice -n 10 $(BIN)/python -m trpr.experiments.proxy_pretrain --threads $(PROXY_THREADS)

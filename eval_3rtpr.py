@@ -29,7 +29,7 @@ from trpr.evaluation.folder_gallery import IMAGE_EXTENSIONS
 from trpr.evaluation.checkpoints import unreadable_images_as_input_errors
 from trpr.evaluation.progress import quiet_progress_in_logs
 from trpr.evaluation.search import DEFAULT_SEARCH_ROW, choose_search_row, parse_score_row
-from trpr.metrics.report import make_names_unique, write_reports
+from trpr.reporting.evaluation import make_names_unique, write_reports
 from trpr.modeling.pair import ROW_KEYS
 
 PROG = "eval_3rtpr.py"

@@ -18,7 +18,8 @@ Every epoch (docs/method.md §3-§7):
      snapshot taken at the end of the epoch; then the epoch's line in metrics.jsonl, with the time of
      every phase (trpr/engine/timing.py), also printed.
 Epochs are counted from 0. The run folder layout is described in docs/design.md ("Run folder").
-The pieces live in `trpr/engine/` (one module each) and `modeling.losses`.
+The pieces live in `trpr/engine/` (one module each) and `modeling.losses`; the figures (curves.png,
+alr_weights.png) are drawn by `trpr/reporting/training.py` from the engine's records.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from trpr.data.transforms import get_tokenizer
 from trpr.evaluation.progress import quiet_progress_in_logs
 from trpr.modeling.run_folder import RunFolderBusy
 from trpr.modeling.losses import TrainingLoss
+from trpr.reporting.training import plot_run_alr_history, plot_run_curves
 
 
 HELP_EPILOG = """config sections and keys (defaults from trpr/configs/defaults.yaml, where each is explained);
@@ -138,8 +140,12 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
                 with clock.phase("alr"):
                     alr = alr_pass(models, loss.alr_term, epoch)
                     alr_state = {"weights": alr["weights"], "keep": alr["keep"]}
-                    report = engine.report_alr(alr, noisy, epoch, run_dir, accelerator,
-                                               global_step=state.global_step, trackers=trackers)
+                    report = engine.report_alr(alr, noisy, epoch, accelerator, global_step=state.global_step)
+                    if report is not None:  # main process: the ALR figure over the epochs so far
+                        image = plot_run_alr_history(run_dir, epoch, report)
+                        if "tensorboard" in trackers:
+                            accelerator.get_tracker("tensorboard").log_images(
+                                {"alr/weights": image[None]}, step=state.global_step, dataformats="NHWC")
                 if report is not None:
                     record["alr"] = report
 
@@ -196,7 +202,7 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
         checkpoints.close()
     accelerator.wait_for_everyone()
 
-    engine.plot_run_curves(run_dir, config["eval"]["select_row"], accelerator)
+    plot_run_curves(run_dir, config["eval"]["select_row"], accelerator)
     if args.final_test:
         engine.final_test(run_dir, splits, tokenizer, config, accelerator)
     accelerator.end_training()

@@ -1,6 +1,5 @@
-"""scripts/ablate.py without training: the run plan, the trainer command lines and the report built from
+"""The ablation sweep (trpr.experiments.ablation_*, scripts/ablate.py) without training: the run plan, the trainer command lines and the report built from
 hand-written run folders (test_metrics.json + metrics.jsonl in the trainer's format)."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -10,21 +9,19 @@ import torch
 
 from trpr import configs
 from trpr.engine.state_files import save_state
+from trpr.experiments import ablation_plan, ablation_report, ablation_sweep, alr_analysis, proxy_pretrain
+from trpr.reporting import ablation as ablation_tables
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("ablate", REPO / "scripts" / "ablate.py")
-ablate = importlib.util.module_from_spec(spec)
-sys.modules["ablate"] = ablate  # dataclasses look their module up
-spec.loader.exec_module(ablate)
 
 
 def args_for(tmp_path, *extra):
-    return ablate.parse_args(["--runs-dir", str(tmp_path / "runs"), "--docs-dir", str(tmp_path / "docs"), *extra])
+    return ablation_sweep.parse_args(["--runs-dir", str(tmp_path / "runs"), "--docs-dir", str(tmp_path / "docs"), *extra])
 
 
 def test_plan_is_seed_major_and_commands_carry_each_variant(tmp_path):
     args = args_for(tmp_path, "--seeds", "3", "4", "--epochs", "5", "--set", "loss.tau=0.02")
-    runs = ablate.plan_runs(args)
+    runs = ablation_plan.plan_runs(args)
     assert len(runs) == 2 * 2 * 4
     assert [r.seed for r in runs[:8]] == [3] * 8 and [r.seed for r in runs[8:]] == [4] * 8
     by_name = {r.name: r.command for r in runs}
@@ -66,7 +63,7 @@ def test_report_means_stds_and_unrun_cells(tmp_path):
     fake_run(runs_dir / "baseline-clean-seed1", {"A/FS": 14.0})
     fake_run(runs_dir / "full-noisy-seed0", {"A/FS": 20.0, "A+B/FS": 30.0}, detection=60.0)
     fake_run(runs_dir / "full-noisy-seed1", {"A/FS": 22.0, "A+B/FS": 34.0}, detection=80.0)
-    report = ablate.write_report(ablate.plan_runs(args), args, failed=[]).read_text()
+    report = ablation_report.write_report(ablation_plan.plan_runs(args), args, failed=[]).read_text()
     baseline_row = next(line for line in report.splitlines() if line.startswith("| CLIP baseline"))
     # clean: R@1 mean 12, sample std 2.83; mAP half of it; 2 seeds; noisy column never ran
     assert "12.00 ± 2.83" in baseline_row and "6.00 ± 1.41" in baseline_row
@@ -85,13 +82,13 @@ def test_report_means_stds_and_unrun_cells(tmp_path):
 
 def test_a_run_folder_of_another_command_is_not_reused(tmp_path):
     args = args_for(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean", "--epochs", "3")
-    (run,) = ablate.plan_runs(args)
+    (run,) = ablation_plan.plan_runs(args)
     fake_run(run.folder, {"A/FS": 10.0})
     run.command_file.write_text(" ".join(run.command + ["--resume", str(run.folder)]) + "\n")
-    assert ablate.plan_runs(args)[0].finished  # same command (a resume is the same run): reused
+    assert ablation_plan.plan_runs(args)[0].finished  # same command (a resume is the same run): reused
     other = args_for(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean", "--epochs", "4")
     with pytest.raises(SystemExit, match="another command"):
-        ablate.plan_runs(other)
+        ablation_plan.plan_runs(other)
 
 
 def test_end_to_end_one_tiny_run_then_resume_skips_it(tmp_path):
@@ -118,13 +115,13 @@ def test_end_to_end_one_tiny_run_then_resume_skips_it(tmp_path):
 
 # ============================================================================ proxy mode (issue 12)
 def proxy_args(tmp_path, *extra):
-    return ablate.parse_args(["--proxy", "--backbone", str(tmp_path / "proxy"), "--runs-dir", str(tmp_path / "runs"),
+    return ablation_sweep.parse_args(["--proxy", "--backbone", str(tmp_path / "proxy"), "--runs-dir", str(tmp_path / "runs"),
                               "--docs-dir", str(tmp_path / "docs"), *extra])
 
 
 def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path):
     args = proxy_args(tmp_path, "--seeds", "0", "1")
-    runs = ablate.plan_runs(args)
+    runs = ablation_plan.plan_runs(args)
     assert len(runs) == 2 * 3 * 6  # seeds x (clean, 50 %, 80 %) x variants
     by_name = {r.name: r for r in runs}
     options = {name: dict(zip(run.command, run.command[1:])) for name, run in by_name.items()}
@@ -140,27 +137,26 @@ def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path)
     control_options, partner_options = options["ensemble-noisy-seed1"], options["alr-noisy-seed1"]
     assert control_options["--seed"] == "1001" and partner_options["--seed"] == "1"
     assert control_options["--data.noise_rate"] == "0.0"
-    assert control_options["--data.noise_file"] == str(ablate.noise_file_for("noisy", 1, args))
+    assert control_options["--data.noise_file"] == str(ablation_plan.noise_file_for("noisy", 1, args))
     assert control_options["--alr.models"] == "1" and control_options["--eval.select_row"] == "A/FS"
     assert "--data.noise_file" not in options["ensemble-clean-seed1"]
-    assert control.metrics_file.name == ablate.ENSEMBLE_METRICS and partner.metrics_file.name == "test_metrics.json"
+    assert control.metrics_file.name == ablation_plan.ENSEMBLE_METRICS and partner.metrics_file.name == "test_metrics.json"
     assert args.runs_dir == str(tmp_path / "runs") and args.docs_dir == str(tmp_path / "docs")
 
 
 def test_proxy_defaults_and_random_init_control(tmp_path, monkeypatch):
     monkeypatch.setenv("TRPR_CACHE", str(tmp_path / "cache"))
-    args = ablate.parse_args(["--proxy"])
+    args = ablation_sweep.parse_args(["--proxy"])
     assert args.runs_dir == "runs/ablation_proxy" and args.docs_dir == "docs/results/proxy"
-    proxy = ablate.load_pretrain_proxy()
-    assert args.backbone == str(proxy.proxy_folder(proxy.ProxySettings()))
+    assert args.backbone == str(proxy_pretrain.proxy_folder(proxy_pretrain.ProxySettings()))
     assert args.backbone.startswith(str(tmp_path / "cache"))
-    scratch = ablate.parse_args(["--proxy", "--random-init"])
+    scratch = ablation_sweep.parse_args(["--proxy", "--random-init"])
     assert scratch.runs_dir == "runs/ablation_proxy_random"
     mapping = configs.parse_overrides(["--model.backbone", scratch.backbone])["model"]["backbone"]
-    assert mapping == proxy.ProxySettings().architecture()
+    assert mapping == proxy_pretrain.ProxySettings().architecture()
     assert " " not in scratch.backbone  # command.txt is compared word by word
-    default = ablate.parse_args([])
-    assert default.variants == ablate.DEFAULT_VARIANTS and default.conditions == ["clean", "noisy"]
+    default = ablation_sweep.parse_args([])
+    assert default.variants == ablation_plan.DEFAULT_VARIANTS and default.conditions == ["clean", "noisy"]
     assert default.backbone is None and default.config == "synth-pedes" and default.noisy_config is None
 
 
@@ -171,14 +167,14 @@ def test_proxy_defaults_and_random_init_control(tmp_path, monkeypatch):
 ])
 def test_bad_proxy_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
-        ablate.parse_args(argv)
+        ablation_sweep.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
 def test_missing_backbone_folder_stops_the_sweep_before_training(tmp_path):
     args = proxy_args(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean")
     with pytest.raises(SystemExit, match="does not exist; build the proxy first"):
-        ablate.train_all(ablate.plan_runs(args), args)
+        ablation_sweep.train_all(ablation_plan.plan_runs(args), args)
 
 
 def write_pair_run(folder: Path, dataset_root: Path, seed: int):
@@ -207,19 +203,19 @@ def test_ensemble_control_evaluates_the_two_independent_models_a(tmp_path):
     from trpr.evaluation import evaluate_pair
 
     args = proxy_args(tmp_path, "--seeds", "0", "--variants", "alr", "ensemble", "--conditions", "clean")
-    partner, control = ablate.plan_runs(args)
+    partner, control = ablation_plan.plan_runs(args)
     first = write_pair_run(partner.folder, tmp_path / "data", seed=0)
     second = write_pair_run(control.folder, tmp_path / "data", seed=5)
     assert control.trained and not control.finished
-    assert ablate.evaluate_ensembles([partner, control], {"TRPR_CACHE": str(tmp_path / "data")}, threads=1) == []
+    assert ablation_sweep.evaluate_ensembles([partner, control], {"TRPR_CACHE": str(tmp_path / "data")}, threads=1) == []
     assert control.finished
-    saved = json.loads((control.folder / ablate.ENSEMBLE_METRICS).read_text())
+    saved = json.loads((control.folder / ablation_plan.ENSEMBLE_METRICS).read_text())
     splits = data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data")
     expected = evaluate_pair(modeling.ReciprocalPair(first.a, second.a), splits["test_gallery"],
                                         splits["test_queries"], tokenizer=get_tokenizer(), image_size=(32, 16))
     assert saved["A+B/FS"] == pytest.approx(expected["A+B/FS"])
     assert saved["A/FS"] == pytest.approx(expected["A/FS"]) and saved["members"][0].startswith(str(partner.folder))
-    report = ablate.write_report([partner, control], args, failed=[]).read_text()
+    report = ablation_report.write_report([partner, control], args, failed=[]).read_text()
     row = next(line for line in report.splitlines() if line.startswith("| control"))
     assert f"{saved['A+B/FS']['R1']:.2f} (1 seed)" in row and "A+A'" in row
 
@@ -243,7 +239,7 @@ def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
     from trpr.data.noise import generate_permutation, save_permutation
 
     args = proxy_args(tmp_path, "--seeds", "0", "--variants", "alr", "full", "--conditions", "noisy", "noisy80")
-    runs = {r.name: r for r in ablate.plan_runs(args)}
+    runs = {r.name: r for r in ablation_plan.plan_runs(args)}
     train_size = len(data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data")["train"])
     for name, run in runs.items():
         rate = 0.8 if "noisy80" in name else 0.5
@@ -257,10 +253,10 @@ def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
         save_state({"weights": weights, "keep": torch.ones(train_size, dtype=torch.bool)}, state / "alr_state.safetensors")
         records = [{"epoch": 0, "best_epoch": 0}, {"epoch": 1, "best_epoch": 1, "alr": alr_record(noisy)}]
         (run.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    found = ablate.run_alr_weights(runs["full-noisy80-seed0"], tmp_path / "data")
+    found = ablation_report.run_alr_weights(runs["full-noisy80-seed0"], tmp_path / "data")
     assert found is not None and found[1].mean() == pytest.approx(0.8, abs=0.02)
     assert np.all(found[0][found[1]] == np.float32(0.2))
-    report = ablate.write_report(list(runs.values()), args, failed=[]).read_text()
+    report = ablation_report.write_report(list(runs.values()), args, failed=[]).read_text()
     assert "### 50% noisy correspondence" in report and "### 80% noisy correspondence" in report
     for name, run in runs.items():  # the detection and weights of each run's current-format ALR record
         alr = json.loads((run.folder / "metrics.jsonl").read_text().splitlines()[1])["alr"]
@@ -286,7 +282,7 @@ def test_diagnosis_scores_with_the_trainers_alr_pass_and_draws_the_losses(tmp_pa
 
     run = tmp_path / "runs" / "full-noisy-seed0"
     pair = write_pair_run(run, tmp_path / "data", seed=0)
-    result = ablate.separability(run, 0.5, tmp_path / "docs")
+    result = alr_analysis.separability(run, 0.5, tmp_path / "docs")
     assert result["alr_epoch"] == 1  # the fake run's best epoch is 0: the pass before epoch 1
     # the same losses as the trainer's pass on that training set and epoch
     config = yaml_config(run)
@@ -304,7 +300,7 @@ def test_diagnosis_scores_with_the_trainers_alr_pass_and_draws_the_losses(tmp_pa
         assert -1.0 <= result[name]["cos_other_identity"] <= 1.0
         assert 0.0 <= result[name]["gmm_f1"] <= 100.0
     assert (tmp_path / "docs" / "alr_losses_full-noisy-seed0.png").stat().st_size > 0
-    table = ablate.write_separability([result], tmp_path / "docs").read_text()
+    table = ablation_tables.write_separability([result], tmp_path / "docs").read_text()
     assert "engine.AlrPass" in table and table.count("| full-noisy-seed0 (0.0) |") == 2
 
 

@@ -15,6 +15,7 @@ from trpr.configs import load_config
 from trpr.data.transforms import get_tokenizer
 from trpr.engine import alr_pass as alr_pass_module
 from trpr.modeling.losses import TrainingLoss
+from trpr.reporting import training as reporting
 
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
              "projection_dim": 32}
@@ -177,8 +178,8 @@ def test_report_and_one_figure_over_the_epochs(train_split, tmp_path):
     accelerator = Accelerator(cpu=True)
     noisy, records = _records(train_split, range(1, 4))
     for epoch, result, sims in records:
-        report = engine.report_alr({"result": result, "diag_sims": sims}, noisy, epoch, tmp_path, accelerator,
-                                   global_step=epoch, trackers=[])
+        report = engine.report_alr({"result": result, "diag_sims": sims}, noisy, epoch, accelerator, global_step=epoch)
+        reporting.plot_run_alr_history(tmp_path, epoch, report)
         engine.append_metrics(tmp_path, {"epoch": epoch, "alr": report})
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["alr_weights.png"]  # one figure, rewritten
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["alr"]
@@ -187,14 +188,14 @@ def test_report_and_one_figure_over_the_epochs(train_split, tmp_path):
     assert set(quantiles) == {"levels", "all", "clean", "noisy"}
     assert quantiles["noisy"][3] < quantiles["clean"][3] <= 1.0  # noisy pairs' median weight is lower
     assert last["mixture"]["A"]["status"] == "ok" and last["noise_detection"]["f1"] > 90
-    image = engine.plot_alr_history([{"epoch": e, "alr": engine.alr_report(r, s, noisy)} for e, r, s in records],
+    image = reporting.plot_alr_history([{"epoch": e, "alr": engine.alr_report(r, s, noisy)} for e, r, s in records],
                                     tmp_path / "again.png")
     assert image.ndim == 3 and image.shape[2] == 3 and (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
     # without noisy flags: one group, no detection panel; old records without quantiles are skipped
     clean_only = [{"epoch": 0, "alr": {"mu": 0.1}}] + [
         {"epoch": e, "alr": engine.alr_report(r, s, torch.zeros_like(noisy))} for e, r, s in records]
     assert set(clean_only[-1]["alr"]["weight_quantiles"]) == {"levels", "all"}
-    engine.plot_alr_history(clean_only, tmp_path / "clean.png")
+    reporting.plot_alr_history(clean_only, tmp_path / "clean.png")
 
 
 def test_degenerate_mixture_is_logged_and_recorded(train_split, tmp_path, capsys):
@@ -203,8 +204,8 @@ def test_degenerate_mixture_is_logged_and_recorded(train_split, tmp_path, capsys
     noisy = torch.tensor(train_split["noisy"])
     constant = torch.full((len(noisy),), 1.5)
     result = modeling.alr.compute_alr(constant, constant, torch.rand(len(noisy)))
-    report = engine.report_alr({"result": result, "diag_sims": torch.rand(len(noisy))}, noisy, 2, tmp_path,
-                               Accelerator(cpu=True), global_step=0, trackers=[])
+    report = engine.report_alr({"result": result, "diag_sims": torch.rand(len(noisy))}, noisy, 2,
+                               Accelerator(cpu=True), global_step=0)
     for name in "AB":
         assert report["mixture"][name]["status"] == "constant_losses"
         assert "every sample clean" in report["mixture"][name]["rule"]

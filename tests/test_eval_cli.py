@@ -15,7 +15,7 @@ import eval_3rtpr
 from trpr import evaluation
 from trpr import modeling
 from trpr.data.transforms import get_tokenizer, tokenize
-from trpr.metrics import report
+from trpr.reporting import evaluation as report
 
 IMAGE_SIZE = (64, 32)
 DATASET = "synth-pedes-tiny"

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from trpr import kernels
-from trpr.metrics.cmc import cmc_curve, plot_cmc
-from trpr.metrics.leaderboard import LeaderboardRow, markdown_table, mean_std_rows, reported_rows, sort_by_r1
+from trpr.metrics.cmc import cmc_curve
 from trpr.metrics.published import PUBLISHED_RESULTS, published_for
+from trpr.reporting.cmc import plot_cmc
+from trpr.reporting.leaderboard import LeaderboardRow, markdown_table, mean_std_rows, reported_rows, sort_by_r1
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -92,7 +92,7 @@ def test_a_users_own_folders_named_like_ours_change_nothing(tmp_path):
     for name in ("data", "configs", "engine", "modeling", "evaluation", "metrics", "benchmarks"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user folder {name}/ was imported')\n")
-    code = ("import trpr.configs, trpr.data, trpr.engine, trpr.evaluation, trpr.metrics.leaderboard\n"
+    code = ("import trpr.configs, trpr.data, trpr.engine, trpr.evaluation, trpr.reporting.leaderboard\n"
             "c = trpr.configs.load_config('synth-pedes')\n"
             "print('dataset', c['data']['dataset'])\n")
     out = _run(code, cwd=tmp_path, env_extra={"PYTHONPATH": str(ROOT)})

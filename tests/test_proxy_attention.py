@@ -1,21 +1,13 @@
-"""scripts/proxy_attention.py: person masks that belong to the stored pictures, patch fractions, scores."""
-import importlib.util
+"""trpr.experiments.proxy_attention (scripts/proxy_attention.py): person masks that belong to the stored pictures, patch fractions, scores."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import CLIPModel
 
+from trpr.experiments import proxy_attention
 from trpr.modeling import small_clip_config
-
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("proxy_attention", ROOT / "scripts" / "proxy_attention.py")
-proxy_attention = importlib.util.module_from_spec(spec)
-sys.modules["proxy_attention"] = proxy_attention
-spec.loader.exec_module(proxy_attention)
 
 
 def test_patch_person_fraction_on_the_model_grid():

@@ -1,7 +1,6 @@
-"""scripts/pretrain_proxy.py at tiny scale: the CLIP loss, resumable pre-training, the saved transformers CLIP
+"""trpr.experiments.proxy_pretrain (scripts/pretrain_proxy.py) at tiny scale: the CLIP loss, resumable pre-training, the saved transformers CLIP
 folder (HF-loadable, same features as the project's backbone), the cache, and fine-tuning from it through the
 trainer's command line (position embeddings resized to the fine-tuning grid, the proxy's weights loaded)."""
-import importlib.util
 import json
 import math
 import os
@@ -23,11 +22,9 @@ from trpr.data.transforms import get_tokenizer, tokenize
 from trpr.modeling import TRPRModel
 from trpr.modeling.backbone import CLIPBackbone, load_clip_model, resize_position_embedding
 
+from trpr.experiments import proxy_pretrain as pretrain_proxy
+
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("pretrain_proxy", ROOT / "scripts" / "pretrain_proxy.py")
-pretrain_proxy = importlib.util.module_from_spec(spec)
-sys.modules["pretrain_proxy"] = pretrain_proxy
-spec.loader.exec_module(pretrain_proxy)
 
 TINY = pretrain_proxy.ProxySettings(
     width=32, vision_layers=1, text_layers=1, heads=2, mlp_ratio=2, patch=8, epochs=2, batch_size=8, lr=1e-3,

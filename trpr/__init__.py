@@ -6,9 +6,11 @@ One import package (docs/decisions.md, "One import package"); its sub-packages, 
     trpr.modeling     CLIP backbone, fused heads, TRPRModel, ReciprocalPair, losses, ALR maths, Hub helpers
     trpr.data         the three benchmarks and synth-pedes as `datasets.DatasetDict`, noise, transforms, checks
     trpr.configs      the YAML recipes (``--config cuhk-pedes``) and their loader
-    trpr.engine       training: step, ALR pass, validation, checkpoints, timing
+    trpr.metrics      CMC maths, published numbers, the `evaluate` metric module
+    trpr.engine       training: step, ALR pass, validation, checkpoints, timing (emits records, draws nothing)
     trpr.evaluation   evaluation rows, checkpoint resolution, search
-    trpr.metrics      leaderboard, CMC, published numbers, the `evaluate` metric module
+    trpr.reporting    every figure and table: training curves, ALR history, CMC, leaderboard, ablation, proxy
+    trpr.experiments  the proxy CLIP's pre-training, its attention analysis, the ablation sweep and its analysis
     trpr.benchmarks   kernel, retrieval, encoder and training-throughput benchmarks
 
 The entry scripts `train_3rtpr.py` and `eval_3rtpr.py` sit beside this package, not in it.

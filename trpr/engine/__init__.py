@@ -7,24 +7,24 @@
     step         batch_to_device, encode_view, reciprocal_step, start_epoch, train_one_epoch, TrainingDiverged
     compilation  train.compile (regional torch.compile of the encoder layers), fast-math settings
     timing       per-phase epoch timing (PhaseClock, StepClock, epoch_timing, format_timing)
-    alr_pass     AlrPass (the per-epoch ALR pass), alr_batches, batch_statistics (ALR's scoring, also in
-                 score_samples for scripts), report_alr (record + alr_weights.png)
+    alr_pass     AlrPass (the per-epoch ALR pass), alr_batches, batch_statistics (ALR's scoring),
+                 report_alr (the epoch's ALR record, scalars, log line)
     validation   validate, log_validation, final_test
     checkpoint   TrainerState, CheckpointWriter (background writes), save_checkpoint / save_last / load_last /
                  resume, atomic folder writes (disk full: DiskFullError), CheckpointError, RNG
     distributed  sync_batch_norms, check_distributed_type
-    metrics_log  metrics.jsonl records, curves.png, flat_config
+    metrics_log  metrics.jsonl records, flat_config
 
-The loss and its data parallelism are `modeling.losses.TrainingLoss`.
+The loss and its data parallelism are `modeling.losses.TrainingLoss`. The engine emits records only: the
+figures drawn from them (curves.png, alr_weights.png) are `trpr.reporting.training`'s.
 """
-from .alr_pass import (AlrPass, SampleScores, alr_active, alr_batches, alr_report, batch_statistics,
-                       plot_alr_history, report_alr, score_samples)
+from .alr_pass import AlrPass, alr_active, alr_batches, alr_report, batch_statistics, report_alr
 from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, TrainerState, initial_alr_state, load_last,
                          recover_checkpoint, resume, rng_state, save_checkpoint, save_last, set_rng_state,
                          tidy_checkpoints, write_folder_atomically)
 from .compilation import compile_model, fast_math, fast_math_enabled, resolve_compile_mode
 from .distributed import check_distributed_type, sync_batch_norms
-from .metrics_log import append_metrics, flat_config, plot_curves, plot_run_curves, read_metrics, restart_metrics
+from .metrics_log import append_metrics, flat_config, read_metrics, restart_metrics
 from .optim import build_optimizer, build_optimizers, current_lrs, lr_factor, param_groups
 from .run import (RunFolder, build_clip_source, build_pair, build_train_loader, check_backbone, check_batch_size,
                   check_images, head_seeds, load_splits, resolve_run)
@@ -34,12 +34,11 @@ from .step import (TrainingDiverged, batch_to_device, encode_view, reciprocal_st
 from .timing import PhaseClock, StepClock, epoch_timing, format_timing
 from .validation import final_test, log_validation, selection_score, validate, validation_due
 
-__all__ = ["AlrPass", "SampleScores", "alr_active", "alr_batches", "alr_report", "batch_statistics",
-           "plot_alr_history", "report_alr", "score_samples",
+__all__ = ["AlrPass", "alr_active", "alr_batches", "alr_report", "batch_statistics", "report_alr",
            "CheckpointError", "CheckpointWriter", "DiskFullError", "TrainerState", "initial_alr_state", "load_last",
            "recover_checkpoint", "resume", "rng_state", "save_checkpoint", "save_last", "set_rng_state",
            "tidy_checkpoints", "write_folder_atomically", "check_distributed_type",
-           "sync_batch_norms", "append_metrics", "flat_config", "plot_curves", "plot_run_curves", "read_metrics",
+           "sync_batch_norms", "append_metrics", "flat_config", "read_metrics",
            "restart_metrics", "build_optimizer", "build_optimizers", "current_lrs", "lr_factor", "param_groups",
            "RunFolder", "build_clip_source", "build_pair", "build_train_loader", "check_backbone", "check_batch_size",
            "check_images", "head_seeds", "load_splits", "resolve_run", "GlobalBatchSampler", "TrainingDiverged",

@@ -1,5 +1,6 @@
 """The ALR pass (docs/method.md §4): score every training sample with both models, fit the mixture,
-and turn the result into the per-sample weights and keep flags of the next epoch; its report and figure.
+and turn the result into the per-sample weights and keep flags of the next epoch; its report (the
+record of metrics.jsonl; the figure is drawn by `trpr.reporting.training`).
 
     alr_pass = AlrPass(train_split, tokenizer, config, accelerator)    # once per run: loaders persist
     alr = alr_pass(models, loss.alr_term, epoch)                        # every ALR epoch
@@ -11,15 +12,11 @@ and gathered; (2) the main process forms the epoch's shuffled batches of train.b
 training loss's own `per_sample` (`batch_statistics`), and its fused diagonal similarity; (3) it fits
 the mixtures (`modeling.alr.compute_alr`) and the weights are broadcast to every process.
 
-`batch_statistics` is the one implementation of ALR's per-batch scoring; `score_samples` (encode a
-TrainViews batch, then score it) uses it too, for scripts.
+`batch_statistics` is the one implementation of ALR's per-batch scoring.
 """
 from __future__ import annotations
 
 import contextlib
-import os
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,12 +29,10 @@ from trpr.data.arrow_splits import column_values
 from trpr.data.transforms import normalize_uint8
 from trpr.evaluation.features import eval_mode, shard_indices
 from trpr.modeling.alr import MixtureSettings, compute_alr, noise_detection_scores
-from trpr.modeling.run_folder import ALR_WEIGHTS_FILE
 
 from .compilation import fast_math
 from .distributed import broadcast_from_main
-from .metrics_log import read_metrics
-from .step import encode_view, trim_text_padding
+from .step import trim_text_padding
 
 # Spawn key of the pass's batch order: np.random.SeedSequence([seed, epoch], spawn_key=(ALR_BATCH_STREAM,)),
 # a stream of its own, distinct from the training order's SeedSequence([seed, epoch]) ("ALR" in ASCII).
@@ -49,17 +44,6 @@ FEATURE_DTYPE = torch.float16
 WEIGHT_QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
 
-class SampleScores(NamedTuple):
-    """ALR's statistics of one batch under one model: losses [b] (the unweighted per-sample loss of the
-    ALR term against the batch's columns), diag_sims [b] (cosine of each sample's fused text and image
-    features), text / image [b, D] the fused features (fp32)."""
-
-    losses: torch.Tensor
-    diag_sims: torch.Tensor
-    text: torch.Tensor
-    image: torch.Tensor
-
-
 def batch_statistics(loss_term, text: torch.Tensor, image: torch.Tensor, pids: torch.Tensor,
                      columns: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample losses [b] fp32, fused diagonal cosines [b]) of rows text / image [b, D] and pids [b]
@@ -68,15 +52,6 @@ def batch_statistics(loss_term, text: torch.Tensor, image: torch.Tensor, pids: t
     with the training loss's own per_sample, never a copy of its formula."""
     losses = loss_term.per_sample(text, image, pids, columns=columns)
     return losses, F.cosine_similarity(text.float(), image.float(), dim=-1)
-
-
-def score_samples(model, batch: dict, loss_term, device, view: int = 0, autocast=None) -> SampleScores:
-    """Encode view `view` of a TrainViews batch with `model` and score it with `loss_term` (a
-    modeling.losses.PairLoss, e.g. TrainingLoss.alr_term, whose world size decides the columns).
-    For scripts that score their own batches; the ALR pass itself is `AlrPass`."""
-    text, image = encode_view(model, batch, view, device, autocast)
-    losses, diag_sims = batch_statistics(loss_term, text, image, batch["pid"].to(device))
-    return SampleScores(losses, diag_sims, text, image)
 
 
 def alr_active(config: dict, epoch: int) -> bool:
@@ -248,80 +223,13 @@ def alr_report(result, diag_sims, noisy: torch.Tensor) -> dict:
     return report
 
 
-def plot_alr_history(records: list[dict], path: Path) -> np.ndarray:
-    """ONE figure of ALR over the epochs -> PNG at `path` (written atomically; rewritten every epoch).
-
-    records: epoch records {"epoch", "alr": alr_report(...)} in epoch order (records without
-    "weight_quantiles" are skipped). Left: per group (clean / noisy pairs when the noisy flag is known,
-    else all pairs) the median weight with its 25-75 % and 5-95 % bands, the minimum and the mean. Right: noisy-pair
-    precision / recall / F1 when known, else the full-weight and kept fractions.
-    Returns the RGB image [H, W, 3] uint8 for the trackers."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [r for r in records if "weight_quantiles" in r.get("alr", {})]
-    epochs = [r["epoch"] for r in records]
-    figure, (weight_axis, right_axis) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    groups = [g for g in ("clean", "noisy") if records and g in records[-1]["alr"]["weight_quantiles"]] or ["all"]
-    for group, colour in zip(groups, ("tab:blue", "tab:red", "tab:grey")):
-        rows = [r["alr"]["weight_quantiles"] for r in records]
-        levels = rows[0]["levels"] if rows else list(WEIGHT_QUANTILES)
-        band = {level: np.array([row[group][levels.index(level)] if group in row else np.nan for row in rows])
-                for level in (0.0, 0.05, 0.25, 0.5, 0.75, 0.95)}
-        label = {"all": "all pairs", "clean": "clean pairs", "noisy": "noisy pairs"}[group]
-        weight_axis.fill_between(epochs, band[0.05], band[0.95], color=colour, alpha=0.12, linewidth=0)
-        weight_axis.fill_between(epochs, band[0.25], band[0.75], color=colour, alpha=0.3, linewidth=0)
-        weight_axis.plot(epochs, band[0.5], color=colour, marker="o", label=f"{label}: median (bands 25-75, 5-95 %)")
-        weight_axis.plot(epochs, band[0.0], color=colour, linestyle=":", label=f"{label}: minimum")
-        mean_key = {"all": "mean_weight", "clean": "mean_weight_clean", "noisy": "mean_weight_noisy"}[group]
-        weight_axis.plot(epochs, [r["alr"].get(mean_key) if r["alr"].get(mean_key) is not None else np.nan
-                                  for r in records], color=colour, linestyle="--", label=f"{label}: mean")
-    weight_axis.set_ylim(-0.02, 1.05)
-    weight_axis.set_xlabel("epoch")
-    weight_axis.set_ylabel("ALR weight w")
-    weight_axis.set_title("ALR weight distribution per epoch")
-    weight_axis.legend(fontsize=7, loc="lower left")
-    detection = [r["alr"].get("noise_detection") for r in records]
-    if any(detection):
-        for metric in ("precision", "recall", "f1"):
-            right_axis.plot(epochs, [d[metric] if d else np.nan for d in detection], marker="o", label=metric)
-        right_axis.set_ylabel("%")
-        right_axis.set_ylim(-2, 102)
-        right_axis.set_title("noisy-pair detection (no model calls it clean)")
-    else:
-        right_axis.plot(epochs, [100 * r["alr"]["full_weight_fraction"] for r in records], marker="o",
-                        label="pairs at full weight")
-        right_axis.plot(epochs, [100 * r["alr"]["kept_fraction"] for r in records], marker="o", label="pairs kept")
-        right_axis.set_ylabel("% of training pairs")
-        right_axis.set_title("ALR (no noisy flags known)")
-    right_axis.set_xlabel("epoch")
-    right_axis.legend(fontsize=7)
-    for axis in (weight_axis, right_axis):
-        axis.xaxis.get_major_locator().set_params(integer=True)
-    figure.tight_layout()
-    partial = path.with_name(f".{path.name}.tmp")
-    figure.savefig(partial, format="png")
-    os.replace(partial, path)
-    figure.canvas.draw()
-    image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(figure)
-    return image
-
-
-def report_alr(alr: dict, noisy: torch.Tensor, epoch: int, run_dir: Path, accelerator, *, global_step: int,
-               trackers: list) -> dict | None:
-    """Main process: the epoch's ALR report (returned for metrics.jsonl), the ALR figure over all epochs so
-    far (alr_weights.png in the run folder, and TensorBoard), its scalars to the trackers and a log line;
-    a degenerate mixture fit is logged with the rule applied. Other processes: None."""
+def report_alr(alr: dict, noisy: torch.Tensor, epoch: int, accelerator, *, global_step: int) -> dict | None:
+    """Main process: the epoch's ALR report (returned for metrics.jsonl), its scalars to the trackers and a
+    log line; a degenerate mixture fit is logged with the rule applied. Other processes: None. The figure
+    over the epochs (alr_weights.png) is the reporting layer's: `reporting.training.plot_run_alr_history`."""
     if not accelerator.is_main_process:
         return None
     report = alr_report(alr["result"], alr["diag_sims"], noisy)
-    history = [r for r in read_metrics(run_dir, before_epoch=epoch) if "alr" in r] + [{"epoch": epoch, "alr": report}]
-    image = plot_alr_history(history, run_dir / ALR_WEIGHTS_FILE)
-    if "tensorboard" in trackers:
-        accelerator.get_tracker("tensorboard").log_images({"alr/weights": image[None]}, step=global_step,
-                                                          dataformats="NHWC")
     scalars = {f"alr/{k}": v for k, v in report.items() if isinstance(v, float)}
     scalars.update({f"alr/noise_{k}": v for k, v in report.get("noise_detection", {}).items()})
     accelerator.log(scalars, step=global_step)

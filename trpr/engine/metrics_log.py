@@ -1,4 +1,5 @@
-"""The run's epoch records (metrics.jsonl), tracker-friendly config and the training curves plot."""
+"""The run's epoch records (metrics.jsonl) and tracker-friendly config (the curves figure drawn from the
+records: `trpr.reporting.training`)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import os
 import warnings
 from pathlib import Path
 
-from trpr.modeling.run_folder import CURVES_FILE, METRICS_FILE
+from trpr.modeling.run_folder import METRICS_FILE
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -59,34 +60,6 @@ def restart_metrics(run_dir: Path, start_epoch: int, accelerator, last_record: d
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(temporary, path)
-
-
-def plot_curves(records: list[dict], select_row: str, path: Path) -> None:
-    """curves.png: per-epoch mean training loss of A and B, and validation R@1 of `select_row`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in records]
-    figure, (loss_axis, r1_axis) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
-    loss_axis.plot(epochs, [r["loss_a"] for r in records], marker="o", label="model A")
-    loss_axis.plot(epochs, [r["loss_b"] for r in records], marker="o", label="model B")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("training loss (epoch mean)")
-    loss_axis.legend()
-    validated = [r for r in records if r.get("val")]
-    r1_axis.plot([r["epoch"] for r in validated], [r["val"][select_row]["R1"] for r in validated], marker="o")
-    r1_axis.set_xlabel("epoch")
-    r1_axis.set_ylabel(f"val R@1 {select_row} (%)")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
-def plot_run_curves(run_dir: Path, select_row: str, accelerator) -> None:
-    """Main process: RUN_DIR/curves.png from RUN_DIR/metrics.jsonl."""
-    if accelerator.is_main_process:
-        plot_curves(read_metrics(run_dir), select_row, run_dir / CURVES_FILE)
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:

@@ -1,7 +1,6 @@
 """One training step of the reciprocal pair and one epoch of them (docs/method.md §3, §5).
 
-The encoding of a batch view (`encode_view`) is shared with the ALR pass and the scripts
-(`engine.alr_pass.score_samples`); the loss, its data parallelism and its reduction are
+The encoding of a batch view is `encode_view`; the loss, its data parallelism and its reduction are
 `modeling.losses.TrainingLoss`.
 
 No host synchronisation per step: the batch is copied to the device without blocking (pinned memory),

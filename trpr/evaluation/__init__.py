@@ -1,7 +1,7 @@
 """The evaluation engine of 3RTPR (docs/method.md §8, §9), used by eval_3rtpr.py and by training's validation.
 
     features     encode_dataset, extract_pair_features -> PairFeatures, score_pair_features
-    evaluate     evaluate_pair (rows of a pair in memory), evaluate_checkpoint (-> metrics.report.CheckpointResult)
+    evaluate     evaluate_pair (rows of a pair in memory), evaluate_checkpoint (-> reporting.evaluation.CheckpointResult)
     checkpoints  resolve_checkpoint (run folder: best/, else last/; or a pair folder), load_pair,
                  load_eval_split, EvalInputError
     search       GalleryIndex (cached on disk), search_gallery, save_search_grid

@@ -1,6 +1,6 @@
 """Evaluating a reciprocal pair (docs/method.md §8): every row of both models and their ensemble,
 from a pair in memory (`evaluate_pair`, also training's validation) or a checkpoint on disk
-(`evaluate_checkpoint`, with per-query CMC curves and timings for the reports of `metrics.report`)."""
+(`evaluate_checkpoint`, with per-query CMC curves and timings for the reports of `reporting.evaluation`)."""
 from __future__ import annotations
 
 import time
@@ -8,7 +8,7 @@ import time
 from trpr.kernels import NonFiniteFeatures
 from trpr.metrics.cmc import cmc_curve
 from trpr.metrics.published import METRIC_NAMES
-from trpr.metrics.report import CMC_MAX_RANK, CheckpointResult, config_fingerprint
+from trpr.reporting.evaluation import CMC_MAX_RANK, CheckpointResult, config_fingerprint
 from trpr.modeling.pair import I2T_PREFIX
 
 from .checkpoints import Checkpoint, EvalInputError, load_pair, unreadable_images_as_input_errors

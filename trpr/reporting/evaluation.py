@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trpr.metrics.cmc import plot_cmc
-from trpr.metrics.leaderboard import LeaderboardRow, markdown_table, mean_std_rows, reported_rows, sort_by_r1
 from trpr.metrics.published import canonical_dataset, published_for
 from trpr.modeling.pair import I2T_PREFIX, ROW_KEYS
+from trpr.reporting.cmc import plot_cmc
+from trpr.reporting.leaderboard import LeaderboardRow, markdown_table, mean_std_rows, reported_rows, sort_by_r1
 
 CMC_MAX_RANK = 20
 

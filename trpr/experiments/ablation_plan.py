@@ -1,0 +1,152 @@
+"""The ablation sweep's plan: its variants (row groups) and conditions, the runs one sweep trains, and each
+run's trainer command line (trpr.experiments.ablation_sweep trains them, ablation_report tabulates them)."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row group of the table: the trainer overrides and the evaluate_pair rows it reports."""
+    name: str
+    label: str
+    overrides: tuple[tuple[str, str], ...]
+    rows: tuple[tuple[str, str], ...]  # (row label in the table, evaluate_pair key)
+    select_row: str
+
+
+VARIANTS = {
+    "baseline": Variant("baseline", "CLIP baseline: global embedding, one model, no ALR",
+                        (("model.select_ratio", "0.0"), ("alr.enabled", "false")),
+                        (("A", "A/FS"),), "A/FS"),
+    "fused": Variant("fused", "+ fused representation",
+                     (("alr.enabled", "false"),), (("A", "A/FS"),), "A/FS"),
+    "alr": Variant("alr", "+ ALR (model A's own consensus)",
+                   (("alr.enabled", "true"), ("alr.models", "1")), (("A", "A/FS"),), "A/FS"),
+    "full": Variant("full", "+ reciprocal pair (full 3RTPR)",
+                    (("alr.enabled", "true"), ("alr.models", "2")),
+                    (("A", "A/FS"), ("A+B", "A+B/FS")), "A+B/FS"),
+    "fused_all": Variant("fused_all", "+ fused representation, image branch over all patches",
+                         (("alr.enabled", "false"), ("model.image_tokens", "all")), (("A", "A/FS"),), "A/FS"),
+    "ensemble": Variant("ensemble", "control: two independent + ALR models, ensembled",
+                        (("alr.enabled", "true"), ("alr.models", "1")), (("A+A'", "A+B/FS"),), "A/FS"),
+}
+DEFAULT_VARIANTS = ["baseline", "fused", "alr", "full"]
+PROXY_VARIANTS = ["baseline", "fused", "fused_all", "alr", "full", "ensemble"]
+CONDITIONS = {"clean": "0.0", "noisy": "0.5", "noisy80": "0.8"}
+CONDITION_LABELS = {"clean": "clean", "noisy": "50% noisy correspondence", "noisy80": "80% noisy correspondence"}
+DEFAULT_CONDITIONS = ["clean", "noisy"]
+PROXY_CONFIGS = {"clean": "proxy-clean", "noisy": "proxy-noisy"}
+TWIN_SEED_OFFSET = 1000  # the ensemble control's second model: seed + 1000
+ENSEMBLE_METRICS = "ensemble_test_metrics.json"
+
+
+@dataclass
+class Run:
+    variant: Variant
+    condition: str
+    seed: int
+    folder: Path
+    command: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.name}-{self.condition}-seed{self.seed}"
+
+    partner: "Run | None" = None  # ensemble control: the "+ ALR" run whose model A joins this run's A
+
+    @property
+    def trained(self) -> bool:
+        return (self.folder / "test_metrics.json").is_file()
+
+    @property
+    def finished(self) -> bool:
+        """Trained (and, for the ensemble control, its ensemble evaluated)."""
+        return self.trained and (self.partner is None or (self.folder / ENSEMBLE_METRICS).is_file())
+
+    @property
+    def command_file(self) -> Path:
+        """The trainer command of the run, beside its folder (the trainer wants a new run's folder empty)."""
+        return self.folder.parent / f"{self.name}.command.txt"
+
+    @property
+    def log_file(self) -> Path:
+        """The trainer's output, beside the run folder."""
+        return self.folder.parent / f"{self.name}.log"
+
+    @property
+    def metrics_file(self) -> Path:
+        """The test metrics the table reads (the ensemble's for the control)."""
+        return self.folder / (ENSEMBLE_METRICS if self.partner is not None else "test_metrics.json")
+
+    def check_same_command(self) -> None:
+        """A run folder written by a different command (other epochs, --set, config) is not this run."""
+        recorded = next((path for path in (self.command_file, self.folder / "command.txt") if path.is_file()), None)
+        if recorded is None:
+            return
+        previous = recorded.read_text().split()
+        if "--resume" in previous:
+            at = previous.index("--resume")
+            previous = previous[:at] + previous[at + 2:]
+        if previous != self.command:
+            raise SystemExit(f"ablate: {recorded} holds another command than this sweep plans for {self.name}:\n"
+                             f"  recorded: {' '.join(previous)}\n  planned:  {' '.join(self.command)}\n"
+                             f"use another --runs-dir (or delete that run folder)")
+
+
+
+def config_for(condition: str, args) -> str:
+    """The recipe of one condition's runs."""
+    return args.noisy_config if condition != "clean" and args.noisy_config else args.config
+
+
+
+def noise_file_for(condition: str, seed: int, args) -> Path:
+    """The noise permutation the ensemble control's second model trains with: the one the "+ ALR" run of
+    the same (condition, seed) generates (written by prepare_dataset)."""
+    return Path(args.runs_dir).resolve() / "noise" / f"{condition}-seed{seed}.npy"
+
+
+
+def plan_runs(args) -> list[Run]:
+    """Every run of the sweep, seed-major (seed, then condition, then variant)."""
+    runs_dir = Path(args.runs_dir).resolve()
+    runs = []
+    for seed in args.seeds:
+        for condition in args.conditions:
+            planned = {}
+            for name in args.variants:
+                variant = VARIANTS[name]
+                run = Run(variant, condition, seed, runs_dir / f"{name}-{condition}-seed{seed}")
+                planned[name] = run
+            if "ensemble" in planned:
+                planned["ensemble"].partner = planned["alr"]
+            for run in planned.values():
+                run.command = train_command(run, args)
+                run.check_same_command()
+                runs.append(run)
+    return runs
+
+
+
+def train_command(run: Run, args) -> list[str]:
+    """The trainer command line of one run (without --resume)."""
+    seed, noise = run.seed, [("data.noise_rate", CONDITIONS[run.condition])]
+    if run.partner is not None:  # the control's second model: another seed, the partner's noisy training set
+        seed += TWIN_SEED_OFFSET
+        if run.condition != "clean":
+            noise = [("data.noise_rate", "0.0"), ("data.noise_file", str(noise_file_for(run.condition, run.seed, args)))]
+    overrides = [("seed", str(seed)), *noise, ("eval.select_row", run.variant.select_row), ("logging.trackers", "[]")]
+    if args.epochs is not None:
+        overrides.append(("train.epochs", str(args.epochs)))
+    if args.backbone is not None:
+        overrides.append(("model.backbone", args.backbone))
+    overrides += list(run.variant.overrides)
+    overrides += [tuple(item.split("=", 1)) for item in args.extra]
+    command = [sys.executable, "train_3rtpr.py", "--config", config_for(run.condition, args)]
+    for key, value in overrides:
+        command += [f"--{key.strip()}", value.strip()]
+    return command + ["--output-dir", str(run.folder), "--final-test"]
+
