@@ -11,7 +11,7 @@ Free-text search, in a benchmark's gallery or in any folder of images (indexed o
 Installed, `3rtpr-eval` is the same command.
 
 For every checkpoint the rows are GE, FS and GE+FS for model A, model B and the ensemble A+B
-(`trpr/evaluation/`, reports by `metrics.report`). Bad input (a checkpoint folder missing files, an unknown
+(`trpr/evaluation/`, reports by `trpr.reporting`). Bad input (a checkpoint folder missing files, an unknown
 dataset, an empty split, ...) ends with a one-line error on stderr and exit status 2.
 """
 from __future__ import annotations
