@@ -14,9 +14,9 @@ from trpr.evaluation import folder_gallery
 CAPTION = "a tall person in a yellow raincoat"
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    base = tmp_path_factory.mktemp("app")
+def make_photos(base):
+    """Four photos (png, jpg, webp, one in a sub-folder) and a tiny random-init pair in which CAPTION's
+    embedding equals sub/target.png's (select_ratio 0), saved under `base`."""
     sources = image_sources(data.load_benchmark("synth-pedes-tiny", root=base / "datasets")["test_gallery"])
     folder = base / "photos"
     for i, name in enumerate(["a.png", "sub/b.jpg", "sub/target.png", "c.webp"]):
@@ -26,6 +26,11 @@ def photos(tmp_path_factory):
     _plant_caption(pair, CAPTION, folder_gallery.FolderImages([folder / "sub/target.png"], IMAGE_SIZE)[0]["pixel_values"])
     pair.save_pretrained(base / "pair")
     return {"base": base, "folder": folder, "pair": base / "pair", "source": sources[5]}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_photos(tmp_path_factory.mktemp("app"))
 
 
 def test_answer_ranks_planted_photo_and_explains_bad_input(photos, tmp_path):

@@ -116,18 +116,21 @@ def build_app(session: SearchSession, default_top: int = 10):
     with gr.Blocks(title="3RTPR photo search") as app:
         gr.Markdown(f"## 3RTPR photo search\nSearching `{session.folder}` with `{session.checkpoint.name}`.")
         with gr.Row():
-            query = gr.Textbox(label="Description", placeholder="a woman in a red coat with a black handbag", scale=4)
-            top = gr.Slider(1, MAX_TOP, value=max(1, min(MAX_TOP, default_top)), step=1, label="Top-k", scale=1)
+            query = gr.Textbox(label="Description", placeholder="a woman in a red coat with a black handbag", scale=4,
+                               elem_id="query")
+            top = gr.Slider(1, MAX_TOP, value=max(1, min(MAX_TOP, default_top)), step=1, label="Top-k", scale=1,
+                            elem_id="top")
         with gr.Row():
-            search = gr.Button("Search", variant="primary")
-            rescan = gr.Button("Rescan folder")
-        message = gr.Markdown()
-        gallery = gr.Gallery(label="Matches (rank · score · file)", columns=5, object_fit="contain", height="auto")
-        table = gr.Dataframe(headers=["rank", "score", "file"], label="Ranked list", interactive=False)
-        status = gr.Markdown(session.status)
-        search.click(on_search, [query, top], [gallery, table, message])
-        query.submit(on_search, [query, top], [gallery, table, message])
-        rescan.click(on_rescan, [], [status])
+            search = gr.Button("Search", variant="primary", elem_id="search")
+            rescan = gr.Button("Rescan folder", elem_id="rescan")
+        message = gr.Markdown(elem_id="message")
+        gallery = gr.Gallery(label="Matches (rank · score · file)", columns=5, object_fit="contain", height="auto",
+                             elem_id="results")
+        table = gr.Dataframe(headers=["rank", "score", "file"], label="Ranked list", interactive=False, elem_id="table")
+        status = gr.Markdown(session.status, elem_id="status")
+        search.click(on_search, [query, top], [gallery, table, message], api_name="search")
+        query.submit(on_search, [query, top], [gallery, table, message], api_name=False)
+        rescan.click(on_rescan, [], [status], api_name="rescan")
     return app
 
 
