@@ -35,10 +35,13 @@ def test_server_answers_a_query_over_http(served, tmp_path):
     assert len(gallery) == 3 and gallery[0]["caption"].startswith("#1 · 4.000") and gallery[0]["caption"].endswith("sub/target.png")
     served_first = Image.open(gallery[0]["image"]).convert("RGB")
     assert list(served_first.getdata()) == list(Image.open(served["folder"] / "sub" / "target.png").convert("RGB").getdata())
-    assert [row[2] for row in table["data"]][0] == "sub/target.png" and table["headers"] == ["rank", "score", "file"]
+    assert [row[2] for row in table["data"]][0] == "sub/target.png" and table["headers"] == ["rank", "score", "file", "match"]
     _, _, message = client.predict("   ", 3, api_name="/search")
     assert message.startswith("Type a description")
     assert "4 images in" in client.predict(api_name="/rescan")
+    # the explain endpoint answers for the last search (this pair has no fused heads: it says so)
+    client.predict(CAPTION, 3, api_name="/search")
+    assert "no fused heads" in client.predict(0, api_name="/explain")
 
 
 def test_server_serves_only_the_gallery_folder(served):
@@ -66,13 +69,25 @@ def _browser_or_skip():
     return found
 
 
-def test_browser_types_a_query_and_sees_the_results(served, tmp_path):
+def test_browser_types_a_query_sees_the_results_and_an_explanation(served, tmp_path):
+    """A pair with fused heads, so that a clicked result is explained (patches drawn, words highlighted)."""
+    from test_eval_cli import _small_pair
+
     browser, driver_path = _browser_or_skip()
-    with app_browser.chrome(browser, driver_path) as driver:
-        shown = app_browser.search_in_browser(driver, served["url"], CAPTION, timeout_s=90)
+    _small_pair((8, 9), select_ratio=0.2).save_pretrained(tmp_path / "headed")
+    session = app.open_session(str(tmp_path / "headed"), served["folder"], cache_dir=tmp_path / "cache")
+    with app_browser.serve(session, default_top=3) as url, app_browser.chrome(browser, driver_path) as driver:
+        shown = app_browser.search_in_browser(driver, url, CAPTION, timeout_s=90)
         assert "3 of 4 images for" in shown["message"] and shown["images"] >= 3
-        page = driver.page_source
-        assert "sub/target.png" in page
+        first = session.last[1][0]["file"]
+        assert first in driver.page_source
+        text = app_browser.explain_in_browser(driver, 0)
+        assert text.startswith(f"#1 {first}") and "fused heads pooled the" in text
+        from selenium.webdriver.common.by import By
+
+        marked = driver.find_element(By.ID, "explain-words").text
+        expected = [token.strip() for token, label in app.explain(session, 0)["words"] if label == "selected"]
+        assert expected and all(word in marked for word in expected)
         shot = app_browser.save_screenshot(driver, tmp_path / "app.png")
     with Image.open(shot) as image:
         assert image.size[0] >= 1000 and image.getextrema() != ((255, 255), (255, 255), (255, 255))

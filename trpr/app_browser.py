@@ -112,11 +112,21 @@ def explain_in_browser(driver, result: int = 0, *, timeout_s: float = 30.0) -> s
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    thumbnails = driver.find_elements(By.CSS_SELECTOR, "#results button img, #results img")
+    thumbnails = driver.find_elements(By.CSS_SELECTOR, "#results img")
     thumbnails[result].click()
     wait = WebDriverWait(driver, timeout_s)
-    return wait.until(lambda d: (d.find_element(By.ID, "explain-text").text or None)
-                      if d.find_elements(By.CSS_SELECTOR, "#explain-image img") else None)
+
+    def explained(d):
+        text = d.find_element(By.ID, "explain-text").text
+        return text if "pooled" in text or "no fused heads" in text else None
+
+    try:
+        text = wait.until(explained)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#explain-image img") or "no fused heads" in text)
+    except Exception as error:
+        raise TimeoutError(f"no explanation within {timeout_s:.0f} s; shown: "
+                           f"{driver.find_element(By.ID, 'explain-text').text!r}") from error
+    return text
 
 
 def save_screenshot(driver, path: str | Path) -> Path:
