@@ -15,7 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-DEFAULT_QUERY = "a woman in a red long coat with a black handbag"
+DEFAULT_QUERY = ("a young woman in a long red coat and blue jeans, carrying a black handbag on her left shoulder "
+                 "and wearing white shoes")  # longer than the text head keeps (15 tokens): some words unselected
 
 
 def export_gallery(run_dir: Path, gallery: Path, split: str = "test") -> int:

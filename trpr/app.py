@@ -208,6 +208,15 @@ def explain(session: SearchSession, position: int, *, scale: int = 6) -> dict:
             "model": model_name, "text": text}
 
 
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies inside it (shorter, and no home folder in
+    screenshots), else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def build_app(session: SearchSession, default_top: int = 10):
     """The Gradio Blocks UI: query box, top-k slider, Search / Rescan buttons, result gallery, the selected
     result's explanation (patches over the picture, highlighted query words, true/false match), ranked table."""
@@ -224,7 +233,7 @@ def build_app(session: SearchSession, default_top: int = 10):
             return f"Rescan failed: {error}"
 
     with gr.Blocks(title="3RTPR photo search") as app:
-        gr.Markdown(f"## 3RTPR photo search\nSearching `{session.folder}` with `{session.checkpoint.name}`.")
+        gr.Markdown(f"## 3RTPR photo search\nSearching `{shown_path(session.folder)}` with `{session.checkpoint.name}`.")
         with gr.Row():
             query = gr.Textbox(label="Description", placeholder="a woman in a red coat with a black handbag", scale=4,
                                elem_id="query")
@@ -241,7 +250,8 @@ def build_app(session: SearchSession, default_top: int = 10):
                                      elem_id="explain-image", scale=1)
             with gr.Column(scale=3):
                 explain_words = gr.HighlightedText(label="Words of the query the text head selected",
-                                                   color_map={"selected": "orange"}, elem_id="explain-words")
+                                                   color_map={"selected": "orange"}, show_inline_category=False,
+                                                   elem_id="explain-words")
                 explain_text = gr.Markdown("Select a result to see why it matched.", elem_id="explain-text")
         table = gr.Dataframe(headers=["rank", "score", "file", "match"], label="Ranked list", interactive=False,
                              elem_id="table")
