@@ -164,6 +164,7 @@ def explain(session: SearchSession, position: int, *, scale: int = 6) -> dict:
     import torch
     from PIL import Image, ImageDraw
 
+    from trpr.data.images import open_image
     from trpr.data.transforms import tokenize
     from trpr.evaluation.folder_gallery import FolderImages
 
@@ -176,7 +177,7 @@ def explain(session: SearchSession, position: int, *, scale: int = 6) -> dict:
     if model.image_head is None:
         return {"text": "This checkpoint has no fused heads (select_ratio 0): nothing was selected to show."}
     images = FolderImages([match["path"]], tuple(model.image_size))
-    resized = images.transform.resize(Image.open(match["path"]).convert("RGB"))
+    resized = images.transform.resize(open_image(match["path"]))  # what FolderImages feeds the model
     pixels = images[0]["pixel_values"][None]
     device = next(model.parameters()).device
     with torch.no_grad():
