@@ -123,3 +123,13 @@ def test_card_cli_saves_the_selected_checkpoint(pair, tmp_path, capsys):
     assert {r.metric_value for r in card.data.eval_results if r.metric_name.startswith("R@1 ")} == {31.0, 34.0, 6.0}
     assert cards.main([str(tmp_path / "nothing"), "--save-to", str(tmp_path / "x")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_damaged_run_files_are_skipped(pair, tmp_path):
+    run_dir = _run_folder(pair, tmp_path / "run")
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 3, "val": {"A')  # cut by a crash
+    (run_dir / "test_metrics.json").write_text("{not json")
+    record = cards.read_run_record(run_dir)
+    assert set(record["results"]) == {"val", "test"} and record["results"]["test"]["dataset"] == "icfg-pedes"
+    assert record["results"]["val"]["rows"][ROW]["R1"] == 31.0

@@ -164,26 +164,40 @@ def _rows(metrics: dict) -> dict:
 def read_run_record(run_dir: str | Path) -> dict:
     """{"config", "results"} of a run folder: config.yaml; the validation rows of the epoch best/ was saved
     at (metrics.jsonl's last record's best_epoch); test_metrics.json (--final-test); every results.json
-    that eval_3rtpr.py wrote into a folder inside the run (its dataset and split)."""
+    that eval_3rtpr.py wrote into a folder inside the run (its dataset and split). Damaged files and
+    lines are skipped (loading a checkpoint must not fail over its card)."""
     import yaml
 
     from .run_folder import CONFIG_FILE, METRICS_FILE, TEST_METRICS_FILE
 
     run_dir = Path(run_dir)
-    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).is_file() else {}
+    try:
+        config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).is_file() else {}
+    except yaml.YAMLError:
+        config = {}
+    config = config if isinstance(config, dict) else {}
     dataset = _dataset_name(config or {})
     results = {}
     metrics_path = run_dir / METRICS_FILE
     if metrics_path.is_file():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in metrics_path.read_text().splitlines():
+            try:  # a line cut by a crash is skipped: the card must never stop an evaluation
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        records = [r for r in records if isinstance(r, dict)]
         best = next((r.get("best_epoch") for r in reversed(records) if r.get("best_epoch") is not None), None)
         for record in records:
             if record.get("epoch") == best and record.get("val"):
                 split = ((config or {}).get("eval") or {}).get("split") or "val"
                 results[split] = {"split": split, "dataset": dataset, "epoch": best, "rows": _rows(record["val"])}
-    if (run_dir / TEST_METRICS_FILE).is_file():
-        results["test"] = {"split": "test", "dataset": dataset,
-                           "rows": _rows(json.loads((run_dir / TEST_METRICS_FILE).read_text()))}
+    try:
+        tested = json.loads((run_dir / TEST_METRICS_FILE).read_text()) if (run_dir / TEST_METRICS_FILE).is_file() else None
+    except json.JSONDecodeError:
+        tested = None
+    if isinstance(tested, dict):
+        results["test"] = {"split": "test", "dataset": dataset, "rows": _rows(tested)}
     for path in sorted(run_dir.glob("*/results.json")):
         try:
             evaluated = json.loads(path.read_text())
