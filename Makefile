@@ -1,6 +1,9 @@
 # One-command entry points (see README.md).
 #   make test          set up .venv (if needed) from the lock and run the test suite, offline, Triton interpreted
 #   make demo          set up .venv (if needed), train + evaluate 3RTPR on the built-in synth-pedes
+#   make app           the photo-search web app (3rtpr-app) on runs/demo, the synth-pedes test images as gallery
+#   make browser       Debian's chromium + chromium-driver for the browser test, when missing (root only)
+#   make screenshot    regenerate docs/app_screenshot.png from runs/demo (needs chromium: make browser)
 # For maintainers:
 #   make lock          regenerate requirements.lock (exact versions, torch excluded) from pyproject.toml with uv
 #   make test-latest   a fresh .venv-latest with the NEWEST releases pyproject.toml allows (no lock), then the suite:
@@ -19,7 +22,7 @@ PIP_FLAGS   ?=
 BIN         := $(VENV)/bin
 OFFLINE_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup test demo bench gpu-check gpu-wheels clean lock test-latest
+.PHONY: setup test demo bench gpu-check gpu-wheels clean lock test-latest app browser screenshot
 setup: $(VENV)/.installed
 
 # REQUIREMENTS: what is installed after torch; `make test-latest` passes the project alone (no lock).
@@ -60,6 +63,32 @@ demo: setup
 	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/python eval_3rtpr.py search \
 		"a woman in a red long coat with a black handbag" --checkpoint runs/demo --dataset synth-pedes \
 		--top 8 --out runs/demo/search
+
+# The app on the demo run; the gallery is the synth-pedes test images, exported once to a plain folder.
+APP_GALLERY ?= runs/demo/gallery
+APP_PORT    ?= 7860
+app: setup
+	test -d runs/demo || { echo "make app: runs/demo is missing: run make demo first"; exit 2; }
+	$(OFFLINE_ENV) $(BIN)/python scripts/app_screenshot.py --run runs/demo --gallery $(APP_GALLERY) --export-only
+	$(OFFLINE_ENV) $(BIN)/3rtpr-app --checkpoint runs/demo --gallery $(APP_GALLERY) --port $(APP_PORT)
+
+screenshot: setup
+	test -d runs/demo || { echo "make screenshot: runs/demo is missing: run make demo first"; exit 2; }
+	$(OFFLINE_ENV) $(BIN)/python scripts/app_screenshot.py --run runs/demo --gallery $(APP_GALLERY) \
+		--out docs/app_screenshot.png
+
+# The browser test (tests/test_app_browser.py) drives Debian's chromium through chromium-driver (selenium).
+# Installed here when missing and running as root with apt-get (CI: .ci/run); a no-op when both exist.
+# Elsewhere nothing is installed and the test skips, saying why (CI sets TRPR_REQUIRE_BROWSER=1: it fails).
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "browser: $$(chromium --version 2>/dev/null | head -1), chromedriver present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "browser: chromium/chromedriver missing and not root (or no apt-get): tests/test_app_browser.py will skip;" \
+		     "install them with: sudo apt-get install chromium chromium-driver"; \
+	fi
 
 bench: setup
 	$(BIN)/python -m trpr.benchmarks.bench_kernels

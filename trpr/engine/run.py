@@ -2,6 +2,7 @@
 before any work (backbone, batch size, images), datasets, the training loader, the pair."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import sys
@@ -343,4 +344,5 @@ def build_pair(config: dict, world_size: int = 1) -> modeling.ReciprocalPair:
         model.set_gradient_checkpointing(model_cfg["gradient_checkpointing"])
         if world_size > 1:
             sync_batch_norms(model)
+    pair.run_record = {"config": copy.deepcopy(config), "results": {}}  # best/ and last/ cards name the recipe
     return pair

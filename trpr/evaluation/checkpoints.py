@@ -138,7 +138,8 @@ def resolve_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_pair(checkpoint: Checkpoint):
-    """modeling.ReciprocalPair.from_pretrained(checkpoint.pair_dir), errors as one-line EvalInputError."""
+    """modeling.ReciprocalPair.from_pretrained(checkpoint.pair_dir), errors as one-line EvalInputError; from a
+    run folder, with its run record (`modeling.card.read_run_record`: config + results, for the card)."""
     missing = _missing_pair_files(checkpoint.pair_dir)
     if missing:
         raise EvalInputError(f"checkpoint {checkpoint.pair_dir}: missing {', '.join(missing)}")
@@ -156,6 +157,10 @@ def load_pair(checkpoint: Checkpoint):
                 f"checkpoint {checkpoint.pair_dir}: {member}/{MODEL_CONFIG_NAME} has an incompatible text config "
                 f"(vocab_size {text_config.vocab_size}, max_position_embeddings {text_config.max_position_embeddings}; "
                 f"the CLIP tokenizer needs at least {VOCAB_SIZE} and {CONTEXT_LENGTH})")
+    if checkpoint.run_config is not None:  # a run folder: its config and results, for the model card
+        from trpr.modeling.card import read_run_record
+
+        pair.run_record = read_run_record(checkpoint.pair_dir.parent)
     return pair
 
 

@@ -121,10 +121,17 @@ class FusedHead(nn.Module):
         return pooled + self.global_proj(global_embedding)
 
 
+def top_patch_indices(patch_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """patch_scores [B, N] -> [B, k] int64: the positions (row-major in the patch grid) of the k
+    highest-scoring patches, in descending score order: the patches the image head pools (and what the
+    app's explanation draws)."""
+    return patch_scores.topk(k, dim=1).indices
+
+
 def select_image_tokens(patch_tokens: torch.Tensor, patch_scores: torch.Tensor, k: int) -> torch.Tensor:
     """patch_tokens [B, N, E], patch_scores [B, N] (CLS attention to each patch) -> [B, k, E], the k
-    highest-scoring patches in descending score order."""
-    index = patch_scores.topk(k, dim=1).indices  # [B, k]
+    highest-scoring patches in descending score order (`top_patch_indices`)."""
+    index = top_patch_indices(patch_scores, k)  # [B, k]
     return patch_tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, patch_tokens.shape[-1]))
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import CLIPConfig
 
 from .backbone import DEFAULT_CLIP, CLIPBackbone, load_clip_model
-from .fused import IMAGE_TOKEN_MODES, ImageFusedHead, TextFusedHead
+from .fused import IMAGE_TOKEN_MODES, ImageFusedHead, TextFusedHead, select_text_tokens, top_patch_indices
 from .hub import HubMixin
 
 CONFIG_NAME = "config.json"
@@ -108,6 +108,34 @@ class TRPRModel(nn.Module, HubMixin):
         if self.text_head is None:
             return global_embedding, global_embedding
         return global_embedding, self.text_head(out.tokens, out.attention_row, out.global_index).float()
+
+    # ---------------------------------------------------------------------------------- explanations
+    @torch.no_grad()
+    def explain_image(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """pixel_values [B, 3, H, W] -> [B, k] int64: the patches the image fused head pools (row-major
+        positions in the patch grid of `patch_grid()`, most attended first), computed exactly as in
+        `encode_image`; None when the head pools every patch (image_tokens "all") or there is no head."""
+        if self.image_head is None or self.image_head.image_tokens != "topk":
+            return None
+        out = self.clip.encode_image(pixel_values)
+        return top_patch_indices(out.attention_row[:, 1:], self.image_head.k)
+
+    @torch.no_grad()
+    def explain_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """input_ids, attention_mask [B, L] -> (index [B, k'] int64, valid [B, k'] bool): the token positions
+        the text fused head pools (index[i][valid[i]]), computed exactly as in `encode_text`; None without
+        a head."""
+        if self.text_head is None:
+            return None
+        out = self.clip.encode_text(input_ids, attention_mask)
+        _, valid, index = select_text_tokens(out.tokens, out.attention_row, out.global_index, self.text_head.k)
+        return index, valid
+
+    def patch_grid(self) -> tuple[int, int, int]:
+        """(rows, columns, patch size in pixels) of the image patch grid."""
+        patch = self.clip.config.vision_config.patch_size
+        height, width = self.clip.image_size
+        return height // patch, width // patch, patch
 
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

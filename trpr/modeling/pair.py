@@ -34,6 +34,10 @@ class ReciprocalPair(nn.Module, HubMixin):
         super().__init__()
         self.a = model_a
         self.b = model_b
+        # {"config", "results"} of the run that trained the pair (modeling.card): saved in pair.json,
+        # the source of the generated model card; None = no record (the card then says so). Not an
+        # __init__ argument: ModelHubMixin would then write its own config.json of the init arguments.
+        self.run_record: dict | None = None
 
     @property
     def models(self) -> tuple[TRPRModel, TRPRModel]:
@@ -61,19 +65,19 @@ class ReciprocalPair(nn.Module, HubMixin):
         return [self.a.encode_text(input_ids, attention_mask), self.b.encode_text(input_ids, attention_mask)]
 
     def _save_pretrained(self, save_directory: str | Path) -> None:
-        """`model_a/` and `model_b/` (TRPRModel folders) + `pair.json` + a model card."""
+        """`model_a/` and `model_b/` (TRPRModel folders) + `pair.json` (with the run record, if any) + the
+        model card generated from it (`modeling.card.model_card`)."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, model in zip(MEMBER_DIRS, self.models):
             model.save_pretrained(directory / name)
         config = {"model_type": PAIR_TYPE, "members": list(MEMBER_DIRS)}
-        (directory / PAIR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        (directory / CARD_NAME).write_text(
-            "---\nlibrary_name: 3rtpr\ntags:\n- text-based-person-retrieval\n- clip\n- 3rtpr\n---\n\n"
-            "# 3RTPR reciprocal pair\n\nTwo models trained reciprocally with adaptive loss refinement. "
-            "`model_a/` and `model_b/` are TRPRModel folders; the ensemble score A+B is the sum of their "
-            "similarity matrices.\n\n```python\nfrom trpr.modeling import ReciprocalPair\n"
-            "pair = ReciprocalPair.from_pretrained(\"this-folder\")\n```\n")
+        if self.run_record:
+            config["run"] = self.run_record
+        (directory / PAIR_CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str) + "\n")
+        from .card import model_card
+
+        model_card(self).save(directory / CARD_NAME)
 
     @classmethod
     def _load_folder(cls, directory: Path, map_location: str | torch.device = "cpu") -> "ReciprocalPair":
@@ -86,7 +90,10 @@ class ReciprocalPair(nn.Module, HubMixin):
         for name in members:
             check_member_name(name, config_path)
         model_a, model_b = (TRPRModel._load_folder(directory / name, map_location) for name in members)
-        return cls(model_a, model_b)
+        pair = cls(model_a, model_b)
+        run = config.get("run")
+        pair.run_record = run if isinstance(run, dict) else None
+        return pair
 
 
 def check_member_name(name, config_path: Path) -> None:
