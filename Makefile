@@ -47,7 +47,7 @@ lock:
 LATEST_VENV ?= .venv-latest
 test-latest:
 	rm -rf $(LATEST_VENV)
-	$(MAKE) test VENV=$(LATEST_VENV) REQUIREMENTS='--upgrade --upgrade-strategy eager -e .[test]'
+	$(MAKE) test VENV=$(LATEST_VENV) REQUIREMENTS='--upgrade --upgrade-strategy eager -e .[test,app]'
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable > $(LATEST_VENV)/versions.txt
 	@echo "test-latest: passed with the versions in $(LATEST_VENV)/versions.txt (diff them against requirements.lock)"
 
@@ -77,7 +77,7 @@ screenshot: setup
 	$(OFFLINE_ENV) $(BIN)/python scripts/app_screenshot.py --run runs/demo --gallery $(APP_GALLERY) \
 		--out docs/app_screenshot.png
 
-# The browser test (tests/test_app_browser.py) drives Debian's chromium through chromium-driver (selenium).
+# The browser test (tests/test_app_served.py) drives Debian's chromium through chromium-driver (selenium).
 # Installed here when missing and running as root with apt-get (CI: .ci/run); a no-op when both exist.
 # Elsewhere nothing is installed and the test skips, saying why (CI sets TRPR_REQUIRE_BROWSER=1: it fails).
 browser:
@@ -86,7 +86,7 @@ browser:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else \
-		echo "browser: chromium/chromedriver missing and not root (or no apt-get): tests/test_app_browser.py will skip;" \
+		echo "browser: chromium/chromedriver missing and not root (or no apt-get): tests/test_app_served.py will skip;" \
 		     "install them with: sudo apt-get install chromium chromium-driver"; \
 	fi
 
