@@ -358,3 +358,108 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_saves_an_epoch(one_e
     assert "the previous run in" in capsys.readouterr().err
     assert not (run_dir / ".replaced").exists() and (run_dir / "last").is_dir()
     assert configs.load_config(run_dir / "config.yaml")["seed"] == 5
+
+
+# ------------------------------------------- 4. --resume A --output-dir B; a complete run; changed data
+def test_resume_into_another_output_dir_is_refused(one_epoch_run, tmp_path):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    other = tmp_path / "other"
+    with pytest.raises(configs.ConfigError, match=rf"^--resume {run_dir} --output-dir {other}: a run is continued in "
+                                                  rf"its own folder; .*cp -r {run_dir} {other}\) and --resume {other}$") as info:
+        train_3rtpr.main(["--resume", str(run_dir), "--output-dir", str(other), "--train.epochs", "2"])
+    assert "\n" not in str(info.value)
+    assert not other.exists()
+    train_3rtpr.main(["--resume", str(run_dir), "--output-dir", str(run_dir)])  # the same folder named twice: fine
+
+
+def test_resume_of_a_complete_run_says_so_and_changes_nothing(one_epoch_run, tmp_path, capsys):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    before = {p.relative_to(run_dir).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+              for p in run_dir.rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
+    capsys.readouterr()
+    assert train_3rtpr.main(["--resume", str(run_dir)]) == run_dir
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if "already complete" in line]
+    assert lines == [f"{run_dir}: the run is already complete (1 of 1 epochs finished); nothing was trained or "
+                     "changed (pass --train.epochs 2 or more to train further)"]
+    after = {p.relative_to(run_dir).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+             for p in run_dir.rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
+    assert after == before
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0]
+
+
+def _copied_dataset(data_root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(a copy of the synth-pedes-tiny folder's root, its reid_raw.json) to edit."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "SYNTH-PEDES-tiny", root / "SYNTH-PEDES-tiny")
+    return root, root / "SYNTH-PEDES-tiny" / "reid_raw.json"
+
+
+def test_training_data_fingerprint_is_recorded_and_survives_a_move(one_epoch_run, data_root, tmp_path):
+    from trpr import data
+
+    saved = json.loads((one_epoch_run / "last" / "training_state" / "trainer_state.json").read_text())["train_data"]
+    assert saved["name"] == "synth-pedes-tiny/train" and saved["rows"] == 144 and len(saved["fingerprint"]) == 16
+    root, _ = _copied_dataset(data_root, tmp_path)
+    moved = engine.train_data_record(data.load_benchmark("synth-pedes-tiny", root=root)["train"], "x")
+    assert moved["fingerprint"] == saved["fingerprint"]  # another root, the same data
+
+
+@pytest.mark.parametrize("change, message", [
+    ("shrink", r"it has 142 rows, the run was trained on 144"),
+    ("grow", r"it has 146 rows, the run was trained on 144"),
+    ("caption", r"same 144 rows, different content"),
+])
+def test_resume_on_changed_training_data_stops_with_one_line(one_epoch_run, data_root, tmp_path, change, message):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    root, annotation = _copied_dataset(data_root, tmp_path)
+    entries = json.loads(annotation.read_text())
+    first = next(i for i, e in enumerate(entries) if e["split"] == "train")
+    if change == "shrink":
+        del entries[first]
+    elif change == "grow":
+        image = annotation.parent / "imgs" / entries[first]["file_path"]
+        shutil.copy(image, image.with_name("extra.png"))  # one more image of the identity, two captions
+        entries.append(dict(entries[first], file_path=str(Path(entries[first]["file_path"]).with_name("extra.png"))))
+    else:
+        entries[first]["captions"][0] = "a different description of this person"
+    annotation.write_text(json.dumps(entries))
+    config_before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(configs.ConfigError, match=rf"^--resume {run_dir}: the training data changed since the run was "
+                                                  rf"saved \(synth-pedes-tiny/train: {message}; content fingerprint "
+                                                  r"[0-9a-f]{16} -> [0-9a-f]{16}\); restore the data, or pass "
+                                                  r"--allow-changed-data to continue on the new data$") as info:
+        train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2", "--data.root", str(root)])
+    assert "\n" not in str(info.value)
+    assert (run_dir / "config.yaml").read_text() == config_before
+    assert engine.finished_epochs(run_dir) == 1
+    if change == "grow":  # said explicitly: it continues (it used to end in an IndexError mid-epoch)
+        train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2", "--data.root", str(root),
+                          "--allow-changed-data"])
+        counters = json.loads((run_dir / "last" / "training_state" / "trainer_state.json").read_text())
+        assert counters["epoch"] == 1 and counters["train_data"]["rows"] == 146
+
+
+def test_allow_changed_data_needs_resume(tmp_path):
+    with pytest.raises(configs.ConfigError, match="^--allow-changed-data applies to --resume only$"):
+        train_3rtpr.main(["--config", "synth-pedes", "--output-dir", str(tmp_path / "run"), "--allow-changed-data"])
+
+
+def test_every_training_image_skipped_is_one_line_without_a_batch_size_hint(data_root, tmp_path, monkeypatch):
+    from trpr import data
+
+    real = data.verify_images
+
+    def all_unusable(split, policy="error", **kwargs):
+        check = real(split, policy=policy, **kwargs)
+        if kwargs.get("name", "").endswith("/train"):
+            check.keep = check.keep[:0]
+            check.bad = {"x.png": "truncated"}
+        return check
+
+    monkeypatch.setattr(data, "verify_images", all_unusable)
+    with pytest.raises(SystemExit, match=r"data.image_policy=skip: every image of synth-pedes-tiny/train is unusable "
+                                         r"\(1 file\(s\), listed above\), so nothing is left to train on") as info:
+        train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(tmp_path / "run"), "--data.image_policy", "skip"])
+    assert "batch_size" not in str(info.value)
+    assert not (tmp_path / "run").exists()
