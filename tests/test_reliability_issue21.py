@@ -5,7 +5,13 @@
 9. annotation paths that leave the dataset root, and pair.json members outside their folder, are refused;
 1. a diverged model (non-finite weights, non-finite features) is never saved or ranked;
 10. bad config values are one line naming key and value, before any data is read;
-7. --resume with fewer epochs than done, and a run folder of a newer format, are refused.
+7. --resume with fewer epochs than done, and a run folder of a newer format, are refused;
+4. --resume into another --output-dir is refused; a complete run is said to be complete, nothing changes;
+5. --resume on changed training data stops with one line (--allow-changed-data continues);
+3. the benchmark search cache is rebuilt when the annotation or an image changes; vanished files are never listed;
+6. --out is checked before any work; every query of `search -` has its own grid;
+11. a damaged tokenizer cache is named and rebuilt; Ctrl-C ends search quietly; long queries say they were
+    truncated; an all-skipped training set gets no batch-size hint; a diverged pair gives no ranking.
 """
 import json
 import os
