@@ -17,6 +17,7 @@ dataset, an empty split, ...) ends with a one-line error on stderr and exit stat
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,12 +30,14 @@ from trpr.evaluation.folder_gallery import IMAGE_EXTENSIONS
 from trpr.evaluation.checkpoints import unreadable_images_as_input_errors
 from trpr.evaluation.progress import quiet_progress_in_logs
 from trpr.evaluation.search import DEFAULT_SEARCH_ROW, choose_search_row, parse_score_row
+from trpr.kernels import NonFiniteFeatures
 from trpr.reporting.evaluation import make_names_unique, write_reports
 from trpr.modeling.pair import ROW_KEYS
 
 PROG = "eval_3rtpr.py"
 COMMANDS = ("evaluate", "search")
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 MAX_TOP = 100  # the grid draws every match: 100 is a 10 x 10 PNG
 
 
@@ -93,10 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def writable_folder(path: Path, option: str) -> Path:
+    """Check, before any work, that the outputs can be written to `path` (a folder, or one that can be
+    created: its nearest existing parent is a writable folder); nothing is created here. EvalInputError
+    naming the option and the path otherwise."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file, not a folder" if existing == path else f"lies under {existing}, which is a file"
+        raise EvalInputError(f"{option} {path}: {what}; name a folder for the outputs")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (in {existing}, where it would be created)"
+        raise EvalInputError(f"{option} {path}: cannot write there{where}: permission denied or a read-only file "
+                             "system; name a writable folder")
+    return path
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     """`eval_3rtpr.py [evaluate] --checkpoint ...`: evaluate, write the reports, print the table (main process)."""
     if args.batch_size < 1:
         raise EvalInputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    writable_folder(args.out, "--out")
     from accelerate import Accelerator
 
     from trpr.data.transforms import get_tokenizer
@@ -162,6 +183,7 @@ def search_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.gallery is not None and args.root is not None:
         raise EvalInputError("--root names a datasets root for --dataset; a --gallery folder needs none")
+    writable_folder(args.out, "--out")
     folder = check_gallery_folder(args.gallery) if args.gallery is not None else None
     checkpoint = resolve_checkpoint(args.checkpoint)
     row, why = search_row(args.score, checkpoint)
@@ -174,7 +196,12 @@ def search_command(args: argparse.Namespace) -> int:
     tokenizer = get_tokenizer()
     for query in _read_queries(args.query):
         query_started = time.perf_counter()
-        matches = search_gallery(pair, index, query, tokenizer=tokenizer, row=row, top=args.top)
+        warn_truncated(tokenizer, query)
+        try:
+            matches = search_gallery(pair, index, query, tokenizer=tokenizer, row=row, top=args.top)
+        except NonFiniteFeatures as error:  # a diverged pair is an error, never a ranking
+            raise EvalInputError(f"checkpoint {checkpoint.path}: {error}") from None
+        check_matches_exist(matches, folder, args)
         answered = time.perf_counter()
         print(f"query: {query}")
         if folder is not None:
@@ -189,6 +216,29 @@ def search_command(args: argparse.Namespace) -> int:
         print(f"grid: {grid}", flush=True)
         print(f"answered in {answered - query_started:.3f} s ({row}, score = sum of cosines)", file=sys.stderr)
     return 0
+
+
+def warn_truncated(tokenizer, query: str) -> None:
+    """A note on stderr when `query` has more tokens than the text encoder reads (CONTEXT_LENGTH with the
+    start and end tokens): the rest is ignored."""
+    from trpr.data.transforms import CONTEXT_LENGTH
+
+    words = tokenizer(query, add_special_tokens=False)["input_ids"]
+    if len(words) > CONTEXT_LENGTH - 2:
+        kept = tokenizer.decode(words[: CONTEXT_LENGTH - 2]).split()
+        print(f"note: the query is {len(words)} tokens long; the model reads {CONTEXT_LENGTH - 2} (a context of "
+              f"{CONTEXT_LENGTH} with start and end), so it was truncated after \"...{' '.join(kept[-4:])}\"",
+              file=sys.stderr)
+
+
+def check_matches_exist(matches: list[dict], folder, args: argparse.Namespace) -> None:
+    """Nothing is printed for an image file that no longer exists (the gallery changed after it was
+    indexed): EvalInputError naming the file and its rank."""
+    for match in matches:
+        if match["path"] and not Path(match["path"]).is_file():
+            where = f"--gallery {folder}" if folder is not None else f"--dataset {args.dataset}"
+            raise EvalInputError(f"{where}: the match at rank {match['rank']}, {match['path']}, no longer exists (the "
+                                 "gallery changed while searching); run the search again to index it anew")
 
 
 def load_folder_gallery(pair, checkpoint, folder: Path, args: argparse.Namespace):
@@ -238,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     except EvalInputError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C (e.g. ending `search -`): one line, the shell's status for SIGINT
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def cli() -> None:

@@ -59,6 +59,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                                          "with --resume: the run's config.yaml")
     parser.add_argument("--output-dir", help="run folder (created; must be empty); default with --resume: the resumed folder")
     parser.add_argument("--resume", help="run folder to continue from its last finished epoch")
+    parser.add_argument("--allow-changed-data", action="store_true",
+                        help="with --resume: continue even though the training data differs from the data the run "
+                             "was trained on (refused otherwise; the per-sample ALR weights then start afresh)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the previous run in --output-dir (its checkpoints, metrics, logs)")
     parser.add_argument("--final-test", action="store_true",
@@ -72,14 +75,25 @@ def main(argv=None) -> Path:
     from accelerate import Accelerator
 
     args, overrides = parse_args(argv)
+    if args.allow_changed_data and not args.resume:
+        raise configs.ConfigError("--allow-changed-data applies to --resume only")
     config, run_dir = engine.resolve_run(overrides, config_path=args.config, output_dir=args.output_dir,
                                          resume_dir=args.resume)
-    engine.check_backbone(config)
+    epochs = config["train"]["epochs"]
+    complete = bool(args.resume) and engine.finished_epochs(run_dir) == epochs
+    if not complete:
+        engine.check_backbone(config)
     trackers = config["logging"]["trackers"]
     accelerator = Accelerator(log_with=trackers or None, project_dir=str(run_dir))
     engine.check_distributed_type(accelerator)
     engine.check_batch_size(config, accelerator.num_processes)
     with engine.RunFolder(run_dir, accelerator, resume_dir=args.resume, overwrite=args.overwrite) as run_folder:
+        if complete:  # nothing to train: config.yaml, checkpoints and figures stay as they are
+            engine.restart_metrics(run_dir, epochs, accelerator,  # a torn last line is still dropped
+                                   last_record=(engine.saved_counters(run_dir) or {}).get("epoch_record"))
+            accelerator.print(f"{run_dir}: the run is already complete ({epochs} of {epochs} epochs finished); nothing "
+                              f"was trained or changed (pass --train.epochs {epochs + 1} or more to train further)")
+            return run_dir
         return train(args, config, run_dir, accelerator, run_folder)
 
 
@@ -93,6 +107,9 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
 
     # ---- data (fails early on a missing dataset, a batch larger than it or bad images, before any model is built)
     splits = engine.load_splits(config, run_dir, accelerator)
+    train_data = engine.train_data_record(splits["train"], f"{config['data']['dataset']}/train")
+    data_changed = args.resume and engine.check_train_data(args.resume, train_data,
+                                                           allow_changed=args.allow_changed_data)
     noisy = torch.tensor(splits["train"]["noisy"], dtype=torch.bool)
     tokenizer = get_tokenizer()
     loader = engine.build_train_loader(splits["train"], tokenizer, config, rank, world,
@@ -115,9 +132,12 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
     state = engine.TrainerState()
     if args.resume:
         alr_state, state = engine.resume(args.resume, models, optimizers, schedulers, accelerator)
+        if data_changed:  # per-sample weights of other rows: start afresh (--allow-changed-data)
+            alr_state = engine.initial_alr_state(len(loader.dataset), device)
         if config["train"]["epochs"] < state.epoch + 1:  # checked early by engine.resolve_run; here after recovery
             raise configs.ConfigError(f"--resume {args.resume}: train.epochs {config['train']['epochs']} is fewer "
                                       f"than the {state.epoch + 1} epoch(s) the run has finished")
+    state.train_data = train_data  # saved with every last/: --resume compares (engine.check_train_data)
     run_folder.start(config)  # the real work begins: config.yaml
     engine.restart_metrics(run_dir, state.epoch + 1, accelerator, last_record=state.epoch_record)
     if trackers:

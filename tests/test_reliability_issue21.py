@@ -5,7 +5,13 @@
 9. annotation paths that leave the dataset root, and pair.json members outside their folder, are refused;
 1. a diverged model (non-finite weights, non-finite features) is never saved or ranked;
 10. bad config values are one line naming key and value, before any data is read;
-7. --resume with fewer epochs than done, and a run folder of a newer format, are refused.
+7. --resume with fewer epochs than done, and a run folder of a newer format, are refused;
+4. --resume into another --output-dir is refused; a complete run is said to be complete, nothing changes;
+5. --resume on changed training data stops with one line (--allow-changed-data continues);
+3. the benchmark search cache is rebuilt when the annotation or an image changes; vanished files are never listed;
+6. --out is checked before any work; every query of `search -` has its own grid;
+11. a damaged tokenizer cache is named and rebuilt; Ctrl-C ends search quietly; long queries say they were
+    truncated; an all-skipped training set gets no batch-size hint; a diverged pair gives no ranking.
 """
 import json
 import os
@@ -358,3 +364,297 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_saves_an_epoch(one_e
     assert "the previous run in" in capsys.readouterr().err
     assert not (run_dir / ".replaced").exists() and (run_dir / "last").is_dir()
     assert configs.load_config(run_dir / "config.yaml")["seed"] == 5
+
+
+# ------------------------------------------- 4. --resume A --output-dir B; a complete run; changed data
+def test_resume_into_another_output_dir_is_refused(one_epoch_run, tmp_path):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    other = tmp_path / "other"
+    with pytest.raises(configs.ConfigError, match=rf"^--resume {run_dir} --output-dir {other}: a run is continued in "
+                                                  rf"its own folder; .*cp -r {run_dir} {other}\) and --resume {other}$") as info:
+        train_3rtpr.main(["--resume", str(run_dir), "--output-dir", str(other), "--train.epochs", "2"])
+    assert "\n" not in str(info.value)
+    assert not other.exists()
+    train_3rtpr.main(["--resume", str(run_dir), "--output-dir", str(run_dir)])  # the same folder named twice: fine
+
+
+def test_resume_of_a_complete_run_says_so_and_changes_nothing(one_epoch_run, tmp_path, capsys):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    before = {p.relative_to(run_dir).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+              for p in run_dir.rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
+    capsys.readouterr()
+    assert train_3rtpr.main(["--resume", str(run_dir)]) == run_dir
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if "already complete" in line]
+    assert lines == [f"{run_dir}: the run is already complete (1 of 1 epochs finished); nothing was trained or "
+                     "changed (pass --train.epochs 2 or more to train further)"]
+    after = {p.relative_to(run_dir).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+             for p in run_dir.rglob("*") if p.is_file() and p.name != "metrics.jsonl"}
+    assert after == before
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0]
+
+
+def _copied_dataset(data_root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(a copy of the synth-pedes-tiny folder's root, its reid_raw.json) to edit."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root / "SYNTH-PEDES-tiny", root / "SYNTH-PEDES-tiny")
+    return root, root / "SYNTH-PEDES-tiny" / "reid_raw.json"
+
+
+def test_training_data_fingerprint_is_recorded_and_survives_a_move(one_epoch_run, data_root, tmp_path):
+    from trpr import data
+
+    saved = json.loads((one_epoch_run / "last" / "training_state" / "trainer_state.json").read_text())["train_data"]
+    assert saved["name"] == "synth-pedes-tiny/train" and saved["rows"] == 144 and len(saved["fingerprint"]) == 16
+    root, _ = _copied_dataset(data_root, tmp_path)
+    moved = engine.train_data_record(data.load_benchmark("synth-pedes-tiny", root=root)["train"], "x")
+    assert moved["fingerprint"] == saved["fingerprint"]  # another root, the same data
+
+
+@pytest.mark.parametrize("change, message", [
+    ("shrink", r"it has 142 rows, the run was trained on 144"),
+    ("grow", r"it has 146 rows, the run was trained on 144"),
+    ("caption", r"same 144 rows, different content"),
+])
+def test_resume_on_changed_training_data_stops_with_one_line(one_epoch_run, data_root, tmp_path, change, message):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    root, annotation = _copied_dataset(data_root, tmp_path)
+    entries = json.loads(annotation.read_text())
+    first = next(i for i, e in enumerate(entries) if e["split"] == "train")
+    if change == "shrink":
+        del entries[first]
+    elif change == "grow":
+        image = annotation.parent / "imgs" / entries[first]["file_path"]
+        shutil.copy(image, image.with_name("extra.png"))  # one more image of the identity, two captions
+        entries.append(dict(entries[first], file_path=str(Path(entries[first]["file_path"]).with_name("extra.png"))))
+    else:
+        entries[first]["captions"][0] = "a different description of this person"
+    annotation.write_text(json.dumps(entries))
+    config_before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(configs.ConfigError, match=rf"^--resume {run_dir}: the training data changed since the run was "
+                                                  rf"saved \(synth-pedes-tiny/train: {message}; content fingerprint "
+                                                  r"[0-9a-f]{16} -> [0-9a-f]{16}\); restore the data, or pass "
+                                                  r"--allow-changed-data to continue on the new data$") as info:
+        train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2", "--data.root", str(root)])
+    assert "\n" not in str(info.value)
+    assert (run_dir / "config.yaml").read_text() == config_before
+    assert engine.finished_epochs(run_dir) == 1
+    if change == "grow":  # said explicitly: it continues (it used to end in an IndexError mid-epoch)
+        train_3rtpr.main(["--resume", str(run_dir), "--train.epochs", "2", "--data.root", str(root),
+                          "--allow-changed-data"])
+        counters = json.loads((run_dir / "last" / "training_state" / "trainer_state.json").read_text())
+        assert counters["epoch"] == 1 and counters["train_data"]["rows"] == 146
+
+
+def test_allow_changed_data_needs_resume(tmp_path):
+    with pytest.raises(configs.ConfigError, match="^--allow-changed-data applies to --resume only$"):
+        train_3rtpr.main(["--config", "synth-pedes", "--output-dir", str(tmp_path / "run"), "--allow-changed-data"])
+
+
+def test_every_training_image_skipped_is_one_line_without_a_batch_size_hint(data_root, tmp_path, monkeypatch):
+    from trpr import data
+
+    real = data.verify_images
+
+    def all_unusable(split, policy="error", **kwargs):
+        check = real(split, policy=policy, **kwargs)
+        if kwargs.get("name", "").endswith("/train"):
+            check.keep = check.keep[:0]
+            check.bad = {"x.png": "truncated"}
+        return check
+
+    monkeypatch.setattr(data, "verify_images", all_unusable)
+    with pytest.raises(SystemExit, match=r"data.image_policy=skip: every image of synth-pedes-tiny/train is unusable "
+                                         r"\(1 file\(s\), listed above\), so nothing is left to train on") as info:
+        train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(tmp_path / "run"), "--data.image_policy", "skip"])
+    assert "batch_size" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------- 3. the search cache follows the gallery
+def _search(argv, capsys, stdin=None, monkeypatch=None):
+    import eval_3rtpr
+
+    if stdin is not None:
+        monkeypatch.setattr("sys.stdin", stdin)
+    code = eval_3rtpr.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def search_setup(one_epoch_run, data_root, tmp_path):
+    """A copy of synth-pedes-tiny to change, and search arguments over its whole test gallery (24 images)."""
+    root, annotation = _copied_dataset(data_root, tmp_path)
+    argv = ["--checkpoint", str(one_epoch_run), "--dataset", "synth-pedes-tiny", "--root", str(root), "--top", "24",
+            "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    return {"root": root, "annotation": annotation, "argv": argv, "tmp": tmp_path}
+
+
+def _listed_paths(out: str) -> list[str]:
+    return [line.split()[3] for line in out.splitlines() if line.strip()[:1].isdigit()]
+
+
+def test_search_cache_is_rebuilt_when_the_gallery_changes(search_setup, capsys):
+    argv = ["search", "a woman in a red coat"] + search_setup["argv"]
+    code, out, err = _search(argv, capsys)
+    assert code == 0 and "encoded and cached" in err and len(_listed_paths(out)) == 24
+    assert "from cache" in _search(argv, capsys)[2]
+    # the annotation changes: a test image and its entry are removed
+    annotation = search_setup["annotation"]
+    entries = json.loads(annotation.read_text())
+    removed = next(e for e in entries if e["split"] == "test")
+    entries.remove(removed)
+    annotation.write_text(json.dumps(entries))
+    removed_path = annotation.parent / "imgs" / removed["file_path"]
+    removed_path.unlink()
+    code, out, err = _search(argv, capsys)
+    assert code == 0 and "encoded and cached" in err and "gallery: 23 images" in err
+    listed = _listed_paths(out)
+    assert len(listed) == 23 and str(removed_path) not in listed and all(Path(p).is_file() for p in listed)
+    assert "from cache" in _search(argv, capsys)[2]
+    # an image changes in place (same annotation): the cache is stale as well
+    image = annotation.parent / "imgs" / next(e for e in entries if e["split"] == "test")["file_path"]
+    from PIL import Image
+
+    Image.new("RGB", Image.open(image).size, (200, 10, 10)).save(image)
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert "encoded and cached" in _search(argv, capsys)[2]
+
+
+def test_search_never_lists_a_file_that_no_longer_exists(search_setup, capsys, monkeypatch):
+    import io
+
+    argv = search_setup["argv"]
+    assert _search(["search", "a man"] + argv, capsys)[0] == 0  # indexed and cached
+    gallery_files = sorted((search_setup["annotation"].parent / "imgs" / "test").glob("*.png"))
+    doomed = gallery_files[3]
+
+    class RemovedBetweenQueries(io.StringIO):
+        """stdin of `search -`: the gallery loses a file after the first query was answered."""
+
+        def __iter__(self):
+            yield "a man in a black jacket\n"
+            doomed.unlink()
+            yield "a woman in a red coat\n"
+
+    code, out, err = _search(["search", "-"] + argv, capsys, RemovedBetweenQueries(), monkeypatch)
+    assert code == 2 and out.count("query: ") == 1 and "query: a woman" not in out  # nothing of the 2nd query
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("eval_3rtpr.py: error: --dataset synth-pedes-tiny: the match at rank ")
+    assert f"{doomed}, no longer exists" in last and "Traceback" not in err
+    # the next search sees the missing file (the cache is stale) and names it instead of listing it
+    code, out, err = _search(["search", "a man"] + argv, capsys)
+    assert code == 2 and "query:" not in out and str(doomed) in err.strip().splitlines()[-1]
+
+
+# --------------------------------------------------- 6. outputs checked first; one grid per query
+def test_eval_out_that_cannot_be_written_fails_before_any_work(one_epoch_run, data_root, tmp_path, capsys,
+                                                               monkeypatch):
+    import eval_3rtpr
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation ran before --out was checked")
+
+    monkeypatch.setattr(eval_3rtpr, "evaluate_checkpoint", no_work)
+    monkeypatch.setattr(eval_3rtpr, "load_eval_split", no_work)
+    common = ["--checkpoint", str(one_epoch_run), "--dataset", "synth-pedes-tiny", "--root", str(data_root)]
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("x")
+    for out, message in ((a_file, f"--out {a_file}: is a file, not a folder"),
+                         (a_file / "sub", f"--out {a_file / 'sub'}: lies under {a_file}, which is a file")):
+        code, _, err = _search(common + ["--out", str(out)], capsys)
+        assert code == 2 and err.strip().splitlines() == [f"eval_3rtpr.py: error: {message}; name a folder for the outputs"]
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    monkeypatch.setattr(eval_3rtpr.os, "access", lambda path, mode: Path(path) != read_only)  # root ignores chmod
+    code, _, err = _search(common + ["--out", str(read_only / "new")], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        f"eval_3rtpr.py: error: --out {read_only / 'new'}: cannot write there (in {read_only}, where it would be "
+        "created): permission denied or a read-only file system; name a writable folder"]
+    code, _, err = _search(["search", "a man", "--out", str(a_file)] + common, capsys)
+    assert code == 2 and "is a file, not a folder" in err
+
+
+def test_every_query_of_search_dash_gets_its_own_grid(search_setup, capsys, monkeypatch):
+    import io
+
+    queries = ["红色外套的女人", "青いジャケットの男", "A man, in a coat!", "a man in a coat"]
+    code, out, _ = _search(["search", "-"] + search_setup["argv"], capsys, io.StringIO("\n".join(queries) + "\n"),
+                           monkeypatch)
+    assert code == 0
+    grids = [line.split("grid: ")[1] for line in out.splitlines() if line.startswith("grid: ")]
+    assert len(grids) == 4 and len(set(grids)) == 4 and all(Path(g).is_file() for g in grids)
+    assert Path(grids[0]).name.startswith("search_query-") and Path(grids[2]).name.startswith("search_a-man-in-a-coat-")
+    from trpr import evaluation
+
+    assert [evaluation.search_grid_path(search_setup["tmp"] / "out", q) for q in queries] == [Path(g) for g in grids]
+
+
+# ------------------------------------------- 11. tokenizer cache, Ctrl-C, long queries; diverged search
+def test_damaged_tokenizer_cache_is_named_and_rebuilt(tmp_path, monkeypatch, capsys):
+    from trpr.data import transforms
+
+    monkeypatch.setenv("TRPR_CACHE", str(tmp_path))
+    transforms.get_tokenizer.cache_clear()
+    try:
+        expected = transforms.get_tokenizer()("a man in a red coat")["input_ids"]
+        vocab = tmp_path / "clip_bpe" / "vocab.json"
+        for damage in (vocab.read_text()[:5000], json.dumps({"a": 1}), "\x00" * 10):
+            vocab.write_text(damage)
+            transforms.get_tokenizer.cache_clear()
+            capsys.readouterr()
+            assert transforms.get_tokenizer()("a man in a red coat")["input_ids"] == expected
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"warning: {vocab}: damaged tokenizer cache (")
+            assert err[0].endswith("; rebuilding it from clip_bpe_simple_vocab_16e6.txt.gz")
+            assert transforms.vocab_files_problem(vocab.parent) is None
+        merges = tmp_path / "clip_bpe" / "merges.txt"
+        merges.write_text(merges.read_text()[:100])
+        transforms.get_tokenizer.cache_clear()
+        assert transforms.get_tokenizer()("a man in a red coat")["input_ids"] == expected
+        assert f"warning: {merges}: damaged tokenizer cache" in capsys.readouterr().err
+    finally:
+        transforms.get_tokenizer.cache_clear()
+
+
+def test_ctrl_c_in_search_dash_ends_quietly(search_setup, capsys, monkeypatch):
+    import io
+
+    class InterruptedStdin(io.StringIO):
+        def __iter__(self):
+            yield "a man in a black jacket\n"
+            raise KeyboardInterrupt
+
+    code, out, err = _search(["search", "-"] + search_setup["argv"], capsys, InterruptedStdin(), monkeypatch)
+    assert code == 130 and out.count("query: ") == 1
+    assert err.strip().splitlines()[-1] == "eval_3rtpr.py: interrupted" and "Traceback" not in err
+
+
+def test_a_query_longer_than_the_context_says_it_was_truncated(search_setup, capsys):
+    words = " ".join(["a tall man with a black backpack and grey shoes"] * 10)
+    code, _, err = _search(["search", words] + search_setup["argv"], capsys)
+    notes = [line for line in err.splitlines() if "truncated" in line]
+    assert code == 0 and len(notes) == 1 and "the model reads 75 (a context of 77 with start and end)" in notes[0]
+    code, _, err = _search(["search", "a tall man with a black backpack"] + search_setup["argv"], capsys)
+    assert code == 0 and "truncated" not in err
+
+
+def test_search_with_a_diverged_pair_is_one_line_not_a_ranking(one_epoch_run, search_setup, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    pair_dir = tmp_path / "nan_pair"
+    shutil.copytree(one_epoch_run / "best", pair_dir)
+    weights = pair_dir / "model_b" / "model.safetensors"
+    state = load_file(str(weights))
+    projection = next(name for name in state if "visual_projection" in name)
+    state[projection] = torch.full_like(state[projection], float("nan"))
+    save_file(state, str(weights), metadata={"format": "pt"})
+    argv = search_setup["argv"]
+    argv = argv[:1] + [str(pair_dir)] + argv[2:]
+    code, out, err = _search(["search", "a man", "--score", "A+B/GE+FS"] + argv, capsys)
+    assert code == 2 and "query:" not in out and "rank" not in out
+    assert err.strip().splitlines()[-1] == (
+        f"eval_3rtpr.py: error: checkpoint {pair_dir}: model B gives a non-finite global embedding for gallery image "
+        "row 0 of 24 (ranking A+B/GE+FS): its weights are not usable (a diverged run?)")
+    assert _search(["search", "a man", "--score", "A/GE+FS"] + argv, capsys)[0] == 0  # model A alone is fine

@@ -260,7 +260,13 @@ def derive_clip_vocab_files(out_dir: Union[str, Path], bpe_path: Union[str, Path
     out_dir = Path(out_dir)
     vocab_path, merges_path = out_dir / "vocab.json", out_dir / "merges.txt"
     if vocab_path.exists() and merges_path.exists():
-        return out_dir
+        damaged = vocab_files_problem(out_dir)
+        if damaged is None:
+            return out_dir
+        import sys
+
+        print(f"warning: {damaged}; rebuilding it from {bpe_path.name if isinstance(bpe_path, Path) else bpe_path}",
+              file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     with gzip.open(bpe_path, "rt", encoding="utf-8") as handle:
         lines = handle.read().split("\n")
@@ -278,6 +284,27 @@ def derive_clip_vocab_files(out_dir: Union[str, Path], bpe_path: Union[str, Path
     os.replace(out_dir / ("vocab.json" + suffix), vocab_path)
     os.replace(out_dir / ("merges.txt" + suffix), merges_path)
     return out_dir
+
+
+def vocab_files_problem(folder: Path) -> Optional[str]:
+    """What is wrong with the derived `vocab.json` / `merges.txt` in `folder` ("FILE: reason", naming the
+    file), or None when both are complete (a JSON object of VOCAB_SIZE ids 0..VOCAB_SIZE-1; the version line
+    and NUM_BPE_MERGES merges)."""
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    try:
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"{vocab_path}: damaged tokenizer cache ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    if not isinstance(vocab, dict) or len(vocab) != VOCAB_SIZE or sorted(vocab.values()) != list(range(VOCAB_SIZE)):
+        return f"{vocab_path}: damaged tokenizer cache (not the {VOCAB_SIZE} CLIP vocabulary ids)"
+    try:
+        lines = merges_path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    except (OSError, ValueError) as error:
+        return f"{merges_path}: damaged tokenizer cache ({type(error).__name__})"
+    if not lines[0].startswith("#version") or len(lines) != NUM_BPE_MERGES + 1 or \
+            any(len(line.split(" ")) != 2 for line in lines[1:]):
+        return f"{merges_path}: damaged tokenizer cache (not the {NUM_BPE_MERGES} CLIP merges)"
+    return None
 
 
 @lru_cache(maxsize=8)

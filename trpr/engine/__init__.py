@@ -1,6 +1,7 @@
 """The training engine of 3RTPR (docs/method.md §3-§7), used by train_3rtpr.py.
 
     run          resolve_run, RunFolder (lock, early-failure cleanup), check_backbone / check_batch_size /
+                 finished_epochs, train_data_record / check_train_data (what --resume continues on),
                  check_images (before any work), load_splits, build_train_loader, build_pair, head_seeds
     sampler      GlobalBatchSampler
     optim        param_groups, lr_factor, build_optimizer(s)
@@ -27,7 +28,8 @@ from .distributed import check_distributed_type, sync_batch_norms
 from .metrics_log import append_metrics, flat_config, read_metrics, restart_metrics
 from .optim import build_optimizer, build_optimizers, current_lrs, lr_factor, param_groups
 from .run import (RunFolder, build_clip_source, build_pair, build_train_loader, check_backbone, check_batch_size,
-                  check_images, head_seeds, load_splits, resolve_run)
+                  check_images, check_train_data, finished_epochs, head_seeds, load_splits, resolve_run,
+                  saved_counters, train_data_record)
 from .sampler import GlobalBatchSampler
 from .step import (TrainingDiverged, batch_to_device, encode_view, reciprocal_step, start_epoch, train_one_epoch,
                    trim_text_padding)
@@ -41,7 +43,8 @@ __all__ = ["AlrPass", "alr_active", "alr_batches", "alr_report", "batch_statisti
            "sync_batch_norms", "append_metrics", "flat_config", "read_metrics",
            "restart_metrics", "build_optimizer", "build_optimizers", "current_lrs", "lr_factor", "param_groups",
            "RunFolder", "build_clip_source", "build_pair", "build_train_loader", "check_backbone", "check_batch_size",
-           "check_images", "head_seeds", "load_splits", "resolve_run", "GlobalBatchSampler", "TrainingDiverged",
+           "check_images", "check_train_data", "finished_epochs", "head_seeds", "load_splits", "resolve_run",
+           "saved_counters", "train_data_record", "GlobalBatchSampler", "TrainingDiverged",
            "batch_to_device", "encode_view", "reciprocal_step", "start_epoch", "train_one_epoch", "trim_text_padding",
            "compile_model", "fast_math", "fast_math_enabled", "resolve_compile_mode", "PhaseClock", "StepClock", "epoch_timing",
            "format_timing", "final_test", "log_validation", "selection_score", "validate", "validation_due"]

@@ -61,13 +61,15 @@ class TrainerState:
     """Counters of a run: the last finished epoch (-1 before the first), the global step, the best
     validation score (eval.select_row R@1, percent) and its epoch (None before any validation), and the
     metrics.jsonl record of the last finished epoch (saved with last/, so a run killed between the
-    checkpoint and the metrics append gets it back on --resume)."""
+    checkpoint and the metrics append gets it back on --resume), and the training data's identity
+    (`engine.train_data_record`: name, rows, content fingerprint; --resume compares it)."""
 
     epoch: int = -1
     global_step: int = 0
     best_score: float | None = None
     best_epoch: int | None = None
     epoch_record: dict | None = None
+    train_data: dict | None = None
 
     def improves(self, score: float) -> bool:
         """Whether `score` beats the best so far (the first score always does)."""

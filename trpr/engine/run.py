@@ -36,9 +36,13 @@ def resolve_run(overrides: list[str], *, config_path=None, output_dir=None, resu
             raise configs.ConfigError("give either --config or --resume (a resumed run uses its own config.yaml)")
         if not (resume_dir / CONFIG_FILE).is_file():
             raise configs.ConfigError(f"--resume {resume_dir}: no {CONFIG_FILE} (not a run folder)")
+        if output_dir and Path(output_dir).absolute().resolve() != resume_dir.absolute().resolve():
+            raise configs.ConfigError(f"--resume {resume_dir} --output-dir {output_dir}: a run is continued in its own "
+                                      f"folder; to continue a copy, copy the folder first (cp -r {resume_dir} "
+                                      f"{output_dir}) and --resume {output_dir}")
         config = configs.load_config(resume_dir / CONFIG_FILE, overrides)
         check_resume(resume_dir, config)
-        return config, Path(output_dir) if output_dir else resume_dir
+        return config, resume_dir
     if not config_path or not output_dir:
         raise configs.ConfigError("--config and --output-dir are required (or --resume RUN_DIR)")
     return configs.load_config(config_path, overrides), Path(output_dir)
@@ -51,23 +55,92 @@ def check_resume(resume_dir: Path, config: dict) -> None:
     Reads last/ (or the `.last.old` an interrupted swap left) without changing anything."""
     from .checkpoint import CheckpointError, check_state_format
 
-    last = Path(resume_dir) / LAST_DIR
-    if not last.is_dir():
-        last = swap_paths(last)[1]
-    state_dir = last / STATE_DIR
+    state_dir = _last_state_dir(resume_dir)
     try:
         check_state_format(state_dir)
     except CheckpointError as error:
         raise CheckpointError(f"--resume {resume_dir}: {error}") from None
-    try:
-        done = int(json.loads((state_dir / TRAINER_STATE_FILE).read_text())["epoch"]) + 1
-    except (OSError, ValueError, KeyError, TypeError):
+    done = finished_epochs(resume_dir)
+    if done is None:
         return  # no finished epoch or a damaged state: `checkpoint.resume` says so
     epochs = config["train"]["epochs"]
     if epochs < done:
         raise configs.ConfigError(f"--resume {resume_dir}: train.epochs {epochs} is fewer than the {done} epoch(s) "
                                   f"the run has finished; pass --train.epochs {done} or more to continue it "
                                   "(nothing was changed)")
+
+
+def _last_state_dir(run_dir: Path) -> Path:
+    """last/training_state of a run folder (or of the `.last.old` an interrupted swap left)."""
+    last = Path(run_dir) / LAST_DIR
+    if not last.is_dir():
+        last = swap_paths(last)[1]
+    return last / STATE_DIR
+
+
+def saved_counters(run_dir: Path) -> dict | None:
+    """trainer_state.json of the run's last/ (read only), or None when absent or unreadable."""
+    try:
+        counters = json.loads((_last_state_dir(run_dir) / TRAINER_STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return counters if isinstance(counters, dict) else None
+
+
+def finished_epochs(run_dir: Path) -> int | None:
+    """How many epochs the run in `run_dir` has finished (its last/ trainer state), None when unknown."""
+    try:
+        return int((saved_counters(run_dir) or {})["epoch"]) + 1
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def train_data_record(split, name: str) -> dict:
+    """What identifies the training data a run trains on (saved in trainer_state.json as `train_data`):
+    {"name", "rows", "fingerprint"}. The fingerprint (16 hex) hashes every row's identity, image id,
+    caption, noise flag and image: its path relative to the folder all training images share (so a dataset
+    moved to another root keeps its fingerprint), or a hash of embedded image bytes. Taken after noise and
+    the image check, i.e. of the rows the epochs index."""
+    import hashlib
+    import os
+
+    from trpr.data.arrow_splits import column_values
+
+    images = column_values(split, "image")
+    paths = [image.get("path") for image in images if not image.get("bytes") and image.get("path")]
+    base = os.path.commonpath(paths) if len(paths) > 1 else (os.path.dirname(paths[0]) if paths else "")
+    columns = [column_values(split, key) if key in split.column_names else [None] * len(split)
+               for key in ("pid", "image_id", "caption", "noisy")]
+    digest = hashlib.blake2b(b"3rtpr-train-data-v1", digest_size=8)
+    for image, *values in zip(images, *columns):
+        if image.get("bytes"):
+            where = "bytes:" + hashlib.blake2b(image["bytes"], digest_size=8).hexdigest()
+        else:
+            where = os.path.relpath(image["path"], base) if base else str(image.get("path"))
+        digest.update(json.dumps([where, *values]).encode() + b"\n")
+    return {"name": name, "rows": len(split), "fingerprint": digest.hexdigest()}
+
+
+def check_train_data(resume_dir: Path, record: dict, *, allow_changed: bool = False) -> bool:
+    """--resume: compare the training data now (`record`, from `train_data_record`) with the data the run
+    was trained on (its last/ trainer state). Unchanged (or a run saved before the record existed): False.
+    Changed: ConfigError naming what changed, or with `allow_changed` a note and True (the caller then
+    starts the per-sample ALR state afresh)."""
+    saved = (saved_counters(resume_dir) or {}).get("train_data")
+    if not isinstance(saved, dict) or saved.get("fingerprint") == record["fingerprint"]:
+        return False
+    if saved.get("rows") != record["rows"]:
+        what = f"it has {record['rows']} rows, the run was trained on {saved.get('rows')}"
+    else:
+        what = f"same {record['rows']} rows, different content"
+    change = (f"the training data changed since the run was saved ({record['name']}: {what}; content fingerprint "
+              f"{saved.get('fingerprint')} -> {record['fingerprint']})")
+    if not allow_changed:
+        raise configs.ConfigError(f"--resume {resume_dir}: {change}; restore the data, or pass --allow-changed-data "
+                                  "to continue on the new data")
+    print(f"note: --allow-changed-data: {change}; continuing on the new data, per-sample ALR weights start afresh",
+          file=sys.stderr)
+    return True
 
 
 # ----------------------------------------------------------------------------------------- the run folder
@@ -224,6 +297,9 @@ def check_batch_size(config: dict, world_size: int, num_samples: int | None = No
     if batch % world_size:
         raise SystemExit(f"error: config train.batch_size={batch} is the global batch and must be divisible by the "
                          f"{world_size} processes")
+    if num_samples == 0:
+        raise SystemExit(f"error: the training set of {config['data']['dataset']} is empty (no usable sample is left); "
+                         "check the dataset (python -m trpr.data.check) and its images")
     if num_samples is not None and batch > num_samples:
         raise SystemExit(f"error: config train.batch_size={batch} is larger than the training set of "
                          f"{config['data']['dataset']} ({num_samples} samples): use --train.batch_size {num_samples} "
@@ -256,6 +332,10 @@ def check_images(splits, config: dict, accelerator):
         check = _image_check(splits[key], f"{dataset}/{key}", policy, accelerator)
         if len(check.keep) == check.num_rows:
             continue
+        if len(check.keep) == 0:
+            raise SystemExit(f"error: config data.image_policy=skip: every image of {dataset}/{key} is unusable "
+                             f"({len(check.bad)} file(s), listed above), so nothing is left to "
+                             f"{'train' if key == 'train' else 'validate'} on; fix or replace the images")
         splits[key] = data.keep_rows(splits[key], check.keep)
         if key.endswith("_gallery"):
             queries_key = key.replace("_gallery", "_queries")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from trpr import data
+from trpr import kernels
 from trpr import modeling
 from trpr.data.transforms import default_cache_dir
 from trpr.metrics.published import canonical_dataset
@@ -56,25 +57,26 @@ def checkpoint_signature(checkpoint: Checkpoint) -> dict:
     return {"pair_dir": str(checkpoint.pair_dir.resolve()), "files": signature}
 
 
-def _custom_annotation_signature(dataset: str, root) -> list | None:
-    """[name, size, mtime_ns] of a custom dataset's table (editing it changes the key), else None."""
-    from trpr.data.benchmarks import CUSTOM_DATASET
-    from trpr.data.folder_dataset import ANNOTATION_NAMES
+def _annotation_signature(dataset: str, root) -> list | None:
+    """[path, size, mtime_ns] of the dataset's annotation file (editing it changes the cache key), else None
+    (an unknown or missing dataset: the cache is then missed and loading the split says what is wrong)."""
+    from trpr.data.benchmarks import resolve_layout
 
-    if canonical_dataset(dataset) != CUSTOM_DATASET or root is None:
+    try:
+        layout, folder = resolve_layout(dataset, root)
+        path = folder / layout.annotation
+        stat = path.stat()
+    except (OSError, ValueError):
         return None
-    for name in ANNOTATION_NAMES:
-        path = Path(root) / name
-        if path.is_file():
-            return [name, path.stat().st_size, path.stat().st_mtime_ns]
-    return None
+    return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
 def search_cache_key(checkpoint: Checkpoint, dataset: str, root, split: str) -> str:
-    """Hash of `checkpoint_signature` + dataset + root + split (+ for a custom dataset, its table's name,
-    size and mtime_ns, so an edited table is encoded again)."""
+    """Hash of `checkpoint_signature` + dataset + root + split + the annotation file's path, size and
+    mtime_ns (an edited annotation is encoded again). The images are checked when the cache is read
+    (`load_gallery_index`: each file's size and mtime_ns as saved)."""
     signature = checkpoint_signature(checkpoint)
-    annotation = _custom_annotation_signature(dataset, root)
+    annotation = _annotation_signature(dataset, root)
     extra = {} if annotation is None else {"annotation": annotation}
     blob = json.dumps({**extra, "pair_dir": signature["pair_dir"], "files": signature["files"],
                        "dataset": canonical_dataset(dataset), "root": None if root is None else str(Path(root).resolve()),
@@ -111,7 +113,7 @@ def save_gallery_index(index: GalleryIndex, stem: Path) -> None:
     features_tmp, sources_tmp = stem.with_name(stem.name + ".safetensors" + unique), stem.with_name(stem.name + ".json" + unique)
     try:
         save_file(tensors, str(features_tmp))
-        sources_tmp.write_text(json.dumps({"sources": index.sources}))
+        sources_tmp.write_text(json.dumps({"sources": index.sources, "files": _file_stats(index.sources)}))
         os.replace(sources_tmp, stem.with_suffix(".json"))
         os.replace(features_tmp, stem.with_suffix(".safetensors"))  # the features file appears last: its presence = complete
     finally:
@@ -119,8 +121,22 @@ def save_gallery_index(index: GalleryIndex, stem: Path) -> None:
         sources_tmp.unlink(missing_ok=True)
 
 
+def _file_stats(sources: list) -> list:
+    """[size, mtime_ns] of every image file in `sources` (None for embedded images and missing files)."""
+    stats = []
+    for source in sources:
+        try:
+            stat = os.stat(source) if source else None
+        except OSError:
+            stat = None
+        stats.append(None if stat is None else [stat.st_size, stat.st_mtime_ns])
+    return stats
+
+
 def load_gallery_index(stem: Path) -> GalleryIndex | None:
-    """The cached index at `stem`, or None when absent or unreadable (it is then rebuilt)."""
+    """The cached index at `stem`, or None when absent, unreadable or stale (an image file is missing or
+    has another size or mtime than when the index was built, or the index predates these records): it is
+    then rebuilt."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -129,11 +145,12 @@ def load_gallery_index(stem: Path) -> GalleryIndex | None:
         return None
     try:
         tensors = load_file(str(features_path))
-        sources = json.loads(sources_path.read_text())["sources"]
+        listing = json.loads(sources_path.read_text())
+        sources, files = listing["sources"], listing["files"]
         outputs = [(tensors[f"{m}.global"], tensors[f"{m}.fused"]) for m in "ab"]
-    except (OSError, ValueError, KeyError, SafetensorError):  # damaged: rebuilt
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # damaged (or an older listing): rebuilt
         return None
-    if len(sources) != tensors["pids"].numel():
+    if len(sources) != tensors["pids"].numel() or files != _file_stats(sources):  # the gallery changed: rebuilt
         return None
     return GalleryIndex(image_outputs=outputs, pids=tensors["pids"], image_ids=tensors["image_ids"], sources=sources)
 
@@ -181,7 +198,17 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
     input_ids, attention_mask = tokenize(tokenizer, [query])
     with eval_mode(pair):
         text_outputs = [models[i].encode_text(input_ids.to(device), attention_mask.to(device)) for i in model_indices]
-    query_feats = modeling.scoring_features([(g.float().cpu(), f.float().cpu()) for g, f in text_outputs], score)
+    text_outputs = [(g.float().cpu(), f.float().cpu()) for g, f in text_outputs]
+    for side, outputs in (("the query", text_outputs), ("gallery image", [index.image_outputs[i] for i in model_indices])):
+        for model_index, (global_emb, fused_emb) in zip(model_indices, outputs):
+            for kind, feats in (("global", global_emb), ("fused", fused_emb)):
+                bad = kernels.first_non_finite_row(feats)
+                if bad >= 0:  # NaN similarities would still sort into a ranking
+                    where = "the query" if side == "the query" else f"gallery image row {bad} of {feats.shape[0]}"
+                    raise kernels.NonFiniteFeatures(
+                        f"model {'AB'[model_index]} gives a non-finite {kind} embedding for {where} (ranking {row}): "
+                        "its weights are not usable (a diverged run?)")
+    query_feats = modeling.scoring_features(text_outputs, score)
     gallery_feats = modeling.scoring_features([index.image_outputs[i] for i in model_indices], score)
     scores = gallery_feats @ query_feats[0]
     order = torch.sort(scores, descending=True, stable=True).indices[:top]
@@ -199,8 +226,10 @@ def query_slug(text: str, limit: int = 60) -> str:
 
 
 def search_grid_path(out_dir: Path, query: str) -> Path:
-    """Where the grid of `query` is saved: OUT/search_<slug>.png."""
-    return Path(out_dir) / f"search_{query_slug(query)}.png"
+    """Where the grid of `query` is saved: OUT/search_<slug>-<8 hex of sha256(query)>.png, so queries with
+    the same slug (every non-Latin one is "query") never overwrite each other's grid."""
+    digest = hashlib.sha256(query.encode("utf-8")).hexdigest()[:8]
+    return Path(out_dir) / f"search_{query_slug(query)}-{digest}.png"
 
 
 def save_search_grid(matches: list[dict], query: str, path: Path, *, gallery_split=None) -> Path:
