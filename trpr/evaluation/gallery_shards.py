@@ -28,14 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import EvalInputError
+
 SHARD_VERSION = 1
 DEFAULT_SHARD_SIZE = 4096  # rows per shard: 4096 x 5,120 fp16 = 40 MiB at ViT-B/16 dims (A+B/GE+FS)
 PIECES = ("a.global", "a.fused", "b.global", "b.fused")
 MANIFEST = "manifest.json"
 
 
-class ShardError(ValueError):
-    """A shard folder that cannot be used as it is; the message names the file and what is wrong."""
+class ShardError(EvalInputError):
+    """A shard folder that cannot be used as it is; the message names the file and what is wrong (one
+    line at the command line, like every EvalInputError)."""
 
 
 def shard_path(shard_dir: Path, number: int) -> Path:

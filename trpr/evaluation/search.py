@@ -165,13 +165,15 @@ def choose_search_row(score: str | None, checkpoint: Checkpoint) -> tuple[str, s
 
 @torch.no_grad()
 def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str = "A+B/GE+FS",
-                   top: int = 10) -> list[dict]:
+                   top: int = 10, ann=None) -> list[dict]:
     """Rank the gallery for one free-text query.
 
     row: which models and score rank ("A/GE" ... "A+B/GE+FS"); the score is the sum of the chosen
-    cosine similarities (so at most 1, 2 or 4). Returns up to `top` dicts {"rank" (1-based),
-    "score", "pid", "image_id", "path" (readable from here), "file" (as listed: relative to a folder
-    gallery's root, else the path), "gallery_index"}; equal scores keep gallery order.
+    cosine similarities (so at most 1, 2 or 4). ann: an ann_index.AnnSearcher over this gallery (its
+    candidates re-scored exactly from fp16 shards), or None for the exact dense ranking. Returns up to
+    `top` dicts {"rank" (1-based), "score", "pid", "image_id", "path" (readable from here), "file" (as
+    listed: relative to a folder gallery's root, else the path), "gallery_index"}; equal scores keep
+    gallery order.
     """
     from trpr.data.transforms import tokenize
 
@@ -179,12 +181,19 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
     models = [pair.a, pair.b]
     device = model_device(pair)
     input_ids, attention_mask = tokenize(tokenizer, [query])
+    encoded = range(2) if ann is not None else model_indices  # the candidates come from both global vectors
     with eval_mode(pair):
-        text_outputs = [models[i].encode_text(input_ids.to(device), attention_mask.to(device)) for i in model_indices]
-    query_feats = modeling.scoring_features([(g.float().cpu(), f.float().cpu()) for g, f in text_outputs], score)
-    gallery_feats = modeling.scoring_features([index.image_outputs[i] for i in model_indices], score)
-    scores = gallery_feats @ query_feats[0]
-    order = torch.sort(scores, descending=True, stable=True).indices[:top]
+        text_outputs = {i: models[i].encode_text(input_ids.to(device), attention_mask.to(device)) for i in encoded}
+    if ann is not None:
+        query_raw = torch.cat([piece[0].float().cpu() for i in range(2) for piece in text_outputs[i]]).numpy()
+        found, found_scores = ann.search(query_raw, row, top)
+        order, scores = torch.from_numpy(found), dict(zip(found.tolist(), found_scores.tolist()))
+    else:
+        query_feats = modeling.scoring_features([(g.float().cpu(), f.float().cpu())
+                                                 for g, f in (text_outputs[i] for i in model_indices)], score)
+        gallery_feats = modeling.scoring_features([index.image_outputs[i] for i in model_indices], score)
+        scores = gallery_feats @ query_feats[0]
+        order = torch.sort(scores, descending=True, stable=True).indices[:top]
     def path(i: int) -> str:
         return str(Path(index.root) / index.sources[i]) if index.root is not None else index.sources[i]
 
