@@ -59,7 +59,7 @@ def _dense_exact(store, query, row, top):
 def test_ann_returns_the_exact_top_k_when_nprobe_covers_all_lists(store, tmp_path, row):
     params = ann_index.AnnParams(nlist=8, nprobe=8, candidates=store.count)
     searcher = ann_index.AnnSearcher.open(store, tmp_path / "shards", params, progress=False)
-    assert searcher.index.nlist == 8 and searcher.index.ntotal == 700
+    assert ann_index.ivf_of(searcher.index).nlist == 8 and searcher.index.ntotal == 700
     for seed in range(5):
         query = _query(seed)
         rows, scores = searcher.search(query, row, 10)
@@ -68,7 +68,8 @@ def test_ann_returns_the_exact_top_k_when_nprobe_covers_all_lists(store, tmp_pat
         assert rows.tolist() == dense_rows.tolist() == exact_rows.tolist()
         np.testing.assert_allclose(scores, dense_scores, rtol=0, atol=1e-5)
         np.testing.assert_allclose(exact_scores, dense_scores, rtol=0, atol=1e-5)
-    # the compact row itself (A+B/GE): all lists scanned -> its exact candidates, even with candidates = top
+    # the compact row itself (A+B/GE): all lists scanned -> its exact top
+    # candidates, even with candidates = top
     rows, _ = searcher.search(_query(9), "A+B/GE", 10, candidates=10)
     assert rows.tolist() == _dense_exact(store, _query(9), "A+B/GE", 10)[0].tolist()
 
@@ -82,10 +83,11 @@ def test_rescoring_uses_exact_scores_of_the_full_row(store, tmp_path):
     _, all_scores = _dense_exact(store, query, "A+B/GE+FS", store.count)
     by_row = dict(zip(_dense_exact(store, query, "A+B/GE+FS", store.count)[0].tolist(), all_scores.tolist()))
     np.testing.assert_allclose(scores, [by_row[r] for r in rows.tolist()], rtol=0, atol=1e-5)
-    # the compact (candidate) score is not what is returned: A+B/GE+FS sums four cosines, GE only two
-    compact = ann_index.row_matrix(store.rows(rows), store.columns, ann_index.COMPACT_PIECES) @ \
-        ann_index.row_matrix(query[None], store.columns, ann_index.COMPACT_PIECES)[0]
-    assert not np.allclose(compact, scores, atol=1e-3)
+    # another row is re-scored with its own pieces (one cosine: at most 1), not the candidates' row
+    rows, scores = searcher.search(query, "B/FS", 5)
+    by_row = dict(zip(*[a.tolist() for a in _dense_exact(store, query, "B/FS", store.count)]))
+    np.testing.assert_allclose(scores, [by_row[r] for r in rows.tolist()], rtol=0, atol=1e-5)
+    assert np.all(scores <= 1 + 1e-6)
 
 
 def test_ann_index_is_saved_with_its_parameters_and_rebuilt_when_the_gallery_changes(tmp_path):
@@ -93,7 +95,7 @@ def test_ann_index_is_saved_with_its_parameters_and_rebuilt_when_the_gallery_cha
     first = ann_index.searcher_for(_clustered_features(500), tmp_path / "g.ann", "id-1", 500, "ann", progress=False)
     meta = json.loads((tmp_path / "g.ann" / "ann.json").read_text())
     assert first.rebuilt and meta["fingerprint"] == "id-1" and meta["count"] == 500
-    assert meta["params"]["nlist"] == first.index.nlist and meta["params"]["nprobe"] == first.params.nprobe
+    assert meta["params"]["nlist"] == ann_index.ivf_of(first.index).nlist and meta["params"]["nprobe"] == first.params.nprobe
     assert (tmp_path / "g.ann" / "ann.faiss").is_file()
     assert ann_index.searcher_for(None, tmp_path / "g.ann", "id-1", 500, "ann") is first  # one load per process
     ann_index._OPEN.clear()

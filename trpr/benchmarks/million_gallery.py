@@ -69,7 +69,7 @@ class Renders(torch.utils.data.Dataset):
         from trpr.data.images import open_image
 
         image = self.transform.resize(open_image(self.paths[k % len(self.paths)]))
-        uint8, box = self.transform.augment(image, np.random.default_rng(k))
+        uint8, box = self.transform.augment(image, torch.Generator().manual_seed(k))
         return {"pixel_values": self.transform.to_float(uint8, box)}
 
 
@@ -140,7 +140,16 @@ def serve(shard_dir: Path, mode: str, queries_path: Path, top: int, latency_quer
             latencies.append(time.perf_counter() - begin)
         rankings.append(rows.tolist())
     return {"open_s": opened, "latency_ms": [1000 * x for x in latencies], "rankings": rankings,
-            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "max_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: reset at exec, unlike ru_maxrss, which a child
+    inherits from the parent it was forked from)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def exact_rankings(store, queries: np.ndarray, top: int) -> np.ndarray:

@@ -3,8 +3,10 @@ candidates, which are then re-scored exactly with the ranking row's full feature
 shards (gallery_shards.ShardStore).
 
 Compact vector (COMPACT_PIECES): [normalise(A global), normalise(B global)], 2E floats (128 for the demo
-model, 1,024 for ViT-B/16), whose dot product with the query's is the A+B/GE score. The full row (e.g.
-A+B/GE+FS: 2(E + D) floats, 384 for the demo model, 5,120 for ViT-B/16) is only read for the candidates.
+model, 1,024 for ViT-B/16), whose dot product with the query's is the A+B/GE score (optionally reduced by
+a PCA, AnnParams.pca). The full row of the ranking row asked for (e.g. A+B/GE+FS: 2(E + D) floats, 384 for
+the demo model, 5,120 for ViT-B/16) is read from the shards for the candidates only. (Tried: the whole
+A+B/GE+FS row PCA-reduced to 128 dims gave a lower recall@10 at 10^5, 0.89 against 0.92.)
 
 Files beside the gallery's features, in `<ann_dir>`:
     manifest.json + shard-*.npy   the gallery features as fp16 shards (gallery_shards), job = fingerprint
@@ -30,7 +32,7 @@ from .gallery_shards import ShardError, ShardStore, write_features_to_shards, wr
 ANN_VERSION = 1
 ANN_THRESHOLD = 50_000  # --index auto: approximate search above this many gallery images
 INDEX_MODES = ("auto", "exact", "ann")
-COMPACT_PIECES = ("a.global", "b.global")
+COMPACT_PIECES = ("a.global", "b.global")  # the A+B/GE score's vector
 PIECE_NAMES = {(0, "GE"): "a.global", (0, "FS"): "a.fused", (1, "GE"): "b.global", (1, "FS"): "b.fused"}
 
 
@@ -60,17 +62,19 @@ class AnnParams:
     exactly per query (at least top); train_size: rows k-means is trained on; seed: of that sample."""
     nlist: int
     nprobe: int
-    candidates: int = 256
+    candidates: int = 2048
     train_size: int = 65536
     seed: int = 0
+    pca: int = 0  # > 0: reduce the compact vector to this many dims by a PCA trained with the index
     compact: list = field(default_factory=lambda: list(COMPACT_PIECES))
     kind: str = "IndexIVFFlat"
 
 
 def default_params(count: int) -> AnnParams:
-    """nlist ~ 4 sqrt(N) (at least 39 training points per list), nprobe = nlist / 16 (at least 8)."""
-    nlist = max(1, min(int(4 * math.sqrt(max(count, 1))), max(count, 1) // 39))
-    return AnnParams(nlist=nlist, nprobe=min(nlist, max(8, nlist // 16)))
+    """nlist ~ 2 sqrt(N) (at least 39 training points per list), nprobe = nlist / 4 (at least 16), 2,048
+    candidates re-scored (measured in docs/benchmarks.md: recall@10 of the exact A+B/GE+FS ranking)."""
+    nlist = max(1, min(int(2 * math.sqrt(max(count, 1))), max(count, 1) // 39))
+    return AnnParams(nlist=nlist, nprobe=min(nlist, max(16, nlist // 4)), candidates=2048)
 
 
 def _progress(total: int, desc: str, show: bool):
@@ -92,15 +96,15 @@ def build_ann_index(store: ShardStore, ann_dir: Path, params: AnnParams | None =
     rng = np.random.default_rng(params.seed)
     sample = np.sort(rng.choice(store.count, size=min(store.count, params.train_size), replace=False))
     train = row_matrix(store.rows(sample), store.columns, params.compact)
-    quantizer = faiss.IndexFlatIP(train.shape[1])
-    index = faiss.IndexIVFFlat(quantizer, train.shape[1], params.nlist, faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = params.seed
+    reduce = f"PCA{params.pca}," if params.pca and params.pca < train.shape[1] else ""
+    index = faiss.index_factory(train.shape[1], f"{reduce}IVF{params.nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    faiss.extract_index_ivf(index).cp.seed = params.seed
     index.train(train)
     with _progress(store.count, "building the approximate index", progress) as bar:
         for _, chunk in store.chunks():
             index.add(row_matrix(chunk, store.columns, params.compact))
             bar.update(len(chunk))
-    index.nprobe = params.nprobe
+    faiss.extract_index_ivf(index).nprobe = params.nprobe
     ann_dir = Path(ann_dir)
     ann_dir.mkdir(parents=True, exist_ok=True)
     tmp = ann_dir / f"ann.faiss.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
@@ -134,7 +138,7 @@ def load_ann_index(store: ShardStore, ann_dir: Path):
         return None
     if index.ntotal != store.count:
         return None
-    index.nprobe = int(meta["params"]["nprobe"])
+    faiss.extract_index_ivf(index).nprobe = int(meta["params"]["nprobe"])
     return index, meta
 
 
@@ -158,7 +162,7 @@ class AnnSearcher:
             saved = AnnParams(**meta["params"])
             if params is None or (params.nlist, params.compact) == (saved.nlist, saved.compact):
                 if params is not None:
-                    index.nprobe = params.nprobe
+                    ivf_of(index).nprobe = params.nprobe
                 return cls(store, index, params or saved, rebuilt=False)
         index, meta = build_ann_index(store, ann_dir, params, progress=progress)
         return cls(store, index, AnnParams(**meta["params"]), rebuilt=True)
@@ -169,12 +173,20 @@ class AnnSearcher:
         (gallery rows int64 [k], exact scores float32 [k]) of the best `top` candidates, best first;
         equal scores keep gallery order."""
         query_raw = np.asarray(query_raw, dtype=np.float32).reshape(1, -1)
-        self.index.nprobe = min(int(nprobe or self.params.nprobe), self.index.nlist)
+        ivf = ivf_of(self.index)
+        ivf.nprobe = min(int(nprobe or self.params.nprobe), ivf.nlist)
         wanted = max(int(candidates or self.params.candidates), top)
         _, found = self.index.search(row_matrix(query_raw, self.store.columns, self.params.compact),
                                      min(wanted, self.store.count))
         found = np.sort(found[0][found[0] >= 0])
         return rescore(self.store, query_raw[0], row, found, top)
+
+
+def ivf_of(index):
+    """The IVF part of a (possibly PCA-wrapped) FAISS index: nlist, nprobe live there."""
+    import faiss
+
+    return faiss.extract_index_ivf(index)
 
 
 def rescore(store: ShardStore, query_raw: np.ndarray, row: str, rows: np.ndarray, top: int) -> tuple:
