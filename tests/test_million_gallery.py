@@ -68,10 +68,11 @@ def test_ann_returns_the_exact_top_k_when_nprobe_covers_all_lists(store, tmp_pat
         assert rows.tolist() == dense_rows.tolist() == exact_rows.tolist()
         np.testing.assert_allclose(scores, dense_scores, rtol=0, atol=1e-5)
         np.testing.assert_allclose(exact_scores, dense_scores, rtol=0, atol=1e-5)
-    # the compact row itself (A+B/GE): all lists scanned -> its exact top
-    # candidates, even with candidates = top
-    rows, _ = searcher.search(_query(9), "A+B/GE", 10, candidates=10)
-    assert rows.tolist() == _dense_exact(store, _query(9), "A+B/GE", 10)[0].tolist()
+    # float codes, every list scanned: the compact row (A+B/GE+FS) comes out exact even with candidates = top
+    flat = ann_index.AnnSearcher.open(store, tmp_path / "flat", ann_index.AnnParams(nlist=8, nprobe=8, codec="Flat"),
+                                      progress=False)
+    rows, _ = flat.search(_query(9), "A+B/GE+FS", 10, candidates=10)
+    assert rows.tolist() == _dense_exact(store, _query(9), "A+B/GE+FS", 10)[0].tolist()
 
 
 def test_rescoring_uses_exact_scores_of_the_full_row(store, tmp_path):

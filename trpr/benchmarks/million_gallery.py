@@ -130,6 +130,10 @@ def serve(shard_dir: Path, mode: str, queries_path: Path, top: int, latency_quer
     started = time.perf_counter()
     store = gallery_shards.ShardStore(shard_dir)
     searcher = ann_index.AnnSearcher.open(store, shard_dir, progress=False) if mode == "ann" else None
+    if searcher is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # one query at a time: no OpenMP team to wake on a busy 2-core machine
     opened = time.perf_counter() - started
     queries = np.load(queries_path, allow_pickle=False)
     latencies, rankings = [], []

@@ -2,11 +2,12 @@
 candidates, which are then re-scored exactly with the ranking row's full features read from memory-mapped
 shards (gallery_shards.ShardStore).
 
-Compact vector (COMPACT_PIECES): [normalise(A global), normalise(B global)], 2E floats (128 for the demo
-model, 1,024 for ViT-B/16), whose dot product with the query's is the A+B/GE score (optionally reduced by
-a PCA, AnnParams.pca). The full row of the ranking row asked for (e.g. A+B/GE+FS: 2(E + D) floats, 384 for
-the demo model, 5,120 for ViT-B/16) is read from the shards for the candidates only. (Tried: the whole
-A+B/GE+FS row PCA-reduced to 128 dims gave a lower recall@10 at 10^5, 0.89 against 0.92.)
+Compact vector (COMPACT_PIECES): the A+B/GE+FS scoring row, its four pieces L2-normalised side by side
+(2(E + D) floats: 384 for the demo model, 5,120 for ViT-B/16), stored by the IVF as SQ8 codes (one byte
+a dim: 384 B per image for the demo model), reduced by a PCA to MAX_COMPACT_DIMS first when wider (ViT-B/16:
+1,024 B per image). The ranking row asked for is then scored exactly from the fp16 shards for the
+candidates only. Tried and dropped at 10^6 (docs/benchmarks.md): the A+B/GE vector alone (recall@10
+0.90 even with every list probed), the full row PCA-reduced to 128 dims (0.69), PQ32 codes (0.78).
 
 Files beside the gallery's features, in `<ann_dir>`:
     manifest.json + shard-*.npy   the gallery features as fp16 shards (gallery_shards), job = fingerprint
@@ -32,7 +33,8 @@ from .gallery_shards import ShardError, ShardStore, write_features_to_shards, wr
 ANN_VERSION = 1
 ANN_THRESHOLD = 50_000  # --index auto: approximate search above this many gallery images
 INDEX_MODES = ("auto", "exact", "ann")
-COMPACT_PIECES = ("a.global", "b.global")  # the A+B/GE score's vector
+COMPACT_PIECES = ("a.global", "a.fused", "b.global", "b.fused")  # the A+B/GE+FS row (the default search row)
+MAX_COMPACT_DIMS = 1024  # a wider compact vector is reduced by a PCA to this many dims (ViT-B/16: 5,120 -> 1,024)
 PIECE_NAMES = {(0, "GE"): "a.global", (0, "FS"): "a.fused", (1, "GE"): "b.global", (1, "FS"): "b.fused"}
 
 
@@ -62,19 +64,22 @@ class AnnParams:
     exactly per query (at least top); train_size: rows k-means is trained on; seed: of that sample."""
     nlist: int
     nprobe: int
-    candidates: int = 2048
+    candidates: int = 512
     train_size: int = 65536
     seed: int = 0
     pca: int = 0  # > 0: reduce the compact vector to this many dims by a PCA trained with the index
+    codec: str = "SQ8"  # how the IVF stores vectors: "Flat" (float32), "SQ8" (1 byte a dim), "PQ<m>" (m bytes)
     compact: list = field(default_factory=lambda: list(COMPACT_PIECES))
     kind: str = "IndexIVFFlat"
 
 
-def default_params(count: int) -> AnnParams:
-    """nlist ~ 2 sqrt(N) (at least 39 training points per list), nprobe = nlist / 4 (at least 16), 2,048
-    candidates re-scored (measured in docs/benchmarks.md: recall@10 of the exact A+B/GE+FS ranking)."""
+def default_params(count: int, width: int = 0) -> AnnParams:
+    """nlist ~ 2 sqrt(N) (at least 39 training points per list), nprobe = nlist / 32 (at least 16), 512
+    candidates re-scored, SQ8 codes; a PCA to MAX_COMPACT_DIMS when the compact vector is `width` > that
+    (chosen from the measurements in docs/benchmarks.md: recall@10 of the exact A+B/GE+FS ranking)."""
     nlist = max(1, min(int(2 * math.sqrt(max(count, 1))), max(count, 1) // 39))
-    return AnnParams(nlist=nlist, nprobe=min(nlist, max(16, nlist // 4)), candidates=2048)
+    return AnnParams(nlist=nlist, nprobe=min(nlist, max(16, nlist // 32)),
+                     pca=MAX_COMPACT_DIMS if width > MAX_COMPACT_DIMS else 0)
 
 
 def _progress(total: int, desc: str, show: bool):
@@ -91,13 +96,14 @@ def build_ann_index(store: ShardStore, ann_dir: Path, params: AnnParams | None =
 
     if store.count == 0:
         raise ShardError(f"{store.dir}: an empty gallery has no approximate index")
-    params = params or default_params(store.count)
+    params = params or default_params(store.count, sum(b - a for a, b in (store.columns[p] for p in COMPACT_PIECES)))
     started = time.perf_counter()
     rng = np.random.default_rng(params.seed)
     sample = np.sort(rng.choice(store.count, size=min(store.count, params.train_size), replace=False))
     train = row_matrix(store.rows(sample), store.columns, params.compact)
     reduce = f"PCA{params.pca}," if params.pca and params.pca < train.shape[1] else ""
-    index = faiss.index_factory(train.shape[1], f"{reduce}IVF{params.nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(train.shape[1], f"{reduce}IVF{params.nlist},{params.codec}",
+                                faiss.METRIC_INNER_PRODUCT)
     faiss.extract_index_ivf(index).cp.seed = params.seed
     index.train(train)
     with _progress(store.count, "building the approximate index", progress) as bar:
