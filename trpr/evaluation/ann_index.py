@@ -4,10 +4,11 @@ shards (gallery_shards.ShardStore).
 
 Compact vector (COMPACT_PIECES): the A+B/GE+FS scoring row, its four pieces L2-normalised side by side
 (2(E + D) floats: 384 for the demo model, 5,120 for ViT-B/16), stored by the IVF as SQ8 codes (one byte
-a dim: 384 B per image for the demo model), reduced by a PCA to MAX_COMPACT_DIMS first when wider (ViT-B/16:
-1,024 B per image). The ranking row asked for is then scored exactly from the fp16 shards for the
+a dim: 384 B per image for the demo model), as SQ4 codes when wider than SQ8_MAX_DIMS (ViT-B/16: 2,560 B
+per image, 2.5 GB per million). The ranking row asked for is then scored exactly from the fp16 shards for the
 candidates only. Tried and dropped at 10^6 (docs/benchmarks.md): the A+B/GE vector alone (recall@10
-0.90 even with every list probed), the full row PCA-reduced to 128 dims (0.69), PQ32 codes (0.78).
+0.90 even with every list probed), the full row PCA-reduced to 128 dims (0.69) or 192 dims (0.51), PQ32
+codes (0.78); SQ4 codes gave the same recall as SQ8 (0.986).
 
 Files beside the gallery's features, in `<ann_dir>`:
     manifest.json + shard-*.npy   the gallery features as fp16 shards (gallery_shards), job = fingerprint
@@ -34,7 +35,7 @@ ANN_VERSION = 1
 ANN_THRESHOLD = 50_000  # --index auto: approximate search above this many gallery images
 INDEX_MODES = ("auto", "exact", "ann")
 COMPACT_PIECES = ("a.global", "a.fused", "b.global", "b.fused")  # the A+B/GE+FS row (the default search row)
-MAX_COMPACT_DIMS = 1024  # a wider compact vector is reduced by a PCA to this many dims (ViT-B/16: 5,120 -> 1,024)
+SQ8_MAX_DIMS = 1024  # a wider compact vector is stored as SQ4 codes, half a byte a dim (ViT-B/16: 2,560 B per image)
 PIECE_NAMES = {(0, "GE"): "a.global", (0, "FS"): "a.fused", (1, "GE"): "b.global", (1, "FS"): "b.fused"}
 
 
@@ -75,11 +76,11 @@ class AnnParams:
 
 def default_params(count: int, width: int = 0) -> AnnParams:
     """nlist ~ 2 sqrt(N) (at least 39 training points per list), nprobe = nlist / 32 (at least 16), 512
-    candidates re-scored, SQ8 codes; a PCA to MAX_COMPACT_DIMS when the compact vector is `width` > that
-    (chosen from the measurements in docs/benchmarks.md: recall@10 of the exact A+B/GE+FS ranking)."""
+    candidates re-scored; SQ8 codes, SQ4 when the compact vector is `width` > SQ8_MAX_DIMS (chosen from the
+    measurements in docs/benchmarks.md: recall@10 of the exact A+B/GE+FS ranking)."""
     nlist = max(1, min(int(2 * math.sqrt(max(count, 1))), max(count, 1) // 39))
     return AnnParams(nlist=nlist, nprobe=min(nlist, max(16, nlist // 32)),
-                     pca=MAX_COMPACT_DIMS if width > MAX_COMPACT_DIMS else 0)
+                     codec="SQ4" if width > SQ8_MAX_DIMS else "SQ8")
 
 
 def _progress(total: int, desc: str, show: bool):
