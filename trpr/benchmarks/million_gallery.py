@@ -39,8 +39,9 @@ from trpr.evaluation import ann_index, gallery_shards
 ROW = "A+B/GE+FS"
 
 
-def demo_pair(checkpoint: str | None):
-    """The checkpoint's pair, else the demo architecture (random init, seeds 0 / 1) at 64 x 32 px."""
+def demo_pair(checkpoint: str | None, model: str = "demo"):
+    """The checkpoint's pair, else the demo architecture at 64 x 32 px (model "demo") or ViT-B/16 with
+    fused 2048 at 384 x 128 px ("vit-b16"), random init (seed 0)."""
     from trpr import modeling
 
     if checkpoint:
@@ -48,6 +49,9 @@ def demo_pair(checkpoint: str | None):
 
         return load_pair(resolve_checkpoint(checkpoint)).eval()
     torch.manual_seed(0)
+    if model == "vit-b16":
+        return modeling.ReciprocalPair.from_clip(modeling.vit_b16_config(), select_ratio=0.2, fused_dim=2048,
+                                                 image_size=(384, 128)).eval()
     config = modeling.small_clip_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, projection_dim=64, vision_patch_size=8)
     return modeling.ReciprocalPair.from_clip(config, select_ratio=0.2, fused_dim=128, image_size=(64, 32)).eval()
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--exact-latency-queries", type=int, default=20, help="exact queries timed one by one")
     parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--model", choices=("demo", "vit-b16"), default="demo",
+                        help="random-init architecture when no --checkpoint (vit-b16: 5,120 floats per A+B/GE+FS row)")
     parser.add_argument("--checkpoint", default=None, help="a run / pair folder (default: demo architecture, random init)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/3rtpr-million"))
     parser.add_argument("--keep", action="store_true", help="keep the galleries under --work")
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    pair = demo_pair(args.checkpoint)
+    pair = demo_pair(args.checkpoint, args.model)
     base, columns, queries = real_encodings(pair, args.images, args.renders, args.queries)
     encode_s = time.perf_counter() - started
     queries_path = args.work / "queries.npy"
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['ann']['p50_ms']:.2f} ms | {r['ann']['p99_ms']:.2f} ms ({r['ann']['timed']} q) | "
                      f"{r['recall@1']:.3f} | {r['recall@10']:.3f} |")
     table = "\n".join(lines)
-    summary = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    summary = {"model": args.checkpoint or args.model, "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                "date": time.strftime("%Y-%m-%d"), "row": ROW, "real_encodings": len(base), "queries": len(queries),
                "results": results}
     print(table)

@@ -71,15 +71,15 @@ class AnnParams:
     pca: int = 0  # > 0: reduce the compact vector to this many dims by a PCA trained with the index
     codec: str = "SQ8"  # how the IVF stores vectors: "Flat" (float32), "SQ8" (1 byte a dim), "PQ<m>" (m bytes)
     compact: list = field(default_factory=lambda: list(COMPACT_PIECES))
-    kind: str = "IndexIVFFlat"
 
 
 def default_params(count: int, width: int = 0) -> AnnParams:
-    """nlist ~ 2 sqrt(N) (at least 39 training points per list), nprobe = nlist / 32 (at least 16), 512
-    candidates re-scored; SQ8 codes, SQ4 when the compact vector is `width` > SQ8_MAX_DIMS (chosen from the
+    """nlist ~ 2 sqrt(N) (at least 39 training points per list); nprobe = nlist / 32, raised so that about
+    16,384 items are scanned (all lists of a small gallery), at least 16; 512 candidates re-scored; SQ8 codes, SQ4 when the compact vector is `width` > SQ8_MAX_DIMS (chosen from the
     measurements in docs/benchmarks.md: recall@10 of the exact A+B/GE+FS ranking)."""
     nlist = max(1, min(int(2 * math.sqrt(max(count, 1))), max(count, 1) // 39))
-    return AnnParams(nlist=nlist, nprobe=min(nlist, max(16, nlist // 32)),
+    per_list = max(count, 1) / nlist
+    return AnnParams(nlist=nlist, nprobe=min(nlist, max(16, nlist // 32, math.ceil(16384 / per_list))),
                      codec="SQ4" if width > SQ8_MAX_DIMS else "SQ8")
 
 
@@ -103,8 +103,8 @@ def build_ann_index(store: ShardStore, ann_dir: Path, params: AnnParams | None =
     sample = np.sort(rng.choice(store.count, size=min(store.count, params.train_size), replace=False))
     train = row_matrix(store.rows(sample), store.columns, params.compact)
     reduce = f"PCA{params.pca}," if params.pca and params.pca < train.shape[1] else ""
-    index = faiss.index_factory(train.shape[1], f"{reduce}IVF{params.nlist},{params.codec}",
-                                faiss.METRIC_INNER_PRODUCT)
+    factory = f"{reduce}IVF{params.nlist},{params.codec}"
+    index = faiss.index_factory(train.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     faiss.extract_index_ivf(index).cp.seed = params.seed
     index.train(train)
     with _progress(store.count, "building the approximate index", progress) as bar:
@@ -121,7 +121,7 @@ def build_ann_index(store: ShardStore, ann_dir: Path, params: AnnParams | None =
     finally:
         tmp.unlink(missing_ok=True)
     meta = {"version": ANN_VERSION, "fingerprint": store.job, "count": store.count, "params": asdict(params),
-            "faiss": faiss.__version__, "build_seconds": round(time.perf_counter() - started, 3)}
+            "factory": factory, "metric": "inner product", "faiss": faiss.__version__, "build_seconds": round(time.perf_counter() - started, 3)}
     write_json_atomic(ann_dir / "ann.json", meta)
     return index, meta
 
