@@ -193,6 +193,7 @@ def test_two_processes_build_the_same_folder_index_as_one(gallery_setup, tmp_pat
                           "--cache-dir", str(tmp_path / "c2")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "9 images" in two.stdout
+    assert "process 1 of 1" in one.stderr and "process 1 of 2" in two.stderr and "process 2 of 2" in two.stderr
     checkpoint = resolve_checkpoint(str(gallery_setup["pair_dir"]))
     indexes = [folder_gallery.load_folder_index(folder_gallery.folder_cache_stem(checkpoint, photos, tmp_path / c), photos)
                for c in ("c1", "c2")]
@@ -201,3 +202,19 @@ def test_two_processes_build_the_same_folder_index_as_one(gallery_setup, tmp_pat
     for (g1, f1), (g2, f2) in zip(indexes[0].features, indexes[1].features):
         assert torch.equal(g1, g2) and torch.equal(f1, f2)
     assert not list((tmp_path / "c2").glob("*.pending"))  # the streamed shards are removed once merged
+
+
+def test_benchmark_gallery_keeps_the_real_rows_and_its_batched_exact_ranking_is_exact(tmp_path):
+    from trpr.benchmarks import million_gallery
+
+    features = _clustered_features(50)
+    base = torch.cat([p for pair in features for p in pair], dim=1).numpy()
+    columns = gallery_shards.piece_columns([(16, 24), (16, 24)])
+    store = million_gallery.write_gallery(base, columns, 300, tmp_path / "g", shard_size=64)
+    assert store.count == 300 and len(store.shards) == 5 and store.dtype == np.float16
+    assert np.array_equal(store.rows(np.arange(50)), base.astype(np.float16).astype(np.float32))
+    assert not np.allclose(store.rows(np.arange(50, 100)), store.rows(np.arange(50)), atol=1e-2)  # perturbed
+    queries = np.stack([_query(s) for s in range(4)])
+    batched = million_gallery.exact_rankings(store, queries, 10)
+    for query, ranking in zip(queries, batched):
+        assert ranking.tolist() == ann_index.exact_search(store, query, million_gallery.ROW, 10)[0].tolist()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     args = parser.parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    print(f"process {accelerator.process_index + 1} of {accelerator.num_processes} on {accelerator.device}",
+          file=sys.stderr, flush=True)
     folder = check_gallery_folder(args.gallery)
     checkpoint = resolve_checkpoint(args.checkpoint)
     pair = load_pair(checkpoint).to(accelerator.device)
