@@ -26,6 +26,7 @@ from trpr.evaluation import (EvalInputError, build_gallery_index, check_gallery_
                              folder_cache_stem, load_eval_split, load_gallery_index, load_pair, resolve_checkpoint,
                              save_gallery_index, save_search_grid, search_cache_dir, search_cache_key, search_gallery,
                              search_grid_path, update_folder_index, warn_unreadable)
+from trpr.evaluation.ann_index import ANN_THRESHOLD, INDEX_MODES, searcher_for, searcher_for_folder
 from trpr.evaluation.folder_gallery import IMAGE_EXTENSIONS
 from trpr.evaluation.checkpoints import unreadable_images_as_input_errors
 from trpr.evaluation.progress import quiet_progress_in_logs
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--batch-size", type=int, default=64, help="encoder batch size when the gallery is encoded")
     search.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where the models encode (default auto: CUDA when available, else the CPU)")
+    search.add_argument("--index", choices=INDEX_MODES, default="auto",
+                        help=f"exact: score every gallery image; ann: FAISS candidates re-scored exactly with the "
+                             f"row's full features (approximate); auto (default): ann above {ANN_THRESHOLD:,} images")
     search.add_argument("--cache-dir", type=Path, default=None,
                         help="gallery feature cache, folder galleries included (default: $TRPR_CACHE/search-features "
                              "or ~/.cache/3rtpr/search-features)")
@@ -193,12 +197,16 @@ def search_command(args: argparse.Namespace) -> int:
         index, gallery = load_folder_gallery(pair, checkpoint, folder, args), None
     else:
         pair, index, gallery = load_benchmark_gallery(checkpoint, args, started)
+    ann = args.ann_searcher(index)
+    if ann is not None:
+        print(f"approximate index: {ann.store.dir} ({'built' if ann.rebuilt else 'read'}; nlist {ann.params.nlist}, "
+              f"nprobe {ann.params.nprobe}, {ann.params.candidates} candidates re-scored exactly)", file=sys.stderr)
     tokenizer = get_tokenizer()
     for query in _read_queries(args.query):
         query_started = time.perf_counter()
         warn_truncated(tokenizer, query)
         try:
-            matches = search_gallery(pair, index, query, tokenizer=tokenizer, row=row, top=args.top)
+            matches = search_gallery(pair, index, query, tokenizer=tokenizer, row=row, top=args.top, ann=ann)
         except NonFiniteFeatures as error:  # a diverged pair is an error, never a ranking
             raise EvalInputError(f"checkpoint {checkpoint.path}: {error}") from None
         check_matches_exist(matches, folder, args)
@@ -253,6 +261,7 @@ def load_folder_gallery(pair, checkpoint, folder: Path, args: argparse.Namespace
         raise EvalInputError(f"--gallery {folder}: no readable image ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) "
                              f"found" + (f"; {len(folder_index.unreadable)} unreadable file(s) listed above"
                                          if folder_index.unreadable else ""))
+    args.ann_searcher = lambda _: searcher_for_folder(folder_index, args.index)
     print(f"gallery: {len(folder_index.files)} images in {folder} ({update.describe()}), index at {stem}.safetensors; "
           f"ready in {time.perf_counter() - started:.2f} s", file=sys.stderr)
     return folder_index.gallery_index()
@@ -270,6 +279,8 @@ def load_benchmark_gallery(checkpoint, args: argparse.Namespace, started: float)
         with unreadable_images_as_input_errors():
             index = build_gallery_index(pair, gallery, batch_size=args.batch_size)
         save_gallery_index(index, cache_stem)
+    args.ann_searcher = lambda index: searcher_for(index.image_outputs, cache_stem.with_name(cache_stem.name + ".ann"),
+                                                   cache_stem.name, index.pids.numel(), args.index)
     print(f"gallery: {index.pids.numel()} images of {args.dataset} ({args.split}), "
           f"{'from cache' if from_cache else 'encoded and cached'} at {cache_stem}.safetensors; "
           f"ready in {time.perf_counter() - started:.2f} s", file=sys.stderr)

@@ -19,6 +19,7 @@ from pathlib import Path
 from trpr.evaluation.checkpoints import EvalInputError, load_pair, resolve_checkpoint, unreadable_images_as_input_errors
 from trpr.evaluation.folder_gallery import (IMAGE_EXTENSIONS, FolderIndex, check_gallery_folder, folder_cache_stem,
                                             update_folder_index, warn_unreadable)
+from trpr.evaluation.ann_index import searcher_for_folder
 from trpr.evaluation.search import choose_search_row, search_gallery
 
 PROG = "3rtpr-app"
@@ -139,7 +140,7 @@ def answer(session: SearchSession, query: str, top) -> tuple[list, list, str]:
     top = max(1, min(MAX_TOP, top))
     started = time.perf_counter()
     matches = search_gallery(session.pair, session.index.gallery_index(), query, tokenizer=session.tokenizer,
-                             row=session.row, top=top)
+                             row=session.row, top=top, ann=searcher_for_folder(session.index, "auto"))
     seconds = time.perf_counter() - started
     session.last = (query, matches)
     marks = match_marks(session, query, matches) or [""] * len(matches)

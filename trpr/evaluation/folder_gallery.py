@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +26,6 @@ import torch
 from torch.utils.data import Dataset
 
 from .checkpoints import Checkpoint, EvalInputError
-from .features import encode_dataset, eval_mode
 from .search import GalleryIndex, checkpoint_signature, search_cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -88,6 +88,8 @@ class FolderIndex:
     files: list
     features: list
     unreadable: list = field(default_factory=list)
+    stem: Path | None = None  # where it is saved (`<stem>.safetensors` / `.json`)
+    index_id: str = ""  # the random id of the saved write: changes whenever the saved index changes
 
     def gallery_index(self) -> GalleryIndex:
         """As a search.GalleryIndex (pids -1: no identities; sources: relative paths under `root`)."""
@@ -139,6 +141,7 @@ def save_folder_index(index: FolderIndex, stem: Path) -> None:
     finally:
         features_tmp.unlink(missing_ok=True)
         meta_tmp.unlink(missing_ok=True)
+    index.stem, index.index_id = Path(stem), index_id
 
 
 def load_folder_index(stem: Path, folder: Path) -> FolderIndex | None:
@@ -161,7 +164,8 @@ def load_folder_index(stem: Path, folder: Path) -> FolderIndex | None:
         return None
     if meta.get("version") != FOLDER_INDEX_VERSION or any(t.shape[0] != len(files) for pair in features for t in pair):
         return None
-    return FolderIndex(folder=Path(folder), files=files, features=features, unreadable=unreadable)
+    return FolderIndex(folder=Path(folder), files=files, features=features, unreadable=unreadable, stem=Path(stem),
+                       index_id=str(meta["index_id"]))
 
 
 def _empty_features(pair) -> list:
@@ -171,13 +175,19 @@ def _empty_features(pair) -> list:
 
 
 def update_folder_index(pair, folder: Path, stem: Path, *, batch_size: int = 64, num_workers: int = 0,
-                        progress: bool | None = None) -> tuple[FolderIndex, IndexUpdate]:
+                        progress: bool | None = None, accelerator=None,
+                        shard_size: int | None = None) -> tuple[FolderIndex, IndexUpdate]:
     """Bring the index at `stem` up to date with `folder` and save it when anything changed.
 
     Files whose (relative path, size, mtime_ns) match the index keep their rows; new and changed files are
-    checked (data.images.image_problems, a progress bar) and the readable ones encoded with both models
-    (a progress bar); removed files are dropped. Rows follow the sorted relative paths.
+    checked (data.images.image_problems, a progress bar) and the readable ones encoded with both models;
+    removed files are dropped. Rows follow the sorted relative paths.
+    The encode streams into fp32 shards under `<stem>.pending/` (gallery_shards.encode_to_shards: a progress
+    bar in images/s; an interrupted encode resumes from its finished shards when the same files are still
+    to encode; with an `accelerator` of several processes the shards are split between them and the main
+    process alone saves). The pending folder is removed once the index is saved.
     """
+    from .gallery_shards import DEFAULT_SHARD_SIZE, encode_to_shards
     from trpr.data.images import image_problems
 
     folder = Path(folder)
@@ -200,13 +210,12 @@ def update_folder_index(pair, folder: Path, stem: Path, *, batch_size: int = 64,
     fresh = [key for key in to_check if key not in bad]
     update.encoded = len(fresh)
     fresh_features = None
+    pending = stem.with_name(stem.name + ".pending")
     if fresh:
-        with eval_mode(pair):
-            outputs = encode_dataset([pair.a, pair.b], FolderImages([folder / key[0] for key in fresh],
-                                                                    tuple(pair.a.image_size)),
-                                     "image", batch_size=batch_size, num_workers=num_workers,
-                                     desc=f"indexing {len(fresh)} images")
-        fresh_features = [(g.cpu(), f.cpu()) for g, f in outputs]
+        store = encode_to_shards(pair, [folder / key[0] for key in fresh], pending, dtype="float32",
+                                 shard_size=shard_size or DEFAULT_SHARD_SIZE, batch_size=batch_size,
+                                 num_workers=num_workers, accelerator=accelerator, progress=progress)
+        fresh_features = store.features()
     fresh_rows = {key: row for row, key in enumerate(fresh)}
     files = [key for key in scanned if key in known_rows or key in fresh_rows]
     # row r of the new index comes from the old index (rows kept_at <- kept_from) or from the fresh encode
@@ -228,8 +237,15 @@ def update_folder_index(pair, folder: Path, stem: Path, *, batch_size: int = 64,
         features.append(tuple(parts))
     index = FolderIndex(folder=folder, files=files, features=features,
                         unreadable=sorted(key + (reason,) for key, reason in bad.items()))
-    if not update.found or to_check or update.removed:
+    main_process = accelerator is None or accelerator.is_main_process
+    if main_process and (not update.found or to_check or update.removed):
         save_folder_index(index, stem)
+    elif old is not None:
+        index.stem, index.index_id = old.stem, old.index_id
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if main_process and pending.is_dir():
+        shutil.rmtree(pending, ignore_errors=True)
     return index, update
 
 

@@ -182,13 +182,15 @@ def choose_search_row(score: str | None, checkpoint: Checkpoint) -> tuple[str, s
 
 @torch.no_grad()
 def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str = "A+B/GE+FS",
-                   top: int = 10) -> list[dict]:
+                   top: int = 10, ann=None) -> list[dict]:
     """Rank the gallery for one free-text query.
 
     row: which models and score rank ("A/GE" ... "A+B/GE+FS"); the score is the sum of the chosen
-    cosine similarities (so at most 1, 2 or 4). Returns up to `top` dicts {"rank" (1-based),
-    "score", "pid", "image_id", "path" (readable from here), "file" (as listed: relative to a folder
-    gallery's root, else the path), "gallery_index"}; equal scores keep gallery order.
+    cosine similarities (so at most 1, 2 or 4). ann: an ann_index.AnnSearcher over this gallery (its
+    candidates re-scored exactly from fp16 shards), or None for the exact dense ranking. Returns up to
+    `top` dicts {"rank" (1-based), "score", "pid", "image_id", "path" (readable from here), "file" (as
+    listed: relative to a folder gallery's root, else the path), "gallery_index"}; equal scores keep
+    gallery order.
     """
     from trpr.data.transforms import tokenize
 
@@ -196,22 +198,37 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
     models = [pair.a, pair.b]
     device = model_device(pair)
     input_ids, attention_mask = tokenize(tokenizer, [query])
+    encoded = range(2) if ann is not None else model_indices  # the candidates come from both global vectors
     with eval_mode(pair):
-        text_outputs = [models[i].encode_text(input_ids.to(device), attention_mask.to(device)) for i in model_indices]
-    text_outputs = [(g.float().cpu(), f.float().cpu()) for g, f in text_outputs]
-    for side, outputs in (("the query", text_outputs), ("gallery image", [index.image_outputs[i] for i in model_indices])):
-        for model_index, (global_emb, fused_emb) in zip(model_indices, outputs):
+        text_outputs = {i: models[i].encode_text(input_ids.to(device), attention_mask.to(device)) for i in encoded}
+    text_outputs = {i: (g.float().cpu(), f.float().cpu()) for i, (g, f) in text_outputs.items()}
+    # NaN similarities would still sort into a ranking: non-finite features are an error naming model and row.
+    # The gallery is checked on the exact path (its full features are in memory); the ANN path checks the
+    # re-scored candidates' scores instead (the gallery lives in shards there).
+    sides = [("the query", {i: text_outputs[i] for i in model_indices})]
+    if ann is None:
+        sides.append(("gallery image", {i: index.image_outputs[i] for i in model_indices}))
+    for side, outputs in sides:
+        for model_index, (global_emb, fused_emb) in outputs.items():
             for kind, feats in (("global", global_emb), ("fused", fused_emb)):
                 bad = kernels.first_non_finite_row(feats)
-                if bad >= 0:  # NaN similarities would still sort into a ranking
+                if bad >= 0:
                     where = "the query" if side == "the query" else f"gallery image row {bad} of {feats.shape[0]}"
                     raise kernels.NonFiniteFeatures(
                         f"model {'AB'[model_index]} gives a non-finite {kind} embedding for {where} (ranking {row}): "
                         "its weights are not usable (a diverged run?)")
-    query_feats = modeling.scoring_features(text_outputs, score)
-    gallery_feats = modeling.scoring_features([index.image_outputs[i] for i in model_indices], score)
-    scores = gallery_feats @ query_feats[0]
-    order = torch.sort(scores, descending=True, stable=True).indices[:top]
+    if ann is not None:
+        query_raw = torch.cat([piece[0] for i in range(2) for piece in text_outputs[i]]).numpy()
+        found, found_scores = ann.search(query_raw, row, top)
+        if not all(math.isfinite(value) for value in found_scores.tolist()):
+            raise kernels.NonFiniteFeatures(f"the gallery's stored features give non-finite scores (ranking {row}): "
+                                            "rebuild the gallery index from a usable checkpoint")
+        order, scores = torch.from_numpy(found), dict(zip(found.tolist(), found_scores.tolist()))
+    else:
+        query_feats = modeling.scoring_features([text_outputs[i] for i in model_indices], score)
+        gallery_feats = modeling.scoring_features([index.image_outputs[i] for i in model_indices], score)
+        scores = gallery_feats @ query_feats[0]
+        order = torch.sort(scores, descending=True, stable=True).indices[:top]
     def path(i: int) -> str:
         return str(Path(index.root) / index.sources[i]) if index.root is not None else index.sources[i]
 

@@ -1,0 +1,277 @@
+"""Search at 10^4, 10^5 and 10^6 gallery items: the approximate index (FAISS IVF candidates + exact
+re-scoring, trpr.evaluation.ann_index) side by side with exact search over the same shards, same run.
+
+    nice -n 10 python -m trpr.benchmarks.million_gallery                       # 10^4, 10^5, 10^6 (demo dims)
+    python -m trpr.benchmarks.million_gallery --sizes 10000 --queries 50      # quick look
+
+Gallery rows (fp16 shards, gallery_shards) come from real encodings: `--images` synth-pedes gallery images,
+each rendered `--renders` times through the training augmentation (flip, pad-and-crop, erase; seeded),
+encoded by the demo architecture (trpr/configs/synth-pedes.yaml: width 64, 2 layers, joint space 64,
+fused 128 -> A+B/GE+FS = 384 floats per image; random init, or --checkpoint). Row i < B (B = images x
+renders) is encoding i itself; every further row is a perturbation of a real one:
+b_j + lam (b_k - b_j) + 0.25 sigma * z with j, k random encodings, lam ~ U(0, 0.25), sigma the per-column
+std of the encodings and z ~ N(0, 1), per piece, so the gallery keeps the encodings' cluster structure.
+Queries: `--queries` synth-pedes captions encoded by the same models.
+
+Per size and mode a fresh search process (subprocess) opens the shards (+ the FAISS index), answers every
+query one by one and reports p50 / p99 latency (after one warm-up query) and its peak resident memory
+(ru_maxrss). Recall@1 / @10 are of the exact ranking (the exact process's top 10) on the same row.
+Prints a Markdown table and a JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trpr.evaluation import ann_index, gallery_shards
+
+ROW = "A+B/GE+FS"
+
+
+def demo_pair(checkpoint: str | None, model: str = "demo"):
+    """The checkpoint's pair, else the demo architecture at 64 x 32 px (model "demo") or ViT-B/16 with
+    fused 2048 at 384 x 128 px ("vit-b16"), random init (seed 0)."""
+    from trpr import modeling
+
+    if checkpoint:
+        from trpr.evaluation.checkpoints import load_pair, resolve_checkpoint
+
+        return load_pair(resolve_checkpoint(checkpoint)).eval()
+    torch.manual_seed(0)
+    if model == "vit-b16":
+        return modeling.ReciprocalPair.from_clip(modeling.vit_b16_config(), select_ratio=0.2, fused_dim=2048,
+                                                 image_size=(384, 128)).eval()
+    config = modeling.small_clip_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, projection_dim=64, vision_patch_size=8)
+    return modeling.ReciprocalPair.from_clip(config, select_ratio=0.2, fused_dim=128, image_size=(64, 32)).eval()
+
+
+class Renders(torch.utils.data.Dataset):
+    """item k -> {"pixel_values"}: image k % n through the training augmentation, seeded by k."""
+
+    def __init__(self, paths, image_size, renders: int):
+        from trpr.data.transforms import build_image_transform
+
+        self.paths, self.renders = list(paths), renders
+        self.transform = build_image_transform(train=True, image_size=image_size)
+
+    def __len__(self):
+        return len(self.paths) * self.renders
+
+    def __getitem__(self, k):
+        from trpr.data.images import open_image
+
+        image = self.transform.resize(open_image(self.paths[k % len(self.paths)]))
+        uint8, box = self.transform.augment(image, torch.Generator().manual_seed(k))
+        return {"pixel_values": self.transform.to_float(uint8, box)}
+
+
+def real_encodings(pair, images: int, renders: int, queries: int, batch_size: int = 128):
+    """(gallery raw rows float32 [images x renders, dim], columns, query raw rows float32 [Q, dim])."""
+    from trpr import data
+    from trpr.data.torch_datasets import image_sources
+    from trpr.data.transforms import get_tokenizer, tokenize
+    from trpr.evaluation.features import encode_dataset, eval_mode
+
+    splits = data.load_benchmark("synth-pedes")
+    sources = []
+    for name in ("test_gallery", "val_gallery", "train"):  # every split with images, test first
+        if name in splits and "image" in splits[name].column_names:
+            sources += [s for s in image_sources(splits[name]) if isinstance(s, str) and s not in sources]
+    sources = sorted(set(sources), key=sources.index)[:images]
+    dataset = Renders(sources, tuple(pair.a.image_size), renders)
+    with eval_mode(pair), torch.no_grad():
+        outputs = encode_dataset([pair.a, pair.b], dataset, "image", batch_size=batch_size, desc="real encodings")
+        captions = list(splits["test_queries"]["caption"])[:queries]
+        ids, mask = tokenize(get_tokenizer(), captions)
+        text = [m.encode_text(ids, mask) for m in (pair.a, pair.b)]
+    columns = gallery_shards.piece_columns([(m.embed_dim, m.output_dim) for m in (pair.a, pair.b)])
+    rows = torch.cat([p.float() for out in outputs for p in out], dim=1).numpy()
+    query_rows = torch.cat([p.float() for out in text for p in out], dim=1).numpy()
+    return rows, columns, query_rows
+
+
+def write_gallery(base: np.ndarray, columns: dict, count: int, shard_dir: Path, *, seed: int = 0,
+                  shard_size: int = 65536) -> gallery_shards.ShardStore:
+    """`count` rows as fp16 shards: the real encodings first, then perturbations of them (module docstring)."""
+    if shard_dir.exists():
+        shutil.rmtree(shard_dir)
+    shard_dir.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    sigma = base.std(axis=0, keepdims=True)
+    for number, start in enumerate(range(0, count, shard_size)):
+        stop = min(start + shard_size, count)
+        rows = np.empty((stop - start, base.shape[1]), dtype=np.float32)
+        real = np.arange(start, stop) < len(base)
+        rows[real] = base[np.arange(start, stop)[real]]
+        fake = int((~real).sum())
+        if fake:
+            j, k = rng.integers(0, len(base), fake), rng.integers(0, len(base), fake)
+            lam = rng.uniform(0, 0.25, (fake, 1)).astype(np.float32)
+            noise = rng.standard_normal((fake, base.shape[1]), dtype=np.float32)
+            rows[~real] = base[j] + lam * (base[k] - base[j]) + 0.25 * sigma * noise
+        gallery_shards.write_npy_atomic(gallery_shards.shard_path(shard_dir, number), rows.astype(np.float16))
+    gallery_shards.write_json_atomic(shard_dir / gallery_shards.MANIFEST, {
+        "version": gallery_shards.SHARD_VERSION, "job": f"bench-{count}-{seed}", "count": count,
+        "shard_size": shard_size, "dtype": "float16", "columns": columns,
+        "dim": max(stop for _, stop in columns.values()), "complete": True})
+    return gallery_shards.ShardStore(shard_dir)
+
+
+def serve(shard_dir: Path, mode: str, queries_path: Path, top: int, latency_queries: int) -> dict:
+    """One search process: open, answer queries one by one, report latencies, peak RSS and the rankings."""
+    started = time.perf_counter()
+    store = gallery_shards.ShardStore(shard_dir)
+    searcher = ann_index.AnnSearcher.open(store, shard_dir, progress=False) if mode == "ann" else None
+    if searcher is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # one query at a time: no OpenMP team to wake on a busy 2-core machine
+    opened = time.perf_counter() - started
+    queries = np.load(queries_path, allow_pickle=False)
+    latencies, rankings = [], []
+    for number, query in enumerate(queries[:latency_queries + 1]):
+        begin = time.perf_counter()
+        rows, _ = searcher.search(query, ROW, top) if searcher else ann_index.exact_search(store, query, ROW, top)
+        if number:  # the first query warms up
+            latencies.append(time.perf_counter() - begin)
+        rankings.append(rows.tolist())
+    return {"open_s": opened, "latency_ms": [1000 * x for x in latencies], "rankings": rankings,
+            "max_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: reset at exec, unlike ru_maxrss, which a child
+    inherits from the parent it was forked from)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def exact_rankings(store, queries: np.ndarray, top: int) -> np.ndarray:
+    """int64 [Q, top]: the exact ranking of every query, all queries per chunk (ties: gallery order)."""
+    pieces = ann_index.row_pieces(ROW)
+    q = ann_index.row_matrix(queries, store.columns, pieces)
+    best_rows = np.zeros((len(q), 0), dtype=np.int64)
+    best_scores = np.zeros((len(q), 0), dtype=np.float32)
+    for first, chunk in store.chunks():
+        scores = q @ ann_index.row_matrix(chunk, store.columns, pieces).T
+        keep = np.argpartition(-scores, top, axis=1)[:, :top] if scores.shape[1] > top else \
+            np.tile(np.arange(scores.shape[1]), (len(q), 1))
+        best_rows = np.concatenate([best_rows, first + keep], axis=1)
+        best_scores = np.concatenate([best_scores, np.take_along_axis(scores, keep, 1)], axis=1)
+        order = np.stack([np.lexsort((r, -s)) for r, s in zip(best_rows, best_scores)])[:, :top]
+        best_rows, best_scores = np.take_along_axis(best_rows, order, 1), np.take_along_axis(best_scores, order, 1)
+    return best_rows
+
+
+def _child(shard_dir, mode, queries_path, top, latency_queries) -> dict:
+    out = shard_dir / f"serve-{mode}.json"
+    subprocess.run([sys.executable, "-m", "trpr.benchmarks.million_gallery", "--serve", str(shard_dir), "--mode", mode,
+                    "--queries-file", str(queries_path), "--top", str(top), "--latency-queries", str(latency_queries),
+                    "--serve-out", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def _du(paths) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--images", type=int, default=1000, help="synth-pedes gallery images encoded")
+    parser.add_argument("--renders", type=int, default=4, help="augmented renders per image")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--exact-latency-queries", type=int, default=20, help="exact queries timed one by one")
+    parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--model", choices=("demo", "vit-b16"), default="demo",
+                        help="random-init architecture when no --checkpoint (vit-b16: 5,120 floats per A+B/GE+FS row)")
+    parser.add_argument("--checkpoint", default=None, help="a run / pair folder (default: demo architecture, random init)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/3rtpr-million"))
+    parser.add_argument("--keep", action="store_true", help="keep the galleries under --work")
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("exact", "ann"), help=argparse.SUPPRESS)
+    parser.add_argument("--queries-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--latency-queries", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        result = serve(args.serve, args.mode, args.queries_file, args.top, args.latency_queries)
+        args.serve_out.write_text(json.dumps(result))
+        return result
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    pair = demo_pair(args.checkpoint, args.model)
+    base, columns, queries = real_encodings(pair, args.images, args.renders, args.queries)
+    encode_s = time.perf_counter() - started
+    queries_path = args.work / "queries.npy"
+    np.save(queries_path, queries, allow_pickle=False)
+    print(f"{len(base)} real encodings ({args.images} images x {args.renders} renders) and {len(queries)} queries "
+          f"in {encode_s:.0f} s; {base.shape[1]} floats per row", file=sys.stderr)
+    results = []
+    for size in args.sizes:
+        shard_dir = args.work / f"gallery-{size}"
+        begin = time.perf_counter()
+        store = write_gallery(base, columns, size, shard_dir)
+        write_s = time.perf_counter() - begin
+        begin = time.perf_counter()
+        searcher = ann_index.AnnSearcher.open(store, shard_dir)
+        ann_build_s = time.perf_counter() - begin
+        truth = exact_rankings(store, queries, args.top)
+        exact = _child(shard_dir, "exact", queries_path, args.top, min(args.exact_latency_queries, len(queries) - 1))
+        ann = _child(shard_dir, "ann", queries_path, args.top, len(queries) - 1)
+        ann_rank = np.array(ann["rankings"])
+        n = len(exact["rankings"])  # the exact process's own top 10 vs the batched one (float rounding only)
+        agreement = float(np.mean([a == t for a, t in zip(exact["rankings"], truth[:n].tolist())]))
+        recall1 = float(np.mean(ann_rank[:, 0] == truth[: len(ann_rank), 0]))
+        recall10 = float(np.mean([len(set(a) & set(t)) / args.top for a, t in zip(ann_rank, truth)]))
+        shard_bytes = store.nbytes()
+        row = {"size": size, "dim": store.dim, "write_shards_s": write_s, "ann_build_s": ann_build_s,
+               "params": vars(searcher.params), "shards_mb": shard_bytes / 2**20,
+               "faiss_mb": (shard_dir / "ann.faiss").stat().st_size / 2**20,
+               "exact": {k: v for k, v in exact.items() if k != "rankings"},
+               "ann": {k: v for k, v in ann.items() if k != "rankings"}, "recall@1": recall1, "recall@10": recall10, "exact_process_agrees": agreement}
+        for mode in ("exact", "ann"):
+            lat = row[mode].pop("latency_ms")
+            row[mode].update(p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)), timed=len(lat))
+        results.append(row)
+        print(json.dumps(row), file=sys.stderr)
+        if not args.keep:
+            shutil.rmtree(shard_dir)
+    header = ("| gallery | mode | build | memory (peak RSS) | disk | p50 query | p99 query | recall@1 | recall@10 |\n"
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    lines = [header]
+    for r in results:
+        lines.append(f"| {r['size']:,} | exact (streamed from shards) | shards {r['write_shards_s']:.1f} s | "
+                     f"{r['exact']['max_rss_mb']:.0f} MB | {r['shards_mb']:.0f} MB | {r['exact']['p50_ms']:.1f} ms | "
+                     f"{r['exact']['p99_ms']:.1f} ms ({r['exact']['timed']} q) | 1 | 1 |")
+        p = r["params"]
+        lines.append(f"| {r['size']:,} | ann (IVF nlist {p['nlist']}, nprobe {p['nprobe']}, {p['candidates']} re-scored) | "
+                     f"+ index {r['ann_build_s']:.1f} s | {r['ann']['max_rss_mb']:.0f} MB | + {r['faiss_mb']:.0f} MB | "
+                     f"{r['ann']['p50_ms']:.2f} ms | {r['ann']['p99_ms']:.2f} ms ({r['ann']['timed']} q) | "
+                     f"{r['recall@1']:.3f} | {r['recall@10']:.3f} |")
+    table = "\n".join(lines)
+    summary = {"model": args.checkpoint or args.model, "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+               "date": time.strftime("%Y-%m-%d"), "row": ROW, "real_encodings": len(base), "queries": len(queries),
+               "results": results}
+    print(table)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
