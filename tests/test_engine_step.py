@@ -87,13 +87,13 @@ def test_adam_is_fused_where_torch_has_it_and_matches_the_multi_tensor_update():
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
-def _tiny_setup(config):
+def _tiny_setup(config, **model_options):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     pair = modeling.ReciprocalPair.from_clip(modeling.small_clip_config(**TINY_CLIP), head_seeds=(0, 1),
-                                             fused_dim=64, image_size=(32, 16))
+                                             fused_dim=64, image_size=(32, 16), **model_options)
     optimizers = [engine.build_optimizer(m, config)[0] for m in pair.models]
     generator = torch.Generator().manual_seed(1)
     batch = {"index": torch.arange(8), "pid": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
@@ -225,3 +225,12 @@ def test_trimming_text_padding_keeps_the_features():
         full, trimmed = model.encode_text(input_ids, attention_mask), model.encode_text(trimmed_ids, trimmed_mask)
     for a, b in zip(full, trimmed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_one_step_with_reference_image_tokens():
+    config = tiny_config(**{"model.image_tokens": "reference", "optim.backbone_lr": 1e-3, "optim.warmup_epochs": 0})
+    accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config, image_tokens="reference")
+    loss = TrainingLoss.from_config(config["loss"])
+    before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    assert all(math.isfinite(b) for b in before) and after[0] < before[0] and after[1] < before[1]

@@ -260,6 +260,7 @@ def validate(config: dict, source: str = "config") -> None:
     from trpr.data.images import IMAGE_POLICIES
     from trpr.data.noise import check_noise_rate
     from trpr.modeling.alr import MixtureSettings, validate_mu_rule
+    from trpr.modeling.fused import IMAGE_TOKEN_MODES
     from trpr.modeling.pair import parse_row_key
 
     def fail(message):
@@ -297,8 +298,8 @@ def validate(config: dict, source: str = "config") -> None:
             fail(f"model.backbone mapping is not a valid modeling.small_clip_config: {message}")
     if not 0.0 <= config["model"]["select_ratio"] <= 1.0:
         fail(f"model.select_ratio must lie in [0, 1], got {config['model']['select_ratio']}")
-    if config["model"]["image_tokens"] not in ("topk", "all"):
-        fail(f"model.image_tokens must be topk or all, got {config['model']['image_tokens']!r}")
+    if config["model"]["image_tokens"] not in IMAGE_TOKEN_MODES:
+        fail(f"model.image_tokens must be topk, all or reference, got {config['model']['image_tokens']!r}")
     if config["loss"]["lambda_sdm"] <= 0 and config["loss"]["lambda_trl"] <= 0:
         fail("loss.lambda_sdm and loss.lambda_trl are both 0: nothing to train")
     seeds = config["model"]["head_seeds"]
