@@ -176,3 +176,39 @@ def test_noise_detection_scores_counts():
     assert scores["precision"] == pytest.approx(200 / 3)
     assert scores["recall"] == pytest.approx(200 / 3)
     assert scores["f1"] == pytest.approx(200 / 3)
+
+
+# six samples, two tight loss clusters per model: clean_a = [1, 1, 1, 0, 0, 0], clean_b = [1, 0, 1, 0, 1, 0]
+# -> consensus c = [2, 1, 2, 0, 1, 0] (samples 1 and 4 are the c = 1 ones, in that order)
+SIX_A = torch.tensor([0.0, 0.01, 0.02, 0.98, 0.99, 1.0], dtype=torch.float64)
+SIX_B = torch.tensor([0.0, 0.99, 0.01, 1.0, 0.02, 0.98], dtype=torch.float64)
+SIX_SIMS = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, -0.1], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed, coins", [(5, [1, 0]), (0, [0, 1]), (1, [1, 1]), (3, [0, 0])])
+def test_reference_selection_keeps_consensus_two_and_a_seeded_coin_flip_of_consensus_one(seed, coins):
+    # the coins: torch.randint(0, 2, (2,)) from Generator().manual_seed(seed) -> [1, 0] for seed 5, [0, 1]
+    # for 0, [1, 1] for 1, [0, 0] for 3; coin i decides the i-th c = 1 sample (1 and 4)
+    assert torch.randint(0, 2, (2,), generator=torch.Generator().manual_seed(seed)).tolist() == coins
+    result = compute_alr(SIX_A, SIX_B, SIX_SIMS, selection="reference", seed=seed)
+    assert result.consensus.tolist() == [2, 1, 2, 0, 1, 0]
+    assert result.keep.tolist() == [True, bool(coins[0]), True, False, bool(coins[1]), False]
+    assert result.weights.tolist() == [1.0] * 6  # the kept pairs train with w = 1
+    assert result.mu == pytest.approx(0.7)  # still reported: min over the super-clean set {0, 2}
+    project = compute_alr(SIX_A, SIX_B, SIX_SIMS)  # the default is unchanged: soft weights, everything kept
+    assert project.keep.all() and project.weights[3] < 1.0
+
+
+def test_reference_selection_with_one_model_keeps_exactly_its_clean_set():
+    # one-model consensus c = 2 clean_a in {0, 2}: no coin is drawn, the clean set of model A is kept, any seed
+    for seed in range(4):
+        result = compute_alr(SIX_A, None, SIX_SIMS, selection="reference", seed=seed)
+        assert result.keep.tolist() == [True, True, True, False, False, False]
+        assert result.weights.tolist() == [1.0] * 6
+
+
+def test_reference_selection_refuses_bad_rules():
+    with pytest.raises(ValueError, match="selection must be one of project, reference, got 'coin'"):
+        compute_alr(SIX_A, SIX_B, SIX_SIMS, selection="coin")
+    with pytest.raises(ValueError, match="drop_noisy must be False"):
+        compute_alr(SIX_A, SIX_B, SIX_SIMS, selection="reference", drop_noisy=True)

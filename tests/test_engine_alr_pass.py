@@ -267,3 +267,20 @@ def test_two_processes_give_the_one_process_pass(tmp_path):
     torch.testing.assert_close(ranks[0]["statistics"][1], sims, rtol=1e-5, atol=1e-6)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # identical on every process
     torch.testing.assert_close(ranks[0]["weights"], weights, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_selection_in_the_pass_is_seeded_per_epoch(train_split):
+    """alr.selection reference: hard keep flags (c = 2, c = 1 on a coin of (seed, epoch)), every weight 1."""
+    from accelerate import Accelerator
+
+    from trpr.modeling.alr import reference_selection
+
+    config = tiny_config("trl", **{"alr.selection": "reference"})
+    pair = tiny_pair()
+    alr_pass = engine.AlrPass(train_split, get_tokenizer(), config, Accelerator(cpu=True))
+    term = TrainingLoss.from_config(config["loss"]).alr_term
+    alr = alr_pass(list(pair.models), term, epoch=2)
+    consensus = alr["result"].consensus
+    assert torch.equal(alr["keep"], reference_selection(consensus, alr_pass_module.coin_seed(3, 2)))
+    assert torch.all(alr["weights"] == 1.0)
+    assert alr_pass_module.coin_seed(3, 2) != alr_pass_module.coin_seed(3, 3)

@@ -37,6 +37,9 @@ from .step import trim_text_padding
 # Spawn key of the pass's batch order: np.random.SeedSequence([seed, epoch], spawn_key=(ALR_BATCH_STREAM,)),
 # a stream of its own, distinct from the training order's SeedSequence([seed, epoch]) ("ALR" in ASCII).
 ALR_BATCH_STREAM = 0x414C52
+# Spawn key of the coin flips of alr.selection "reference" (c = 1 samples kept on a coin): its own stream of
+# (seed, epoch) as well ("COIN" in ASCII).
+ALR_COIN_STREAM = 0x434F494E
 # Stored features: L2-normalised (every entry in [-1, 1], no overflow) in fp16 (11-bit mantissa: a cosine
 # is off by < 1e-3, far below what moves a loss at tau 0.015 or scale 50 noticeably); bf16 (8 bits) is not.
 FEATURE_DTYPE = torch.float16
@@ -57,6 +60,11 @@ def batch_statistics(loss_term, text: torch.Tensor, image: torch.Tensor, pids: t
 def alr_active(config: dict, epoch: int) -> bool:
     """Whether epoch `epoch` trains with ALR weights (alr.enabled and epoch >= alr.start_epoch)."""
     return bool(config["alr"]["enabled"]) and epoch >= config["alr"]["start_epoch"]
+
+
+def coin_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s coin flips under alr.selection "reference" (`modeling.alr.reference_selection`)."""
+    return int(np.random.SeedSequence([seed, epoch], spawn_key=(ALR_COIN_STREAM,)).generate_state(1)[0])
 
 
 def alr_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[tuple[torch.Tensor, int]]:
@@ -187,7 +195,8 @@ class AlrPass:
             diag_sims = sims.mean(0)
             result = compute_alr(losses[0], losses[1] if len(losses) > 1 else None, diag_sims, mu=alr_cfg["mu"],
                                  sharpness=alr_cfg["sharpness"], drop_noisy=alr_cfg["drop_noisy"],
-                                 mixture=MixtureSettings.from_config(alr_cfg))
+                                 mixture=MixtureSettings.from_config(alr_cfg), selection=alr_cfg["selection"],
+                                 seed=coin_seed(self.config["seed"], epoch))
             weights = result.weights.to(device)
             keep = result.keep.float().to(device)
         broadcast_from_main(weights, keep)  # the mixture is fitted once, on the main process
