@@ -212,3 +212,27 @@ def test_reference_selection_refuses_bad_rules():
         compute_alr(SIX_A, SIX_B, SIX_SIMS, selection="coin")
     with pytest.raises(ValueError, match="drop_noisy must be False"):
         compute_alr(SIX_A, SIX_B, SIX_SIMS, selection="reference", drop_noisy=True)
+
+
+def test_mu_floor_reference_uses_the_signed_mu():
+    from trpr.modeling.alr import similarity_weights
+
+    sims = torch.tensor([0.3, -0.1, -0.5], dtype=torch.float64)
+    # mu = -0.2: 0.3 and -0.1 lie at or above mu (w = 1); -0.5 below it: reference s / mu = 2.5 -> sigmoid(12.5),
+    # project s / 1e-6 = -5e5 -> 0
+    reference = similarity_weights(sims, -0.2, 5.0, mu_floor="reference")
+    project = similarity_weights(sims, -0.2, 5.0)
+    assert reference.tolist() == pytest.approx([1.0, 1.0, 1 / (1 + math.exp(-12.5))])
+    assert project.tolist() == pytest.approx([1.0, 1.0, 0.0])
+    # mu = 0: below it s / 0 = -inf -> 0 (no NaN); mu > 0 the two rules agree: 0.5 at s = 0
+    assert similarity_weights(sims, 0.0, 5.0, mu_floor="reference").tolist() == [1.0, 0.0, 0.0]
+    zero = torch.tensor([0.0, -0.2], dtype=torch.float64)
+    assert similarity_weights(zero, 0.4, 5.0, "reference").tolist() == pytest.approx([0.5, 1 / (1 + math.exp(2.5))])
+    torch.testing.assert_close(similarity_weights(zero, 0.4, 5.0, "reference"), similarity_weights(zero, 0.4, 5.0))
+    with pytest.raises(ValueError, match="mu_floor must be one of project, reference, got 'none'"):
+        similarity_weights(sims, 0.2, 5.0, mu_floor="none")
+    # through compute_alr: negative similarities on the super-clean set give mu < 0
+    result = compute_alr(SIX_A, SIX_B, SIX_SIMS - 1.0, mu_floor="reference")
+    assert result.mu == pytest.approx(-0.3)
+    assert result.weights[5].item() == pytest.approx(1 / (1 + math.exp(-5.0 * (-1.1 / -0.3))), rel=1e-6)
+    assert compute_alr(SIX_A, SIX_B, SIX_SIMS - 1.0).weights[5].item() == pytest.approx(0.0, abs=1e-12)

@@ -259,7 +259,7 @@ def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
     from trpr.data.images import IMAGE_POLICIES
     from trpr.data.noise import check_noise_rate
-    from trpr.modeling.alr import SELECTION_RULES, MixtureSettings, validate_mu_rule
+    from trpr.modeling.alr import MU_FLOOR_RULES, SELECTION_RULES, MixtureSettings, validate_mu_rule
     from trpr.modeling.fused import IMAGE_TOKEN_MODES
     from trpr.modeling.pair import parse_row_key
 
@@ -316,6 +316,8 @@ def validate(config: dict, source: str = "config") -> None:
     if config["alr"]["selection"] == "reference" and config["alr"]["drop_noisy"]:
         fail("alr.selection reference sets the keep flags itself (c = 2, and c = 1 on a coin flip): "
              "alr.drop_noisy must be false, got true")
+    if config["alr"]["mu_floor"] not in MU_FLOOR_RULES:
+        fail(f"alr.mu_floor must be project or reference, got {config['alr']['mu_floor']!r}")
     try:
         validate_mu_rule(config["alr"]["mu"])
     except ValueError as error:

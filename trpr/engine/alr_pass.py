@@ -196,7 +196,7 @@ class AlrPass:
             result = compute_alr(losses[0], losses[1] if len(losses) > 1 else None, diag_sims, mu=alr_cfg["mu"],
                                  sharpness=alr_cfg["sharpness"], drop_noisy=alr_cfg["drop_noisy"],
                                  mixture=MixtureSettings.from_config(alr_cfg), selection=alr_cfg["selection"],
-                                 seed=coin_seed(self.config["seed"], epoch))
+                                 seed=coin_seed(self.config["seed"], epoch), mu_floor=alr_cfg["mu_floor"])
             weights = result.weights.to(device)
             keep = result.keep.float().to(device)
         broadcast_from_main(weights, keep)  # the mixture is fitted once, on the main process

@@ -47,6 +47,9 @@ DEGENERATE_RULE = "no split: the model calls every sample clean this epoch"
 # compute_alr's selection rules: "project" = the soft weights (+ drop_noisy's keep flags); "reference" = the
 # reference's hard selection (c = 2 kept, c = 1 kept on a seeded coin flip, c = 0 dropped; w = 1 for all)
 SELECTION_RULES = ("project", "reference")
+# the ratio s / mu of the weight: "project" uses max(mu, MU_FLOOR); "reference" the signed mu as it is (the
+# reference code: for mu < 0 a sample below mu gets s / mu > 1, i.e. a weight near 1)
+MU_FLOOR_RULES = ("project", "reference")
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ MuRule = Union[str, float]
 class AlrResult:
     """Output of :func:`compute_alr`; every tensor has one entry per training sample (N).
 
-    weights:   float32 [N] in (0, 1] (may underflow towards 0 when mu <= 0), constant for the epoch.
+    weights:   float32 [N] in [0, 1] (may underflow towards 0 when mu <= 0), constant for the epoch.
     keep:      bool [N], the keep flag h (all True unless ``drop_noisy`` or selection "reference").
     consensus: int64 [N] in {0, 1, 2}, number of models that call the sample clean.
     fit_a / fit_b: the models' MixtureFit (fit_b None: one-model ALR).
@@ -239,9 +242,12 @@ def validate_mu_rule(mu: MuRule) -> None:
     parse_quantile(mu)
 
 
-def similarity_weights(diag_sims: torch.Tensor, mu: float, sharpness: float) -> torch.Tensor:
-    """w = 1 where s >= mu, else sigmoid(sharpness * s / max(mu, MU_FLOOR)); float64 [N]."""
-    ratio = diag_sims / max(mu, MU_FLOOR)
+def similarity_weights(diag_sims: torch.Tensor, mu: float, sharpness: float, mu_floor: str = "project") -> torch.Tensor:
+    """w = 1 where s >= mu, else sigmoid(sharpness * s / max(mu, MU_FLOOR)); float64 [N]. mu_floor
+    "reference": sigmoid(sharpness * s / mu) with the signed mu, no floor (mu = 0: 0 below it)."""
+    if mu_floor not in MU_FLOOR_RULES:
+        raise ValueError(f"ALR: mu_floor must be one of {', '.join(MU_FLOOR_RULES)}, got {mu_floor!r}")
+    ratio = diag_sims / (max(mu, MU_FLOOR) if mu_floor == "project" else mu)
     soft = torch.sigmoid(sharpness * ratio)
     return torch.where(diag_sims >= mu, torch.ones_like(diag_sims), soft)
 
@@ -260,7 +266,7 @@ def reference_selection(consensus: torch.Tensor, seed: int) -> torch.Tensor:
 
 def compute_alr(losses_a, losses_b, diag_sims, mu: MuRule = "min", sharpness: float = 5.0,
                 drop_noisy: bool = False, mixture: MixtureSettings = MixtureSettings(),
-                selection: str = "project", seed: int = 0) -> AlrResult:
+                selection: str = "project", seed: int = 0, mu_floor: str = "project") -> AlrResult:
     """One epoch of ALR from the whole training set's per-sample statistics.
 
     losses_a, losses_b: [N] per-sample losses of model A and B (losses_b None: one-model ALR).
@@ -270,6 +276,7 @@ def compute_alr(losses_a, losses_b, diag_sims, mu: MuRule = "min", sharpness: fl
     mixture: the Gaussian-mixture settings (:class:`MixtureSettings`).
     selection: "project" (the weights and keep flags above) or "reference" (:func:`reference_selection`
     with `seed`: hard keep flags, every weight 1; drop_noisy must then be False; mu is still reported).
+    mu_floor: "project" (s / max(mu, MU_FLOOR)) or "reference" (s / mu, no floor): :func:`similarity_weights`.
     When neither model splits (degenerate fits, or every sample clean for both) the super-clean set is
     every sample, mu = the lowest similarity and every weight is 1: ALR does nothing that epoch.
     """
@@ -294,7 +301,7 @@ def compute_alr(losses_a, losses_b, diag_sims, mu: MuRule = "min", sharpness: fl
         consensus = (fit_a.p_clean > 0.5).long() + (fit_b.p_clean > 0.5).long()
     super_clean = consensus == consensus.max()  # == 2 when any sample is clean for both models
     threshold = similarity_threshold(sims, super_clean, mu)
-    weights = similarity_weights(sims, threshold, float(sharpness)).to(torch.float32)
+    weights = similarity_weights(sims, threshold, float(sharpness), mu_floor).to(torch.float32)
     keep = consensus >= 1 if drop_noisy else torch.ones_like(consensus, dtype=torch.bool)
     if selection == "reference":
         keep, weights = reference_selection(consensus, seed), torch.ones_like(weights)
