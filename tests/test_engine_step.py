@@ -234,3 +234,14 @@ def test_one_step_with_reference_image_tokens():
     before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
     after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
     assert all(math.isfinite(b) for b in before) and after[0] < before[0] and after[1] < before[1]
+
+
+def test_one_step_with_trl_trained_at_the_reference_temperature():
+    config = tiny_config(**{"loss.lambda_sdm": 0.0, "loss.lambda_trl": 1.0, "loss.trl_temperature": "reference",
+                            "optim.backbone_lr": 1e-3, "optim.warmup_epochs": 0})
+    accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
+    loss = TrainingLoss.from_config(config["loss"])
+    assert loss.terms[0].tau == config["loss"]["margin"] and loss.alr_term.tau == config["loss"]["tau"]
+    before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    assert after[0] < before[0] and after[1] < before[1]

@@ -300,6 +300,8 @@ def validate(config: dict, source: str = "config") -> None:
         fail(f"model.select_ratio must lie in [0, 1], got {config['model']['select_ratio']}")
     if config["model"]["image_tokens"] not in IMAGE_TOKEN_MODES:
         fail(f"model.image_tokens must be topk, all or reference, got {config['model']['image_tokens']!r}")
+    if config["loss"]["trl_temperature"] not in ("tau", "reference"):
+        fail(f"loss.trl_temperature must be tau or reference, got {config['loss']['trl_temperature']!r}")
     if config["loss"]["lambda_sdm"] <= 0 and config["loss"]["lambda_trl"] <= 0:
         fail("loss.lambda_sdm and loss.lambda_trl are both 0: nothing to train")
     seeds = config["model"]["head_seeds"]
