@@ -68,6 +68,7 @@ def test_overrides_are_typed_and_nested():
     (["--model.head_seeds", "7"], "model.head_seeds must be list or null"),
     (["--alr.gmm_max_iter", "0"], "gmm_max_iter >= 1"),
     (["--loss.trl_temperature", "margin"], "loss.trl_temperature must be tau or reference, got 'margin'"),
+    (["--alr.score", "both"], "alr.score must be fused or global, got 'both'"),
     (["--alr.mu_floor", "none"], "alr.mu_floor must be project or reference, got 'none'"),
     (["--alr.selection", "coin"], "alr.selection must be project or reference, got 'coin'"),
     (["--alr.selection", "reference", "--alr.drop_noisy", "true"], "alr.drop_noisy must be false, got true"),

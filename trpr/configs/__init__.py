@@ -318,6 +318,8 @@ def validate(config: dict, source: str = "config") -> None:
     if config["alr"]["selection"] == "reference" and config["alr"]["drop_noisy"]:
         fail("alr.selection reference sets the keep flags itself (c = 2, and c = 1 on a coin flip): "
              "alr.drop_noisy must be false, got true")
+    if config["alr"]["score"] not in ("fused", "global"):
+        fail(f"alr.score must be fused or global, got {config['alr']['score']!r}")
     if config["alr"]["mu_floor"] not in MU_FLOOR_RULES:
         fail(f"alr.mu_floor must be project or reference, got {config['alr']['mu_floor']!r}")
     try:
