@@ -308,3 +308,18 @@ def test_pass_can_score_the_global_similarity(train_split, monkeypatch):
         torch.testing.assert_close(got, per_sample_reference(model_features, "trl", batches), rtol=2e-3, atol=2e-4)
     sims = [torch.nn.functional.cosine_similarity(text, image, dim=-1) for text, image, _ in features]
     torch.testing.assert_close(captured["s"], (sims[0] + sims[1]) / 2, rtol=0, atol=2e-3)
+
+
+def test_pass_fits_the_mixture_of_the_gmm_preset(train_split, monkeypatch):
+    from accelerate import Accelerator
+
+    config = tiny_config("trl", **{"alr.gmm_preset": "reference", "alr.mu_floor": "reference"})
+    captured = {}
+    real_compute_alr = alr_pass_module.compute_alr
+    monkeypatch.setattr(alr_pass_module, "compute_alr",
+                        lambda a, b, s, **k: captured.update(k) or real_compute_alr(a, b, s, **k))
+    term = TrainingLoss.from_config(config["loss"]).alr_term
+    engine.AlrPass(train_split, get_tokenizer(), config, Accelerator(cpu=True))(list(tiny_pair().models), term, epoch=1)
+    mixture = captured["mixture"]
+    assert (mixture.max_iter, mixture.tol, mixture.reg_covar) == (10, 1e-2, 5e-4)  # synth-pedes: not RSTPReid
+    assert captured["mu_floor"] == "reference" and captured["selection"] == "project"

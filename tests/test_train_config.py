@@ -68,6 +68,7 @@ def test_overrides_are_typed_and_nested():
     (["--model.head_seeds", "7"], "model.head_seeds must be list or null"),
     (["--alr.gmm_max_iter", "0"], "gmm_max_iter >= 1"),
     (["--loss.trl_temperature", "margin"], "loss.trl_temperature must be tau or reference, got 'margin'"),
+    (["--alr.gmm_preset", "irra"], "alr.gmm_preset must be none, reference or rde, got 'irra'"),
     (["--alr.score", "both"], "alr.score must be fused or global, got 'both'"),
     (["--alr.mu_floor", "none"], "alr.mu_floor must be project or reference, got 'none'"),
     (["--alr.selection", "coin"], "alr.selection must be project or reference, got 'coin'"),
@@ -95,3 +96,19 @@ def test_bad_recipe_file_names_file_and_key(tmp_path: Path):
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(loop)
+
+
+@pytest.mark.parametrize("recipe, preset, expected", [
+    ("cuhk-pedes", "reference", (10, 1e-2, 5e-4)),
+    ("rstpreid", "reference", (100, 1e-4, 1e-6)),
+    ("cuhk-pedes-noise0.5", "reference", (10, 1e-2, 5e-4)),   # the reference's rule ignores the noise rate
+    ("cuhk-pedes-noise0.2", "rde", (10, 1e-2, 5e-4)),
+    ("cuhk-pedes-noise0.5", "rde", (100, 1e-4, 1e-6)),
+    ("rstpreid-noise0.2", "rde", (100, 1e-4, 1e-6)),
+    ("cuhk-pedes", "none", (100, 1e-3, 5e-4)),               # the defaults: unchanged
+])
+def test_gmm_preset_sets_the_three_mixture_keys(recipe, preset, expected):
+    config = load_config(recipe, ["--alr.gmm_preset", preset])
+    alr = config["alr"]
+    assert (alr["gmm_max_iter"], alr["gmm_tol"], alr["gmm_reg_covar"]) == expected
+    assert load_config(recipe)["alr"]["gmm_preset"] == "none"

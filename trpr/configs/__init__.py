@@ -343,6 +343,21 @@ def validate(config: dict, source: str = "config") -> None:
         fail(f"eval.select_row must be a row like 'A+B/GE+FS': {error}")
 
 
+def apply_gmm_preset(config: dict, source: str = "config") -> None:
+    """alr.gmm_preset other than none: write its (gmm_max_iter, gmm_tol, gmm_reg_covar) for the config's
+    dataset and noise rate into the alr section (the preset wins over the three keys; the resolved
+    config.yaml records the values used). ConfigError naming an unknown preset."""
+    from trpr.modeling.alr import mixture_preset
+
+    alr = config["alr"]
+    try:
+        values = mixture_preset(alr["gmm_preset"], config["data"]["dataset"], config["data"]["noise_rate"])
+    except ValueError:
+        raise ConfigError(f"{source}: alr.gmm_preset must be none, reference or rde, got {alr['gmm_preset']!r}") from None
+    if values is not None:
+        alr["gmm_max_iter"], alr["gmm_tol"], alr["gmm_reg_covar"] = values
+
+
 def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> dict:
     """Defaults, then the recipe at ``path`` (and its bases), then the command-line overrides.
 
@@ -360,6 +375,7 @@ def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> di
     if update:
         _merge(config, update, defaults, "command line")
         source += " + command line"
+    apply_gmm_preset(config, source)
     validate(config, source)
     return config
 

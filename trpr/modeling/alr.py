@@ -77,6 +77,27 @@ class MixtureSettings:
                              f"got {self.max_iter}, {self.tol}, {self.reg_covar}")
 
 
+# alr.gmm_preset: named (gmm_max_iter, gmm_tol, gmm_reg_covar) rules, docs/method.md §10. "reference": the rebuilt
+# 3RTPR reference code (10 / 1e-2 / 5e-4, on RSTPReid 100 / 1e-4 / 1e-6); "rde": RDE's rule (100 / 1e-4 / 1e-6
+# above 0.4 noise and on RSTPReid, 10 / 1e-2 / 5e-4 otherwise); "none": the three keys as given.
+GMM_PRESETS = ("none", "reference", "rde")
+LIGHT_MIXTURE = (10, 1e-2, 5e-4)
+FULL_MIXTURE = (100, 1e-4, 1e-6)
+
+
+def mixture_preset(preset: str, dataset: str, noise_rate: float) -> Optional[tuple[int, float, float]]:
+    """(gmm_max_iter, gmm_tol, gmm_reg_covar) of a GMM_PRESETS rule for a dataset and noise rate; None for
+    "none"; ValueError for an unknown preset."""
+    if preset not in GMM_PRESETS:
+        raise ValueError(f"gmm_preset must be one of {', '.join(GMM_PRESETS)}, got {preset!r}")
+    if preset == "none":
+        return None
+    rstpreid = dataset.lower() == "rstpreid"
+    if preset == "reference":
+        return FULL_MIXTURE if rstpreid else LIGHT_MIXTURE
+    return FULL_MIXTURE if rstpreid or noise_rate > 0.4 else LIGHT_MIXTURE
+
+
 @dataclass
 class MixtureFit:
     """One model's mixture fit of one epoch.
