@@ -63,6 +63,8 @@ def test_overrides_are_typed_and_nested():
     (["--data.dataset", "market1501"], "data.dataset 'market1501' is not one of"),
     (["--alr.mu", "median"], "alr.mu"),
     (["--eval.select_row", "C/GE"], "eval.select_row"),
+    (["--eval.select_row", "max(A/GE)"], "eval.select_row must be a row like .* or a rule like"),
+    (["--eval.select_row", "max(A/GE, C/FS)"], "eval.select_row must be a row"),
     (["--model.head_seeds", "[1]"], "model.head_seeds must be null .* or two integers"),
     (["--model.head_seeds", "[1, 2.5]"], "model.head_seeds must be null"),
     (["--model.head_seeds", "7"], "model.head_seeds must be list or null"),
@@ -112,3 +114,29 @@ def test_gmm_preset_sets_the_three_mixture_keys(recipe, preset, expected):
     alr = config["alr"]
     assert (alr["gmm_max_iter"], alr["gmm_tol"], alr["gmm_reg_covar"]) == expected
     assert load_config(recipe)["alr"]["gmm_preset"] == "none"
+
+
+def test_select_row_max_rule_picks_the_best_of_its_rows():
+    from trpr.engine import selection_score
+    from trpr.modeling.pair import selection_rows
+
+    config = load_config(None, ["--eval.select_row", "max(A+B/GE, A+B/FS)"])
+    assert selection_rows(config["eval"]["select_row"]) == ("A+B/GE", "A+B/FS")
+    metrics = {"A+B/GE": {"R1": 61.5}, "A+B/FS": {"R1": 63.25}, "A+B/GE+FS": {"R1": 64.0}}
+    assert selection_score(metrics, config) == 63.25  # max(GE, FS), not GE+FS
+    assert selection_score({**metrics, "A+B/GE": {"R1": 70.0}}, config) == 70.0
+    assert selection_score(metrics, load_config(None)) == 64.0  # the default row: unchanged
+
+
+def test_search_and_card_take_the_first_row_of_a_max_rule():
+    from types import SimpleNamespace
+
+    from trpr.evaluation.search import choose_search_row
+    from trpr.modeling.card import card_data
+
+    checkpoint = SimpleNamespace(run_config={"eval": {"select_row": "max(A/GE, A/FS)"}}, path="run/best")
+    row, why = choose_search_row(None, checkpoint)
+    assert row == "A/GE" and "first row of the run's selection rule" in why
+    record = {"config": {"eval": {"select_row": "max(A/GE, A/FS)"}},
+              "results": {"test": {"dataset": "cuhk-pedes", "rows": {"A/GE": {"R1": 50.0}}}}}
+    assert "A/GE" in card_data(record).eval_results[0].metric_name

@@ -261,7 +261,7 @@ def validate(config: dict, source: str = "config") -> None:
     from trpr.data.noise import check_noise_rate
     from trpr.modeling.alr import MU_FLOOR_RULES, SELECTION_RULES, MixtureSettings, validate_mu_rule
     from trpr.modeling.fused import IMAGE_TOKEN_MODES
-    from trpr.modeling.pair import parse_row_key
+    from trpr.modeling.pair import selection_rows
 
     def fail(message):
         raise ConfigError(f"{source}: {message}")
@@ -338,9 +338,9 @@ def validate(config: dict, source: str = "config") -> None:
     if config["eval"]["every"] < 1:
         fail(f"eval.every must be >= 1, got {config['eval']['every']}")
     try:
-        parse_row_key(config["eval"]["select_row"])
+        selection_rows(config["eval"]["select_row"])
     except ValueError as error:
-        fail(f"eval.select_row must be a row like 'A+B/GE+FS': {error}")
+        fail(f"eval.select_row must be a row like 'A+B/GE+FS' or a rule like 'max(A+B/GE, A+B/FS)': {error}")
 
 
 def apply_gmm_preset(config: dict, source: str = "config") -> None:
