@@ -188,7 +188,7 @@ NUMERIC_RANGES = {
     "loss.lambda_sdm": (0, True), "loss.lambda_trl": (0, True),
     "loss.logit_scale": (0, False), "loss.tau": (0, False), "loss.margin": (0, True),
     "alr.sharpness": (0, False), "alr.start_epoch": (0, True),
-    "optim.backbone_lr": (0, False), "optim.head_lr": (0, False), "optim.weight_decay": (0, True),
+    "optim.backbone_lr": (0, True), "optim.head_warmup_epochs": (0, True), "optim.head_lr": (0, False), "optim.weight_decay": (0, True),
     "optim.bias_lr_factor": (0, False), "optim.eps": (0, False),
     "optim.warmup_epochs": (0, True), "optim.warmup_factor": (0, True),
     "train.log_every": (1, True),
@@ -335,6 +335,9 @@ def validate(config: dict, source: str = "config") -> None:
              f"got {config['train']['batch_size']}")
     if config["train"]["compile"] is not False and config["train"]["compile"] not in COMPILE_MODES:
         fail(f"train.compile must be auto, regional, full or false, got {config['train']['compile']!r}")
+    if config["optim"]["head_warmup_epochs"] >= config["train"]["epochs"]:
+        fail(f"optim.head_warmup_epochs must be < train.epochs ({config['train']['epochs']}), "
+             f"got {config['optim']['head_warmup_epochs']}")
     if config["eval"]["every"] < 1:
         fail(f"eval.every must be >= 1, got {config['eval']['every']}")
     try:
