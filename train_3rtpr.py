@@ -173,7 +173,8 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
             with clock.phase("train"):
                 epoch_record, state.global_step = engine.train_one_epoch(
                     wrapped, optimizers, loader, alr_state, loss, accelerator, epoch=epoch, epochs=epochs,
-                    global_step=state.global_step, log_every=config["train"]["log_every"], batches=batches)
+                    global_step=state.global_step, log_every=config["train"]["log_every"], batches=batches,
+                    freeze_backbone=epoch < config["optim"]["head_warmup_epochs"])
             step_times = {key: epoch_record.pop(key) for key in ("data_wait_s", "compute_s")}
             epoch_record.pop("steps")
             record.update(epoch_record)

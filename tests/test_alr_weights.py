@@ -176,3 +176,63 @@ def test_noise_detection_scores_counts():
     assert scores["precision"] == pytest.approx(200 / 3)
     assert scores["recall"] == pytest.approx(200 / 3)
     assert scores["f1"] == pytest.approx(200 / 3)
+
+
+# six samples, two tight loss clusters per model: clean_a = [1, 1, 1, 0, 0, 0], clean_b = [1, 0, 1, 0, 1, 0]
+# -> consensus c = [2, 1, 2, 0, 1, 0] (samples 1 and 4 are the c = 1 ones, in that order)
+SIX_A = torch.tensor([0.0, 0.01, 0.02, 0.98, 0.99, 1.0], dtype=torch.float64)
+SIX_B = torch.tensor([0.0, 0.99, 0.01, 1.0, 0.02, 0.98], dtype=torch.float64)
+SIX_SIMS = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, -0.1], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed, coins", [(5, [1, 0]), (0, [0, 1]), (1, [1, 1]), (3, [0, 0])])
+def test_reference_selection_keeps_consensus_two_and_a_seeded_coin_flip_of_consensus_one(seed, coins):
+    # the coins: torch.randint(0, 2, (2,)) from Generator().manual_seed(seed) -> [1, 0] for seed 5, [0, 1]
+    # for 0, [1, 1] for 1, [0, 0] for 3; coin i decides the i-th c = 1 sample (1 and 4)
+    assert torch.randint(0, 2, (2,), generator=torch.Generator().manual_seed(seed)).tolist() == coins
+    result = compute_alr(SIX_A, SIX_B, SIX_SIMS, selection="reference", seed=seed)
+    assert result.consensus.tolist() == [2, 1, 2, 0, 1, 0]
+    assert result.keep.tolist() == [True, bool(coins[0]), True, False, bool(coins[1]), False]
+    assert result.weights.tolist() == [1.0] * 6  # the kept pairs train with w = 1
+    assert result.mu == pytest.approx(0.7)  # still reported: min over the super-clean set {0, 2}
+    project = compute_alr(SIX_A, SIX_B, SIX_SIMS)  # the default is unchanged: soft weights, everything kept
+    assert project.keep.all() and project.weights[3] < 1.0
+
+
+def test_reference_selection_with_one_model_keeps_exactly_its_clean_set():
+    # one-model consensus c = 2 clean_a in {0, 2}: no coin is drawn, the clean set of model A is kept, any seed
+    for seed in range(4):
+        result = compute_alr(SIX_A, None, SIX_SIMS, selection="reference", seed=seed)
+        assert result.keep.tolist() == [True, True, True, False, False, False]
+        assert result.weights.tolist() == [1.0] * 6
+
+
+def test_reference_selection_refuses_bad_rules():
+    with pytest.raises(ValueError, match="selection must be one of project, reference, got 'coin'"):
+        compute_alr(SIX_A, SIX_B, SIX_SIMS, selection="coin")
+    with pytest.raises(ValueError, match="drop_noisy must be False"):
+        compute_alr(SIX_A, SIX_B, SIX_SIMS, selection="reference", drop_noisy=True)
+
+
+def test_mu_floor_reference_uses_the_signed_mu():
+    from trpr.modeling.alr import similarity_weights
+
+    sims = torch.tensor([0.3, -0.1, -0.5], dtype=torch.float64)
+    # mu = -0.2: 0.3 and -0.1 lie at or above mu (w = 1); -0.5 below it: reference s / mu = 2.5 -> sigmoid(12.5),
+    # project s / 1e-6 = -5e5 -> 0
+    reference = similarity_weights(sims, -0.2, 5.0, mu_floor="reference")
+    project = similarity_weights(sims, -0.2, 5.0)
+    assert reference.tolist() == pytest.approx([1.0, 1.0, 1 / (1 + math.exp(-12.5))])
+    assert project.tolist() == pytest.approx([1.0, 1.0, 0.0])
+    # mu = 0: below it s / 0 = -inf -> 0 (no NaN); mu > 0 the two rules agree: 0.5 at s = 0
+    assert similarity_weights(sims, 0.0, 5.0, mu_floor="reference").tolist() == [1.0, 0.0, 0.0]
+    zero = torch.tensor([0.0, -0.2], dtype=torch.float64)
+    assert similarity_weights(zero, 0.4, 5.0, "reference").tolist() == pytest.approx([0.5, 1 / (1 + math.exp(2.5))])
+    torch.testing.assert_close(similarity_weights(zero, 0.4, 5.0, "reference"), similarity_weights(zero, 0.4, 5.0))
+    with pytest.raises(ValueError, match="mu_floor must be one of project, reference, got 'none'"):
+        similarity_weights(sims, 0.2, 5.0, mu_floor="none")
+    # through compute_alr: negative similarities on the super-clean set give mu < 0
+    result = compute_alr(SIX_A, SIX_B, SIX_SIMS - 1.0, mu_floor="reference")
+    assert result.mu == pytest.approx(-0.3)
+    assert result.weights[5].item() == pytest.approx(1 / (1 + math.exp(-5.0 * (-1.1 / -0.3))), rel=1e-6)
+    assert compute_alr(SIX_A, SIX_B, SIX_SIMS - 1.0).weights[5].item() == pytest.approx(0.0, abs=1e-12)

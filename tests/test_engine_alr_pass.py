@@ -44,16 +44,17 @@ def tiny_pair():
                                              fused_dim=48, image_size=(32, 16))
 
 
-def encode_each_sample(model, train_split, config):
+def encode_each_sample(model, train_split, config, piece: int = 1):
     """Independent oracle for the features: every sample encoded on its own row (TrainViews without
-    augmentation, full 77 tokens). Returns (text [N, D], image [N, D], pids [N])."""
+    augmentation, full 77 tokens). Returns (text [N, D], image [N, D], pids [N]); piece 0: the global
+    embeddings instead of the fused ones."""
     views = data.TrainViews(train_split, get_tokenizer(), config["data"]["image_size"], num_views=1, augment=False)
     items = [views[i] for i in range(len(views))]
     with torch.no_grad():
         model.eval()
-        image = model.encode_image(torch.stack([item["pixel_values"][0] for item in items]))[1]
+        image = model.encode_image(torch.stack([item["pixel_values"][0] for item in items]))[piece]
         text = model.encode_text(torch.stack([item["input_ids"][0] for item in items]),
-                                 torch.stack([item["attention_mask"][0] for item in items]))[1]
+                                 torch.stack([item["attention_mask"][0] for item in items]))[piece]
         model.train()
     return text, image, torch.tensor([item["pid"] for item in items])
 
@@ -267,3 +268,58 @@ def test_two_processes_give_the_one_process_pass(tmp_path):
     torch.testing.assert_close(ranks[0]["statistics"][1], sims, rtol=1e-5, atol=1e-6)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # identical on every process
     torch.testing.assert_close(ranks[0]["weights"], weights, rtol=1e-6, atol=1e-6)
+
+
+def test_reference_selection_in_the_pass_is_seeded_per_epoch(train_split):
+    """alr.selection reference: hard keep flags (c = 2, c = 1 on a coin of (seed, epoch)), every weight 1."""
+    from accelerate import Accelerator
+
+    from trpr.modeling.alr import reference_selection
+
+    config = tiny_config("trl", **{"alr.selection": "reference"})
+    pair = tiny_pair()
+    alr_pass = engine.AlrPass(train_split, get_tokenizer(), config, Accelerator(cpu=True))
+    term = TrainingLoss.from_config(config["loss"]).alr_term
+    alr = alr_pass(list(pair.models), term, epoch=2)
+    consensus = alr["result"].consensus
+    assert torch.equal(alr["keep"], reference_selection(consensus, alr_pass_module.coin_seed(3, 2)))
+    assert torch.all(alr["weights"] == 1.0)
+    assert alr_pass_module.coin_seed(3, 2) != alr_pass_module.coin_seed(3, 3)
+
+
+def test_pass_can_score_the_global_similarity(train_split, monkeypatch):
+    """alr.score global: the losses and diagonal similarities handed to the mixture are those of the global
+    embeddings (each sample within its shuffled batch), not of the fused ones."""
+    from accelerate import Accelerator
+
+    config = tiny_config("trl", **{"alr.score": "global"})
+    pair = tiny_pair()
+    captured = {}
+    real_compute_alr = alr_pass_module.compute_alr
+    monkeypatch.setattr(alr_pass_module, "compute_alr",
+                        lambda a, b, s, **k: captured.update(a=a, b=b, s=s) or real_compute_alr(a, b, s, **k))
+    term = TrainingLoss.from_config(config["loss"]).alr_term
+    engine.AlrPass(train_split, get_tokenizer(), config, Accelerator(cpu=True))(list(pair.models), term, epoch=1)
+    monkeypatch.undo()
+    batches = engine.alr_batches(len(train_split), BATCH, config["seed"], epoch=1)
+    features = [encode_each_sample(model, train_split, config, piece=0) for model in pair.models]
+    assert features[0][0].shape[1] == pair.models[0].embed_dim != pair.models[0].output_dim
+    for got, model_features in zip((captured["a"], captured["b"]), features):
+        torch.testing.assert_close(got, per_sample_reference(model_features, "trl", batches), rtol=2e-3, atol=2e-4)
+    sims = [torch.nn.functional.cosine_similarity(text, image, dim=-1) for text, image, _ in features]
+    torch.testing.assert_close(captured["s"], (sims[0] + sims[1]) / 2, rtol=0, atol=2e-3)
+
+
+def test_pass_fits_the_mixture_of_the_gmm_preset(train_split, monkeypatch):
+    from accelerate import Accelerator
+
+    config = tiny_config("trl", **{"alr.gmm_preset": "reference", "alr.mu_floor": "reference"})
+    captured = {}
+    real_compute_alr = alr_pass_module.compute_alr
+    monkeypatch.setattr(alr_pass_module, "compute_alr",
+                        lambda a, b, s, **k: captured.update(k) or real_compute_alr(a, b, s, **k))
+    term = TrainingLoss.from_config(config["loss"]).alr_term
+    engine.AlrPass(train_split, get_tokenizer(), config, Accelerator(cpu=True))(list(tiny_pair().models), term, epoch=1)
+    mixture = captured["mixture"]
+    assert (mixture.max_iter, mixture.tol, mixture.reg_covar) == (10, 1e-2, 5e-4)  # synth-pedes: not RSTPReid
+    assert captured["mu_floor"] == "reference" and captured["selection"] == "project"

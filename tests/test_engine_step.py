@@ -87,13 +87,13 @@ def test_adam_is_fused_where_torch_has_it_and_matches_the_multi_tensor_update():
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
-def _tiny_setup(config):
+def _tiny_setup(config, **model_options):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
     pair = modeling.ReciprocalPair.from_clip(modeling.small_clip_config(**TINY_CLIP), head_seeds=(0, 1),
-                                             fused_dim=64, image_size=(32, 16))
+                                             fused_dim=64, image_size=(32, 16), **model_options)
     optimizers = [engine.build_optimizer(m, config)[0] for m in pair.models]
     generator = torch.Generator().manual_seed(1)
     batch = {"index": torch.arange(8), "pid": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
@@ -225,3 +225,77 @@ def test_trimming_text_padding_keeps_the_features():
         full, trimmed = model.encode_text(input_ids, attention_mask), model.encode_text(trimmed_ids, trimmed_mask)
     for a, b in zip(full, trimmed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_one_step_with_reference_image_tokens():
+    config = tiny_config(**{"model.image_tokens": "reference", "optim.backbone_lr": 1e-3, "optim.warmup_epochs": 0})
+    accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config, image_tokens="reference")
+    loss = TrainingLoss.from_config(config["loss"])
+    before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    assert all(math.isfinite(b) for b in before) and after[0] < before[0] and after[1] < before[1]
+
+
+def test_one_step_with_trl_trained_at_the_reference_temperature():
+    config = tiny_config(**{"loss.lambda_sdm": 0.0, "loss.lambda_trl": 1.0, "loss.trl_temperature": "reference",
+                            "optim.backbone_lr": 1e-3, "optim.warmup_epochs": 0})
+    accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
+    loss = TrainingLoss.from_config(config["loss"])
+    assert loss.terms[0].tau == config["loss"]["margin"] and loss.alr_term.tau == config["loss"]["tau"]
+    before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    assert after[0] < before[0] and after[1] < before[1]
+
+
+def test_backbone_lr_zero_freezes_the_backbone():
+    """optim.backbone_lr 0 is accepted; build_pair freezes the backbone (no grads, no optimizer group) and a
+    step changes the heads only."""
+    from accelerate import Accelerator
+
+    config = tiny_config(**{"optim.backbone_lr": 0.0, "model.backbone": "{" + ", ".join(
+        f"{k}: {v}" for k, v in TINY_CLIP.items()) + "}", "model.head_seeds": "[0, 1]"})
+    pair = engine.build_pair(config)
+    assert not any(p.requires_grad for m in pair.models for n, p in m.named_parameters() if n.startswith("clip."))
+    optimizers = [engine.build_optimizer(m, config)[0] for m in pair.models]
+    assert [g["name"] for g in optimizers[0].param_groups] == ["heads"]
+    assert engine.current_lrs(optimizers[0]) == {"lr_backbone": 0.0, "lr_head": pytest.approx(1e-4)}
+    _, _, _, batch, alr_state = _tiny_setup(config)
+    before = {n: p.detach().clone() for n, p in pair.models[0].named_parameters()}
+    loss = TrainingLoss.from_config(config["loss"])
+    engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, Accelerator(cpu=True))
+    for name, parameter in pair.models[0].named_parameters():
+        assert parameter.grad is None or not name.startswith("clip.")
+        changed = not torch.equal(parameter, before[name])
+        assert changed == (not name.startswith("clip.")) or "token_norm" in name, name
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_head_warmup_schedule_and_frozen_backbone_steps():
+    config = tiny_config(**{"optim.head_warmup_epochs": 2, "optim.warmup_epochs": 1, "optim.backbone_lr": 1e-3})
+    # 4 epochs: 0, 1 head warm-up (backbone 0, heads full lr), then warm-up + cosine over the last 2 epochs
+    backbone, heads = engine.optim.head_warmup_factors(4, config["optim"])
+    assert [backbone(e) for e in range(4)] == [0.0, 0.0, pytest.approx(0.1), pytest.approx(1.0)]
+    assert [heads(e) for e in range(4)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(1.0)]
+    accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
+    optimizer, scheduler = engine.build_optimizer(pair.models[0], config)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {"backbone": 0.0, "backbone_bias": 0.0, "heads": pytest.approx(1e-3)}
+    for _ in range(2):
+        scheduler.step()
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == pytest.approx(1e-4)
+    # a head warm-up step: the backbone's gradients are dropped, so Adam leaves it and its state alone
+    optimizers = [engine.build_optimizer(m, config)[0] for m in pair.models]
+    before = {n: p.detach().clone() for n, p in pair.models[0].named_parameters()}
+    loss = TrainingLoss.from_config(config["loss"])
+    engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator, freeze_backbone=True)
+    for name, parameter in pair.models[0].named_parameters():
+        if name.startswith("clip."):
+            assert torch.equal(parameter, before[name]) and parameter not in optimizers[0].state, name
+    assert not torch.equal(pair.models[0].image_head.token_fc1.weight, before["image_head.token_fc1.weight"])
+
+
+def test_default_schedule_is_one_lambda_as_before():
+    config = tiny_config()
+    model = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
+    _, scheduler = engine.build_optimizer(model, config)
+    assert len({id(f) for f in scheduler.lr_lambdas}) == 1  # head_warmup_epochs 0: one schedule, as before

@@ -149,3 +149,39 @@ def test_short_caption_selects_exactly_its_words():
         tokens = model.clip.encode_text(ids, mask)
         selected, valid, index = select_text_tokens(tokens.tokens, tokens.attention_row, tokens.global_index, 15)
     assert valid.sum().item() == 3 and sorted(index[0, :3].tolist()) == [1, 2, 3]
+
+
+def test_image_tokens_reference_pools_every_token_with_cls_on_a_two_token_toy():
+    """CLS [3, 4] + one patch [0, -2]; fc1 = identity, fc2 = [I; -I], no global projection, eval-mode BN
+    (running mean 0, var 1): the token MLP gives CLS -> [0.6, 0.8, -0.6, -0.8] / sqrt(1 + eps) and the
+    patch -> 0 (ReLU), so `reference` max-pools to [0.6, 0.8, 0, 0] / sqrt(1 + eps) and `all` / `topk`
+    (the patch alone) to 0."""
+    from trpr.modeling.fused import ImageFusedHead
+
+    tokens = torch.tensor([[[3.0, 4.0], [0.0, -2.0]]])
+    attention = torch.tensor([[0.0, 1.0]])
+    pooled = {}
+    for mode in ("topk", "all", "reference"):
+        head = ImageFusedHead(2, 4, num_patches=1, select_ratio=1.0, image_tokens=mode).eval()
+        with torch.no_grad():
+            head.token_fc1.weight.copy_(torch.eye(2)), head.token_fc1.bias.zero_()
+            head.token_fc2.weight.copy_(torch.cat([torch.eye(2), -torch.eye(2)])), head.token_fc2.bias.zero_()
+            head.global_proj.weight.zero_(), head.global_proj.bias.zero_()
+            pooled[mode] = head(tokens, attention)
+    scale = (1 + 1e-5) ** -0.5
+    torch.testing.assert_close(pooled["reference"], torch.tensor([[0.6, 0.8, 0.0, 0.0]]) * scale)
+    torch.testing.assert_close(pooled["all"], torch.zeros(1, 4))
+    torch.testing.assert_close(pooled["topk"], torch.zeros(1, 4))
+
+
+def test_image_tokens_reference_model_round_trip_and_config(tmp_path):
+    from trpr.configs import ConfigError, load_config
+
+    torch.manual_seed(0)
+    model = TRPRModel.from_clip(small_clip_config(), image_size=(64, 32), fused_dim=32, image_tokens="reference")
+    assert model.image_head.image_tokens == "reference" and model.explain_image(torch.randn(1, 3, 64, 32)) is None
+    model.save_pretrained(tmp_path)
+    assert TRPRModel.from_pretrained(tmp_path).image_tokens == "reference"
+    assert load_config(None, ["--model.image_tokens", "reference"])["model"]["image_tokens"] == "reference"
+    with pytest.raises(ConfigError, match="model.image_tokens must be topk, all or reference, got 'cls'"):
+        load_config(None, ["--model.image_tokens", "cls"])

@@ -143,3 +143,36 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
                                rtol=1e-4, atol=1e-4)
     for r in ranks:
         torch.testing.assert_close(torch.tensor(r["running_var"]), norm.running_var, rtol=1e-5, atol=1e-6)
+
+
+def _trl_by_hand(text, image, tau, margin):
+    """TRL with distinct pids, written out: per sample, both directions of [m - S_ii + τ log Σ_{j≠i} exp(S_ij / τ)]₊."""
+    sims = torch.nn.functional.normalize(text.double(), dim=-1) @ torch.nn.functional.normalize(image.double(), dim=-1).T
+    total = torch.zeros(len(sims), dtype=torch.float64)
+    for matrix in (sims, sims.T):
+        for i in range(len(sims)):
+            negatives = torch.cat([matrix[i, :i], matrix[i, i + 1:]])
+            total[i] += max(0.0, margin - matrix[i, i] + tau * torch.logsumexp(negatives / tau, 0))
+    return total
+
+
+def test_trl_temperature_reference_trains_with_the_margin_and_scores_alr_with_tau():
+    base = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    generator = torch.Generator().manual_seed(0)
+    text = base + 0.2 * torch.randn(4, 4, generator=generator)   # similar rows: every hinge is active
+    image = base + 0.2 * torch.randn(4, 4, generator=generator)
+    pids = torch.arange(4)
+    config = {"lambda_sdm": 0.0, "lambda_trl": 1.0, "logit_scale": 50.0, "tau": 0.015, "margin": 0.1}
+    project = TrainingLoss.from_config({**config, "trl_temperature": "tau"}, backend="torch")
+    reference = TrainingLoss.from_config({**config, "trl_temperature": "reference"}, backend="torch")
+    with_tau, with_margin = _trl_by_hand(text, image, 0.015, 0.1), _trl_by_hand(text, image, 0.1, 0.1)
+    assert (with_tau > 0).all() and not torch.allclose(with_tau, with_margin)
+    torch.testing.assert_close(project(text, image, pids).double(), with_tau.sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reference(text, image, pids).double(), with_margin.sum(), rtol=1e-5, atol=1e-6)
+    # the ALR pass scores TRL with tau under both settings
+    for loss in (project, reference):
+        torch.testing.assert_close(loss.alr_term.per_sample(text, image, pids).double(), with_tau, rtol=1e-5, atol=1e-6)
+    # with SDM trained, SDM stays the ALR term; a recipe without the key keeps tau
+    both = TrainingLoss.from_config({**config, "lambda_sdm": 1.0, "trl_temperature": "reference"}, backend="torch")
+    assert isinstance(both.alr_term, SDMLoss) and both.terms[1].tau == 0.1
+    assert TrainingLoss.from_config(config).terms[0].tau == 0.015

@@ -63,10 +63,21 @@ def test_overrides_are_typed_and_nested():
     (["--data.dataset", "market1501"], "data.dataset 'market1501' is not one of"),
     (["--alr.mu", "median"], "alr.mu"),
     (["--eval.select_row", "C/GE"], "eval.select_row"),
+    (["--eval.select_row", "max(A/GE)"], "eval.select_row must be a row like .* or a rule like"),
+    (["--eval.select_row", "max(A/GE, C/FS)"], "eval.select_row must be a row"),
     (["--model.head_seeds", "[1]"], "model.head_seeds must be null .* or two integers"),
     (["--model.head_seeds", "[1, 2.5]"], "model.head_seeds must be null"),
     (["--model.head_seeds", "7"], "model.head_seeds must be list or null"),
     (["--alr.gmm_max_iter", "0"], "gmm_max_iter >= 1"),
+    (["--loss.trl_temperature", "margin"], "loss.trl_temperature must be tau or reference, got 'margin'"),
+    (["--alr.gmm_preset", "irra"], "alr.gmm_preset must be none, reference or rde, got 'irra'"),
+    (["--alr.score", "both"], "alr.score must be fused or global, got 'both'"),
+    (["--optim.head_warmup_epochs", "-1"], "optim.head_warmup_epochs must be >= 0, got -1"),
+    (["--optim.head_warmup_epochs", "60"], "optim.head_warmup_epochs must be < train.epochs .*, got 60"),
+    (["--optim.backbone_lr", "-1e-5"], "optim.backbone_lr must be >= 0"),
+    (["--alr.mu_floor", "none"], "alr.mu_floor must be project or reference, got 'none'"),
+    (["--alr.selection", "coin"], "alr.selection must be project or reference, got 'coin'"),
+    (["--alr.selection", "reference", "--alr.drop_noisy", "true"], "alr.drop_noisy must be false, got true"),
     (["--alr.gmm_tol", "-1e-3"], "gmm_tol > 0"),
     (["--alr.gmm_reg_covar", "-1.0"], "gmm_reg_covar >= 0"),
     (["--train.epochs"], "needs a value"),
@@ -90,3 +101,45 @@ def test_bad_recipe_file_names_file_and_key(tmp_path: Path):
     loop.write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="loops back"):
         load_config(loop)
+
+
+@pytest.mark.parametrize("recipe, preset, expected", [
+    ("cuhk-pedes", "reference", (10, 1e-2, 5e-4)),
+    ("rstpreid", "reference", (100, 1e-4, 1e-6)),
+    ("cuhk-pedes-noise0.5", "reference", (10, 1e-2, 5e-4)),   # the reference's rule ignores the noise rate
+    ("cuhk-pedes-noise0.2", "rde", (10, 1e-2, 5e-4)),
+    ("cuhk-pedes-noise0.5", "rde", (100, 1e-4, 1e-6)),
+    ("rstpreid-noise0.2", "rde", (100, 1e-4, 1e-6)),
+    ("cuhk-pedes", "none", (100, 1e-3, 5e-4)),               # the defaults: unchanged
+])
+def test_gmm_preset_sets_the_three_mixture_keys(recipe, preset, expected):
+    config = load_config(recipe, ["--alr.gmm_preset", preset])
+    alr = config["alr"]
+    assert (alr["gmm_max_iter"], alr["gmm_tol"], alr["gmm_reg_covar"]) == expected
+    assert load_config(recipe)["alr"]["gmm_preset"] == "none"
+
+
+def test_select_row_max_rule_picks_the_best_of_its_rows():
+    from trpr.engine import selection_score
+    from trpr.modeling.pair import selection_rows
+
+    config = load_config(None, ["--eval.select_row", "max(A+B/GE, A+B/FS)"])
+    assert selection_rows(config["eval"]["select_row"]) == ("A+B/GE", "A+B/FS")
+    metrics = {"A+B/GE": {"R1": 61.5}, "A+B/FS": {"R1": 63.25}, "A+B/GE+FS": {"R1": 64.0}}
+    assert selection_score(metrics, config) == 63.25  # max(GE, FS), not GE+FS
+    assert selection_score({**metrics, "A+B/GE": {"R1": 70.0}}, config) == 70.0
+    assert selection_score(metrics, load_config(None)) == 64.0  # the default row: unchanged
+
+
+def test_search_and_card_take_the_first_row_of_a_max_rule():
+    from types import SimpleNamespace
+
+    from trpr.evaluation.search import choose_search_row
+    from trpr.modeling.card import card_data
+
+    checkpoint = SimpleNamespace(run_config={"eval": {"select_row": "max(A/GE, A/FS)"}}, path="run/best")
+    row, why = choose_search_row(None, checkpoint)
+    assert row == "A/GE" and "first row of the run's selection rule" in why
+    record = {"config": {"eval": {"select_row": "max(A/GE, A/FS)"}},
+              "results": {"test": {"dataset": "cuhk-pedes", "rows": {"A/GE": {"R1": 50.0}}}}}
+    assert "A/GE" in card_data(record).eval_results[0].metric_name

@@ -188,7 +188,7 @@ NUMERIC_RANGES = {
     "loss.lambda_sdm": (0, True), "loss.lambda_trl": (0, True),
     "loss.logit_scale": (0, False), "loss.tau": (0, False), "loss.margin": (0, True),
     "alr.sharpness": (0, False), "alr.start_epoch": (0, True),
-    "optim.backbone_lr": (0, False), "optim.head_lr": (0, False), "optim.weight_decay": (0, True),
+    "optim.backbone_lr": (0, True), "optim.head_warmup_epochs": (0, True), "optim.head_lr": (0, False), "optim.weight_decay": (0, True),
     "optim.bias_lr_factor": (0, False), "optim.eps": (0, False),
     "optim.warmup_epochs": (0, True), "optim.warmup_factor": (0, True),
     "train.log_every": (1, True),
@@ -259,8 +259,9 @@ def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
     from trpr.data.images import IMAGE_POLICIES
     from trpr.data.noise import check_noise_rate
-    from trpr.modeling.alr import MixtureSettings, validate_mu_rule
-    from trpr.modeling.pair import parse_row_key
+    from trpr.modeling.alr import MU_FLOOR_RULES, SELECTION_RULES, MixtureSettings, validate_mu_rule
+    from trpr.modeling.fused import IMAGE_TOKEN_MODES
+    from trpr.modeling.pair import selection_rows
 
     def fail(message):
         raise ConfigError(f"{source}: {message}")
@@ -297,8 +298,10 @@ def validate(config: dict, source: str = "config") -> None:
             fail(f"model.backbone mapping is not a valid modeling.small_clip_config: {message}")
     if not 0.0 <= config["model"]["select_ratio"] <= 1.0:
         fail(f"model.select_ratio must lie in [0, 1], got {config['model']['select_ratio']}")
-    if config["model"]["image_tokens"] not in ("topk", "all"):
-        fail(f"model.image_tokens must be topk or all, got {config['model']['image_tokens']!r}")
+    if config["model"]["image_tokens"] not in IMAGE_TOKEN_MODES:
+        fail(f"model.image_tokens must be topk, all or reference, got {config['model']['image_tokens']!r}")
+    if config["loss"]["trl_temperature"] not in ("tau", "reference"):
+        fail(f"loss.trl_temperature must be tau or reference, got {config['loss']['trl_temperature']!r}")
     if config["loss"]["lambda_sdm"] <= 0 and config["loss"]["lambda_trl"] <= 0:
         fail("loss.lambda_sdm and loss.lambda_trl are both 0: nothing to train")
     seeds = config["model"]["head_seeds"]
@@ -310,6 +313,15 @@ def validate(config: dict, source: str = "config") -> None:
         MixtureSettings.from_config(config["alr"]).check()
     except ValueError as error:
         fail(f"alr: {error}")
+    if config["alr"]["selection"] not in SELECTION_RULES:
+        fail(f"alr.selection must be project or reference, got {config['alr']['selection']!r}")
+    if config["alr"]["selection"] == "reference" and config["alr"]["drop_noisy"]:
+        fail("alr.selection reference sets the keep flags itself (c = 2, and c = 1 on a coin flip): "
+             "alr.drop_noisy must be false, got true")
+    if config["alr"]["score"] not in ("fused", "global"):
+        fail(f"alr.score must be fused or global, got {config['alr']['score']!r}")
+    if config["alr"]["mu_floor"] not in MU_FLOOR_RULES:
+        fail(f"alr.mu_floor must be project or reference, got {config['alr']['mu_floor']!r}")
     try:
         validate_mu_rule(config["alr"]["mu"])
     except ValueError as error:
@@ -323,12 +335,30 @@ def validate(config: dict, source: str = "config") -> None:
              f"got {config['train']['batch_size']}")
     if config["train"]["compile"] is not False and config["train"]["compile"] not in COMPILE_MODES:
         fail(f"train.compile must be auto, regional, full or false, got {config['train']['compile']!r}")
+    if config["optim"]["head_warmup_epochs"] >= config["train"]["epochs"]:
+        fail(f"optim.head_warmup_epochs must be < train.epochs ({config['train']['epochs']}), "
+             f"got {config['optim']['head_warmup_epochs']}")
     if config["eval"]["every"] < 1:
         fail(f"eval.every must be >= 1, got {config['eval']['every']}")
     try:
-        parse_row_key(config["eval"]["select_row"])
+        selection_rows(config["eval"]["select_row"])
     except ValueError as error:
-        fail(f"eval.select_row must be a row like 'A+B/GE+FS': {error}")
+        fail(f"eval.select_row must be a row like 'A+B/GE+FS' or a rule like 'max(A+B/GE, A+B/FS)': {error}")
+
+
+def apply_gmm_preset(config: dict, source: str = "config") -> None:
+    """alr.gmm_preset other than none: write its (gmm_max_iter, gmm_tol, gmm_reg_covar) for the config's
+    dataset and noise rate into the alr section (the preset wins over the three keys; the resolved
+    config.yaml records the values used). ConfigError naming an unknown preset."""
+    from trpr.modeling.alr import mixture_preset
+
+    alr = config["alr"]
+    try:
+        values = mixture_preset(alr["gmm_preset"], config["data"]["dataset"], config["data"]["noise_rate"])
+    except ValueError:
+        raise ConfigError(f"{source}: alr.gmm_preset must be none, reference or rde, got {alr['gmm_preset']!r}") from None
+    if values is not None:
+        alr["gmm_max_iter"], alr["gmm_tol"], alr["gmm_reg_covar"] = values
 
 
 def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> dict:
@@ -348,6 +378,7 @@ def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> di
     if update:
         _merge(config, update, defaults, "command line")
         source += " + command line"
+    apply_gmm_preset(config, source)
     validate(config, source)
     return config
 

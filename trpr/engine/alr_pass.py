@@ -37,9 +37,15 @@ from .step import trim_text_padding
 # Spawn key of the pass's batch order: np.random.SeedSequence([seed, epoch], spawn_key=(ALR_BATCH_STREAM,)),
 # a stream of its own, distinct from the training order's SeedSequence([seed, epoch]) ("ALR" in ASCII).
 ALR_BATCH_STREAM = 0x414C52
+# Spawn key of the coin flips of alr.selection "reference" (c = 1 samples kept on a coin): its own stream of
+# (seed, epoch) as well ("COIN" in ASCII).
+ALR_COIN_STREAM = 0x434F494E
 # Stored features: L2-normalised (every entry in [-1, 1], no overflow) in fp16 (11-bit mantissa: a cosine
 # is off by < 1e-3, far below what moves a loss at tau 0.015 or scale 50 noticeably); bf16 (8 bits) is not.
 FEATURE_DTYPE = torch.float16
+# alr.score -> the piece of encode_image / encode_text ((global, fused)) whose losses and diagonal similarities
+# the pass scores: "fused" (the method, docs/method.md §4) or "global" (the global embedding, an ablation)
+SCORED_PIECES = {"fused": 1, "global": 0}
 # Weight quantiles recorded per epoch (the figure's bands) and drawn in alr_weights.png.
 WEIGHT_QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
@@ -57,6 +63,11 @@ def batch_statistics(loss_term, text: torch.Tensor, image: torch.Tensor, pids: t
 def alr_active(config: dict, epoch: int) -> bool:
     """Whether epoch `epoch` trains with ALR weights (alr.enabled and epoch >= alr.start_epoch)."""
     return bool(config["alr"]["enabled"]) and epoch >= config["alr"]["start_epoch"]
+
+
+def coin_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s coin flips under alr.selection "reference" (`modeling.alr.reference_selection`)."""
+    return int(np.random.SeedSequence([seed, epoch], spawn_key=(ALR_COIN_STREAM,)).generate_state(1)[0])
 
 
 def alr_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[tuple[torch.Tensor, int]]:
@@ -124,18 +135,21 @@ class AlrPass:
         return self.accelerator.gather(tensor)[:total]
 
     def encode(self, models) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per model (captions [N, D], unique images [U, D]): fused features, L2-normalised, FEATURE_DTYPE,
-        on the accelerator's device, on every process (each encodes its share; shares gathered)."""
+        """Per model (captions [N, D], unique images [U, D]): fused features (alr.score "global": the global
+        embeddings, [N, E] / [U, E]), L2-normalised, FEATURE_DTYPE, on the accelerator's device, on every
+        process (each encodes its share; shares gathered)."""
         accelerator, device = self.accelerator, self.accelerator.device
-        images = [torch.empty(len(self.image_share), m.output_dim, dtype=FEATURE_DTYPE, device=device) for m in models]
-        captions = [torch.empty(len(self.input_ids), m.output_dim, dtype=FEATURE_DTYPE, device=device) for m in models]
+        piece = SCORED_PIECES[self.config["alr"]["score"]]  # 1: fused (default), 0: global
+        width = [m.output_dim if piece else m.embed_dim for m in models]
+        images = [torch.empty(len(self.image_share), w, dtype=FEATURE_DTYPE, device=device) for w in width]
+        captions = [torch.empty(len(self.input_ids), w, dtype=FEATURE_DTYPE, device=device) for w in width]
         quiet = not accelerator.is_main_process
         with accelerator.autocast(), fast_math(device):     # the forward only; ALR's scores run exact (kernels)
             start = 0
             for batch in tqdm(self.image_loader, desc="ALR pass: images", disable=quiet, leave=False):
                 pixels = normalize_uint8(batch["pixel_values"].to(device, non_blocking=True))
                 for model, stored in zip(models, images):
-                    stored[start:start + len(pixels)] = F.normalize(model.encode_image(pixels)[1].float(), dim=-1)
+                    stored[start:start + len(pixels)] = F.normalize(model.encode_image(pixels)[piece].float(), dim=-1)
                 start += len(pixels)
             for start in tqdm(range(0, len(self.input_ids), self.encode_batch), desc="ALR pass: captions",
                               disable=quiet, leave=False):
@@ -143,7 +157,7 @@ class AlrPass:
                                               self.attention_mask[start:start + self.encode_batch])
                 ids, mask = ids.to(device), mask.to(device)
                 for model, stored in zip(models, captions):
-                    stored[start:start + len(ids)] = F.normalize(model.encode_text(ids, mask)[1].float(), dim=-1)
+                    stored[start:start + len(ids)] = F.normalize(model.encode_text(ids, mask)[piece].float(), dim=-1)
         return [(self._gather(text, self.num_samples), self._gather(image, self.num_images))
                 for text, image in zip(captions, images)]
 
@@ -187,7 +201,8 @@ class AlrPass:
             diag_sims = sims.mean(0)
             result = compute_alr(losses[0], losses[1] if len(losses) > 1 else None, diag_sims, mu=alr_cfg["mu"],
                                  sharpness=alr_cfg["sharpness"], drop_noisy=alr_cfg["drop_noisy"],
-                                 mixture=MixtureSettings.from_config(alr_cfg))
+                                 mixture=MixtureSettings.from_config(alr_cfg), selection=alr_cfg["selection"],
+                                 seed=coin_seed(self.config["seed"], epoch), mu_floor=alr_cfg["mu_floor"])
             weights = result.weights.to(device)
             keep = result.keep.float().to(device)
         broadcast_from_main(weights, keep)  # the mixture is fitted once, on the main process

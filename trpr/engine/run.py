@@ -22,6 +22,7 @@ from trpr.modeling.run_folder import (CONFIG_FILE, LAST_DIR, NOISE_PERMUTATION_F
                                  RUN_MARKERS, STATE_DIR, TRAINER_STATE_FILE, RunLock, describe_holder, swap_paths)
 
 from .distributed import sync_batch_norms
+from .optim import freeze_backbone
 from .sampler import GlobalBatchSampler
 
 
@@ -413,7 +414,8 @@ def head_seeds(config: dict) -> tuple[int, int]:
 
 def build_pair(config: dict, world_size: int = 1) -> modeling.ReciprocalPair:
     """The reciprocal pair of the config's model section (on the CPU; fused heads from `head_seeds`),
-    gradient checkpointing set, its BatchNorm statistics synchronised across processes when world_size > 1."""
+    gradient checkpointing set, its BatchNorm statistics synchronised across processes when world_size > 1;
+    with optim.backbone_lr 0 the backbone is frozen (`optim.freeze_backbone`: no gradients, no optimizer group)."""
     model_cfg = config["model"]
     pair = modeling.ReciprocalPair.from_clip(build_clip_source(model_cfg["backbone"]),
                                              head_seeds=head_seeds(config),
@@ -422,6 +424,8 @@ def build_pair(config: dict, world_size: int = 1) -> modeling.ReciprocalPair:
                                              image_tokens=model_cfg["image_tokens"])
     for model in pair.models:
         model.set_gradient_checkpointing(model_cfg["gradient_checkpointing"])
+        if config["optim"]["backbone_lr"] == 0:
+            freeze_backbone(model)  # before the DDP wrap: DDP only ever sees the heads as trainable
         if world_size > 1:
             sync_batch_norms(model)
     pair.run_record = {"config": copy.deepcopy(config), "results": {}}  # best/ and last/ cards name the recipe

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from trpr.data.transforms import normalize_uint8
 
 from .compilation import fast_math
-from .optim import current_lrs
+from .optim import current_lrs, drop_backbone_grads
 from .timing import StepClock
 
 TEXT_LENGTHS = "text_lengths"  # batch key (host list [V]) written by batch_to_device
@@ -98,7 +98,8 @@ def encode_view(model, batch: dict, view: int, device, autocast=None) -> tuple[t
     return out["text_fused"].float(), out["image_fused"].float()
 
 
-def reciprocal_step(wrapped_models, optimizers, batch: dict, alr_state: dict, loss, accelerator) -> torch.Tensor:
+def reciprocal_step(wrapped_models, optimizers, batch: dict, alr_state: dict, loss, accelerator, *,
+                    freeze_backbone: bool = False) -> torch.Tensor:
     """One training step of both models on one batch. Returns this process's shares of [loss A, loss B]
     (fp32 [2], detached, on the device; summed over the processes they are the global batch's losses).
 
@@ -106,7 +107,9 @@ def reciprocal_step(wrapped_models, optimizers, batch: dict, alr_state: dict, lo
     model B view 1), on the host or moved by `batch_to_device`. alr_state: {"weights": [N],
     "keep": [N] bool} indexed by the dataset index. loss: a modeling.losses.TrainingLoss (rank / world
     size of this process). Each model: forward, loss on the global batch, backward, its own optimizer step.
-    Nothing is read back to the host: a non-finite loss is found by the caller (`train_one_epoch`)."""
+    Nothing is read back to the host: a non-finite loss is found by the caller (`train_one_epoch`).
+    freeze_backbone (a head warm-up epoch, optim.head_warmup_epochs): the backbone groups' gradients are
+    dropped before each step (`optim.drop_backbone_grads`), so only the fused heads change."""
     device = accelerator.device
     if TEXT_LENGTHS not in batch:
         batch = batch_to_device(batch, device)
@@ -119,6 +122,8 @@ def reciprocal_step(wrapped_models, optimizers, batch: dict, alr_state: dict, lo
         local = loss(text, image, pids, weights, keep)
         # DDP averages the gradients over the processes: scale so that they are those of the global loss
         accelerator.backward(local * world)
+        if freeze_backbone:
+            drop_backbone_grads(optimizer)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         shares.append(local.detach().float())
@@ -206,10 +211,11 @@ def _check_finite(first_bad: list[int], epoch: int, first_global_step: int, opti
 
 def train_one_epoch(wrapped_models, optimizers, loader, alr_state: dict, loss, accelerator, *, epoch: int,
                     epochs: int, global_step: int, log_every: int, batches: Iterator | None = None,
-                    max_steps: int | None = None) -> tuple[dict, int]:
+                    max_steps: int | None = None, freeze_backbone: bool = False) -> tuple[dict, int]:
     """Every step of one epoch over `loader` (a DataLoader of TrainViews, batch sampler EpochKeyedBatches
     or GlobalBatchSampler), or over `batches` when given (an iterator from `start_epoch(loader, epoch)`,
-    already decoding); at most `max_steps` steps (benchmarks). Every `log_every` steps: the mean losses
+    already decoding); at most `max_steps` steps (benchmarks); freeze_backbone: a head warm-up epoch
+    (`reciprocal_step`). Every `log_every` steps: the mean losses
     and learning rates since the last log go to the trackers and the progress bar, and the losses are
     checked (TrainingDiverged names the first non-finite step); the same at the end of the epoch.
     Returns ({"step", "loss_a", "loss_b" (epoch means), "lr_backbone", "lr_head", "steps",
@@ -229,7 +235,7 @@ def train_one_epoch(wrapped_models, optimizers, loader, alr_state: dict, loss, a
             break
         clock.step_started()
         shares = reciprocal_step(wrapped_models, optimizers, batch_to_device(batch, device), alr_state, loss,
-                                 accelerator)
+                                 accelerator, freeze_backbone=freeze_backbone)
         tally.add(shares, step)
         clock.step_finished()
         global_step += 1

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from trpr import modeling
 from trpr.evaluation import evaluate_pair
+from trpr.modeling.pair import selection_r1
 from trpr.modeling.run_folder import TEST_METRICS_FILE, selected_checkpoint
 
 
@@ -33,8 +34,9 @@ def validate(pair, splits, tokenizer, config: dict, accelerator) -> dict[str, di
 
 
 def selection_score(metrics: dict, config: dict) -> float:
-    """The R@1 (percent) of the eval.select_row row: the score best/ is chosen by."""
-    return metrics[config["eval"]["select_row"]]["R1"]
+    """The R@1 (percent) of the eval.select_row row (of the best of its rows for a max(...) rule): the score
+    best/ is chosen by."""
+    return selection_r1(metrics, config["eval"]["select_row"])
 
 
 def log_validation(metrics: dict, epoch: int, config: dict, accelerator, *, global_step: int, improved: bool) -> None:

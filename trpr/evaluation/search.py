@@ -18,7 +18,7 @@ from trpr import kernels
 from trpr import modeling
 from trpr.data.transforms import default_cache_dir
 from trpr.metrics.published import canonical_dataset
-from trpr.modeling.pair import ROW_KEYS, parse_row_key
+from trpr.modeling.pair import ROW_KEYS, parse_row_key, selection_rows
 
 from .checkpoints import Checkpoint, EvalInputError
 from .features import encode_dataset, eval_mode, model_device
@@ -172,10 +172,13 @@ def choose_search_row(score: str | None, checkpoint: Checkpoint) -> tuple[str, s
     selected = ((checkpoint.run_config or {}).get("eval") or {}).get("select_row")
     if selected is not None:
         try:
-            parse_row_key(selected)
+            rows = selection_rows(selected)
         except ValueError:
             raise EvalInputError(f"checkpoint {checkpoint.path}: config.yaml's eval.select_row {selected!r} is not a "
                                  f"row; pass --score (one of {', '.join(ROW_KEYS)})") from None
+        if len(rows) > 1:  # a max(...) rule: one ranking needs one row
+            return rows[0], (f"the first row of the run's selection rule eval.select_row {selected}; --score to "
+                             "change")
         return selected, "the row the run was selected on, its eval.select_row; --score to change"
     return DEFAULT_SEARCH_ROW, "no run config to take eval.select_row from; --score to change"
 

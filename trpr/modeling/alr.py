@@ -15,7 +15,9 @@ Steps (one call = one epoch):
     (if empty: the samples with the highest ``c``);
  3. threshold ``mu`` over the fused diagonal similarities of ``C``: ``min`` | ``mean`` | quantile;
  4. weight ``w = 1`` where ``s >= mu``, else ``sigmoid(sharpness * s / mu)``;
- 5. keep flag ``h = 1`` (soft weighting), or with ``drop_noisy`` ``h = [c >= 1]``.
+ 5. keep flag ``h = 1`` (soft weighting), or with ``drop_noisy`` ``h = [c >= 1]``;
+    ``selection="reference"`` (the rebuilt reference code's and RDE's hard rule, docs/method.md §10) instead
+    keeps every ``c = 2`` sample and a seeded coin-flip half of the ``c = 1`` samples, with ``w = 1``.
 
 One-model option (``losses_b=None``): ``c = 2 * clean_a`` so that the super-clean set is the clean
 set of model A and ``drop_noisy`` drops the samples it calls noisy.
@@ -42,6 +44,13 @@ FIT_ONE_SIDED = "one_sided"              # the split called every sample clean, 
 #                                          (one component empty): no split, every sample clean
 DEGENERATE_RULE = "no split: the model calls every sample clean this epoch"
 
+# compute_alr's selection rules: "project" = the soft weights (+ drop_noisy's keep flags); "reference" = the
+# reference's hard selection (c = 2 kept, c = 1 kept on a seeded coin flip, c = 0 dropped; w = 1 for all)
+SELECTION_RULES = ("project", "reference")
+# the ratio s / mu of the weight: "project" uses max(mu, MU_FLOOR); "reference" the signed mu as it is (the
+# reference code: for mu < 0 a sample below mu gets s / mu > 1, i.e. a weight near 1)
+MU_FLOOR_RULES = ("project", "reference")
+
 
 @dataclass(frozen=True)
 class MixtureSettings:
@@ -66,6 +75,27 @@ class MixtureSettings:
         if self.max_iter < 1 or not self.tol > 0 or not self.reg_covar >= 0:
             raise ValueError(f"ALR mixture settings need gmm_max_iter >= 1, gmm_tol > 0 and gmm_reg_covar >= 0, "
                              f"got {self.max_iter}, {self.tol}, {self.reg_covar}")
+
+
+# alr.gmm_preset: named (gmm_max_iter, gmm_tol, gmm_reg_covar) rules, docs/method.md §10. "reference": the rebuilt
+# 3RTPR reference code (10 / 1e-2 / 5e-4, on RSTPReid 100 / 1e-4 / 1e-6); "rde": RDE's rule (100 / 1e-4 / 1e-6
+# above 0.4 noise and on RSTPReid, 10 / 1e-2 / 5e-4 otherwise); "none": the three keys as given.
+GMM_PRESETS = ("none", "reference", "rde")
+LIGHT_MIXTURE = (10, 1e-2, 5e-4)
+FULL_MIXTURE = (100, 1e-4, 1e-6)
+
+
+def mixture_preset(preset: str, dataset: str, noise_rate: float) -> Optional[tuple[int, float, float]]:
+    """(gmm_max_iter, gmm_tol, gmm_reg_covar) of a GMM_PRESETS rule for a dataset and noise rate; None for
+    "none"; ValueError for an unknown preset."""
+    if preset not in GMM_PRESETS:
+        raise ValueError(f"gmm_preset must be one of {', '.join(GMM_PRESETS)}, got {preset!r}")
+    if preset == "none":
+        return None
+    rstpreid = dataset.lower() == "rstpreid"
+    if preset == "reference":
+        return FULL_MIXTURE if rstpreid else LIGHT_MIXTURE
+    return FULL_MIXTURE if rstpreid or noise_rate > 0.4 else LIGHT_MIXTURE
 
 
 @dataclass
@@ -109,8 +139,8 @@ MuRule = Union[str, float]
 class AlrResult:
     """Output of :func:`compute_alr`; every tensor has one entry per training sample (N).
 
-    weights:   float32 [N] in (0, 1] (may underflow towards 0 when mu <= 0), constant for the epoch.
-    keep:      bool [N], the keep flag h (all True unless ``drop_noisy``).
+    weights:   float32 [N] in [0, 1] (may underflow towards 0 when mu <= 0), constant for the epoch.
+    keep:      bool [N], the keep flag h (all True unless ``drop_noisy`` or selection "reference").
     consensus: int64 [N] in {0, 1, 2}, number of models that call the sample clean.
     fit_a / fit_b: the models' MixtureFit (fit_b None: one-model ALR).
     mu:        the similarity threshold (cosine units).
@@ -233,15 +263,31 @@ def validate_mu_rule(mu: MuRule) -> None:
     parse_quantile(mu)
 
 
-def similarity_weights(diag_sims: torch.Tensor, mu: float, sharpness: float) -> torch.Tensor:
-    """w = 1 where s >= mu, else sigmoid(sharpness * s / max(mu, MU_FLOOR)); float64 [N]."""
-    ratio = diag_sims / max(mu, MU_FLOOR)
+def similarity_weights(diag_sims: torch.Tensor, mu: float, sharpness: float, mu_floor: str = "project") -> torch.Tensor:
+    """w = 1 where s >= mu, else sigmoid(sharpness * s / max(mu, MU_FLOOR)); float64 [N]. mu_floor
+    "reference": sigmoid(sharpness * s / mu) with the signed mu, no floor (mu = 0: 0 below it)."""
+    if mu_floor not in MU_FLOOR_RULES:
+        raise ValueError(f"ALR: mu_floor must be one of {', '.join(MU_FLOOR_RULES)}, got {mu_floor!r}")
+    ratio = diag_sims / (max(mu, MU_FLOOR) if mu_floor == "project" else mu)
     soft = torch.sigmoid(sharpness * ratio)
     return torch.where(diag_sims >= mu, torch.ones_like(diag_sims), soft)
 
 
+def reference_selection(consensus: torch.Tensor, seed: int) -> torch.Tensor:
+    """The reference's (and RDE's) hard selection: keep [N] bool = c == 2, plus the c == 1 samples whose coin
+    comes up 1; the coins are ``torch.randint(0, 2, (number of c == 1 samples,))`` from a generator seeded with
+    `seed`, one per c == 1 sample in index order (RDE adds such a coin to c and keeps c > 1). With one-model
+    consensus (c in {0, 2}) no coin is drawn: the model's clean set is kept."""
+    keep = consensus == 2
+    middle = consensus == 1
+    coins = torch.randint(0, 2, (int(middle.sum()),), generator=torch.Generator().manual_seed(int(seed)))
+    keep[middle] = coins.bool()
+    return keep
+
+
 def compute_alr(losses_a, losses_b, diag_sims, mu: MuRule = "min", sharpness: float = 5.0,
-                drop_noisy: bool = False, mixture: MixtureSettings = MixtureSettings()) -> AlrResult:
+                drop_noisy: bool = False, mixture: MixtureSettings = MixtureSettings(),
+                selection: str = "project", seed: int = 0, mu_floor: str = "project") -> AlrResult:
     """One epoch of ALR from the whole training set's per-sample statistics.
 
     losses_a, losses_b: [N] per-sample losses of model A and B (losses_b None: one-model ALR).
@@ -249,10 +295,17 @@ def compute_alr(losses_a, losses_b, diag_sims, mu: MuRule = "min", sharpness: fl
     mu: threshold rule, see :func:`similarity_threshold`; sharpness: kappa of the sigmoid.
     drop_noisy: keep flag h = [consensus >= 1] instead of all ones.
     mixture: the Gaussian-mixture settings (:class:`MixtureSettings`).
+    selection: "project" (the weights and keep flags above) or "reference" (:func:`reference_selection`
+    with `seed`: hard keep flags, every weight 1; drop_noisy must then be False; mu is still reported).
+    mu_floor: "project" (s / max(mu, MU_FLOOR)) or "reference" (s / mu, no floor): :func:`similarity_weights`.
     When neither model splits (degenerate fits, or every sample clean for both) the super-clean set is
     every sample, mu = the lowest similarity and every weight is 1: ALR does nothing that epoch.
     """
     validate_mu_rule(mu)
+    if selection not in SELECTION_RULES:
+        raise ValueError(f"ALR: selection must be one of {', '.join(SELECTION_RULES)}, got {selection!r}")
+    if selection == "reference" and drop_noisy:
+        raise ValueError("ALR: selection 'reference' sets the keep flags itself; drop_noisy must be False")
     losses_a = _as_1d_float64(losses_a, "losses_a")
     sims = _as_1d_float64(diag_sims, "diag_sims")
     if sims.numel() != losses_a.numel():
@@ -269,8 +322,10 @@ def compute_alr(losses_a, losses_b, diag_sims, mu: MuRule = "min", sharpness: fl
         consensus = (fit_a.p_clean > 0.5).long() + (fit_b.p_clean > 0.5).long()
     super_clean = consensus == consensus.max()  # == 2 when any sample is clean for both models
     threshold = similarity_threshold(sims, super_clean, mu)
-    weights = similarity_weights(sims, threshold, float(sharpness)).to(torch.float32)
+    weights = similarity_weights(sims, threshold, float(sharpness), mu_floor).to(torch.float32)
     keep = consensus >= 1 if drop_noisy else torch.ones_like(consensus, dtype=torch.bool)
+    if selection == "reference":
+        keep, weights = reference_selection(consensus, seed), torch.ones_like(weights)
     return AlrResult(weights=weights, keep=keep, consensus=consensus, fit_a=fit_a, fit_b=fit_b, mu=threshold)
 
 

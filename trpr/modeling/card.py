@@ -63,6 +63,8 @@ def card_data(record: dict | None, model_name: str = "3rtpr") -> ModelCardData:
     config = record.get("config") or {}
     datasets = sorted({d for d in [_dataset_name(config)] + [r.get("dataset") for r in (record.get("results") or {}).values()] if d})
     row = ((config.get("eval") or {}).get("select_row")) or "A+B/GE+FS"
+    if str(row).startswith("max("):  # a max(...) selection rule: its first row
+        row = str(row)[4:-1].split(",")[0].strip()
     results = []
     for label, result in (record.get("results") or {}).items():
         values = (result.get("rows") or {}).get(row)

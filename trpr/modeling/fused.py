@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGE_TOKEN_MODES = ("topk", "all")
+# topk: the k most attended patches (the paper); all: every patch, CLS excluded; reference: every token, CLS
+# included (the rebuilt reference code: it gathers the top-k, then overwrites them with all image tokens)
+IMAGE_TOKEN_MODES = ("topk", "all", "reference")
 
 
 def num_selected(num_candidates: int, select_ratio: float) -> int:
@@ -157,8 +159,9 @@ def select_text_tokens(tokens: torch.Tensor, scores: torch.Tensor, eot_index: to
 
 
 class ImageFusedHead(FusedHead):
-    """Image branch: `image_tokens="topk"` pools the k = floor(N·ρ) most attended patches,
-    `"all"` pools every patch (the rebuilt reference code's behaviour, for ablation)."""
+    """Image branch: `image_tokens="topk"` pools the k = floor(N·ρ) most attended patches, `"all"` pools
+    every patch (CLS excluded), `"reference"` every token, CLS included (the rebuilt reference code's
+    behaviour: docs/method.md §10); the CLS token also feeds the global projection in every mode."""
 
     def __init__(self, embed_dim: int, fused_dim: int, num_patches: int, select_ratio: float,
                  image_tokens: str = "topk"):
@@ -171,6 +174,8 @@ class ImageFusedHead(FusedHead):
     def forward(self, tokens: torch.Tensor, attention_row: torch.Tensor) -> torch.Tensor:
         """tokens [B, 1+N, E] (CLS first), attention_row [B, 1+N] -> fused [B, D]."""
         global_embedding, patches = tokens[:, 0], tokens[:, 1:]
+        if self.image_tokens == "reference":
+            return self.fuse(tokens, global_embedding)
         if self.image_tokens == "topk":
             patches = select_image_tokens(patches, attention_row[:, 1:], self.k)
         return self.fuse(patches, global_embedding)

@@ -139,27 +139,35 @@ class TrainingLoss(nn.Module):
     pids, weights=None, keep=None) -> this process's share of λ_sdm Σ h w ℓ_sdm / Σ h + λ_trl Σ h w ℓ_trl.
     """
 
-    def __init__(self, terms: list[PairLoss]):
+    def __init__(self, terms: list[PairLoss], alr_scoring: PairLoss | None = None):
         super().__init__()
         if not terms:
             raise ValueError("TrainingLoss needs at least one term (every loss weight is 0)")
         self.terms = nn.ModuleList(terms)
+        self.alr_scoring = alr_scoring  # scores the ALR pass instead of terms[0] (loss.trl_temperature reference)
 
     @classmethod
     def from_config(cls, loss_cfg: dict, rank: int = 0, world_size: int = 1, backend: str = "auto") -> "TrainingLoss":
-        """The terms with λ > 0 of a config `loss` section (lambda_sdm, lambda_trl, logit_scale, tau, margin)."""
+        """The terms with λ > 0 of a config `loss` section (lambda_sdm, lambda_trl, logit_scale, tau, margin,
+        trl_temperature). trl_temperature "reference" (the reference code, docs/method.md §10): TRL is
+        TRAINED with τ = margin, while the ALR pass scores TRL with τ (when TRL is the ALR term)."""
         distribution = dict(rank=rank, world_size=world_size, backend=backend)
-        terms = []
+        reference = loss_cfg.get("trl_temperature", "tau") == "reference"
+        terms, alr_scoring = [], None
         if loss_cfg["lambda_sdm"] > 0:
             terms.append(SDMLoss(loss_cfg["logit_scale"], loss_cfg["lambda_sdm"], **distribution))
         if loss_cfg["lambda_trl"] > 0:
-            terms.append(TRLLoss(loss_cfg["tau"], loss_cfg["margin"], loss_cfg["lambda_trl"], **distribution))
-        return cls(terms)
+            train_tau = loss_cfg["margin"] if reference else loss_cfg["tau"]
+            terms.append(TRLLoss(train_tau, loss_cfg["margin"], loss_cfg["lambda_trl"], **distribution))
+            if reference and loss_cfg["lambda_sdm"] <= 0:
+                alr_scoring = TRLLoss(loss_cfg["tau"], loss_cfg["margin"], loss_cfg["lambda_trl"], **distribution)
+        return cls(terms, alr_scoring)
 
     @property
     def alr_term(self) -> PairLoss:
-        """The term whose per-sample losses ALR models (docs/method.md §4): SDM when it is trained, else TRL."""
-        return self.terms[0]
+        """The term whose per-sample losses ALR models (docs/method.md §4): SDM when it is trained, else TRL
+        (with τ, also when loss.trl_temperature "reference" trains TRL with τ = margin)."""
+        return self.alr_scoring if self.alr_scoring is not None else self.terms[0]
 
     def forward(self, text_feats, image_feats, pids, weights=None, keep=None) -> torch.Tensor:
         first = self.terms[0]

@@ -114,7 +114,8 @@ class TRPRModel(nn.Module, HubMixin):
     def explain_image(self, pixel_values: torch.Tensor) -> torch.Tensor | None:
         """pixel_values [B, 3, H, W] -> [B, k] int64: the patches the image fused head pools (row-major
         positions in the patch grid of `patch_grid()`, most attended first), computed exactly as in
-        `encode_image`; None when the head pools every patch (image_tokens "all") or there is no head."""
+        `encode_image`; None when the head pools every patch (image_tokens "all" or "reference") or there is
+        no head."""
         if self.image_head is None or self.image_head.image_tokens != "topk":
             return None
         out = self.clip.encode_image(pixel_values)

@@ -119,6 +119,28 @@ def parse_row_key(row: str) -> tuple[tuple[int, ...], str]:
     return models[model_name], score
 
 
+def selection_rows(rule: str) -> tuple[str, ...]:
+    """The rows of a model-selection rule (config eval.select_row): a row key ("A+B/GE+FS") -> (row,);
+    "max(A+B/GE, A+B/FS)" -> ("A+B/GE", "A+B/FS"), the best of which counts (the reference code keeps the
+    checkpoint with the best max(GE R@1, FS R@1), docs/method.md §10). ValueError naming the accepted forms."""
+    text = str(rule).strip()
+    if text.startswith("max(") and text.endswith(")"):
+        rows = tuple(part.strip() for part in text[4:-1].split(","))
+        if len(rows) < 2:
+            raise ValueError(f"{rule!r}: max( ) needs two rows or more, e.g. 'max(A+B/GE, A+B/FS)'")
+    else:
+        rows = (text,)
+    for row in rows:
+        parse_row_key(row)
+    return rows
+
+
+def selection_r1(metrics: dict, rule: str) -> float:
+    """The R@1 (percent) a selection rule scores `metrics` ({row: {"R1": ...}}) with: its row's, or the
+    best of its rows' for max(...)."""
+    return max(metrics[row]["R1"] for row in selection_rows(rule))
+
+
 def scoring_features(outputs: Sequence[tuple[torch.Tensor, torch.Tensor]] | tuple[torch.Tensor, torch.Tensor],
                      score: str) -> torch.Tensor:
     """Retrieval features whose dot product is the requested score.

@@ -10,11 +10,13 @@ import numpy as np
 
 from trpr.engine.alr_pass import WEIGHT_QUANTILES
 from trpr.engine.metrics_log import read_metrics
+from trpr.modeling.pair import selection_r1
 from trpr.modeling.run_folder import ALR_WEIGHTS_FILE, CURVES_FILE
 
 
 def plot_curves(records: list[dict], select_row: str, path: Path) -> None:
-    """curves.png: per-epoch mean training loss of A and B, and validation R@1 of `select_row`."""
+    """curves.png: per-epoch mean training loss of A and B, and validation R@1 of `select_row` (a row, or a
+    max(...) rule: the best of its rows)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -27,7 +29,7 @@ def plot_curves(records: list[dict], select_row: str, path: Path) -> None:
     loss_axis.set_ylabel("training loss (epoch mean)")
     loss_axis.legend()
     validated = [r for r in records if r.get("val")]
-    r1_axis.plot([r["epoch"] for r in validated], [r["val"][select_row]["R1"] for r in validated], marker="o")
+    r1_axis.plot([r["epoch"] for r in validated], [selection_r1(r["val"], select_row) for r in validated], marker="o")
     r1_axis.set_xlabel("epoch")
     r1_axis.set_ylabel(f"val R@1 {select_row} (%)")
     figure.tight_layout()
