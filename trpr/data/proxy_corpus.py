@@ -38,7 +38,7 @@ from .synthetic import (PRESETS, Identity, _article, _colour_word, _pick, render
                         sample_identities, save_image, temporary_folder_for, wrap_words)
 from .transforms import default_cache_dir
 
-CORPUS_VERSION = 1  # bump whenever the bytes of a corpus change: cached copies are rebuilt
+CORPUS_VERSION = 2  # bump whenever the bytes of a corpus change: cached copies are rebuilt (2: synthetic GENERATOR_VERSION 4)
 BENCHMARK_SEED = 0  # the seed load_benchmark generates synth-pedes with
 
 
