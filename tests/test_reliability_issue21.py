@@ -265,7 +265,7 @@ def test_evaluating_a_pair_with_nan_weights_is_an_error_not_a_leaderboard_entry(
 
 # ------------------------------------------------------------------ 10. config values, one line each
 @pytest.mark.parametrize("overrides, message", [
-    (["--optim.backbone_lr", "-1e-5"], "optim.backbone_lr must be > 0, got -1e-05"),
+    (["--optim.backbone_lr", "-1e-5"], "optim.backbone_lr must be >= 0, got -1e-05"),
     (["--optim.head_lr", "0"], "optim.head_lr must be > 0, got 0.0"),
     (["--optim.head_lr", ".inf"], "optim.head_lr must be a finite number, got inf"),
     (["--loss.lambda_sdm", "-1"], "loss.lambda_sdm must be >= 0, got -1.0"),
