@@ -27,6 +27,7 @@ from trpr import configs
 from trpr import engine
 import train_3rtpr
 from trpr.engine import state_files
+from test_engine_reliability import copy_run, one_epoch_run  # noqa: F401 (one_epoch_run: a fixture)
 from test_train_runs import data_root, tiny_args  # noqa: F401 (data_root: a fixture)
 
 
@@ -44,19 +45,6 @@ def plant(path: Path, marker: Path) -> None:
     """Write a malicious pickle to `path` (as torch.save would, a pickle inside)."""
     path.write_bytes(pickle.dumps({"state": Planted(marker)}))
 
-
-@pytest.fixture(scope="module")
-def one_epoch_run(data_root, tmp_path_factory):
-    """A finished 1-epoch run (best/ and last/ of epoch 0); tests work on copies."""
-    run_dir = tmp_path_factory.mktemp("runs21") / "one_epoch"
-    train_3rtpr.main(tiny_args(data_root) + ["--train.epochs", "1", "--output-dir", str(run_dir)])
-    return run_dir
-
-
-def copy_run(run_dir: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "run"
-    shutil.copytree(run_dir, target)
-    return target
 
 
 # ------------------------------------------------------------------------- 8. nothing is unpickled
