@@ -91,3 +91,20 @@ def test_browser_types_a_query_sees_the_results_and_an_explanation(served, tmp_p
         shot = app_browser.save_screenshot(driver, tmp_path / "app.png")
     with Image.open(shot) as image:
         assert image.size[0] >= 1000 and image.getextrema() != ((255, 255), (255, 255), (255, 255))
+
+
+def test_latency_benchmark_prints_a_row_per_query(served, tmp_path, monkeypatch, capsys):
+    """python -m trpr.benchmarks.app_latency (the browser goal's measurement): one timed row per query with
+    the thumbnails shown, and the median / maximum line; a missing gallery folder is a usage error."""
+    from trpr.benchmarks import app_latency
+
+    _browser_or_skip()
+    monkeypatch.setenv("TRPR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(app_latency, "QUERIES", (CAPTION, "a person in a coat"))
+    assert app_latency.main(["--run", str(served["pair"]), "--gallery", str(served["folder"]), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| query")]
+    assert len(rows) == 2 and all(line.endswith("| 3 |") for line in rows), out
+    assert "median" in out and "over 2 queries" in out
+    with pytest.raises(SystemExit):
+        app_latency.main(["--run", str(served["pair"]), "--gallery", str(tmp_path / "missing")])
