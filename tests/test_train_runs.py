@@ -15,6 +15,7 @@ from trpr import engine
 from trpr import kernels
 from trpr import modeling
 import train_3rtpr
+from trpr.modeling.run_folder import recover_interrupted_swap
 from trpr.engine import checkpoint
 from trpr.engine.state_files import load_state
 
@@ -145,7 +146,7 @@ def test_atomic_write_keeps_the_old_folder_on_failure(tmp_path):
     assert (final / "weights").read_text() == "epoch 0"
     # a crash between the two renames leaves only the previous copy: it is moved back
     final.rename(tmp_path / ".last.old")
-    assert engine.recover_checkpoint(final) == final
+    assert recover_interrupted_swap(final) == final
     assert (final / "weights").read_text() == "epoch 0"
     engine.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 1"), accelerator)
     assert (final / "weights").read_text() == "epoch 1"

@@ -53,19 +53,6 @@ def _randint(rng: RandomSource, low: int, high: int) -> int:
 
 
 # ----------------------------------------------------------------------------- images
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image -> float tensor [3, H, W] in [0, 1] (RGB)."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """[3, H, W] in [0, 1] -> CLIP-normalised [3, H, W]."""
-    mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=pixels.dtype).view(3, 1, 1)
-    return (pixels - mean) / std
-
-
 def random_pad_crop(pixels: np.ndarray, padding: int, rng: RandomSource) -> np.ndarray:
     """Zero-pad an [H, W, C] array by `padding` pixels on each side, then crop a random H×W window
     (the same as shifting the image by up to ±padding with black fill)."""

@@ -21,7 +21,7 @@ figures drawn from them (curves.png, alr_weights.png) are `trpr.reporting.traini
 """
 from .alr_pass import AlrPass, alr_active, alr_batches, alr_report, batch_statistics, report_alr
 from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, TrainerState, initial_alr_state, load_last,
-                         recover_checkpoint, resume, rng_state, save_checkpoint, save_last, set_rng_state,
+                         resume, rng_state, save_checkpoint, save_last, set_rng_state,
                          tidy_checkpoints, write_folder_atomically)
 from .compilation import compile_model, fast_math, fast_math_enabled, resolve_compile_mode
 from .distributed import check_distributed_type, sync_batch_norms
@@ -38,7 +38,7 @@ from .validation import final_test, log_validation, selection_score, validate, v
 
 __all__ = ["AlrPass", "alr_active", "alr_batches", "alr_report", "batch_statistics", "report_alr",
            "CheckpointError", "CheckpointWriter", "DiskFullError", "TrainerState", "initial_alr_state", "load_last",
-           "recover_checkpoint", "resume", "rng_state", "save_checkpoint", "save_last", "set_rng_state",
+           "resume", "rng_state", "save_checkpoint", "save_last", "set_rng_state",
            "tidy_checkpoints", "write_folder_atomically", "check_distributed_type",
            "sync_batch_norms", "append_metrics", "flat_config", "read_metrics",
            "restart_metrics", "build_optimizer", "build_optimizers", "current_lrs", "lr_factor", "param_groups",

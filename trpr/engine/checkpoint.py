@@ -180,12 +180,6 @@ def write_folder_atomically(final: Path, write, accelerator, *, needed_bytes: in
     accelerator.wait_for_everyone()
 
 
-def recover_checkpoint(folder: Path) -> Path | None:
-    """`folder` if complete; after a crash between the two renames of write_folder_atomically, the
-    previous copy `.<name>.old` is moved back (modeling.run_folder.recover_interrupted_swap)."""
-    return recover_interrupted_swap(folder)
-
-
 # -------------------------------------------------------------------------------------------- RNG state
 def rng_state() -> dict:
     """Python, NumPy, torch (and CUDA) RNG states of this process."""
