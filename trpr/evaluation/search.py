@@ -8,7 +8,7 @@ import math
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +34,8 @@ class GalleryIndex:
     image_outputs: per model (A, B) (global [Ng, E], fused [Ng, D]) fp32 CPU;
     pids / image_ids: LongTensor[Ng] (pids -1 in a folder gallery: no identities); sources: per gallery
     item its image file path ("" when the dataset embeds the image bytes instead), relative to `root`
-    when root is set (folder galleries).
+    when root is set (folder galleries). finite_models: the models (0 = A, 1 = B) whose gallery features
+    `search_gallery` has already found finite (checked once per index, not on every query).
     """
 
     image_outputs: list
@@ -42,6 +43,7 @@ class GalleryIndex:
     image_ids: torch.Tensor
     sources: list
     root: Path | None = None
+    finite_models: set = field(default_factory=set, repr=False, compare=False)
 
 
 def search_cache_dir() -> Path:
@@ -206,11 +208,12 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
         text_outputs = {i: models[i].encode_text(input_ids.to(device), attention_mask.to(device)) for i in encoded}
     text_outputs = {i: (g.float().cpu(), f.float().cpu()) for i, (g, f) in text_outputs.items()}
     # NaN similarities would still sort into a ranking: non-finite features are an error naming model and row.
-    # The gallery is checked on the exact path (its full features are in memory); the ANN path checks the
-    # re-scored candidates' scores instead (the gallery lives in shards there).
+    # The gallery is checked once per index on the exact path (its full features are in memory); the ANN path
+    # checks the re-scored candidates' scores instead (the gallery lives in shards there).
     sides = [("the query", {i: text_outputs[i] for i in model_indices})]
-    if ann is None:
-        sides.append(("gallery image", {i: index.image_outputs[i] for i in model_indices}))
+    unchecked = [i for i in model_indices if i not in index.finite_models] if ann is None else []
+    if unchecked:
+        sides.append(("gallery image", {i: index.image_outputs[i] for i in unchecked}))
     for side, outputs in sides:
         for model_index, (global_emb, fused_emb) in outputs.items():
             for kind, feats in (("global", global_emb), ("fused", fused_emb)):
@@ -220,6 +223,7 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
                     raise kernels.NonFiniteFeatures(
                         f"model {'AB'[model_index]} gives a non-finite {kind} embedding for {where} (ranking {row}): "
                         "its weights are not usable (a diverged run?)")
+    index.finite_models.update(unchecked)
     if ann is not None:
         query_raw = torch.cat([piece[0] for i in range(2) for piece in text_outputs[i]]).numpy()
         found, found_scores = ann.search(query_raw, row, top)
