@@ -191,6 +191,8 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
                         raise engine.TrainingDiverged(
                             f"validation after epoch {epoch}, step {state.global_step}: {error}; stopping without "
                             "saving this epoch (lower optim.backbone_lr / optim.head_lr)") from None
+                    if engine.test_recording_due(config, splits):  # eval.record_test: analysis only
+                        record["test"] = engine.validate(pair, splits, tokenizer, config, accelerator, split="test")
                 score = engine.selection_score(record["val"], config)
                 improved = state.improves(score)
                 if improved:

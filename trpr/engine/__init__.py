@@ -34,7 +34,7 @@ from .sampler import GlobalBatchSampler
 from .step import (TrainingDiverged, batch_to_device, encode_view, reciprocal_step, start_epoch, train_one_epoch,
                    trim_text_padding)
 from .timing import PhaseClock, StepClock, epoch_timing, format_timing
-from .validation import final_test, log_validation, selection_score, validate, validation_due
+from .validation import final_test, log_validation, selection_score, test_recording_due, validate, validation_due
 
 __all__ = ["AlrPass", "alr_active", "alr_batches", "alr_report", "batch_statistics", "report_alr",
            "CheckpointError", "CheckpointWriter", "DiskFullError", "TrainerState", "initial_alr_state", "load_last",
@@ -47,4 +47,4 @@ __all__ = ["AlrPass", "alr_active", "alr_batches", "alr_report", "batch_statisti
            "saved_counters", "train_data_record", "GlobalBatchSampler", "TrainingDiverged",
            "batch_to_device", "encode_view", "reciprocal_step", "start_epoch", "train_one_epoch", "trim_text_padding",
            "compile_model", "fast_math", "fast_math_enabled", "resolve_compile_mode", "PhaseClock", "StepClock", "epoch_timing",
-           "format_timing", "final_test", "log_validation", "selection_score", "validate", "validation_due"]
+           "format_timing", "final_test", "log_validation", "selection_score", "test_recording_due", "validate", "validation_due"]

@@ -60,6 +60,22 @@ def batch_statistics(loss_term, text: torch.Tensor, image: torch.Tensor, pids: t
     return losses, F.cosine_similarity(text.float(), image.float(), dim=-1)
 
 
+def diagonal_cosines(captions: torch.Tensor, images: torch.Tensor, image_of: torch.Tensor,
+                     chunk: int = 65536) -> torch.Tensor:
+    """Each sample's caption-image cosine [N] fp32: rows of captions [N, W] against images[image_of] ([U, W],
+    both L2-normalised), `chunk` samples at a time."""
+    return torch.cat([(captions[s:s + chunk].float() * images[image_of[s:s + chunk]].float()).sum(-1)
+                      for s in range(0, len(captions), chunk)])
+
+
+def separation_auc(score: torch.Tensor, noisy: torch.Tensor) -> float:
+    """ROC AUC (0..1; 0.5 = no information) of `score` [N] (higher = more likely noisy) for the truth
+    `noisy` [N] bool (both classes present): the Mann-Whitney statistic, ties counted one half."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(noisy.numpy().astype(bool), score.double().numpy()))
+
+
 def alr_active(config: dict, epoch: int) -> bool:
     """Whether epoch `epoch` trains with ALR weights (alr.enabled and epoch >= alr.start_epoch)."""
     return bool(config["alr"]["enabled"]) and epoch >= config["alr"]["start_epoch"]
@@ -134,22 +150,27 @@ class AlrPass:
             return tensor
         return self.accelerator.gather(tensor)[:total]
 
-    def encode(self, models) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per model (captions [N, D], unique images [U, D]): fused features (alr.score "global": the global
-        embeddings, [N, E] / [U, E]), L2-normalised, FEATURE_DTYPE, on the accelerator's device, on every
-        process (each encodes its share; shares gathered)."""
+    def encode(self, models, pieces=None) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Per model {piece: (captions [N, W], unique images [U, W])} for each piece name in `pieces`
+        ("fused": D wide, "global": E wide; default the scored one, alr.score), L2-normalised, FEATURE_DTYPE,
+        on the accelerator's device, on every process (each encodes its share; shares gathered). Every
+        input is encoded once whatever the number of pieces kept."""
         accelerator, device = self.accelerator, self.accelerator.device
-        piece = SCORED_PIECES[self.config["alr"]["score"]]  # 1: fused (default), 0: global
-        width = [m.output_dim if piece else m.embed_dim for m in models]
-        images = [torch.empty(len(self.image_share), w, dtype=FEATURE_DTYPE, device=device) for w in width]
-        captions = [torch.empty(len(self.input_ids), w, dtype=FEATURE_DTYPE, device=device) for w in width]
+        pieces = tuple(pieces or (self.config["alr"]["score"],))
+        width = {"fused": lambda m: m.output_dim, "global": lambda m: m.embed_dim}
+        images = [{p: torch.empty(len(self.image_share), width[p](m), dtype=FEATURE_DTYPE, device=device)
+                   for p in pieces} for m in models]
+        captions = [{p: torch.empty(len(self.input_ids), width[p](m), dtype=FEATURE_DTYPE, device=device)
+                     for p in pieces} for m in models]
         quiet = not accelerator.is_main_process
         with accelerator.autocast(), fast_math(device):     # the forward only; ALR's scores run exact (kernels)
             start = 0
             for batch in tqdm(self.image_loader, desc="ALR pass: images", disable=quiet, leave=False):
                 pixels = normalize_uint8(batch["pixel_values"].to(device, non_blocking=True))
                 for model, stored in zip(models, images):
-                    stored[start:start + len(pixels)] = F.normalize(model.encode_image(pixels)[piece].float(), dim=-1)
+                    encoded = model.encode_image(pixels)
+                    for name, target in stored.items():
+                        target[start:start + len(pixels)] = F.normalize(encoded[SCORED_PIECES[name]].float(), dim=-1)
                 start += len(pixels)
             for start in tqdm(range(0, len(self.input_ids), self.encode_batch), desc="ALR pass: captions",
                               disable=quiet, leave=False):
@@ -157,15 +178,21 @@ class AlrPass:
                                               self.attention_mask[start:start + self.encode_batch])
                 ids, mask = ids.to(device), mask.to(device)
                 for model, stored in zip(models, captions):
-                    stored[start:start + len(ids)] = F.normalize(model.encode_text(ids, mask)[piece].float(), dim=-1)
-        return [(self._gather(text, self.num_samples), self._gather(image, self.num_images))
-                for text, image in zip(captions, images)]
+                    encoded = model.encode_text(ids, mask)
+                    for name, target in stored.items():
+                        target[start:start + len(ids)] = F.normalize(encoded[SCORED_PIECES[name]].float(), dim=-1)
+        return [{name: (self._gather(text[name], self.num_samples), self._gather(image[name], self.num_images))
+                 for name in pieces} for text, image in zip(captions, images)]
 
-    def sample_statistics(self, models, loss_term, epoch: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def sample_statistics(self, models, loss_term, epoch: int, diagonals: bool = False):
         """Main process: (losses [M, N], diag_sims [M, N]) float32 on the CPU, per scoring model (M =
         len(models), in eval mode: the caller's business) and sample; None on the other processes.
-        Each sample's loss is computed within its batch of `alr_batches` (seed, epoch)."""
-        features = self.encode(models)
+        Each sample's loss is computed within its batch of `alr_batches` (seed, epoch); diag_sims are the
+        cosines of the scored piece (alr.score). diagonals=True adds a third item, {"fused": [M, N],
+        "global": [M, N]}: each sample's caption-image cosine in both embeddings (how well each would
+        separate noisy pairs: the AUCs of the ALR report), from the same single encoding."""
+        score = self.config["alr"]["score"]
+        features = self.encode(models, ("fused", "global") if diagonals else None)
         if not self.accelerator.is_main_process:
             return None
         device = self.accelerator.device
@@ -175,29 +202,37 @@ class AlrPass:
         for members, scored in batches:
             members = members.to(device)
             pids, rows = self.pids[members], members[:scored]
-            for model_losses, model_sims, (captions, images) in zip(losses, sims, features):
+            for model_losses, model_sims, pieces in zip(losses, sims, features):
+                captions, images = pieces[score]
                 text, image = captions[members].float(), images[self.image_of[members]].float()
                 columns = {"text_cols": text, "image_cols": image, "col_pids": pids}
                 model_losses[rows], model_sims[rows] = batch_statistics(
                     loss_term, text[:scored], image[:scored], pids[:scored], columns)
-        return losses.cpu(), sims.cpu()
+        if not diagonals:
+            return losses.cpu(), sims.cpu()
+        cosines = {name: torch.stack([diagonal_cosines(*pieces[name], self.image_of) for pieces in features]).cpu()
+                   for name in ("fused", "global")}
+        return losses.cpu(), sims.cpu(), cosines
 
     @torch.no_grad()
     def __call__(self, models, loss_term, epoch: int) -> dict:
         """One ALR round before epoch `epoch`. models: the unwrapped (A, B); the first `alr.models` score.
         loss_term: the ALR term (TrainingLoss.alr_term). Returns {"result": AlrResult (main process only,
-        else None), "weights": [N], "keep": [N] bool (every process, identical), "diag_sims": [N] (main)}."""
+        else None), "weights": [N], "keep": [N] bool (every process, identical), "diag_sims": [N] (main),
+        "signals": {"loss", "fused_similarity", "global_similarity"} [N] of model A (main; the report's AUCs)}."""
         alr_cfg = self.config["alr"]
         chosen = models[: alr_cfg["models"]]
         with contextlib.ExitStack() as stack:
             for model in chosen:
                 stack.enter_context(eval_mode(model))
-            statistics = self.sample_statistics(chosen, loss_term, epoch)
+            statistics = self.sample_statistics(chosen, loss_term, epoch, diagonals=True)
         device = self.accelerator.device
         weights, keep = torch.ones(self.num_samples, device=device), torch.ones(self.num_samples, device=device)
-        result, diag_sims = None, None
+        result, diag_sims, signals = None, None, None
         if statistics is not None:
-            losses, sims = statistics
+            losses, sims, cosines = statistics
+            signals = {"loss": losses[0], "fused_similarity": cosines["fused"][0],
+                       "global_similarity": cosines["global"][0]}
             diag_sims = sims.mean(0)
             result = compute_alr(losses[0], losses[1] if len(losses) > 1 else None, diag_sims, mu=alr_cfg["mu"],
                                  sharpness=alr_cfg["sharpness"], drop_noisy=alr_cfg["drop_noisy"],
@@ -206,7 +241,7 @@ class AlrPass:
             weights = result.weights.to(device)
             keep = result.keep.float().to(device)
         broadcast_from_main(weights, keep)  # the mixture is fitted once, on the main process
-        return {"result": result, "weights": weights, "keep": keep.bool(), "diag_sims": diag_sims}
+        return {"result": result, "weights": weights, "keep": keep.bool(), "diag_sims": diag_sims, "signals": signals}
 
 
 def weight_quantiles(weights: torch.Tensor) -> list[float]:
@@ -214,7 +249,7 @@ def weight_quantiles(weights: torch.Tensor) -> list[float]:
     return [float(q) for q in torch.quantile(weights.double(), torch.tensor(WEIGHT_QUANTILES, dtype=torch.float64))]
 
 
-def alr_report(result, diag_sims, noisy: torch.Tensor) -> dict:
+def alr_report(result, diag_sims, noisy: torch.Tensor, signals: dict | None = None) -> dict:
     """JSON-able ALR figures of one epoch: mu, kept fraction, weights (mean, full-weight fraction,
     quantiles of all / clean / noisy pairs), consensus counts, each model's mixture fit (status, the
     degenerate rule when one applied); with any truly noisy sample also P/R/F1 of the split
@@ -235,6 +270,11 @@ def alr_report(result, diag_sims, noisy: torch.Tensor) -> dict:
         quantiles["noisy"] = weight_quantiles(result.weights[noisy])
         if (~noisy).any():
             quantiles["clean"] = weight_quantiles(result.weights[~noisy])
+            if signals is not None:  # how well each signal of model A separates noisy pairs (higher loss /
+                # lower cosine = noisy): the mixture's input (loss) and the fused vs global diagonal cosine
+                report["separation_auc"] = {"loss": separation_auc(signals["loss"], noisy),
+                                            "fused_similarity": separation_auc(-signals["fused_similarity"], noisy),
+                                            "global_similarity": separation_auc(-signals["global_similarity"], noisy)}
     return report
 
 
@@ -244,9 +284,10 @@ def report_alr(alr: dict, noisy: torch.Tensor, epoch: int, accelerator, *, globa
     over the epochs (alr_weights.png) is the reporting layer's: `reporting.training.plot_run_alr_history`."""
     if not accelerator.is_main_process:
         return None
-    report = alr_report(alr["result"], alr["diag_sims"], noisy)
+    report = alr_report(alr["result"], alr["diag_sims"], noisy, alr.get("signals"))
     scalars = {f"alr/{k}": v for k, v in report.items() if isinstance(v, float)}
     scalars.update({f"alr/noise_{k}": v for k, v in report.get("noise_detection", {}).items()})
+    scalars.update({f"alr/auc_{k}": v for k, v in report.get("separation_auc", {}).items()})
     accelerator.log(scalars, step=global_step)
     for name, fit in report["mixture"].items():
         if "rule" in fit:
@@ -255,5 +296,7 @@ def report_alr(alr: dict, noisy: torch.Tensor, epoch: int, accelerator, *, globa
     accelerator.print(f"epoch {epoch} ALR: mu {report['mu']:.3f}, kept {report['kept_fraction']:.1%}, "
                       f"mean weight {report['mean_weight']:.3f}"
                       + (f", noisy-pair detection P {detection['precision']:.1f} R {detection['recall']:.1f} "
-                         f"F1 {detection['f1']:.1f}" if detection else ""))
+                         f"F1 {detection['f1']:.1f}" if detection else "")
+                      + (", AUC loss {loss:.3f} fused {fused_similarity:.3f} global {global_similarity:.3f}".format(
+                          **report["separation_auc"]) if "separation_auc" in report else ""))
     return report

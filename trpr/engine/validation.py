@@ -10,6 +10,12 @@ from trpr.modeling.pair import selection_r1
 from trpr.modeling.run_folder import TEST_METRICS_FILE, selected_checkpoint
 
 
+def test_recording_due(config: dict, splits) -> bool:
+    """eval.record_test: the test split is evaluated after every validation and recorded in metrics.jsonl
+    ("test"), for analyses that compare selection rules (the ablation sweep); best/ never reads it."""
+    return bool(config["eval"]["record_test"]) and "test_gallery" in splits
+
+
 def validation_due(config: dict, epoch: int) -> bool:
     """Whether to validate after `epoch`: eval.split is set and the epoch is a multiple of eval.every
     (counting from 1) or the last one."""
@@ -18,11 +24,11 @@ def validation_due(config: dict, epoch: int) -> bool:
     return (epoch + 1) % config["eval"]["every"] == 0 or epoch == config["train"]["epochs"] - 1
 
 
-def validate(pair, splits, tokenizer, config: dict, accelerator) -> dict[str, dict[str, float]]:
-    """evaluation.evaluate_pair of the pair on `<eval.split>_gallery` / `_queries`: rows "A/GE" ...
-    "A+B/GE+FS" -> {"R1","R5","R10","mAP","mINP"} percent, identical on every process. The models are
+def validate(pair, splits, tokenizer, config: dict, accelerator, split: str | None = None) -> dict[str, dict[str, float]]:
+    """evaluation.evaluate_pair of the pair on `<split>_gallery` / `_queries` (default eval.split): rows "A/GE"
+    ... "A+B/GE+FS" -> {"R1","R5","R10","mAP","mINP"} percent, identical on every process. The models are
     evaluated in eval mode and left in training mode; data.num_workers workers decode the gallery."""
-    split = config["eval"]["split"]
+    split = split or config["eval"]["split"]
     for model in pair.models:
         model.eval()
     metrics = evaluate_pair(pair, splits[f"{split}_gallery"], splits[f"{split}_queries"], tokenizer=tokenizer,

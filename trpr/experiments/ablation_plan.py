@@ -9,32 +9,52 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Variant:
-    """One row group of the table: the trainer overrides and the evaluate_pair rows it reports."""
+    """One row group of the table: the trainer overrides, the evaluate_pair rows it reports, the row whose
+    validation R@1 picks best/ (the trainer's eval.select_row) and, for an ensemble control, the variant
+    whose model A is ensembled with this run's model A."""
     name: str
     label: str
     overrides: tuple[tuple[str, str], ...]
     rows: tuple[tuple[str, str], ...]  # (row label in the table, evaluate_pair key)
     select_row: str
+    partner: str | None = None
 
 
+ONE_MODEL_ROWS = (("A/GE", "A/GE"), ("A/FS", "A/FS"), ("A/GE+FS", "A/GE+FS"))
+PAIR_ROWS = ONE_MODEL_ROWS + (("A+B/GE", "A+B/GE"), ("A+B/FS", "A+B/FS"), ("A+B/GE+FS", "A+B/GE+FS"))
+ENSEMBLE_ROWS = (("A+A'/GE", "A+B/GE"), ("A+A'/FS", "A+B/FS"), ("A+A'/GE+FS", "A+B/GE+FS"))
+NO_ALR = (("alr.enabled", "false"),)
+HARD = (("alr.enabled", "true"), ("alr.selection", "reference"))
 VARIANTS = {
     "baseline": Variant("baseline", "CLIP baseline: global embedding, one model, no ALR",
-                        (("model.select_ratio", "0.0"), ("alr.enabled", "false")),
-                        (("A", "A/FS"),), "A/FS"),
-    "fused": Variant("fused", "+ fused representation",
-                     (("alr.enabled", "false"),), (("A", "A/FS"),), "A/FS"),
-    "alr": Variant("alr", "+ ALR (model A's own consensus)",
-                   (("alr.enabled", "true"), ("alr.models", "1")), (("A", "A/FS"),), "A/FS"),
-    "full": Variant("full", "+ reciprocal pair (full 3RTPR)",
-                    (("alr.enabled", "true"), ("alr.models", "2")),
-                    (("A", "A/FS"), ("A+B", "A+B/FS")), "A+B/FS"),
+                        (("model.select_ratio", "0.0"), ("alr.enabled", "false")), (("A/GE", "A/GE"),), "A/FS"),
+    "fused": Variant("fused", "+ fused representation (top-k image tokens)", NO_ALR, ONE_MODEL_ROWS, "A/FS"),
     "fused_all": Variant("fused_all", "+ fused representation, image branch over all patches",
-                         (("alr.enabled", "false"), ("model.image_tokens", "all")), (("A", "A/FS"),), "A/FS"),
-    "ensemble": Variant("ensemble", "control: two independent + ALR models, ensembled",
-                        (("alr.enabled", "true"), ("alr.models", "1")), (("A+A'", "A+B/FS"),), "A/FS"),
+                         NO_ALR + (("model.image_tokens", "all"),), ONE_MODEL_ROWS, "A/FS"),
+    "fused_ref": Variant("fused_ref", "+ fused representation, image branch as the reference code (all tokens + CLS)",
+                         NO_ALR + (("model.image_tokens", "reference"),), ONE_MODEL_ROWS, "A/FS"),
+    "head_warmup": Variant("head_warmup", "+ fused representation, heads warmed up 1 epoch (backbone frozen)",
+                           NO_ALR + (("optim.head_warmup_epochs", "1"),), ONE_MODEL_ROWS, "A/FS"),
+    "frozen": Variant("frozen", "+ fused representation, frozen backbone (optim.backbone_lr 0)",
+                      NO_ALR + (("optim.backbone_lr", "0.0"),), ONE_MODEL_ROWS, "A/FS"),
+    "alr": Variant("alr", "+ ALR soft weights (model A's own consensus)",
+                   (("alr.enabled", "true"), ("alr.models", "1")), ONE_MODEL_ROWS, "A/FS"),
+    "full": Variant("full", "+ reciprocal pair, ALR soft weights (two-model consensus)",
+                    (("alr.enabled", "true"), ("alr.models", "2")), PAIR_ROWS, "A+B/FS"),
+    "alr_hard": Variant("alr_hard", "+ ALR hard selection, one model (= the reference's --ccd --ccd-r)",
+                        HARD + (("alr.models", "1"),), ONE_MODEL_ROWS, "A/FS"),
+    "full_hard": Variant("full_hard", "+ reciprocal pair, ALR hard selection (two-model consensus)",
+                         HARD + (("alr.models", "2"),), PAIR_ROWS, "A+B/FS"),
+    "ensemble": Variant("ensemble", "control: two independent soft-ALR models, ensembled",
+                        (("alr.enabled", "true"), ("alr.models", "1")), ENSEMBLE_ROWS, "A/FS", partner="alr"),
+    "ensemble_hard": Variant("ensemble_hard", "control: two independent hard-selection models, ensembled",
+                             HARD + (("alr.models", "1"),), ENSEMBLE_ROWS, "A/FS", partner="alr_hard"),
 }
 DEFAULT_VARIANTS = ["baseline", "fused", "alr", "full"]
-PROXY_VARIANTS = ["baseline", "fused", "fused_all", "alr", "full", "ensemble"]
+# The fair proxy ablation (issue 23), in the order a partial sweep should reach them: the comparisons the
+# method stands on first (no ALR -> hard selection -> pair vs independent pair), then the fidelity rows.
+PROXY_VARIANTS = ["baseline", "fused", "alr_hard", "full_hard", "ensemble_hard", "alr", "full", "fused_ref",
+                  "fused_all", "head_warmup", "frozen"]
 CONDITIONS = {"clean": "0.0", "noisy": "0.5", "noisy80": "0.8"}
 CONDITION_LABELS = {"clean": "clean", "noisy": "50% noisy correspondence", "noisy80": "80% noisy correspondence"}
 DEFAULT_CONDITIONS = ["clean", "noisy"]
@@ -121,8 +141,9 @@ def plan_runs(args) -> list[Run]:
                 variant = VARIANTS[name]
                 run = Run(variant, condition, seed, runs_dir / f"{name}-{condition}-seed{seed}")
                 planned[name] = run
-            if "ensemble" in planned:
-                planned["ensemble"].partner = planned["alr"]
+            for run in planned.values():
+                if run.variant.partner is not None:
+                    run.partner = planned[run.variant.partner]
             for run in planned.values():
                 run.command = train_command(run, args)
                 run.check_same_command()
@@ -138,7 +159,8 @@ def train_command(run: Run, args) -> list[str]:
         seed += TWIN_SEED_OFFSET
         if run.condition != "clean":
             noise = [("data.noise_rate", "0.0"), ("data.noise_file", str(noise_file_for(run.condition, run.seed, args)))]
-    overrides = [("seed", str(seed)), *noise, ("eval.select_row", run.variant.select_row), ("logging.trackers", "[]")]
+    overrides = [("seed", str(seed)), *noise, ("eval.select_row", run.variant.select_row), ("logging.trackers", "[]"),
+                 ("eval.record_test", "true")]  # every epoch's test rows: the report compares selection rules
     if args.epochs is not None:
         overrides.append(("train.epochs", str(args.epochs)))
     if args.backbone is not None:

@@ -104,7 +104,7 @@ def alr_weight_cells(runs: list[Run], args) -> dict:
     root = Path(os.environ.get("TRPR_CACHE") or Path(args.runs_dir).resolve() / "cache")
     cells: dict = {}
     for run in runs:
-        if run.condition == "clean" or not run.trained or run.variant.name not in ("alr", "full", "ensemble"):
+        if run.condition == "clean" or not run.trained or ("alr.enabled", "true") not in run.variant.overrides:
             continue
         found = run_alr_weights(run, root)
         if found is not None:

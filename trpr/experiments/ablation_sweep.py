@@ -111,8 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.random_init and args.backbone:
         parser.error("--random-init and --backbone exclude each other")
     apply_mode_defaults(args)
-    if "ensemble" in args.variants and "alr" not in args.variants:
-        parser.error("the ensemble control pairs each run with the '+ ALR' run of the same seed: add --variants alr")
+    for name in args.variants:
+        partner = VARIANTS[name].partner
+        if partner is not None and partner not in args.variants:
+            parser.error(f"the control {name} pairs each run with the {partner} run of the same seed: "
+                         f"add --variants {partner}")
     return args
 
 
