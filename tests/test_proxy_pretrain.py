@@ -189,3 +189,47 @@ def test_the_recipes_are_the_papers_and_refuse_to_run_without_the_proxy(recipe):
     assert (config["loss"]["lambda_sdm"], config["loss"]["lambda_trl"]) == ((1.0, 0.0) if "clean" in recipe else (0.0, 1.0))
     with pytest.raises(FileNotFoundError, match="no such CLIP model directory"):
         TRPRModel.from_clip(config["model"]["backbone"], image_size=tuple(config["data"]["image_size"]))
+
+
+# ------------------------------------------------------------------ the shipped copy (trpr/pretrained/proxy_clip)
+def test_shipped_copy_is_the_fp16_cast_of_the_build_and_loads_like_a_clip_folder(proxy, tmp_path):
+    from trpr.experiments import proxy_ship
+
+    target = proxy_ship.write_shipped(proxy, tmp_path / "proxy_clip")
+    assert sorted(p.name for p in target.iterdir()) == sorted(proxy_ship.SHIPPED_FILES)
+    source, shipped = load_file(proxy / "model.safetensors"), load_file(target / "model.safetensors")
+    assert set(source) == set(shipped) and all(t.dtype == torch.float16 for t in shipped.values())
+    for name, tensor in source.items():
+        assert torch.equal(shipped[name], tensor.half()), name
+    result = proxy_ship.compare(proxy, target)
+    assert result["bit_identical"] == result["tensors"] == len(source) and result["max_abs_diff"] == 0.0
+    card = (target / "README.md").read_text()
+    assert proxy_ship.sha256_of(proxy / "model.safetensors") in card
+    assert proxy_ship.sha256_of(target / "model.safetensors") in card
+    assert str(proxy.parent) not in (target / "pretrain_info.json").read_text()  # no machine paths shipped
+    # fine-tuning loads it as fp32 master weights, equal to the fp16 values
+    clip = load_clip_model(target)
+    assert all(p.dtype == torch.float32 for p in clip.parameters())
+    loaded = dict(clip.named_parameters())
+    name = next(n for n in loaded if n in shipped)
+    assert torch.equal(loaded[name].detach(), shipped[name].float())
+    # a changed weight is found by the comparison
+    changed = dict(shipped)
+    changed[name] = changed[name] + 1
+    from safetensors.torch import save_file
+    save_file(changed, target / "model.safetensors")
+    assert proxy_ship.compare(proxy, target)["bit_identical"] == len(source) - 1
+
+
+def test_the_repository_ships_the_default_proxy_with_its_card():
+    """trpr/pretrained/proxy_clip: the default settings' architecture, the file its card names, loadable at the
+    demo's fine-tuning size."""
+    from trpr.experiments import proxy_ship
+    from trpr.pretrained import PROXY_CLIP
+
+    info = json.loads((PROXY_CLIP / "pretrain_info.json").read_text())
+    defaults = pretrain_proxy.ProxySettings()
+    assert info["settings"]["width"] == defaults.width and info["proxy_version"] == pretrain_proxy.PROXY_VERSION
+    assert proxy_ship.sha256_of(PROXY_CLIP / "model.safetensors") in (PROXY_CLIP / "README.md").read_text()
+    model = TRPRModel.from_clip(str(PROXY_CLIP), select_ratio=0.2, image_size=(64, 32))
+    assert model.embed_dim == defaults.width
