@@ -133,15 +133,16 @@ def alr_markdown(table: dict, variants: dict, condition: str = "noisy") -> str:
 def plot_table(table: dict, variants: dict, conditions: dict[str, str], path: Path,
                rules: dict[str, str] | None = None) -> None:
     """Bar chart of test R@1 (mean ± std over seeds) per variant row and condition, one panel per selection
-    rule (`rules`: {rule: title}; default the trainer's only); the zero-shot backbone as a dashed line."""
+    rule (`rules`: {rule: title, shown up to its first " ("}; default the trainer's only); the zero-shot
+    backbone as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rules = rules or {"trainer": "trainer's rule"}
-    labels = [f"{name}\n{label}" for name in variants for label, _ in variants[name].rows]
-    figure, axes = plt.subplots(len(rules), 1, figsize=(max(7, 0.55 * len(labels)), 3.6 * len(rules)), dpi=100,
-                                squeeze=False)
+    labels = [f"{name} {label}" for name in variants for label, _ in variants[name].rows]
+    figure, axes = plt.subplots(len(rules), 1, figsize=(max(7.0, 0.32 * len(labels) + 2), 4.6 * len(rules)),
+                                dpi=100, squeeze=False)
     width = 0.8 / max(len(conditions), 1)
     zeroshot = table.get("_zeroshot")
     for axis, (rule, title) in zip(axes[:, 0], rules.items()):
@@ -158,9 +159,9 @@ def plot_table(table: dict, variants: dict, conditions: dict[str, str], path: Pa
         if zeroshot is not None:
             axis.axhline(zeroshot["A/GE"]["R1"], color="black", linestyle="--", linewidth=1,
                          label="zero-shot backbone (A/GE)")
-        axis.set_xticks(range(len(labels)), labels, fontsize=7)
+        axis.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
         axis.set_ylabel("test R@1 (%)")
-        axis.set_title(f"{title} (mean ± std over seeds)", fontsize=9)
+        axis.set_title(f"{title.split(' (')[0]}: mean ± std over seeds", fontsize=9)
         axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
@@ -196,10 +197,10 @@ def plot_differences(results: list[dict], conditions: dict[str, str], rules: dic
                               markersize=4)
         axis.axvline(0, color="black", linewidth=0.8)
         axis.set_yticks(range(len(names)), names, fontsize=7)
-        axis.invert_yaxis()
         axis.set_xlabel("test R@1 difference (points), variant − baseline")
-        axis.set_title(rules[rule], fontsize=9)
+        axis.set_title(rules[rule].split(" (")[0], fontsize=9)
         axis.legend(fontsize=7)
+    axes[0][0].invert_yaxis()  # the comparisons top-down in COMPARISONS order (the y axis is shared)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
