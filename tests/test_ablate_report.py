@@ -9,7 +9,8 @@ import torch
 
 from trpr import configs
 from trpr.engine.state_files import save_state
-from trpr.experiments import ablation_compare, ablation_plan, ablation_report, ablation_sweep, alr_analysis, proxy_pretrain
+from trpr.experiments import (ablation_compare, ablation_plan, ablation_report, ablation_sweep, alr_analysis,
+                              proxy_pretrain)
 from trpr.experiments import ablation_zeroshot as zeroshot
 from trpr.modeling.pair import ROW_KEYS
 from trpr.reporting import ablation as ablation_tables
@@ -91,7 +92,9 @@ def test_report_means_stds_and_unrun_cells(tmp_path):
     assert baseline_row.count("not run") == 2
     ensemble_row = report_line(report, "| + reciprocal pair, ALR soft weights (two-model consensus) | A+B/FS")
     assert "32.00 ± 2.83" in ensemble_row
-    assert "| 0 | 70.0 ± 14.1 | 40.0 ± 0.0 | 1.0 ± 0.0 | 0.700 ± 0.141 | 0.700 ± 0.000 | 0.600 ± 0.000 |" in report
+    # the ALR epoch: P / R / F1, then model A's AUC of loss (precision / 100 here), fused and global similarity
+    assert ("| 0 | 70.0 ± 14.1 | 40.0 ± 0.0 | 1.0 ± 0.0 | 0.700 ± 0.141 | 0.700 ± 0.000 | 0.600 ± 0.000 |"
+            in report)
     baseline_ensemble = report_line(report, "| CLIP baseline", "## Ensemble")
     assert "22.00 ± 2.83" in baseline_ensemble  # A+B of the baseline runs: A/FS + 1
     saved = json.loads((tmp_path / "docs" / "ablation.json").read_text())

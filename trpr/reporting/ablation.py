@@ -73,7 +73,8 @@ def comparison_markdown(results: list[dict], conditions: dict[str, str], rule: s
         rows = f"{entry['variant']} {entry['row']} − {entry['baseline']} {entry['baseline_row']}"
         condition = conditions[entry["condition"]]
         if "skipped" in entry:
-            lines.append(f"| {entry['question']} | {rows} | {condition} | – | – | – | skipped: {entry['skipped']} |")
+            lines.append(f"| {entry['question']} | {rows} | {condition} | – | – | – "
+                         f"| skipped: {entry['skipped']} |")
             continue
         per_seed = ", ".join(f"{seed}: {d:+.2f}" for seed, d in zip(entry["seeds"], entry["differences"]))
         spread = f"{entry['mean']:+.2f} ± {entry['std']:.2f}" if entry["std"] is not None else \
