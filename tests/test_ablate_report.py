@@ -9,7 +9,10 @@ import torch
 
 from trpr import configs
 from trpr.engine.state_files import save_state
-from trpr.experiments import ablation_plan, ablation_report, ablation_sweep, alr_analysis, proxy_pretrain
+from trpr.experiments import (ablation_compare, ablation_plan, ablation_report, ablation_sweep, alr_analysis,
+                              proxy_pretrain)
+from trpr.experiments import ablation_zeroshot as zeroshot
+from trpr.modeling.pair import ROW_KEYS
 from trpr.reporting import ablation as ablation_tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,42 +45,197 @@ def test_bad_set_option_is_refused(tmp_path):
         args_for(tmp_path, "--set", "loss.tau")
 
 
-def fake_run(folder: Path, r1: dict, detection=None):
-    """Writes the two files the report reads, in the trainer's format."""
+def metric_rows(r1: dict) -> dict:
+    """Every evaluate_pair row (modeling.pair.ROW_KEYS) in the trainer's format: R@1 from `r1` (0 for the
+    rows it does not name), mAP = R@1 / 2."""
+    return {key: {"R1": r1.get(key, 0.0), "R5": 0.0, "R10": 0.0, "mAP": r1.get(key, 0.0) / 2, "mINP": 0.0}
+            for key in ROW_KEYS}
+
+
+def fake_run(folder: Path, r1: dict, detection=None, epochs=None, best_epoch=None):
+    """Writes the two files the report reads, in the trainer's format: test_metrics.json (best/) from `r1`
+    ({row key: R@1}; A+B/FS defaults to A/FS + 1, every run has the ensemble rows) and metrics.jsonl:
+    `epochs` = [(val R@1 rows, test R@1 rows)] one record per epoch (default one epoch whose val and test rows
+    are `r1`), best_epoch (default the last), the ALR record with `detection` as precision on the last."""
     folder.mkdir(parents=True, exist_ok=True)
-    r1 = {"A+B/FS": r1["A/FS"] + 1.0, **r1}  # every run has the ensemble rows
-    rows = {key: {"R1": value, "R5": 0.0, "R10": 0.0, "mAP": value / 2, "mINP": 0.0} for key, value in r1.items()}
-    (folder / "test_metrics.json").write_text(json.dumps({"checkpoint": "best", **rows}))
-    records = [{"epoch": 0, "best_epoch": 0}]
+    r1 = {"A+B/FS": r1.get("A/FS", 0.0) + 1.0, **r1}
+    (folder / "test_metrics.json").write_text(json.dumps({"checkpoint": "best", **metric_rows(r1)}))
+    epochs = epochs if epochs is not None else [(r1, r1)]
+    best_epoch = len(epochs) - 1 if best_epoch is None else best_epoch
+    records = [{"epoch": e, "best_epoch": best_epoch, "val": metric_rows(val), "test": metric_rows(test)}
+               for e, (val, test) in enumerate(epochs)]
     if detection is not None:
-        records.append({"epoch": 1, "best_epoch": 1,
-                        "alr": {"mu": 0.5, "noise_detection": {"precision": detection, "recall": 40.0, "f1": 1.0},
-                                "mean_weight_noisy": 0.9, "mean_weight_clean": 0.99, "consensus_counts": [1, 2, 3]}})
+        records[-1]["alr"] = {"mu": 0.5, "noise_detection": {"precision": detection, "recall": 40.0, "f1": 1.0},
+                              "separation_auc": {"loss": detection / 100, "fused_similarity": 0.7,
+                                                 "global_similarity": 0.6},
+                              "mean_weight_noisy": 0.9, "mean_weight_clean": 0.99, "consensus_counts": [1, 2, 3]}
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def report_line(report: str, start: str, section: str | None = None) -> str:
+    """The first line of the report (of the part after heading text `section`) that starts with `start`."""
+    text = report.split(section, 1)[1] if section else report
+    return next(line for line in text.splitlines() if line.startswith(start))
 
 
 def test_report_means_stds_and_unrun_cells(tmp_path):
     args = args_for(tmp_path, "--seeds", "0", "1", "--variants", "baseline", "full")
     runs_dir = tmp_path / "runs"
-    fake_run(runs_dir / "baseline-clean-seed0", {"A/FS": 10.0})
-    fake_run(runs_dir / "baseline-clean-seed1", {"A/FS": 14.0})
+    fake_run(runs_dir / "baseline-clean-seed0", {"A/GE": 10.0, "A/FS": 19.0})
+    fake_run(runs_dir / "baseline-clean-seed1", {"A/GE": 14.0, "A/FS": 23.0})
     fake_run(runs_dir / "full-noisy-seed0", {"A/FS": 20.0, "A+B/FS": 30.0}, detection=60.0)
     fake_run(runs_dir / "full-noisy-seed1", {"A/FS": 22.0, "A+B/FS": 34.0}, detection=80.0)
     report = ablation_report.write_report(ablation_plan.plan_runs(args), args, failed=[]).read_text()
-    baseline_row = next(line for line in report.splitlines() if line.startswith("| CLIP baseline"))
-    # clean: R@1 mean 12, sample std 2.83; mAP half of it; 2 seeds; noisy column never ran
-    assert "12.00 ± 2.83" in baseline_row and "6.00 ± 1.41" in baseline_row
+    baseline_row = report_line(report, "| CLIP baseline")
+    # clean: R@1 of A/GE mean 12, sample std 2.83; mAP half of it; 2 seeds; noisy column never ran
+    assert "| A/GE (A/GE) |" in baseline_row and "12.00 ± 2.83" in baseline_row and "6.00 ± 1.41" in baseline_row
     assert baseline_row.count("not run") == 2
-    ensemble_row = next(line for line in report.splitlines() if "A+B (A+B/FS)" in line)
+    ensemble_row = report_line(report, "| + reciprocal pair, ALR soft weights (two-model consensus) | A+B/FS")
     assert "32.00 ± 2.83" in ensemble_row
-    assert "| 1 | 70.0 ± 14.1 | 40.0 ± 0.0 |" in report
-    ensemble_section = report.split("## Ensemble")[1].split("## ALR")[0]
-    baseline_ensemble = next(line for line in ensemble_section.splitlines() if line.startswith("| CLIP baseline"))
-    assert "13.00 ± 2.83" in baseline_ensemble  # A+B of the baseline runs: A + 1
+    # the ALR epoch: P / R / F1, then model A's AUC of loss (precision / 100 here), fused and global similarity
+    assert ("| 0 | 70.0 ± 14.1 | 40.0 ± 0.0 | 1.0 ± 0.0 | 0.700 ± 0.141 | 0.700 ± 0.000 | 0.600 ± 0.000 |"
+            in report)
+    baseline_ensemble = report_line(report, "| CLIP baseline", "## Ensemble")
+    assert "22.00 ± 2.83" in baseline_ensemble  # A+B of the baseline runs: A/FS + 1
     saved = json.loads((tmp_path / "docs" / "ablation.json").read_text())
     assert saved["runs_finished"] == 4 and saved["runs_planned"] == 8
-    assert (tmp_path / "docs" / "ablation_r1.png").stat().st_size > 0
-    assert (tmp_path / "docs" / "alr_detection.png").stat().st_size > 0
+    assert "zero-shot" in report and "not evaluated" in report_line(report, "| zero-shot")
+    for figure in ("ablation_r1.png", "alr_detection.png"):
+        assert (tmp_path / "docs" / figure).stat().st_size > 0
+    assert not (tmp_path / "docs" / "ablation_differences.png").exists()  # fused was not run: no comparison
+    assert "skipped: fused not run" in report
+
+
+def test_both_selection_rules_pick_their_own_epoch(tmp_path):
+    """Trainer's rule: test_metrics.json (best/ on val A/FS, or A+B/FS for the pair). Reference rule: the
+    epoch with the best val max(M/GE, M/FS), M = the select_row's model, first epoch on ties, and that
+    epoch's recorded test rows."""
+    args = proxy_args(tmp_path, "--seeds", "0", "--variants", "fused", "alr_hard", "full_hard", "ensemble_hard",
+                      "--conditions", "clean")
+    runs_dir = tmp_path / "runs"
+    # fused: val A/FS best at epoch 1 (the trainer's best/), val max(GE, FS) best at epoch 2 (GE 50)
+    fake_run(runs_dir / "fused-clean-seed0", {"A/GE": 11.0, "A/FS": 12.0, "A/GE+FS": 13.0}, best_epoch=1, epochs=[
+        ({"A/GE": 5.0, "A/FS": 5.0}, {"A/GE": 1.0, "A/FS": 1.0, "A/GE+FS": 1.0}),
+        ({"A/GE": 10.0, "A/FS": 30.0}, {"A/GE": 11.0, "A/FS": 12.0, "A/GE+FS": 13.0}),
+        ({"A/GE": 50.0, "A/FS": 20.0}, {"A/GE": 41.0, "A/FS": 42.0, "A/GE+FS": 43.0})])
+    # alr_hard: epochs 0 and 2 tie on max(GE, FS) = 40 (GE at 0, FS at 2): the first one wins
+    fake_run(runs_dir / "alr_hard-clean-seed0", {"A/FS": 7.0}, epochs=[
+        ({"A/GE": 40.0, "A/FS": 1.0}, {"A/FS": 21.0}), ({"A/FS": 3.0}, {"A/FS": 22.0}),
+        ({"A/GE": 2.0, "A/FS": 40.0}, {"A/FS": 23.0})])
+    # full_hard selects on A+B: model A's own val rows must not count
+    fake_run(runs_dir / "full_hard-clean-seed0", {"A+B/FS": 8.0}, epochs=[
+        ({"A/GE": 90.0, "A+B/GE": 10.0}, {"A+B/FS": 31.0}), ({"A+B/GE": 20.0, "A+B/FS": 15.0}, {"A+B/FS": 32.0})])
+    fake_run(runs_dir / "ensemble_hard-clean-seed0", {"A/FS": 3.0})
+    (runs_dir / "ensemble_hard-clean-seed0" / ablation_plan.ENSEMBLE_METRICS).write_text(
+        json.dumps(metric_rows({"A+B/FS": 44.0})))
+    report = ablation_report.write_report(ablation_plan.plan_runs(args), args, failed=[]).read_text()
+    trainer, reference = report.split("## (b)")[0], report.split("## (b)")[1].split("## Paired")[0]
+    assert "trainer's rule" in report.split("## (a)")[1].splitlines()[0]
+    assert "reference rule max(GE, FS)" in report.split("## (b)")[1].splitlines()[0]
+    fused = "| + fused representation (top-k image tokens) | A/"
+    assert "| 12.00 (1 seed) | 6.00 (1 seed) | 1 |" in report_line(trainer, fused + "FS")
+    assert "| 42.00 (1 seed) | 21.00 (1 seed) | 1 |" in report_line(reference, fused + "FS")
+    assert "| 43.00 (1 seed) |" in report_line(reference, fused + "GE+FS")
+    hard = "| + ALR hard selection, one model (= the reference's --ccd --ccd-r) | A/FS"
+    assert "| 7.00 (1 seed) |" in report_line(trainer, hard)
+    assert "| 21.00 (1 seed) |" in report_line(reference, hard)
+    pair = "| + reciprocal pair, ALR hard selection (two-model consensus) | A+B/FS"
+    assert "| 8.00 (1 seed) |" in report_line(trainer, pair)
+    assert "| 32.00 (1 seed) |" in report_line(reference, pair)
+    control = "| control: two independent hard-selection models, ensembled | A+A'/FS"
+    assert "| 44.00 (1 seed) |" in report_line(trainer, control)
+    assert "| n/a | n/a | 0 |" in report_line(reference, control) and "n/a for the ensemble controls" in report
+    table = json.loads((tmp_path / "docs" / "ablation.json").read_text())["table"]
+    assert table["fused"]["clean"]["trainer"]["A/FS"]["epochs"] == [1]
+    assert table["fused"]["clean"]["reference"]["A/FS"]["epochs"] == [2]
+    assert table["alr_hard"]["clean"]["reference"]["A/FS"]["epochs"] == [0]
+
+
+def test_paired_verdicts(tmp_path):
+    """Paired by seed: earns its place (same positive sign, mean > 2 std), not shown (signs differ; std too
+    large), hurts (the mirror case), not shown with one seed, skipped when a side did not run."""
+    assert ablation_compare.verdict([2.0, 3.0, 2.5]) == ablation_compare.EARNS
+    assert ablation_compare.verdict([3.0, -1.0, 4.0]) == ablation_compare.NOT_SHOWN  # signs differ
+    assert ablation_compare.verdict([1.0, 10.0, 0.5]) == ablation_compare.NOT_SHOWN  # mean 3.83 < 2 x 5.35
+    assert ablation_compare.verdict([-3.0, -4.0, -3.5]) == ablation_compare.HURTS
+    assert ablation_compare.verdict([5.0]) == ablation_compare.NOT_SHOWN
+    assert ablation_compare.verdict([0.0, 0.0]) == ablation_compare.NOT_SHOWN
+    args = proxy_args(tmp_path, "--seeds", "0", "1", "2", "--variants", "baseline", "fused", "alr", "alr_hard",
+                      "frozen", "--conditions", "noisy")
+    runs_dir = tmp_path / "runs"
+    for seed, (base, fused, alr, hard, frozen) in enumerate([(10, 12, 15, 13, 9), (20, 23, 22, 33, 19),
+                                                             (30, 32.5, 36, 32.5, 26.5)]):
+        fake_run(runs_dir / f"baseline-noisy-seed{seed}", {"A/GE": base})
+        for name, value in (("fused", fused), ("alr", alr), ("alr_hard", hard), ("frozen", frozen)):
+            if name == "alr_hard" and seed == 2:
+                continue  # one seed missing: paired over seeds 0 and 1 only
+            fake_run(runs_dir / f"{name}-noisy-seed{seed}", {"A/FS": value, "A/GE+FS": value + 1.0})
+    report = ablation_report.write_report(ablation_plan.plan_runs(args), args, failed=[]).read_text()
+    results = {(e["name"], e["rule"]): e for e in
+               json.loads((tmp_path / "docs" / "ablation.json").read_text())["comparisons"]}
+    fused = results[("fused_fs-baseline", "trainer")]
+    assert fused["seeds"] == [0, 1, 2] and fused["differences"] == pytest.approx([2.0, 3.0, 2.5])
+    assert fused["mean"] == pytest.approx(2.5) and fused["std"] == pytest.approx(0.5)
+    assert fused["verdict"] == ablation_compare.EARNS
+    assert results[("fused_ge_fs-baseline", "trainer")]["differences"] == pytest.approx([3.0, 4.0, 3.5])
+    assert results[("alr-fused", "trainer")]["differences"] == pytest.approx([3.0, -1.0, 3.5])
+    assert results[("alr-fused", "trainer")]["verdict"] == ablation_compare.NOT_SHOWN
+    hard = results[("alr_hard-fused", "trainer")]
+    assert hard["seeds"] == [0, 1] and hard["differences"] == pytest.approx([1.0, 10.0])
+    assert hard["verdict"] == ablation_compare.NOT_SHOWN  # same sign, mean 5.5 < 2 x 6.36
+    assert results[("frozen-fused", "trainer")]["verdict"] == ablation_compare.HURTS
+    assert results[("fused_fs-baseline", "reference")]["verdict"] == ablation_compare.EARNS  # one epoch: same rows
+    assert results[("full-ensemble", "trainer")]["skipped"] == "full not run"
+    line = report_line(report, "| fused representation (FS score alone)", "### (a)")
+    assert "| 0: +2.00, 1: +3.00, 2: +2.50 | +2.50 ± 0.50 | earns its place |" in line
+    assert "| hurts |" in report_line(report, "| frozen backbone", "### (a)")
+    assert "skipped: full not run" in report_line(report, "| reciprocal pair over two independent soft", "### (a)")
+    assert (tmp_path / "docs" / "ablation_differences.png").stat().st_size > 0
+
+
+def test_the_zero_shot_row_is_read(tmp_path):
+    args = proxy_args(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean", "noisy")
+    fake_run(tmp_path / "runs" / "baseline-clean-seed0", {"A/GE": 10.0})
+    (tmp_path / "runs" / zeroshot.ZEROSHOT_FILE).write_text(json.dumps(
+        {"backbone": "/cache/proxy", "dataset": "synth-pedes", "A/GE": metric_rows({"A/GE": 17.5})["A/GE"]}))
+    report = ablation_report.write_report(ablation_plan.plan_runs(args), args, failed=[]).read_text()
+    for section in ("## (a)", "## (b)"):
+        row = report_line(report, "| zero-shot", section)
+        assert row.count("| 17.50 | 8.75 | –") == 2  # the same test-split number in both conditions
+    assert "`/cache/proxy` itself" in report
+    assert json.loads((tmp_path / "docs" / "ablation.json").read_text())["table"]["_zeroshot"]["A/GE"]["R1"] == 17.5
+
+
+def test_zero_shot_evaluates_the_backbone_folder_once(tmp_path, monkeypatch):
+    """ensure_zeroshot: the untouched backbone folder on the recipe dataset's test split (row A/GE, what
+    evaluate_pair gives the trainer's pair before any step), written once; a random-init backbone has none."""
+    from trpr import data
+    from trpr import modeling
+    from trpr.data.transforms import get_tokenizer
+    from trpr.evaluation import evaluate_pair
+    from transformers import CLIPModel
+
+    monkeypatch.setenv("TRPR_CACHE", str(tmp_path / "data"))
+    torch.manual_seed(0)
+    backbone = tmp_path / "backbone"
+    CLIPModel(modeling.small_clip_config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, projection_dim=32)).save_pretrained(backbone)
+    args = proxy_args(tmp_path, "--seeds", "0", "--variants", "baseline", "--conditions", "clean",
+                      "--set", "data.dataset=synth-pedes-tiny", "--set", "data.image_size=[32, 16]")
+    args.backbone = str(backbone)
+    path = zeroshot.ensure_zeroshot(args)
+    saved = json.loads(path.read_text())
+    assert path == tmp_path / "runs" / zeroshot.ZEROSHOT_FILE and saved["dataset"] == "synth-pedes-tiny"
+    splits = data.load_benchmark("synth-pedes-tiny", root=tmp_path / "data")
+    pair = modeling.ReciprocalPair.from_clip(str(backbone), image_size=(32, 16)).eval()
+    expected = evaluate_pair(pair, splits["test_gallery"], splits["test_queries"], tokenizer=get_tokenizer(),
+                             image_size=(32, 16))
+    assert set(saved) == {"backbone", "dataset", "A/GE"}
+    assert saved["A/GE"] == pytest.approx(expected["A/GE"])
+    monkeypatch.setattr(zeroshot, "evaluate_zeroshot", lambda config: pytest.fail("evaluated twice"))
+    assert zeroshot.ensure_zeroshot(args) == path  # once per sweep
+    scratch = args_for(tmp_path / "scratch", "--conditions", "clean")  # from-scratch recipe: random init
+    assert zeroshot.ensure_zeroshot(scratch) is None and not (tmp_path / "scratch" / "runs").exists()
 
 
 def test_a_run_folder_of_another_command_is_not_reused(tmp_path):
@@ -108,7 +266,12 @@ def test_end_to_end_one_tiny_run_then_resume_skips_it(tmp_path):
     assert 0.0 <= test["A/FS"]["R1"] <= 100.0
     row = next(line for line in (tmp_path / "docs" / "ablation.md").read_text().splitlines()
                if line.startswith("| CLIP baseline"))
-    assert f"{test['A/FS']['R1']:.2f} (1 seed)" in row
+    assert f"{test['A/GE']['R1']:.2f} (1 seed)" in row
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "test" in records[0]  # eval.record_test: the reference rule's epoch has its test rows
+    reference = (tmp_path / "docs" / "ablation.md").read_text().split("## (b)")[1]
+    assert f"{records[0]['test']['A/GE']['R1']:.2f} (1 seed)" in next(
+        line for line in reference.splitlines() if line.startswith("| CLIP baseline"))
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and "1 of 1 runs already finished, 0 to train" in second.stdout
 
@@ -122,7 +285,7 @@ def proxy_args(tmp_path, *extra):
 def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path):
     args = proxy_args(tmp_path, "--seeds", "0", "1")
     runs = ablation_plan.plan_runs(args)
-    assert len(runs) == 2 * 3 * 6  # seeds x (clean, 50 %, 80 %) x variants
+    assert len(runs) == 2 * 3 * len(ablation_plan.PROXY_VARIANTS) == 2 * 3 * 11  # seeds x conditions x variants
     by_name = {r.name: r for r in runs}
     options = {name: dict(zip(run.command, run.command[1:])) for name, run in by_name.items()}
     assert options["baseline-clean-seed0"]["--config"] == "proxy-clean"
@@ -131,15 +294,21 @@ def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path)
     assert all(o["--model.backbone"] == str(tmp_path / "proxy") for o in options.values())
     assert options["fused_all-clean-seed0"]["--model.image_tokens"] == "all"
     assert "--model.image_tokens" not in options["fused-clean-seed0"]
-    # the control: a second + ALR run, another seed, the partner's noisy training set
-    control, partner = by_name["ensemble-noisy-seed1"], by_name["alr-noisy-seed1"]
+    assert options["fused_ref-clean-seed0"]["--model.image_tokens"] == "reference"
+    assert options["frozen-noisy-seed0"]["--optim.backbone_lr"] == "0.0"
+    assert options["head_warmup-noisy-seed0"]["--optim.head_warmup_epochs"] == "1"
+    assert all(o["--eval.record_test"] == "true" for o in options.values())  # the reference rule needs them
+    assert options["full_hard-noisy-seed0"]["--eval.select_row"] == "A+B/FS"
+    # the control: a second hard-selection run, another seed, the partner's noisy training set
+    control, partner = by_name["ensemble_hard-noisy-seed1"], by_name["alr_hard-noisy-seed1"]
     assert control.partner is partner and partner.partner is None
-    control_options, partner_options = options["ensemble-noisy-seed1"], options["alr-noisy-seed1"]
+    control_options, partner_options = options["ensemble_hard-noisy-seed1"], options["alr_hard-noisy-seed1"]
+    assert control_options["--alr.selection"] == partner_options["--alr.selection"] == "reference"
     assert control_options["--seed"] == "1001" and partner_options["--seed"] == "1"
     assert control_options["--data.noise_rate"] == "0.0"
     assert control_options["--data.noise_file"] == str(ablation_plan.noise_file_for("noisy", 1, args))
     assert control_options["--alr.models"] == "1" and control_options["--eval.select_row"] == "A/FS"
-    assert "--data.noise_file" not in options["ensemble-clean-seed1"]
+    assert "--data.noise_file" not in options["ensemble_hard-clean-seed1"]
     assert control.metrics_file.name == ablation_plan.ENSEMBLE_METRICS and partner.metrics_file.name == "test_metrics.json"
     assert args.runs_dir == str(tmp_path / "runs") and args.docs_dir == str(tmp_path / "docs")
 
@@ -216,8 +385,8 @@ def test_ensemble_control_evaluates_the_two_independent_models_a(tmp_path):
     assert saved["A+B/FS"] == pytest.approx(expected["A+B/FS"])
     assert saved["A/FS"] == pytest.approx(expected["A/FS"]) and saved["members"][0].startswith(str(partner.folder))
     report = ablation_report.write_report([partner, control], args, failed=[]).read_text()
-    row = next(line for line in report.splitlines() if line.startswith("| control"))
-    assert f"{saved['A+B/FS']['R1']:.2f} (1 seed)" in row and "A+A'" in row
+    row = next(line for line in report.splitlines() if line.startswith("| control") and "| A+A'/FS (A+B/FS) |" in line)
+    assert f"{saved['A+B/FS']['R1']:.2f} (1 seed)" in row
 
 
 def alr_record(noisy) -> dict:
@@ -230,7 +399,8 @@ def alr_record(noisy) -> dict:
     generator = torch.Generator().manual_seed(int(flags.sum()))
     losses = [flags.float() + 0.6 * torch.rand(len(flags), generator=generator) for _ in range(2)]
     sims = 0.5 - 0.3 * flags.float() + 0.1 * torch.rand(len(flags), generator=generator)
-    return alr_report(compute_alr(losses[0], losses[1], sims), sims, flags)
+    signals = {"loss": losses[0], "fused_similarity": sims, "global_similarity": sims.flip(0)}
+    return alr_report(compute_alr(losses[0], losses[1], sims), sims, flags, signals)
 
 
 def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
@@ -260,9 +430,10 @@ def test_proxy_report_has_every_noisy_condition_and_the_weight_figure(tmp_path):
     assert "### 50% noisy correspondence" in report and "### 80% noisy correspondence" in report
     for name, run in runs.items():  # the detection and weights of each run's current-format ALR record
         alr = json.loads((run.folder / "metrics.jsonl").read_text().splitlines()[1])["alr"]
-        detection, quantiles = alr["noise_detection"], alr["weight_quantiles"]
+        detection, quantiles, auc = alr["noise_detection"], alr["weight_quantiles"], alr["separation_auc"]
         row = (f"| 1 | {detection['precision']:.1f} (1 seed) | {detection['recall']:.1f} (1 seed) | "
-               f"{detection['f1']:.1f} (1 seed) | {alr['mean_weight_noisy']:.3f} (1 seed) | "
+               f"{detection['f1']:.1f} (1 seed) | {auc['loss']:.3f} (1 seed) | {auc['fused_similarity']:.3f} "
+               f"(1 seed) | {auc['global_similarity']:.3f} (1 seed) | {alr['mean_weight_noisy']:.3f} (1 seed) | "
                f"{quantiles['noisy'][1]:.3f} (1 seed) | {quantiles['noisy'][3]:.3f} (1 seed) | "
                f"{alr['mean_weight_clean']:.3f} (1 seed) | {alr['mu']:.3f} (1 seed) | 0 of 2 | 1 |")
         assert row in report, row

@@ -323,3 +323,34 @@ def test_pass_fits_the_mixture_of_the_gmm_preset(train_split, monkeypatch):
     mixture = captured["mixture"]
     assert (mixture.max_iter, mixture.tol, mixture.reg_covar) == (10, 1e-2, 5e-4)  # synth-pedes: not RSTPReid
     assert captured["mu_floor"] == "reference" and captured["selection"] == "project"
+
+
+def test_separation_auc_is_the_mann_whitney_statistic_with_ties_counted_half():
+    """Hand-computed: noisy scores {0.4, 0.8} against clean {0.1, 0.4, 0.2}: of the 6 (noisy, clean) pairs
+    5 rank the noisy one higher and one ties (0.4 vs 0.4, counted 1/2): AUC 5.5 / 6."""
+    score = torch.tensor([0.1, 0.4, 0.4, 0.8, 0.2])
+    noisy = torch.tensor([False, True, False, True, False])
+    assert alr_pass_module.separation_auc(score, noisy) == pytest.approx(5.5 / 6)
+    assert alr_pass_module.separation_auc(-score, noisy) == pytest.approx(0.5 / 6)  # the mirror
+    assert alr_pass_module.separation_auc(torch.ones(5), noisy) == pytest.approx(0.5)  # all tied: no information
+    perfect = torch.tensor([0.0, 2.0, 1.0, 3.0, 0.5], dtype=torch.float16)  # any float dtype
+    assert alr_pass_module.separation_auc(perfect, noisy) == 1.0
+
+
+def test_report_records_model_as_separation_auc_of_each_signal(train_split):
+    """alr_report with the pass's signals: model A's AUC of its loss (higher = noisy) and of its negated
+    fused / global diagonal cosine; without signals (or without clean pairs) none is recorded."""
+    noisy, records = _records(train_split, range(1, 2))
+    _, result, sims = records[0]
+    generator = torch.Generator().manual_seed(0)
+    loss = torch.rand(len(noisy), generator=generator) + noisy.float()  # separates the noisy pairs perfectly
+    global_sims = torch.rand(len(noisy), generator=generator)
+    report = engine.alr_report(result, sims, noisy, {"loss": loss, "fused_similarity": sims,
+                                                     "global_similarity": global_sims})
+    auc = report["separation_auc"]
+    assert auc["loss"] == 1.0
+    assert auc["fused_similarity"] == pytest.approx(alr_pass_module.separation_auc(-sims, noisy))
+    assert auc["global_similarity"] == pytest.approx(alr_pass_module.separation_auc(-global_sims, noisy))
+    assert "separation_auc" not in engine.alr_report(result, sims, noisy)
+    assert "separation_auc" not in engine.alr_report(result, sims, torch.ones_like(noisy), {"loss": loss,
+                                                     "fused_similarity": sims, "global_similarity": global_sims})

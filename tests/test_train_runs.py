@@ -41,9 +41,10 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_run(data_root, tmp_path_factory):
-    """An uninterrupted 2-epoch run (one process, in this process)."""
+    """An uninterrupted 2-epoch run (one process, in this process), recording the test rows of every epoch
+    too (eval.record_test: analysis only, it must change nothing else the other tests compare)."""
     run_dir = tmp_path_factory.mktemp("runs") / "reference"
-    train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir), "--final-test"])
+    train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir), "--final-test", "--eval.record_test", "true"])
     return run_dir
 
 
@@ -86,6 +87,23 @@ def test_reference_run_writes_the_run_folder(reference_run):
     assert test_metrics["checkpoint"] == "best" and 0.0 <= test_metrics["A+B/GE+FS"]["R1"] <= 100.0
     saved = configs.load_config(reference_run / "config.yaml")
     assert saved["train"]["epochs"] == 2 and saved["data"]["dataset"] == "synth-pedes-tiny"
+
+
+def test_record_test_writes_the_test_rows_of_every_validated_epoch(reference_run):
+    """eval.record_test: each validated epoch's record has "test" with every row of "val"; best/'s final
+    test (test_metrics.json) is the test record of the best epoch (same weights, same evaluation)."""
+    records = read_records(reference_run)
+    assert [("val" in r, "test" in r) for r in records] == [(True, True), (True, True)]
+    for record in records:
+        assert set(record["test"]) == set(record["val"]) >= {"A/GE", "A/FS", "A+B/GE+FS"}
+        assert all(0.0 <= row["R1"] <= 100.0 for row in record["test"].values())
+    final = json.loads((reference_run / "test_metrics.json").read_text())
+    best = records[-1]["best_epoch"]
+    for row, metrics in records[best]["test"].items():
+        assert final[row]["R1"] == pytest.approx(metrics["R1"], abs=1e-6), row
+        assert final[row]["mAP"] == pytest.approx(metrics["mAP"], abs=1e-4), row
+    config = configs.load_config(reference_run / "config.yaml")
+    assert config["eval"]["record_test"] is True and config["eval"]["split"] != "test"
 
 
 def test_interrupted_mid_write_then_resumed_equals_uninterrupted(reference_run, data_root, tmp_path, monkeypatch):

@@ -7,26 +7,36 @@ noisy runs and the plots into the docs folder:
     .venv/bin/python scripts/ablate.py --jobs 2 --epochs 8 --seeds 0 1 2
     .venv/bin/python scripts/ablate.py --report-only          # only rebuild the table from finished runs
 
-Variants (each adds one part to the previous one):
-  baseline  global embedding (model.select_ratio 0), ALR off        -> row A/FS (= A/GE when select_ratio 0)
-  fused     + fused representation (select_ratio from the recipe)   -> row A/FS
-  alr       + ALR with model A's own consensus (alr.models 1)       -> row A/FS
-  full      + reciprocal pair: two-model consensus (alr.models 2)   -> rows A/FS and A+B/FS
-The trainer always trains two models, but with ALR off or alr.models 1 model A never sees B, so A's row
-is the one-model result. Model selection is the trainer's (best/ on val R@1 of eval.select_row: A/FS for
-the one-model variants, A+B/FS for the full method); the reported numbers are the TEST split's.
+Variants (trpr.experiments.ablation_plan.VARIANTS; each row group names the rows it reports):
+  baseline      global embedding (model.select_ratio 0), ALR off                 -> row A/GE
+  fused         + fused representation (select_ratio from the recipe), ALR off   -> rows A/GE, A/FS, A/GE+FS
+  alr           + ALR soft weights, model A's own consensus (alr.models 1)       -> rows A/*
+  full          + reciprocal pair: two-model consensus (alr.models 2)            -> rows A/* and A+B/*
+The trainer always trains two models, but with ALR off or alr.models 1 model A never sees B, so A's rows
+are the one-model result. Model selection is the trainer's (best/ on val R@1 of eval.select_row: A/FS for
+the one-model variants, A+B/FS for the pair); the reported numbers are the TEST split's. Every run records
+the test rows of every epoch too (eval.record_test), so the report also shows the reference code's rule
+max(GE, FS) applied afterwards (ablation_compare), and paired per-seed differences per component.
 
 Proxy mode (`--proxy`): the same table fine-tuned from the pretrained proxy CLIP (scripts/pretrain_proxy.py)
 with the paper's recipes: trpr/configs/proxy-clean.yaml (SDM) for the clean condition, trpr/configs/proxy-noisy.yaml
 (TRL) for the noisy ones (50 % and 80 %), every run given `--model.backbone <proxy folder>` (a config cannot
 hold that cache-dependent path; `--backbone DIR` picks another folder, `--random-init` the same
-architecture untrained, as the control). Two more variants:
-  fused_all + fused representation with the image branch over all patches (model.image_tokens all)
-  ensemble  control for reciprocal learning: a second, independent "+ ALR" run (seed + 1000, the same
-            noisy training set through --data.noise_file) whose model A is ensembled with model A of
-            the "+ ALR" run of the same seed (row A+A'/FS; evaluated by this script on the test split)
+architecture untrained, as the control). More variants:
+  alr_hard      + ALR hard selection, one model (alr.selection reference = the reference's --ccd --ccd-r)
+  full_hard     + reciprocal pair with hard selection (alr.models 2)              -> rows A/*, A+B/*
+  ensemble_hard control for full_hard: a second, independent alr_hard run (seed + 1000, the same noisy
+                training set through --data.noise_file) whose model A is ensembled with model A of the
+                alr_hard run of the same seed (rows A+A'/*; evaluated by this script on the test split)
+  ensemble      the same control for full (two independent soft-ALR models)
+  fused_ref     + fused representation, image branch as the reference code (model.image_tokens reference)
+  fused_all     + fused representation, image branch over all patches (model.image_tokens all)
+  head_warmup   + fused representation, heads warmed up 1 epoch with the backbone frozen
+  frozen        + fused representation, frozen backbone (optim.backbone_lr 0)
     .venv/bin/python scripts/ablate.py --proxy --jobs 2 --threads 1      # -> runs/ablation_proxy, docs/results/proxy
-The report then also has the ALR detection per epoch of every noisy condition and one figure of the
+The pretrained backbone itself is evaluated once (the zero-shot row, ablation_zeroshot ->
+<runs_dir>/zeroshot_test_metrics.json; also by --report-only when missing). The report then also has the ALR
+detection per epoch of every noisy condition (P/R/F1 and model A's separation AUCs) and one figure of the
 last-epoch ALR weights of clean vs noisy training pairs (alr_weight_distributions.png).
 
 Resumable: a run with test_metrics.json is skipped; a run interrupted after a finished epoch is resumed
@@ -34,7 +44,8 @@ Resumable: a run with test_metrics.json is skipped; a run interrupted after a fi
 so one complete seed of every cell exists before the second seed starts.
 
 Modules: this one (the command line, training the runs, the ensemble controls), `ablation_plan` (variants,
-conditions, runs, trainer commands), `ablation_report` (ablation.md / .json), `alr_analysis` (`--diagnose`);
+conditions, runs, trainer commands), `ablation_zeroshot` (the zero-shot row), `ablation_report` (ablation.md /
+.json), `ablation_compare` (the selection rules and paired comparisons), `alr_analysis` (`--diagnose`);
 every table and figure is drawn by `trpr.reporting.ablation`. `scripts/ablate.py` is this module's
 command line (`python -m trpr.experiments.ablation_sweep` is the same).
 """
@@ -56,6 +67,7 @@ from trpr.experiments.ablation_plan import (CONDITIONS, DEFAULT_CONDITIONS, DEFA
                                             PROXY_CONFIGS, PROXY_VARIANTS, VARIANTS, Run, config_for, noise_file_for,
                                             plan_runs)
 from trpr.experiments.ablation_report import write_report
+from trpr.experiments.ablation_zeroshot import ensure_zeroshot
 from trpr.experiments.alr_analysis import separability
 from trpr.reporting.ablation import write_separability
 
@@ -283,6 +295,7 @@ def main(argv=None) -> int:
         return 0
     runs = plan_runs(args)
     failed = [] if args.report_only else train_all(runs, args)
+    ensure_zeroshot(args)  # once per sweep (its runs_dir); --report-only too when it is missing
     report = write_report(runs, args, failed)
     print(f"ablation: report written to {report}")
     return 1 if failed else 0

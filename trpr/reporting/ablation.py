@@ -1,8 +1,10 @@
-"""The ablation sweep's tables and figures (trpr.experiments.ablation_*): the R@1 / mAP table, the
-ensemble table, the per-epoch ALR detection tables and plot, the last-epoch ALR weight histograms, and the
-ALR separability table and loss histograms of `--diagnose`.
+"""The ablation sweep's tables and figures (trpr.experiments.ablation_*): the R@1 / mAP table of each model
+selection rule with the zero-shot row, the paired differences (table and plot), the ensemble table, the
+per-epoch ALR detection tables and plot, the last-epoch ALR weight histograms, and the ALR separability
+table and loss histograms of `--diagnose`.
 
-`table` is `trpr.experiments.ablation_report.collect`'s {variant: {condition: {row: {...}}}}; `variants` maps
+`table` is `trpr.experiments.ablation_report.collect`'s {variant: {condition: {rule: {row: {...}}, "_alr":
+...}}, "_ensemble": ..., "_zeroshot": ...}; `variants` maps
 each shown variant's name to its definition (`.label`, `.rows`: trpr.experiments.ablation_plan.Variant), in
 table order; `conditions` maps each shown condition to its label, in table order.
 """
@@ -11,6 +13,11 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+
+
+AUC_METRICS = ("auc_loss", "auc_fused_similarity", "auc_global_similarity")
+AXIS_LABELS = {"precision": "%", "recall": "%", "f1": "%", "auc_loss": "ROC AUC", "auc_fused_similarity": "ROC AUC",
+               "auc_global_similarity": "ROC AUC"}
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -24,21 +31,56 @@ def format_cell(values: list[float], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f} (1 seed)"
 
 
-def table_markdown(table: dict, variants: dict, conditions: dict[str, str]) -> str:
-    header = "| variant | model | " + " | ".join(
+def table_markdown(table: dict, variants: dict, conditions: dict[str, str], rule: str = "trainer") -> str:
+    """Test R@1 and mAP (mean ± std over seeds) of every variant's rows under one selection rule, the
+    zero-shot backbone (table["_zeroshot"]) first. A cell is "not run" when the variant has no finished run
+    in that condition, "n/a" when it has but the rule does not apply (ensemble controls under the reference
+    rule, runs without per-epoch test records)."""
+    header = "| variant | row | " + " | ".join(
         f"{conditions[c]}: R@1 | {conditions[c]}: mAP | seeds" for c in conditions) + " |"
     lines = [header, "|" + "---|" * (2 + 3 * len(conditions))]
+    zeroshot = table.get("_zeroshot")
+    if zeroshot is not None:
+        row = zeroshot["A/GE"]
+        cells = [f"{row['R1']:.2f}", f"{row['mAP']:.2f}", "–"] * len(conditions)
+        lines.append("| zero-shot: the pretrained backbone, no fine-tuning (test split, one evaluation) | A/GE | "
+                     + " | ".join(cells) + " |")
+    else:
+        lines.append("| zero-shot: the pretrained backbone, no fine-tuning | A/GE | "
+                     + " | ".join(["not evaluated"] * 3 * len(conditions)) + " |")
     for name in variants:
         variant = variants[name]
         for label, key in variant.rows:
             cells = []
             for condition in conditions:
-                row = table.get(name, {}).get(condition, {}).get(label)
-                if row is None:
-                    cells += ["not run", "not run", "0"]
-                else:
+                cell = table.get(name, {}).get(condition, {})
+                row = cell.get(rule, {}).get(label)
+                if row is not None:
                     cells += [format_cell(row["R1"]), format_cell(row["mAP"]), str(len(row["seeds"]))]
+                else:
+                    missing = "n/a" if cell.get("finished_seeds") else "not run"
+                    cells += [missing, missing, "0"]
             lines.append(f"| {variant.label} | {label} ({key}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_markdown(results: list[dict], conditions: dict[str, str], rule: str) -> str:
+    """The paired differences of one selection rule (trpr.experiments.ablation_compare.compare_all's
+    entries): per comparison and condition the seeds, the per-seed R@1 differences, mean ± std and verdict."""
+    lines = ["| comparison | rows (R@1 of variant − R@1 of baseline) | condition | seeds | per-seed difference "
+             "| mean ± std | verdict |", "|---|---|---|---|---|---|---|"]
+    for entry in (e for e in results if e["rule"] == rule):
+        rows = f"{entry['variant']} {entry['row']} − {entry['baseline']} {entry['baseline_row']}"
+        condition = conditions[entry["condition"]]
+        if "skipped" in entry:
+            lines.append(f"| {entry['question']} | {rows} | {condition} | – | – | – "
+                         f"| skipped: {entry['skipped']} |")
+            continue
+        per_seed = ", ".join(f"{seed}: {d:+.2f}" for seed, d in zip(entry["seeds"], entry["differences"]))
+        spread = f"{entry['mean']:+.2f} ± {entry['std']:.2f}" if entry["std"] is not None else \
+            f"{entry['mean']:+.2f} (1 seed)"
+        lines.append(f"| {entry['question']} | {rows} | {condition} | {len(entry['seeds'])} | {per_seed} | {spread} "
+                     f"| {entry['verdict']} |")
     return "\n".join(lines)
 
 
@@ -47,7 +89,7 @@ def ensemble_markdown(table: dict, variants: dict, conditions: dict[str, str]) -
     reciprocal learning (for variants 1-3 B never influenced A; this is not one of the method's rows)."""
     lines = ["| variant | " + " | ".join(f"{conditions[c]}: A+B R@1 | {conditions[c]}: A+B mAP"
                                           for c in conditions) + " |", "|---|" + "---|" * (2 * len(conditions))]
-    for name in (v for v in variants if v != "ensemble"):
+    for name in (v for v in variants if variants[v].partner is None):
         cells = []
         for condition in conditions:
             row = table.get("_ensemble", {}).get(name, {}).get(condition)
@@ -57,8 +99,8 @@ def ensemble_markdown(table: dict, variants: dict, conditions: dict[str, str]) -
 
 
 def alr_markdown(table: dict, variants: dict, condition: str = "noisy") -> str:
-    """Per-epoch noisy-pair detection (noisy = no model calls the pair clean) of one noisy condition,
-    mean over seeds."""
+    """Per-epoch noisy-pair detection (noisy = no model calls the pair clean) and model A's separation AUCs
+    (missing in records written before they existed: "–") of one noisy condition, mean ± std over seeds."""
     from trpr.modeling.alr import FIT_OK
 
     blocks = []
@@ -68,13 +110,14 @@ def alr_markdown(table: dict, variants: dict, condition: str = "noisy") -> str:
             continue
         epochs = sorted({entry["epoch"] for entries in per_seed.values() for entry in entries})
         lines = [f"**{variants[name].label}** (seeds {', '.join(sorted(per_seed))})", "",
-                 "| epoch | precision (%) | recall (%) | F1 (%) | mean w, noisy pairs | 5 % quantile w, noisy "
-                 "| median w, noisy | mean w, clean pairs | mu | degenerate mixture fits | seeds |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "| epoch | precision (%) | recall (%) | F1 (%) | AUC loss | AUC fused sim. | AUC global sim. "
+                 "| mean w, noisy pairs | 5 % quantile w, noisy | median w, noisy | mean w, clean pairs | mu "
+                 "| degenerate mixture fits | seeds |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for epoch in epochs:
             entries = [e for entries in per_seed.values() for e in entries if e["epoch"] == epoch]
             cells = []
-            for metric in ("precision", "recall", "f1", "mean_weight_noisy", "q05_weight_noisy",
+            for metric in ("precision", "recall", "f1", *AUC_METRICS, "mean_weight_noisy", "q05_weight_noisy",
                            "median_weight_noisy", "mean_weight_clean", "mu"):
                 values = [e[metric] for e in entries if e.get(metric) is not None]
                 digits = 1 if metric in ("precision", "recall", "f1") else 3
@@ -88,40 +131,88 @@ def alr_markdown(table: dict, variants: dict, condition: str = "noisy") -> str:
     return "\n\n".join(blocks) if blocks else "(no noisy run with ALR has finished)"
 
 
-def plot_table(table: dict, variants: dict, conditions: dict[str, str], path: Path) -> None:
-    """Bar chart of test R@1 (mean ± std over seeds) per variant row and condition."""
+def plot_table(table: dict, variants: dict, conditions: dict[str, str], path: Path,
+               rules: dict[str, str] | None = None) -> None:
+    """Bar chart of test R@1 (mean ± std over seeds) per variant row and condition, one panel per selection
+    rule (`rules`: {rule: title, shown up to its first " ("}; default the trainer's only); the zero-shot
+    backbone as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, bars = [], {c: ([], []) for c in conditions}
-    for name in variants:
-        for label, _ in variants[name].rows:
-            labels.append(f"{name}\n{label}")
-            for condition in conditions:
-                row = table.get(name, {}).get(condition, {}).get(label)
-                mean, std = mean_std(row["R1"]) if row else (float("nan"), None)
-                bars[condition][0].append(mean)
-                bars[condition][1].append(std or 0.0)
-    figure, axis = plt.subplots(figsize=(7, 3.6), dpi=100)
+    rules = rules or {"trainer": "trainer's rule"}
+    labels = [f"{name} {label}" for name in variants for label, _ in variants[name].rows]
+    figure, axes = plt.subplots(len(rules), 1, figsize=(max(7.0, 0.32 * len(labels) + 2), 4.6 * len(rules)),
+                                dpi=100, squeeze=False)
     width = 0.8 / max(len(conditions), 1)
-    for offset, condition in enumerate(conditions):
-        positions = [i + (offset - (len(conditions) - 1) / 2) * width for i in range(len(labels))]
-        axis.bar(positions, bars[condition][0], width, yerr=bars[condition][1], capsize=3,
-                 label=conditions[condition])
-    axis.set_xticks(range(len(labels)), labels, fontsize=8)
-    axis.set_ylabel("test R@1 (%)")
-    axis.set_title("synth-pedes ablation (mean ± std over seeds)")
-    axis.legend(fontsize=8)
+    zeroshot = table.get("_zeroshot")
+    for axis, (rule, title) in zip(axes[:, 0], rules.items()):
+        for offset, condition in enumerate(conditions):
+            means, stds = [], []
+            for name in variants:
+                for label, _ in variants[name].rows:
+                    row = table.get(name, {}).get(condition, {}).get(rule, {}).get(label)
+                    mean, std = mean_std(row["R1"]) if row else (float("nan"), None)
+                    means.append(mean)
+                    stds.append(std or 0.0)
+            positions = [i + (offset - (len(conditions) - 1) / 2) * width for i in range(len(labels))]
+            axis.bar(positions, means, width, yerr=stds, capsize=3, label=conditions[condition])
+        if zeroshot is not None:
+            axis.axhline(zeroshot["A/GE"]["R1"], color="black", linestyle="--", linewidth=1,
+                         label="zero-shot backbone (A/GE)")
+        axis.set_xticks(range(len(labels)), labels, fontsize=7, rotation=90)
+        axis.set_ylabel("test R@1 (%)")
+        axis.set_title(f"{title.split(' (')[0]}: mean ± std over seeds", fontsize=9)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
 
 
+def plot_differences(results: list[dict], conditions: dict[str, str], rules: dict[str, str], path: Path) -> bool:
+    """The paired R@1 differences (trpr.experiments.ablation_compare.compare_all's entries) as horizontal
+    bars (mean ± std over seeds) with each seed's difference as a dot, one panel per selection rule; False
+    (nothing drawn) when no comparison could be made."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = [e for e in results if "skipped" not in e]
+    if not made:
+        return False
+    names = list(dict.fromkeys(e["name"] for e in made))
+    shown = [rule for rule in rules if any(e["rule"] == rule for e in made)]
+    figure, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 0.5 * len(names) * len(conditions) + 1.5),
+                                dpi=100, squeeze=False, sharey=True)
+    height = 0.8 / max(len(conditions), 1)
+    for axis, rule in zip(axes[0], shown):
+        for offset, condition in enumerate(conditions):
+            entries = {e["name"]: e for e in made if e["rule"] == rule and e["condition"] == condition}
+            positions = [i + (offset - (len(conditions) - 1) / 2) * height for i in range(len(names))]
+            means = [entries[n]["mean"] if n in entries else float("nan") for n in names]
+            stds = [(entries[n]["std"] or 0.0) if n in entries else 0.0 for n in names]
+            axis.barh(positions, means, height, xerr=stds, capsize=3, label=conditions[condition])
+            for position, name in zip(positions, names):
+                if name in entries:
+                    axis.plot(entries[name]["differences"], [position] * len(entries[name]["differences"]), "k.",
+                              markersize=4)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_yticks(range(len(names)), names, fontsize=7)
+        axis.set_xlabel("test R@1 difference (points), variant − baseline")
+        axis.set_title(rules[rule].split(" (")[0], fontsize=9)
+        axis.legend(fontsize=7)
+    axes[0][0].invert_yaxis()  # the comparisons top-down in COMPARISONS order (the y axis is shared)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True
+
+
 def plot_alr(table: dict, variants: dict, path: Path, conditions: dict[str, str],
              metrics: tuple[str, ...] = ("precision", "recall")) -> bool:
-    """Per-epoch noisy-pair detection metrics of the noisy runs (mean over seeds): one row of panels per
-    noisy condition, one panel per metric."""
+    """Per-epoch noisy-pair detection metrics of the noisy runs (mean over seeds; `metrics`: keys of
+    ablation_report.alr_epoch_entry, e.g. "f1" and AUC_METRICS): one row of panels per noisy condition, one
+    panel per metric. False (nothing drawn) when no noisy run has ALR records."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,19 +224,21 @@ def plot_alr(table: dict, variants: dict, path: Path, conditions: dict[str, str]
     if not grid:
         return False
     figure, axes = plt.subplots(len(grid), len(metrics), figsize=(4 * len(metrics), 3.2 * len(grid)), dpi=100,
-                                sharey=True, squeeze=False)
+                                squeeze=False)
     for row, (condition, series) in enumerate(grid.items()):
         for name, per_seed in series.items():
             epochs = sorted({e["epoch"] for entries in per_seed.values() for e in entries})
             for axis, metric in zip(axes[row], metrics):
-                means = [statistics.fmean([e[metric] for entries in per_seed.values() for e in entries
-                                           if e["epoch"] == epoch and metric in e]) for epoch in epochs]
-                axis.plot(epochs, means, marker="o", label=variants[name].label)
+                values = [[e[metric] for entries in per_seed.values() for e in entries
+                           if e["epoch"] == epoch and e.get(metric) is not None] for epoch in epochs]
+                points = [(epoch, statistics.fmean(v)) for epoch, v in zip(epochs, values) if v]
+                if points:
+                    axis.plot(*zip(*points), marker="o", label=variants[name].label)
         for axis, metric in zip(axes[row], metrics):
             axis.set_xlabel("epoch")
+            axis.set_ylabel(AXIS_LABELS.get(metric, metric))
             axis.set_title(f"{conditions[condition]}: {metric}" if len(grid) > 1 else f"noisy-pair detection {metric}",
                            fontsize=9)
-        axes[row][0].set_ylabel("%")
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path)
