@@ -4,29 +4,88 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trpr.configs import CONFIG_DIR, ConfigError, load_config, parse_overrides
+from trpr.configs import CONFIG_DIR, ConfigError, load_config, parse_overrides, save_config
 
 RECIPES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name not in ("defaults.yaml", "noisy-correspondence.yaml"))
 
 
+NOISY = ("cuhk-pedes-noisy", "icfg-pedes-noisy", "rstpreid-noisy")  # their noise rate comes from the command line
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_resolves(recipe):
-    config = load_config(recipe)
+    noisy = recipe.stem in NOISY
+    config = load_config(recipe, ["--data.noise_rate", "0.5"] if noisy else [])
     dataset = config["data"]["dataset"]  # in the name, except the proxy recipes (fine-tuning on synth-pedes)
     assert dataset in recipe.stem or (recipe.stem.startswith("proxy-") and dataset == "synth-pedes")
-    if "noise" in recipe.stem:
+    assert noisy == (recipe.stem.endswith("-noisy") and recipe.stem != "proxy-noisy")  # a new one: add it to NOISY
+    if noisy:
         assert config["loss"] == {**config["loss"], "lambda_sdm": 0.0, "lambda_trl": 1.0}
-        rate = recipe.stem.split("noise")[1]
-        assert config["data"]["noise_rate"] == float(rate)
         # RDE's standard permutation file is picked up by the data layer: nothing may override it
         assert config["data"]["noise_file"] is None
         folder = {"cuhk-pedes": "CUHK-PEDES", "icfg-pedes": "ICFG-PEDES", "rstpreid": "RSTPReid"}[config["data"]["dataset"]]
         header = recipe.read_text().split("base:")[0]
-        assert f"noiseindex/{folder}_{rate}.npy" in header and "GENERATED" in header
-        # RDE's mixture settings: tight above 0.4 noise and on RSTPReid, loose otherwise
-        tight = float(rate) > 0.4 or folder == "RSTPReid"
-        gmm = (config["alr"]["gmm_max_iter"], config["alr"]["gmm_tol"], config["alr"]["gmm_reg_covar"])
-        assert gmm == ((100, 1e-4, 1e-6) if tight else (10, 1e-2, 5e-4))
+        assert f"noiseindex/{folder}_<rate>.npy" in header and "GENERATED" in header
+        assert config["alr"]["gmm_preset"] == "rde"
+
+
+# The nine <dataset>-noise<rate>.yaml recipes that <dataset>-noisy.yaml + --data.noise_rate replaced (issue 19), as
+# they resolved: the clean dataset recipe, then TRL only (noisy-correspondence.yaml), the rate, and RDE's mixture
+# settings written out per file (alr.gmm_preset none). Nothing else differed between them.
+OLD_NOISE_RECIPES = {
+    # (dataset, rate): (gmm_max_iter, gmm_tol, gmm_reg_covar)
+    ("cuhk-pedes", 0.2): (10, 1.0e-2, 5.0e-4),
+    ("cuhk-pedes", 0.5): (100, 1.0e-4, 1.0e-6),
+    ("cuhk-pedes", 0.8): (100, 1.0e-4, 1.0e-6),
+    ("icfg-pedes", 0.2): (10, 1.0e-2, 5.0e-4),
+    ("icfg-pedes", 0.5): (100, 1.0e-4, 1.0e-6),
+    ("icfg-pedes", 0.8): (100, 1.0e-4, 1.0e-6),
+    ("rstpreid", 0.2): (100, 1.0e-4, 1.0e-6),
+    ("rstpreid", 0.5): (100, 1.0e-4, 1.0e-6),
+    ("rstpreid", 0.8): (100, 1.0e-4, 1.0e-6),
+}
+
+
+@pytest.mark.parametrize("dataset, rate", sorted(OLD_NOISE_RECIPES), ids=lambda v: str(v))
+def test_noisy_recipe_with_a_rate_resolves_to_the_old_per_rate_recipe(dataset, rate, tmp_path):
+    max_iter, tol, reg_covar = OLD_NOISE_RECIPES[dataset, rate]
+    old = load_config(dataset, ["--loss.lambda_sdm", "0.0", "--loss.lambda_trl", "1.0", "--data.noise_rate", str(rate),
+                                "--alr.gmm_max_iter", str(max_iter), "--alr.gmm_tol", str(tol),
+                                "--alr.gmm_reg_covar", str(reg_covar)])
+    assert old["alr"]["gmm_preset"] == "none"
+    new = load_config(f"{dataset}-noisy", ["--data.noise_rate", str(rate)])
+    assert new["alr"]["gmm_preset"] == "rde"  # the only difference: the rule that produced the three values
+    assert {**new, "alr": {**new["alr"], "gmm_preset": "none"}} == old
+    alr = new["alr"]
+    assert (alr["gmm_max_iter"], alr["gmm_tol"], alr["gmm_reg_covar"]) == (max_iter, tol, reg_covar)
+    assert type(alr["gmm_max_iter"]) is int and type(alr["gmm_tol"]) is float and type(alr["gmm_reg_covar"]) is float
+    # the run's config.yaml (resolved values + the preset) loads back to the same config
+    save_config(new, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == new
+
+
+@pytest.mark.parametrize("recipe", NOISY)
+@pytest.mark.parametrize("overrides", [[], ["--data.noise_rate", "0"], ["--data.noise_rate", "0.0"],
+                                       ["--data.noise_rate", "null"],
+                                       ["--data.noise_rate", "0", "--data.noise_file", "x.npy"]])
+def test_noisy_recipe_without_a_rate_stops_naming_the_key(recipe, overrides):
+    with pytest.raises(ConfigError) as error:
+        load_config(recipe, overrides)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"config file {recipe}")
+    assert "data.noise_rate must be given and > 0" in message and "--data.noise_rate R" in message
+
+
+def test_a_null_noise_rate_is_only_a_recipe_placeholder():
+    with pytest.raises(ConfigError, match="data.noise_rate must be given"):
+        load_config("cuhk-pedes", ["--data.noise_rate", "null"])
+    with pytest.raises(ConfigError, match="data.noise_rate must lie in"):
+        load_config("cuhk-pedes-noisy", ["--data.noise_rate", "1.0"])
+    assert load_config("cuhk-pedes", ["--data.noise_rate", "0"])["data"]["noise_rate"] == 0.0  # clean recipes: 0 is fine
+    # proxy-noisy keeps its fixed mixture settings and its own noise handling (the ablation's twin runs pass
+    # data.noise_rate 0.0 with a data.noise_file)
+    proxy = load_config("proxy-noisy", ["--data.noise_rate", "0.0", "--data.noise_file", "x.npy"])
+    assert proxy["alr"]["gmm_preset"] == "none" and proxy["data"]["noise_rate"] == 0.0
 
 
 def test_paper_recipe_values():
@@ -106,17 +165,18 @@ def test_bad_recipe_file_names_file_and_key(tmp_path: Path):
 @pytest.mark.parametrize("recipe, preset, expected", [
     ("cuhk-pedes", "reference", (10, 1e-2, 5e-4)),
     ("rstpreid", "reference", (100, 1e-4, 1e-6)),
-    ("cuhk-pedes-noise0.5", "reference", (10, 1e-2, 5e-4)),   # the reference's rule ignores the noise rate
-    ("cuhk-pedes-noise0.2", "rde", (10, 1e-2, 5e-4)),
-    ("cuhk-pedes-noise0.5", "rde", (100, 1e-4, 1e-6)),
-    ("rstpreid-noise0.2", "rde", (100, 1e-4, 1e-6)),
+    ("cuhk-pedes --data.noise_rate 0.5", "reference", (10, 1e-2, 5e-4)),   # the reference's rule ignores the rate
+    ("cuhk-pedes --data.noise_rate 0.2", "rde", (10, 1e-2, 5e-4)),
+    ("cuhk-pedes --data.noise_rate 0.5", "rde", (100, 1e-4, 1e-6)),
+    ("rstpreid --data.noise_rate 0.2", "rde", (100, 1e-4, 1e-6)),
     ("cuhk-pedes", "none", (100, 1e-3, 5e-4)),               # the defaults: unchanged
 ])
 def test_gmm_preset_sets_the_three_mixture_keys(recipe, preset, expected):
-    config = load_config(recipe, ["--alr.gmm_preset", preset])
+    recipe, *overrides = recipe.split()
+    config = load_config(recipe, [*overrides, "--alr.gmm_preset", preset])
     alr = config["alr"]
     assert (alr["gmm_max_iter"], alr["gmm_tol"], alr["gmm_reg_covar"]) == expected
-    assert load_config(recipe)["alr"]["gmm_preset"] == "none"
+    assert load_config(recipe, overrides)["alr"]["gmm_preset"] == "none"
 
 
 def test_select_row_max_rule_picks_the_best_of_its_rows():

@@ -24,6 +24,7 @@ DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
 EXTRA_TYPES = {
     "data.root": (str, type(None)),
     "data.noise_file": (str, type(None)),
+    "data.noise_rate": (float, type(None)),  # null in a recipe: "give it on the command line" (require_noise_rate)
     "model.backbone": (str, dict),
     "model.head_seeds": (list, type(None)),
     "alr.mu": (str, float),
@@ -361,6 +362,16 @@ def apply_gmm_preset(config: dict, source: str = "config") -> None:
         alr["gmm_max_iter"], alr["gmm_tol"], alr["gmm_reg_covar"] = values
 
 
+def require_noise_rate(config: dict, source: str) -> None:
+    """A recipe that leaves ``data.noise_rate`` null (the per-dataset noisy recipes, ``<dataset>-noisy.yaml``)
+    takes the rate from the command line; ConfigError unless it was given and is > 0 (the rate also picks the
+    mixture band of ``alr.gmm_preset rde``, so a ``data.noise_file`` does not stand in for it)."""
+    rate = config["data"]["noise_rate"]
+    if rate is None or rate == 0:  # a negative or >= 1 rate: validate's range check
+        raise ConfigError(f"{source}: data.noise_rate must be given and > 0 for this noisy-correspondence recipe "
+                          f"(got {rate!r}): add --data.noise_rate R with 0 < R < 1, e.g. 0.2, 0.5 or 0.8")
+
+
 def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> dict:
     """Defaults, then the recipe at ``path`` (and its bases), then the command-line overrides.
 
@@ -374,10 +385,13 @@ def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> di
     if path is not None:
         _apply_file(config, resolve_recipe(path), defaults, ())
         source = f"config file {path}"
+    rate_required = config["data"]["noise_rate"] is None  # the recipe leaves the noise rate to the command line
     update = parse_overrides(overrides)
     if update:
         _merge(config, update, defaults, "command line")
         source += " + command line"
+    if rate_required or config["data"]["noise_rate"] is None:
+        require_noise_rate(config, source)
     apply_gmm_preset(config, source)
     validate(config, source)
     return config
