@@ -15,7 +15,7 @@ from trpr import engine
 from trpr import kernels
 from trpr import modeling
 import train_3rtpr
-from trpr.modeling.run_folder import recover_interrupted_swap
+from trpr.runtime.run_folder import recover_interrupted_swap
 from trpr.engine import checkpoint
 from trpr.engine.state_files import load_state
 
@@ -215,7 +215,7 @@ def test_loader_batches_do_not_depend_on_workers(data_root):
     """The trainer's loader (uint8 views, EpochKeyedBatches): 0 workers and 2 persistent workers give the
     same batches in every epoch, new ones each epoch; the workers survive from one epoch to the next."""
     from trpr import data
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
 
     config = configs.load_config(None, tiny_args(data_root)[2:])
     train = data.load_benchmark("synth-pedes-tiny", root=data_root)["train"]

@@ -81,8 +81,8 @@ def real_encodings(pair, images: int, renders: int, queries: int, batch_size: in
     """(gallery raw rows float32 [images x renders, dim], columns, query raw rows float32 [Q, dim])."""
     from trpr import data
     from trpr.data.torch_datasets import image_sources
-    from trpr.data.transforms import get_tokenizer, tokenize
-    from trpr.evaluation.features import encode_dataset, eval_mode
+    from trpr.data.tokenizer import get_tokenizer, tokenize
+    from trpr.runtime.encoding import encode, eval_mode
 
     splits = data.load_benchmark("synth-pedes")
     sources = []
@@ -92,7 +92,7 @@ def real_encodings(pair, images: int, renders: int, queries: int, batch_size: in
     sources = sorted(set(sources), key=sources.index)[:images]
     dataset = Renders(sources, tuple(pair.a.image_size), renders)
     with eval_mode(pair), torch.no_grad():
-        outputs = encode_dataset([pair.a, pair.b], dataset, "image", batch_size=batch_size, desc="real encodings")
+        outputs = encode([pair.a, pair.b], dataset, "image", batch_size=batch_size, desc="real encodings")
         captions = list(splits["test_queries"]["caption"])[:queries]
         ids, mask = tokenize(get_tokenizer(), captions)
         text = [m.encode_text(ids, mask) for m in (pair.a, pair.b)]

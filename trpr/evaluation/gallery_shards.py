@@ -100,7 +100,8 @@ def encode_to_shards(pair, paths: list, shard_dir: Path, *, shard_size: int = DE
     """
     from tqdm.auto import tqdm
 
-    from .features import encode_dataset, eval_mode
+    from trpr.runtime.encoding import encode, eval_mode
+
     from .folder_gallery import FolderImages
 
     if dtype not in ("float16", "float32"):
@@ -139,8 +140,8 @@ def encode_to_shards(pair, paths: list, shard_dir: Path, *, shard_size: int = DE
               disable=not show, smoothing=0.1) as bar, eval_mode(pair), torch.no_grad():
         for number in todo:
             start, stop = bounds[number]
-            outputs = encode_dataset(models, FolderImages(paths[start:stop], image_size), "image",
-                                     batch_size=batch_size, num_workers=num_workers, desc=f"shard {number}")
+            outputs = encode(models, FolderImages(paths[start:stop], image_size), "image",
+                             batch_size=batch_size, num_workers=num_workers, desc=f"shard {number}")
             row = torch.cat([piece.float().cpu() for pair_out in outputs for piece in pair_out], dim=1)
             _write_shard(shard_path(shard_dir, number), row.numpy().astype(dtype))
             bar.update(stop - start)

@@ -255,9 +255,9 @@ def evaluate_ensembles(runs: list[Run], env: dict, threads: int) -> list[str]:
 
     from trpr import data
     from trpr import modeling
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
     from trpr.evaluation import evaluate_pair
-    from trpr.modeling.run_folder import selected_checkpoint
+    from trpr.runtime.run_folder import selected_checkpoint
 
     torch.set_num_threads(threads)
     for run in tqdm(todo, desc="ensemble controls", unit="run"):
