@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from trpr.evaluation import ann_index, gallery_shards
+from trpr.runtime.atomic import atomic_write_json
 
 ROW = "A+B/GE+FS"
 
@@ -122,7 +123,7 @@ def write_gallery(base: np.ndarray, columns: dict, count: int, shard_dir: Path, 
             noise = rng.standard_normal((fake, base.shape[1]), dtype=np.float32)
             rows[~real] = base[j] + lam * (base[k] - base[j]) + 0.25 * sigma * noise
         gallery_shards.write_npy_atomic(gallery_shards.shard_path(shard_dir, number), rows.astype(np.float16))
-    gallery_shards.write_json_atomic(shard_dir / gallery_shards.MANIFEST, {
+    atomic_write_json(shard_dir / gallery_shards.MANIFEST, {
         "version": gallery_shards.SHARD_VERSION, "job": f"bench-{count}-{seed}", "count": count,
         "shard_size": shard_size, "dtype": "float16", "columns": columns,
         "dim": max(stop for _, stop in columns.values()), "complete": True})

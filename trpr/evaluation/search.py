@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from trpr import kernels
 from trpr import modeling
 from trpr.metrics.published import canonical_dataset
 from trpr.modeling.pair import ROW_KEYS, parse_row_key, selection_rows
+from trpr.runtime.atomic import atomic_path
 from trpr.runtime.cache import search_features_dir
 from trpr.runtime.encoding import encode, eval_mode, model_device
 
@@ -108,18 +108,13 @@ def save_gallery_index(index: GalleryIndex, stem: Path) -> None:
     for model_name, (global_emb, fused_emb) in zip("ab", index.image_outputs):
         tensors[f"{model_name}.global"] = global_emb.contiguous()
         tensors[f"{model_name}.fused"] = fused_emb.contiguous()
-    # unique temporary names + atomic renames: concurrent searches with a cold cache each write their own
-    # files and the last rename wins (both hold the same index)
-    unique = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    features_tmp, sources_tmp = stem.with_name(stem.name + ".safetensors" + unique), stem.with_name(stem.name + ".json" + unique)
-    try:
+    # unique temporary names + atomic renames (runtime.atomic): concurrent searches with a cold cache each write
+    # their own files and the last rename wins (both hold the same index). The .json is renamed first, the
+    # features file last: its presence = complete
+    with atomic_path(stem.with_suffix(".safetensors")) as features_tmp, \
+            atomic_path(stem.with_suffix(".json")) as sources_tmp:
         save_file(tensors, str(features_tmp))
         sources_tmp.write_text(json.dumps({"sources": index.sources, "files": _file_stats(index.sources)}))
-        os.replace(sources_tmp, stem.with_suffix(".json"))
-        os.replace(features_tmp, stem.with_suffix(".safetensors"))  # the features file appears last: its presence = complete
-    finally:
-        features_tmp.unlink(missing_ok=True)
-        sources_tmp.unlink(missing_ok=True)
 
 
 def _file_stats(sources: list) -> list:
