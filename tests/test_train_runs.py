@@ -245,8 +245,8 @@ def test_loader_batches_do_not_depend_on_workers(data_root):
 
 
 def test_background_checkpoint_equals_the_blocking_one(tmp_path):
-    """CheckpointWriter (snapshot, then a background write) writes the same last/ and best/ as
-    save_checkpoint at the moment of the snapshot, though training goes on while it writes."""
+    """CheckpointWriter (snapshot, then a background write) writes the same last/ and best/ as a blocking
+    write (background=False) at the moment of the snapshot, though training goes on while it writes."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
@@ -267,8 +267,11 @@ def test_background_checkpoint_equals_the_blocking_one(tmp_path):
     train_a_little()
     alr_state = engine.initial_alr_state(10, "cpu")
     state = engine.TrainerState(epoch=0, global_step=3, best_score=1.0, best_epoch=0)
-    engine.save_checkpoint(tmp_path / "blocking", pair, optimizers, schedulers, alr_state, state, accelerator,
-                           improved=True)
+    blocking = engine.CheckpointWriter(tmp_path / "blocking", pair, optimizers, schedulers, accelerator,
+                                       background=False)
+    blocking.snapshot(alr_state, state, improved=True)
+    blocking.write()
+    blocking.close()
     writer = engine.CheckpointWriter(tmp_path / "background", pair, optimizers, schedulers, accelerator)
     writer.snapshot(alr_state, state, improved=True)
     written = []

@@ -261,30 +261,6 @@ class _ThisProcessOnly:
         print(*args, **kwargs)
 
 
-def save_last(run_dir: Path, pair, optimizers, schedulers, alr_state: dict, trainer_state: TrainerState,
-              accelerator) -> None:
-    """last/ = the pair + training_state/ (optimizers, schedulers, loss scaler, per-process RNG, ALR, counters
-    and the epoch record `trainer_state.epoch_record`), written now (blocking) by the main process; every
-    process takes part (RNG states, barriers)."""
-    refuse_non_finite(pair, trainer_state, accelerator)
-    snapshot = training_snapshot(optimizers, schedulers, alr_state, trainer_state, accelerator)
-    write_folder_atomically(run_dir / LAST_DIR, lambda folder: write_last(folder, pair, snapshot)
-                            if accelerator.is_main_process else None, accelerator,
-                            needed_bytes=last_bytes(pair, snapshot))
-
-
-def save_checkpoint(run_dir: Path, pair, optimizers, schedulers, alr_state: dict, trainer_state: TrainerState,
-                    accelerator, *, improved: bool) -> None:
-    """End of an epoch, blocking: best/ (the pair) when the validation score improved, then last/. Set
-    `trainer_state.epoch_record` to the epoch's metrics record first: it is saved with last/.
-    (The trainer uses `CheckpointWriter`, which writes the same folders in the background.)"""
-    refuse_non_finite(pair, trainer_state, accelerator)
-    if improved:
-        write_folder_atomically(run_dir / BEST_DIR, lambda folder: pair.save_pretrained(folder)
-                                if accelerator.is_main_process else None, accelerator, needed_bytes=tensor_bytes(pair))
-    save_last(run_dir, pair, optimizers, schedulers, alr_state, trainer_state, accelerator)
-
-
 def _load_file(path: Path):
     """`state_files.load_state(path)` (never unpickles) with a missing, foreign or damaged file as a
     one-line CheckpointError naming it."""
@@ -354,7 +330,7 @@ class CheckpointWriter:
     `snapshot` copies the pair's weights and the optimizer states into host buffers made once (pinned on
     CUDA, so the copy runs at full PCIe speed) and takes the schedulers, scaler, ALR state, counters and
     every process's RNG state; nothing of the live training state is read after it returns, so the
-    files are exactly what `save_checkpoint` would write at that moment and `--resume` is exact.
+    files are exactly the state at that moment and `--resume` is exact.
     `snapshot` first waits for the previous epoch's write: at most one write is in flight.
     Folders are swapped in atomically (`write_folder_atomically`): a crash mid-write leaves the previous
     complete last/ (and `--resume` continues from it). Only the main process writes (the other processes'
