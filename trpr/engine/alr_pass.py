@@ -131,9 +131,9 @@ class AlrPass:
         self.pids = torch.as_tensor(column_values(train_split, "pid"), dtype=torch.int64, device=device)
         self.num_images = len(first_rows)
         self.encode_batch = config["eval"]["batch_size"]
-        images = data.EvalImages(data.keep_rows(train_split, first_rows), config["data"]["image_size"], output="uint8")
-        self.images = images
-        self.image_loader = sharded_loader(images, accelerator, batch_size=self.encode_batch,
+        self.images = data.EvalImages(data.keep_rows(train_split, first_rows), config["data"]["image_size"],
+                                      output="uint8")
+        self.image_loader = sharded_loader(self.images, accelerator, batch_size=self.encode_batch,
                                            num_workers=config["data"]["num_workers"], persistent=True,
                                            pin_memory=device.type == "cuda")
         self.texts = data.EvalTexts(train_split, tokenizer)
