@@ -29,7 +29,7 @@ from trpr.evaluation import (EvalInputError, build_gallery_index, check_gallery_
 from trpr.evaluation.ann_index import ANN_THRESHOLD, INDEX_MODES, searcher_for, searcher_for_folder
 from trpr.evaluation.folder_gallery import IMAGE_EXTENSIONS
 from trpr.evaluation.checkpoints import unreadable_images_as_input_errors
-from trpr.evaluation.progress import quiet_progress_in_logs
+from trpr.runtime.progress import quiet_progress_in_logs
 from trpr.evaluation.search import DEFAULT_SEARCH_ROW, choose_search_row, parse_score_row
 from trpr.kernels import NonFiniteFeatures
 from trpr.reporting.evaluation import make_names_unique, write_reports
@@ -124,7 +124,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     writable_folder(args.out, "--out")
     from accelerate import Accelerator
 
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
 
     accelerator = Accelerator()
     checkpoints = [resolve_checkpoint(path) for path in args.checkpoint]
@@ -182,7 +182,7 @@ def search_command(args: argparse.Namespace) -> int:
         raise EvalInputError(f"--top must be between 1 and {MAX_TOP} (every match is drawn in the grid), got {args.top}")
     if args.score is not None:
         parse_score_row(args.score)
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
 
     started = time.perf_counter()
     if args.gallery is not None and args.root is not None:
@@ -229,7 +229,7 @@ def search_command(args: argparse.Namespace) -> int:
 def warn_truncated(tokenizer, query: str) -> None:
     """A note on stderr when `query` has more tokens than the text encoder reads (CONTEXT_LENGTH with the
     start and end tokens): the rest is ignored."""
-    from trpr.data.transforms import CONTEXT_LENGTH
+    from trpr.data.tokenizer import CONTEXT_LENGTH
 
     words = tokenizer(query, add_special_tokens=False)["input_ids"]
     if len(words) > CONTEXT_LENGTH - 2:

@@ -33,9 +33,9 @@ import torch
 from trpr import configs
 from trpr import engine
 from trpr import kernels
-from trpr.data.transforms import get_tokenizer
-from trpr.evaluation.progress import quiet_progress_in_logs
-from trpr.modeling.run_folder import RunFolderBusy
+from trpr.data.tokenizer import get_tokenizer
+from trpr.runtime.progress import quiet_progress_in_logs
+from trpr.runtime.run_folder import RunFolderBusy
 from trpr.modeling.losses import TrainingLoss
 from trpr.reporting.training import plot_run_alr_history, plot_run_curves
 

@@ -189,7 +189,7 @@ else
 fi
 cp "$RUN_DIR/metrics.jsonl" "$OUT/e2e_metrics.jsonl" 2>/dev/null
 cp "$WORK/eval/leaderboard.md" "$OUT/leaderboard.md" 2>/dev/null
-rm -f "$OUT"/*.partial "$OUT"/bench/*.partial 2>/dev/null   # a report killed mid-rename: never an extra file
+rm -f "$OUT"/.*.tmp "$OUT"/bench/.*.tmp 2>/dev/null   # a report killed mid-rename (runtime.atomic): never an extra file
 
 # ---- 7. summary, printed last
 echo "gpu check: $(as_s $(($(now_ms) - START_MS))) s of a $(as_s "$(scaled_ms "$BUDGET")")-s budget"

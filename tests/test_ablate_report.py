@@ -368,7 +368,7 @@ def write_pair_run(folder: Path, dataset_root: Path, seed: int):
 def test_ensemble_control_evaluates_the_two_independent_models_a(tmp_path):
     from trpr import data
     from trpr import modeling
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
     from trpr.evaluation import evaluate_pair
 
     args = proxy_args(tmp_path, "--seeds", "0", "--variants", "alr", "ensemble", "--conditions", "clean")
@@ -447,7 +447,7 @@ def test_diagnosis_scores_with_the_trainers_alr_pass_and_draws_the_losses(tmp_pa
     from trpr import data
     from trpr import modeling
     from accelerate import Accelerator
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
     from trpr.engine import AlrPass
     from trpr.modeling.losses import TrainingLoss
 

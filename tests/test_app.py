@@ -97,7 +97,7 @@ def test_explanation_shows_exactly_what_the_fused_heads_selected(photos, headed,
     import numpy as np
     import torch
 
-    from trpr.data.transforms import tokenize
+    from trpr.data.tokenizer import tokenize
 
     session = app.open_session(str(headed), photos["folder"], cache_dir=tmp_path / "cache", score="A+B/GE+FS")
     assert app.explain(session, 0)["text"].startswith("Search first")

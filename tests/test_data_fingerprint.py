@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from trpr import data
-from trpr.data.transforms import get_tokenizer
+from trpr.data.tokenizer import get_tokenizer
 from test_data_benchmarks import write_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader
 import transformers
 from accelerate import Accelerator
 from trpr import configs, data, kernels, modeling
-from trpr.data.transforms import get_tokenizer
+from trpr.data.tokenizer import get_tokenizer
 accelerator = Accelerator(cpu=True)
 
 # the GPU image's trigger: pyarrow imported from a folder that is neither under sys.prefix nor a

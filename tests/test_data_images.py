@@ -13,7 +13,7 @@ from trpr import data
 from trpr.data import images as images_lib
 from trpr.data.check import check_benchmark, main as check_main
 from trpr.data.images import ALPHA_BACKGROUND, ImageCheckError, image_problem, open_image, verify_images
-from trpr.data.transforms import get_tokenizer
+from trpr.data.tokenizer import get_tokenizer
 from test_data_benchmarks import write_fixture
 
 IMAGE_DIR = ("CUHK-PEDES", "imgs")

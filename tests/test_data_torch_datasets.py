@@ -4,7 +4,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from trpr.data import EvalImages, EvalTexts, TrainViews, load_benchmark
-from trpr.data.transforms import EOT_TOKEN_ID, build_image_transform, get_tokenizer, tokenize
+from trpr.data.transforms import build_image_transform
+from trpr.data.tokenizer import EOT_TOKEN_ID, get_tokenizer, tokenize
 
 IMAGE_SIZE = (64, 32)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trpr.data.transforms import (CLIP_MEAN, CLIP_STD, EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, augment_text,
-                             build_image_transform, get_tokenizer, tokenize)
+from trpr.data.transforms import CLIP_MEAN, CLIP_STD, augment_text, build_image_transform
+from trpr.data.tokenizer import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, get_tokenizer, tokenize
 
 # Published ids of the openai CLIP tokenizer (clip.tokenize / openai/clip-vit-base-patch16), collected
 # from the CLIP README, HF docs and public tokenizer test-suites.

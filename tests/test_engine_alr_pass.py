@@ -12,7 +12,7 @@ from trpr import engine
 from trpr import kernels
 from trpr import modeling
 from trpr.configs import load_config
-from trpr.data.transforms import get_tokenizer
+from trpr.data.tokenizer import get_tokenizer
 from trpr.engine import alr_pass as alr_pass_module
 from trpr.modeling.losses import TrainingLoss
 from trpr.reporting import training as reporting

@@ -19,7 +19,7 @@ from trpr import configs
 from trpr import engine
 import train_3rtpr
 from trpr.engine import checkpoint, metrics_log
-from trpr.modeling.run_folder import RUN_LOCK_FILE, RunFolderBusy, RunLock, lock_holder
+from trpr.runtime.run_folder import RUN_LOCK_FILE, RunFolderBusy, RunLock, lock_holder
 from test_data_benchmarks import write_fixture
 from test_data_images import _broken_fixture
 from test_train_runs import ROOT, data_root, read_records, tiny_args  # noqa: F401 (data_root: a fixture)

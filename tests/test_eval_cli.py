@@ -14,7 +14,7 @@ from trpr import data
 import eval_3rtpr
 from trpr import evaluation
 from trpr import modeling
-from trpr.data.transforms import get_tokenizer, tokenize
+from trpr.data.tokenizer import get_tokenizer, tokenize
 from trpr.reporting import evaluation as report
 
 IMAGE_SIZE = (64, 32)

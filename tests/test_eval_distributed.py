@@ -11,7 +11,8 @@ import torch
 from trpr import data
 from trpr import evaluation
 from trpr import modeling
-from trpr.data.transforms import get_tokenizer
+from trpr.data.tokenizer import get_tokenizer
+from trpr.runtime.sharding import shard_indices
 
 IMAGE_SIZE = (64, 32)
 WORLD_SIZE = 2
@@ -73,7 +74,7 @@ def test_shard_indices_cover_every_item_once():
         def __init__(self, rank):
             self.process_index = rank
 
-    shards = [evaluation.shard_indices(7, FakeAccelerator(rank)) for rank in range(3)]
+    shards = [shard_indices(7, FakeAccelerator(rank)) for rank in range(3)]
     assert [per for _, per in shards] == [3, 3, 3]
     gathered = [i for indices, _ in shards for i in indices]
     assert gathered[:7] == list(range(7)) and gathered[7:] == [6, 6]

@@ -14,8 +14,9 @@ import yaml
 from trpr import data
 import eval_3rtpr
 from trpr import evaluation
-from trpr.evaluation import progress, search
-from trpr.modeling.run_folder import RunLock
+from trpr.evaluation import search
+from trpr.runtime import progress
+from trpr.runtime.run_folder import RunLock
 from test_eval_cli import DATASET, _error_line, _small_pair
 
 

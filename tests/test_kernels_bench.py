@@ -61,7 +61,7 @@ def test_loss_rows_are_written_before_any_compile_case(tmp_path, monkeypatch):
         <= set(impls), impls
     final = json.loads((tmp_path / "kernels_cpu_quick.json").read_text())
     assert [r["impl"] for r in final["losses"]][-2:] == ["torch.compile", "torch.compile"]
-    assert len(on_disk) == 2 and not list(tmp_path.glob("*.partial"))
+    assert len(on_disk) == 2 and not list(tmp_path.glob(".*.tmp"))
 
     bench_kernels.main(["--quick", "--device", "cpu", "--skip-retrieval", "--out", str(tmp_path), "--repeats", "1",
                         "--compile", "off"])

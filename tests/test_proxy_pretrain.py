@@ -18,7 +18,7 @@ from transformers import CLIPModel, CLIPTokenizerFast
 
 from trpr import configs
 from trpr.data.proxy_corpus import CorpusSpec, ensure_corpus, load_corpus
-from trpr.data.transforms import get_tokenizer, tokenize
+from trpr.data.tokenizer import get_tokenizer, tokenize
 from trpr.modeling import TRPRModel
 from trpr.modeling.backbone import CLIPBackbone, load_clip_model, resize_position_embedding
 

@@ -581,29 +581,29 @@ def test_every_query_of_search_dash_gets_its_own_grid(search_setup, capsys, monk
 
 # ------------------------------------------- 11. tokenizer cache, Ctrl-C, long queries; diverged search
 def test_damaged_tokenizer_cache_is_named_and_rebuilt(tmp_path, monkeypatch, capsys):
-    from trpr.data import transforms
+    from trpr.data import tokenizer
 
     monkeypatch.setenv("TRPR_CACHE", str(tmp_path))
-    transforms.get_tokenizer.cache_clear()
+    tokenizer.get_tokenizer.cache_clear()
     try:
-        expected = transforms.get_tokenizer()("a man in a red coat")["input_ids"]
+        expected = tokenizer.get_tokenizer()("a man in a red coat")["input_ids"]
         vocab = tmp_path / "clip_bpe" / "vocab.json"
         for damage in (vocab.read_text()[:5000], json.dumps({"a": 1}), "\x00" * 10):
             vocab.write_text(damage)
-            transforms.get_tokenizer.cache_clear()
+            tokenizer.get_tokenizer.cache_clear()
             capsys.readouterr()
-            assert transforms.get_tokenizer()("a man in a red coat")["input_ids"] == expected
+            assert tokenizer.get_tokenizer()("a man in a red coat")["input_ids"] == expected
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and err[0].startswith(f"warning: {vocab}: damaged tokenizer cache (")
             assert err[0].endswith("; rebuilding it from clip_bpe_simple_vocab_16e6.txt.gz")
-            assert transforms.vocab_files_problem(vocab.parent) is None
+            assert tokenizer.vocab_files_problem(vocab.parent) is None
         merges = tmp_path / "clip_bpe" / "merges.txt"
         merges.write_text(merges.read_text()[:100])
-        transforms.get_tokenizer.cache_clear()
-        assert transforms.get_tokenizer()("a man in a red coat")["input_ids"] == expected
+        tokenizer.get_tokenizer.cache_clear()
+        assert tokenizer.get_tokenizer()("a man in a red coat")["input_ids"] == expected
         assert f"warning: {merges}: damaged tokenizer cache" in capsys.readouterr().err
     finally:
-        transforms.get_tokenizer.cache_clear()
+        tokenizer.get_tokenizer.cache_clear()
 
 
 def test_ctrl_c_in_search_dash_ends_quietly(search_setup, capsys, monkeypatch):

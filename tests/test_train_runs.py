@@ -15,7 +15,7 @@ from trpr import engine
 from trpr import kernels
 from trpr import modeling
 import train_3rtpr
-from trpr.modeling.run_folder import recover_interrupted_swap
+from trpr.runtime.run_folder import recover_interrupted_swap
 from trpr.engine import checkpoint
 from trpr.engine.state_files import load_state
 
@@ -233,7 +233,7 @@ def test_loader_batches_do_not_depend_on_workers(data_root):
     """The trainer's loader (uint8 views, EpochKeyedBatches): 0 workers and 2 persistent workers give the
     same batches in every epoch, new ones each epoch; the workers survive from one epoch to the next."""
     from trpr import data
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
 
     config = configs.load_config(None, tiny_args(data_root)[2:])
     train = data.load_benchmark("synth-pedes-tiny", root=data_root)["train"]
@@ -263,8 +263,8 @@ def test_loader_batches_do_not_depend_on_workers(data_root):
 
 
 def test_background_checkpoint_equals_the_blocking_one(tmp_path):
-    """CheckpointWriter (snapshot, then a background write) writes the same last/ and best/ as
-    save_checkpoint at the moment of the snapshot, though training goes on while it writes."""
+    """CheckpointWriter (snapshot, then a background write) writes the same last/ and best/ as a blocking
+    write (background=False) at the moment of the snapshot, though training goes on while it writes."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
@@ -285,8 +285,11 @@ def test_background_checkpoint_equals_the_blocking_one(tmp_path):
     train_a_little()
     alr_state = engine.initial_alr_state(10, "cpu")
     state = engine.TrainerState(epoch=0, global_step=3, best_score=1.0, best_epoch=0)
-    engine.save_checkpoint(tmp_path / "blocking", pair, optimizers, schedulers, alr_state, state, accelerator,
-                           improved=True)
+    blocking = engine.CheckpointWriter(tmp_path / "blocking", pair, optimizers, schedulers, accelerator,
+                                       background=False)
+    blocking.snapshot(alr_state, state, improved=True)
+    blocking.write()
+    blocking.close()
     writer = engine.CheckpointWriter(tmp_path / "background", pair, optimizers, schedulers, accelerator)
     writer.snapshot(alr_state, state, improved=True)
     written = []

@@ -64,7 +64,7 @@ def open_session(checkpoint: str, gallery, *, score: str | None = None, cache_di
                  batch_size: int = 64) -> SearchSession:
     """Resolve and load the checkpoint, index the gallery folder. EvalInputError (one line) for a bad
     checkpoint, a missing folder or a bad --score; an empty gallery is allowed (the app says so)."""
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
 
     if batch_size < 1:
         raise EvalInputError(f"--batch-size must be at least 1, got {batch_size}")
@@ -166,7 +166,7 @@ def explain(session: SearchSession, position: int, *, scale: int = 6) -> dict:
     from PIL import Image, ImageDraw
 
     from trpr.data.images import open_image
-    from trpr.data.transforms import tokenize
+    from trpr.data.tokenizer import tokenize
     from trpr.evaluation.folder_gallery import FolderImages
 
     query, matches = session.last

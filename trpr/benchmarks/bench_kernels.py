@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from trpr.benchmarks.timing import device_name, guarded, matmul_tflops, peak_extra_mib, time_call
+from trpr.runtime.atomic import atomic_write_text
 
 DEFAULT_OUT = "bench_out"
 N_INPUT_SETS = 3
@@ -369,9 +370,7 @@ def main(argv=None):
     def write():     # after every row, so that a run cut short keeps what it measured
         report["wall_s"] = time.monotonic() - start
         for suffix, text in ((".md", to_markdown(report)), (".json", json.dumps(report, indent=2, default=str))):
-            partial = out / f"{stem}{suffix}.partial"           # a rename: never a half-written report
-            partial.write_text(text)
-            partial.replace(out / f"{stem}{suffix}")
+            atomic_write_text(out / f"{stem}{suffix}", text)   # a rename: never a half-written report
 
     def emit(row):   # every row is written as it comes in: a run killed later keeps what it measured
         report["losses"].append(row)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from trpr.data.transforms import CONTEXT_LENGTH, MASK_TOKEN_ID
+from trpr.data.tokenizer import CONTEXT_LENGTH, MASK_TOKEN_ID
 from trpr.modeling.clip_configs import EOT_TOKEN_ID, SOT_TOKEN_ID
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from trpr.evaluation import ann_index, gallery_shards
+from trpr.runtime.atomic import atomic_write_json
 
 ROW = "A+B/GE+FS"
 
@@ -81,8 +82,8 @@ def real_encodings(pair, images: int, renders: int, queries: int, batch_size: in
     """(gallery raw rows float32 [images x renders, dim], columns, query raw rows float32 [Q, dim])."""
     from trpr import data
     from trpr.data.torch_datasets import image_sources
-    from trpr.data.transforms import get_tokenizer, tokenize
-    from trpr.evaluation.features import encode_dataset, eval_mode
+    from trpr.data.tokenizer import get_tokenizer, tokenize
+    from trpr.runtime.encoding import encode, eval_mode
 
     splits = data.load_benchmark("synth-pedes")
     sources = []
@@ -92,7 +93,7 @@ def real_encodings(pair, images: int, renders: int, queries: int, batch_size: in
     sources = sorted(set(sources), key=sources.index)[:images]
     dataset = Renders(sources, tuple(pair.a.image_size), renders)
     with eval_mode(pair), torch.no_grad():
-        outputs = encode_dataset([pair.a, pair.b], dataset, "image", batch_size=batch_size, desc="real encodings")
+        outputs = encode([pair.a, pair.b], dataset, "image", batch_size=batch_size, desc="real encodings")
         captions = list(splits["test_queries"]["caption"])[:queries]
         ids, mask = tokenize(get_tokenizer(), captions)
         text = [m.encode_text(ids, mask) for m in (pair.a, pair.b)]
@@ -122,7 +123,7 @@ def write_gallery(base: np.ndarray, columns: dict, count: int, shard_dir: Path, 
             noise = rng.standard_normal((fake, base.shape[1]), dtype=np.float32)
             rows[~real] = base[j] + lam * (base[k] - base[j]) + 0.25 * sigma * noise
         gallery_shards.write_npy_atomic(gallery_shards.shard_path(shard_dir, number), rows.astype(np.float16))
-    gallery_shards.write_json_atomic(shard_dir / gallery_shards.MANIFEST, {
+    atomic_write_json(shard_dir / gallery_shards.MANIFEST, {
         "version": gallery_shards.SHARD_VERSION, "job": f"bench-{count}-{seed}", "count": count,
         "shard_size": shard_size, "dtype": "float16", "columns": columns,
         "dim": max(stop for _, stop in columns.values()), "complete": True})

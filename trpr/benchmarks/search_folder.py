@@ -82,7 +82,7 @@ def percentile(values: list[float], q: float) -> float:
 def run(images: int, queries: int, update_fraction: float, checkpoint: str | None, work_dir: Path,
         batch_size: int, row: str, dataset: str = "synth-pedes-small") -> dict:
     """The four measurements; returns them as a dict (seconds, images/s, milliseconds)."""
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
     from trpr.evaluation.folder_gallery import update_folder_index
     from trpr.evaluation.search import search_gallery
 

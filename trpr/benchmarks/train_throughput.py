@@ -50,9 +50,10 @@ from trpr.benchmarks.gpu_check_summary import format_table
 from trpr.benchmarks.inputs import synthetic_captions
 from trpr.benchmarks.timing import device_name, guarded, time_sequence
 from trpr.configs import CONFIG_DIR, load_config
-from trpr.data.transforms import get_tokenizer
+from trpr.data.tokenizer import get_tokenizer
 from trpr.engine.timing import synchronize
 from trpr.modeling.losses import TrainingLoss
+from trpr.runtime.atomic import atomic_write_text
 
 # bf16 dense peak TFLOP/s per device (vendor datasheets, without sparsity), matched on the device name
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -240,10 +241,10 @@ def main(argv=None) -> dict:
         if use_cuda:
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if args.json:
-            write_json_atomically(Path(args.json), result)
+            atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
 
     if args.json:
-        write_json_atomically(Path(args.json), result)
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
     compiled = "off"
     for mode in compile_modes:
         resolved = engine.resolve_compile_mode(False if mode == "false" else mode, device)
@@ -265,15 +266,8 @@ def main(argv=None) -> dict:
           + (f", MFU against {peak:.0f} TFLOP/s" if peak else " (no MFU: pass --peak-tflops)") + "\n")
     print(format_table(rows))
     if args.json:
-        write_json_atomically(Path(args.json), result)
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2) + "\n")
     return result
-
-
-def write_json_atomically(path: Path, result: dict) -> None:
-    """`result` as JSON at `path`, through a temporary file and a rename (never a half-written file)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    partial.replace(path)
 
 
 def _row(mode: str, compile_mode: str, measured: dict, batch_size: int, flops: float, peak) -> dict:

@@ -63,7 +63,8 @@ def run(dataset: str = "synth-pedes-small", num_samples: int = 400, image_size=(
     (loader rows have no CPU figure: the work happens in the worker process). `main` runs it on one thread."""
     from trpr import data
     from trpr.data.images import open_image
-    from trpr.data.transforms import get_tokenizer, normalize_uint8
+    from trpr.data.transforms import normalize_uint8
+    from trpr.data.tokenizer import get_tokenizer
 
     train = data.load_benchmark(dataset, root=root)["train"]
     tokenizer = get_tokenizer()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional, Union
 
 import numpy as np
+
+from trpr.runtime.cache import cache_root
 
 from . import noise as noise_lib
 from .arrow_splits import build_split
@@ -67,11 +68,6 @@ SYNTH_ALIASES = {"synth-pedes": "small", "synth-pedes-tiny": "tiny", "synth-pede
                  "synth-pedes-full": "full"}
 
 
-def default_root() -> Path:
-    """`$TRPR_CACHE`, else `~/.cache/3rtpr` (where synth-pedes is generated)."""
-    return Path(os.environ.get("TRPR_CACHE") or Path.home() / ".cache" / "3rtpr")
-
-
 def resolve_layout(name: str, root: Optional[Union[str, Path]]) -> tuple[BenchmarkLayout, Path]:
     """(layout, dataset folder) for a benchmark name; generates synth-pedes presets on first use."""
     key = name.strip().lower()
@@ -91,7 +87,7 @@ def resolve_layout(name: str, root: Optional[Union[str, Path]]) -> tuple[Benchma
         from .synthetic import ensure_generated
 
         preset = SYNTH_ALIASES[key]
-        folder = ensure_generated((Path(root) if root is not None else default_root()).expanduser().absolute(), preset)
+        folder = ensure_generated((Path(root) if root is not None else cache_root()).expanduser().absolute(), preset)
         layout = BenchmarkLayout(f"synth-pedes-{preset}", folder.name, "reid_raw.json", "file_path",
                                  ("train", "val", "test"))
         return layout, folder

@@ -27,6 +27,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from trpr.runtime.atomic import atomic_write_json
+from trpr.runtime.cache import image_checks_dir
+
 logger = logging.getLogger(__name__)
 
 MIN_IMAGE_SIDE = 4
@@ -124,6 +127,14 @@ class ImageCheckError(ValueError):
     """verify_images(policy='error') found unusable images; the message names every file."""
 
 
+def image_check_summary(error: ImageCheckError) -> tuple[str, str, str]:
+    """(the full list, its headline "NAME: N unusable image(s), R of M rows", the first "FILE: reason") of
+    an ImageCheckError, for a one-line error after the list is printed (training and evaluation)."""
+    lines = str(error).splitlines()
+    first = lines[1].strip().lstrip("- ") if len(lines) > 2 else ""
+    return "\n".join(lines[:-1]), lines[0], first
+
+
 def _cache_key(paths: Sequence[str]) -> str:
     digest = hashlib.blake2b(f"image-rules-v{IMAGE_RULES_VERSION};min{MIN_IMAGE_SIDE}".encode(), digest_size=16)
     for path in paths:
@@ -146,9 +157,7 @@ def _read_cache(path: Path) -> Optional[dict]:
 def _write_cache(path: Path, bad: dict, checked: int) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        temporary.write_text(json.dumps({"rules": IMAGE_RULES_VERSION, "checked": checked, "bad": bad}), "utf-8")
-        os.replace(temporary, path)
+        atomic_write_json(path, {"rules": IMAGE_RULES_VERSION, "checked": checked, "bad": bad})
     except OSError as error:  # a read-only cache only costs a re-check next time
         logger.warning("image check not cached (%s): %s", path, error)
 
@@ -176,7 +185,7 @@ def verify_images(split, policy: str = "error", cache_dir: Optional[Union[str, P
     sources = image_sources(split)
     paths = sorted({s for s in sources if isinstance(s, str)})
     embedded = {i: s for i, s in enumerate(sources) if isinstance(s, bytes)}
-    cache_root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    cache_root = Path(cache_dir) if cache_dir is not None else image_checks_dir()
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "split"
     cache_file = cache_root / f"{label}-{_cache_key(paths)}.json"
     bad = _read_cache(cache_file) if paths else {}
@@ -200,9 +209,3 @@ def verify_images(split, policy: str = "error", cache_dir: Optional[Union[str, P
                                   "'skip' image policy (data.verify_images(..., policy='skip'))")
         logger.warning("skipping unusable images:\n%s", check.report(name))
     return check
-
-
-def _default_cache_dir() -> Path:
-    from .benchmarks import default_root
-
-    return default_root() / "image_checks"

@@ -34,9 +34,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .synthetic import (PRESETS, Identity, _article, _colour_word, _pick, render_person, replace_folder,
-                        sample_identities, save_image, temporary_folder_for, wrap_words)
-from .transforms import default_cache_dir
+from trpr.runtime.atomic import replace_folder, temporary_folder
+from trpr.runtime.cache import cache_root
+
+from .synthetic import (PRESETS, Identity, _article, _colour_word, _pick, render_person, sample_identities, save_image,
+                        wrap_words)
 
 CORPUS_VERSION = 2  # bump whenever the bytes of a corpus change: cached copies are rebuilt (2: synthetic GENERATOR_VERSION 4)
 BENCHMARK_SEED = 0  # the seed load_benchmark generates synth-pedes with
@@ -141,7 +143,7 @@ def generate_corpus(out_dir, spec: CorpusSpec = CorpusSpec(), progress: bool = T
     """Render the corpus into `out_dir` (built under a temporary name and renamed at the end, so a reader
     never sees half a corpus; an existing complete copy is replaced). Returns `out_dir`."""
     out_dir = Path(out_dir)
-    tmp_dir = temporary_folder_for(out_dir, "corpus_info.json", "proxy corpus")
+    tmp_dir = temporary_folder(out_dir, "corpus_info.json", "proxy corpus")
     start = time.perf_counter()
     try:
         identities = corpus_identities(spec)
@@ -181,7 +183,7 @@ def generate_corpus(out_dir, spec: CorpusSpec = CorpusSpec(), progress: bool = T
 def corpus_folder(spec: CorpusSpec = CorpusSpec(), root=None) -> Path:
     """Where the corpus of `spec` is cached: `<root>/<spec.folder_name()>`, root default $TRPR_CACHE or
     ~/.cache/3rtpr."""
-    return Path(root if root is not None else default_cache_dir()).expanduser().absolute() / spec.folder_name()
+    return Path(root if root is not None else cache_root()).expanduser().absolute() / spec.folder_name()
 
 
 def ensure_corpus(spec: CorpusSpec = CorpusSpec(), root=None, progress: bool = True) -> Path:

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,6 +26,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
+
+from trpr.runtime.atomic import replace_folder, temporary_folder
 
 GENERATOR_VERSION = 4  # bump whenever the rendered bytes change: cached copies are regenerated
 # 4: the 2x canvas is downscaled by `downscale_lanczos` (NumPy), no longer by Pillow's LANCZOS resize, whose
@@ -528,7 +528,7 @@ def generate(out_dir, preset: str = "small", seed: int = 0, progress: bool = Tru
         raise ValueError(f"unknown synth-pedes preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
     out_dir = Path(out_dir)
-    tmp_dir = temporary_folder_for(out_dir, "synth_info.json", "synth-pedes")
+    tmp_dir = temporary_folder(out_dir, "synth_info.json", "synth-pedes")
     (tmp_dir / "imgs").mkdir()
     start = time.perf_counter()
     try:
@@ -555,15 +555,8 @@ def generate(out_dir, preset: str = "small", seed: int = 0, progress: bool = Tru
                 "image_size_hw": [IMAGE_HEIGHT, IMAGE_WIDTH], **spec.__dict__,
                 "captions_per_image": CAPTIONS_PER_IMAGE}
         (tmp_dir / "synth_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
-        if overwrite:
-            replace_folder(tmp_dir, out_dir)
-        else:
-            try:
-                os.replace(tmp_dir, out_dir)
-            except OSError:
-                if not (out_dir / "reid_raw.json").exists():
-                    raise
-                shutil.rmtree(tmp_dir, ignore_errors=True)  # another process finished first: keep its copy
+        # overwrite=False: another process that finished first keeps its copy
+        replace_folder(tmp_dir, out_dir, keep_complete=None if overwrite else "reid_raw.json")
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -571,28 +564,6 @@ def generate(out_dir, preset: str = "small", seed: int = 0, progress: bool = Tru
         print(f"synth-pedes-{preset}: {len(entries)} images written to {out_dir} "
               f"in {time.perf_counter() - start:.1f} s")
     return out_dir
-
-
-def temporary_folder_for(out_dir: Path, marker: str, what: str) -> Path:
-    """A new empty folder beside `out_dir` to build it in (then swapped in by `replace_folder`). Refuses an
-    existing non-empty `out_dir` that lacks the file `marker` (not a `what` folder: never replaced)."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).is_file():
-        raise FileExistsError(f"{out_dir} exists and is not a {what} folder (no {marker}); "
-                              "refusing to replace it — choose an empty or new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    return tmp_dir
-
-
-def replace_folder(tmp_dir: Path, out_dir: Path) -> None:
-    """Swap the complete folder `tmp_dir` in as `out_dir` (same parent folder): an existing `out_dir` is
-    renamed away first and deleted after, so a reader finds the old or the new folder, never a mix."""
-    if out_dir.exists():
-        stale = out_dir.parent / f".{out_dir.name}.stale-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)
 
 
 def save_image(image: Image.Image, path) -> Path:

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset, Sampler
 
 from .arrow_splits import column_values
 from .images import open_image  # noqa: F401  (re-exported: eval_3rtpr imports it from here)
-from .transforms import augment_text, build_image_transform, tokenize
+from .transforms import augment_text, build_image_transform
+from .tokenizer import tokenize
 
 PIXEL_OUTPUTS = ("float", "uint8")
 

@@ -1,38 +1,23 @@
-"""Image transforms, CLIP tokenization and text augmentation (docs/method.md §6), without torchvision.
+"""Image transforms and text augmentation (docs/method.md §6), without torchvision.
 
 Images: PIL for the resize, torch for everything after it. A transform returns a float tensor
 [3, H, W] normalised with CLIP's mean/std (so a pixel equal to the mean becomes 0).
 
-Text: the CLIP BPE tokenizer (ids equal to `openai/clip-vit-base-patch16`'s), built offline from the
-bundled `trpr/data/assets/clip_bpe_simple_vocab_16e6.txt.gz` when no local tokenizer folder is given.
-Rows are `SOT w1 .. wn EOT` followed by pad id 0 (attention_mask 0); EOT is always the last real token.
+Text: `augment_text` on captions tokenized by `data.tokenizer` (the token ids and the tokenizer live there).
 """
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import random
-from functools import lru_cache
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .tokenizer import MASK_TOKEN_ID
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-SOT_TOKEN_ID = 49406
-EOT_TOKEN_ID = 49407
-PAD_TOKEN_ID = 0
-MASK_TOKEN_ID = 49405  # the last BPE merge's slot; see docs/decisions.md
-VOCAB_SIZE = 49408
-CONTEXT_LENGTH = 77
-
-BPE_ASSET = Path(__file__).resolve().parent / "assets" / "clip_bpe_simple_vocab_16e6.txt.gz"
-NUM_BPE_MERGES = 49152 - 256 - 2  # 48894, as in OpenAI CLIP's SimpleTokenizer
 
 RandomSource = Union[torch.Generator, random.Random, None]
 
@@ -220,125 +205,7 @@ def build_image_transform(train: bool, image_size: Sequence[int] = (384, 128)) -
     return ImageTransform(train=train, image_size=image_size)
 
 
-# ----------------------------------------------------------------------------- tokenizer
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte -> printable unicode character table (256 entries)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(code) for code in codes)))
-
-
-def default_cache_dir() -> Path:
-    """`$TRPR_CACHE`, else `~/.cache/3rtpr`."""
-    return Path(os.environ.get("TRPR_CACHE") or Path.home() / ".cache" / "3rtpr")
-
-
-def derive_clip_vocab_files(out_dir: Union[str, Path], bpe_path: Union[str, Path] = BPE_ASSET) -> Path:
-    """Write `vocab.json` and `merges.txt` derived from CLIP's BPE merge list, as OpenAI CLIP does:
-    the 256 byte-unicode characters, the same with '</w>', the first 48894 merges joined, then
-    <|startoftext|> (49406) and <|endoftext|> (49407). Written atomically; returns `out_dir`."""
-    out_dir = Path(out_dir)
-    vocab_path, merges_path = out_dir / "vocab.json", out_dir / "merges.txt"
-    if vocab_path.exists() and merges_path.exists():
-        damaged = vocab_files_problem(out_dir)
-        if damaged is None:
-            return out_dir
-        import sys
-
-        print(f"warning: {damaged}; rebuilding it from {bpe_path.name if isinstance(bpe_path, Path) else bpe_path}",
-              file=sys.stderr)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with gzip.open(bpe_path, "rt", encoding="utf-8") as handle:
-        lines = handle.read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : NUM_BPE_MERGES + 1]]
-    symbols = list(_bytes_to_unicode().values())
-    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    if len(vocab_list) != VOCAB_SIZE:
-        raise ValueError(f"{bpe_path}: derived {len(vocab_list)} vocabulary entries, expected {VOCAB_SIZE}")
-    vocab = {token: idx for idx, token in enumerate(vocab_list)}
-    suffix = f".tmp{os.getpid()}"
-    (out_dir / ("vocab.json" + suffix)).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out_dir / ("merges.txt" + suffix)).write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    os.replace(out_dir / ("vocab.json" + suffix), vocab_path)
-    os.replace(out_dir / ("merges.txt" + suffix), merges_path)
-    return out_dir
-
-
-def vocab_files_problem(folder: Path) -> Optional[str]:
-    """What is wrong with the derived `vocab.json` / `merges.txt` in `folder` ("FILE: reason", naming the
-    file), or None when both are complete (a JSON object of VOCAB_SIZE ids 0..VOCAB_SIZE-1; the version line
-    and NUM_BPE_MERGES merges)."""
-    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-    try:
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        return f"{vocab_path}: damaged tokenizer cache ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-    if not isinstance(vocab, dict) or len(vocab) != VOCAB_SIZE or sorted(vocab.values()) != list(range(VOCAB_SIZE)):
-        return f"{vocab_path}: damaged tokenizer cache (not the {VOCAB_SIZE} CLIP vocabulary ids)"
-    try:
-        lines = merges_path.read_text(encoding="utf-8").rstrip("\n").split("\n")
-    except (OSError, ValueError) as error:
-        return f"{merges_path}: damaged tokenizer cache ({type(error).__name__})"
-    if not lines[0].startswith("#version") or len(lines) != NUM_BPE_MERGES + 1 or \
-            any(len(line.split(" ")) != 2 for line in lines[1:]):
-        return f"{merges_path}: damaged tokenizer cache (not the {NUM_BPE_MERGES} CLIP merges)"
-    return None
-
-
-@lru_cache(maxsize=8)
-def get_tokenizer(name_or_path: Optional[str] = None):
-    """The CLIP tokenizer (HF `CLIPTokenizerFast`).
-
-    name_or_path: a local folder holding tokenizer files -> loaded from it; a hub name (e.g.
-    `openai/clip-vit-base-patch16`) -> loaded from the hub/cache when reachable; None, or a hub name
-    that cannot be loaded offline -> built from the bundled CLIP BPE vocabulary (same ids)."""
-    from transformers import CLIPTokenizerFast
-
-    if name_or_path is not None:
-        path = Path(name_or_path)
-        if path.is_dir():
-            return CLIPTokenizerFast.from_pretrained(str(path))
-        if path.exists():
-            raise ValueError(f"tokenizer path {path} is a file; pass the folder holding the tokenizer files")
-        try:
-            return CLIPTokenizerFast.from_pretrained(str(name_or_path))
-        except (OSError, ValueError):
-            pass  # offline or unknown: the bundled vocabulary gives the same ids for CLIP checkpoints
-    try:
-        vocab_dir = derive_clip_vocab_files(default_cache_dir() / "clip_bpe")
-    except OSError:  # read-only home / cache: derive into a private temporary folder instead
-        import tempfile
-
-        vocab_dir = derive_clip_vocab_files(Path(tempfile.mkdtemp(prefix="3rtpr_clip_bpe_")))
-    return CLIPTokenizerFast(vocab=str(vocab_dir / "vocab.json"), merges=str(vocab_dir / "merges.txt"))
-
-
-def tokenize(tokenizer, captions: Sequence[str], context_length: int = CONTEXT_LENGTH
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """captions (N strings) -> (input_ids LongTensor[N, L], attention_mask LongTensor[N, L]), L = context_length.
-    Each row is SOT w1 .. wn EOT, at most L-2 word tokens (truncated; EOT stays last), then pad id 0."""
-    if isinstance(captions, str):
-        captions = [captions]
-    encoded = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-    max_words = context_length - 2
-    input_ids = torch.zeros(len(encoded), context_length, dtype=torch.long)
-    attention_mask = torch.zeros(len(encoded), context_length, dtype=torch.long)
-    for row, words in enumerate(encoded):
-        ids = [SOT_TOKEN_ID] + list(words[:max_words]) + [EOT_TOKEN_ID]
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids, attention_mask
-
-
+# ----------------------------------------------------------------------------- text augmentation
 def augment_text(input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: Optional[torch.Generator] = None,
                  prob: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
     """Text augmentation (docs/method.md §6) on one tokenized caption.

@@ -11,7 +11,7 @@
     alr_pass     AlrPass (the per-epoch ALR pass), alr_batches, batch_statistics (ALR's scoring),
                  report_alr (the epoch's ALR record, scalars, log line)
     validation   validate, log_validation, final_test
-    checkpoint   TrainerState, CheckpointWriter (background writes), save_checkpoint / save_last / load_last /
+    checkpoint   TrainerState, CheckpointWriter (background writes; background=False: blocking), load_last /
                  resume, atomic folder writes (disk full: DiskFullError), CheckpointError, RNG
     distributed  sync_batch_norms, check_distributed_type
     metrics_log  metrics.jsonl records, flat_config
@@ -21,7 +21,7 @@ figures drawn from them (curves.png, alr_weights.png) are `trpr.reporting.traini
 """
 from .alr_pass import AlrPass, alr_active, alr_batches, alr_report, batch_statistics, report_alr
 from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, TrainerState, initial_alr_state, load_last,
-                         resume, rng_state, save_checkpoint, save_last, set_rng_state,
+                         resume, rng_state, set_rng_state,
                          tidy_checkpoints, write_folder_atomically)
 from .compilation import compile_model, fast_math, fast_math_enabled, resolve_compile_mode
 from .distributed import check_distributed_type, sync_batch_norms
@@ -38,7 +38,7 @@ from .validation import final_test, log_validation, selection_score, test_record
 
 __all__ = ["AlrPass", "alr_active", "alr_batches", "alr_report", "batch_statistics", "report_alr",
            "CheckpointError", "CheckpointWriter", "DiskFullError", "TrainerState", "initial_alr_state", "load_last",
-           "resume", "rng_state", "save_checkpoint", "save_last", "set_rng_state",
+           "resume", "rng_state", "set_rng_state",
            "tidy_checkpoints", "write_folder_atomically", "check_distributed_type",
            "sync_batch_norms", "append_metrics", "flat_config", "read_metrics",
            "restart_metrics", "build_optimizer", "build_optimizers", "current_lrs", "lr_factor", "param_groups",

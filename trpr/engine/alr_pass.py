@@ -21,14 +21,12 @@ import contextlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from trpr import data
 from trpr.data.arrow_splits import column_values
 from trpr.data.transforms import normalize_uint8
-from trpr.evaluation.features import eval_mode, shard_indices
 from trpr.modeling.alr import MixtureSettings, compute_alr, noise_detection_scores
+from trpr.runtime.encoding import encode, eval_mode, sharded_loader
 
 from .compilation import fast_math
 from .distributed import broadcast_from_main
@@ -43,9 +41,8 @@ ALR_COIN_STREAM = 0x434F494E
 # Stored features: L2-normalised (every entry in [-1, 1], no overflow) in fp16 (11-bit mantissa: a cosine
 # is off by < 1e-3, far below what moves a loss at tau 0.015 or scale 50 noticeably); bf16 (8 bits) is not.
 FEATURE_DTYPE = torch.float16
-# alr.score -> the piece of encode_image / encode_text ((global, fused)) whose losses and diagonal similarities
-# the pass scores: "fused" (the method, docs/method.md §4) or "global" (the global embedding, an ablation)
-SCORED_PIECES = {"fused": 1, "global": 0}
+# alr.score names the piece (runtime.encoding.PIECES) whose losses and diagonal similarities the pass scores:
+# "fused" (the method, docs/method.md §4) or "global" (the global embedding, an ablation)
 # Weight quantiles recorded per epoch (the figure's bands) and drawn in alr_weights.png.
 WEIGHT_QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 
@@ -134,55 +131,27 @@ class AlrPass:
         self.pids = torch.as_tensor(column_values(train_split, "pid"), dtype=torch.int64, device=device)
         self.num_images = len(first_rows)
         self.encode_batch = config["eval"]["batch_size"]
-        images = data.EvalImages(data.keep_rows(train_split, first_rows), config["data"]["image_size"], output="uint8")
-        workers = config["data"]["num_workers"]
-        self.image_share, _ = shard_indices(self.num_images, accelerator)
-        self.image_loader = DataLoader(Subset(images, self.image_share), batch_size=self.encode_batch, shuffle=False,
-                                       num_workers=workers, persistent_workers=workers > 0,
-                                       pin_memory=device.type == "cuda")
-        texts = data.EvalTexts(train_split, tokenizer)
-        caption_share, _ = shard_indices(self.num_samples, accelerator)
-        self.input_ids, self.attention_mask = texts.input_ids[caption_share], texts.attention_mask[caption_share]
-
-    def _gather(self, tensor: torch.Tensor, total: int) -> torch.Tensor:
-        """Every process's shares in rank order, padding dropped: [total, D] on every process."""
-        if self.accelerator.num_processes == 1:
-            return tensor
-        return self.accelerator.gather(tensor)[:total]
+        self.images = data.EvalImages(data.keep_rows(train_split, first_rows), config["data"]["image_size"],
+                                      output="uint8")
+        self.image_loader = sharded_loader(self.images, accelerator, batch_size=self.encode_batch,
+                                           num_workers=config["data"]["num_workers"], persistent=True,
+                                           pin_memory=device.type == "cuda")
+        self.texts = data.EvalTexts(train_split, tokenizer)
 
     def encode(self, models, pieces=None) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Per model {piece: (captions [N, W], unique images [U, W])} for each piece name in `pieces`
         ("fused": D wide, "global": E wide; default the scored one, alr.score), L2-normalised, FEATURE_DTYPE,
-        on the accelerator's device, on every process (each encodes its share; shares gathered). Every
-        input is encoded once whatever the number of pieces kept."""
-        accelerator, device = self.accelerator, self.accelerator.device
+        on the accelerator's device, on every process (each encodes its share; shares gathered): the one
+        sharded encoder, runtime.encoding.encode. Every input is encoded once whatever the number of pieces."""
         pieces = tuple(pieces or (self.config["alr"]["score"],))
-        width = {"fused": lambda m: m.output_dim, "global": lambda m: m.embed_dim}
-        images = [{p: torch.empty(len(self.image_share), width[p](m), dtype=FEATURE_DTYPE, device=device)
-                   for p in pieces} for m in models]
-        captions = [{p: torch.empty(len(self.input_ids), width[p](m), dtype=FEATURE_DTYPE, device=device)
-                     for p in pieces} for m in models]
-        quiet = not accelerator.is_main_process
-        with accelerator.autocast(), fast_math(device):     # the forward only; ALR's scores run exact (kernels)
-            start = 0
-            for batch in tqdm(self.image_loader, desc="ALR pass: images", disable=quiet, leave=False):
-                pixels = normalize_uint8(batch["pixel_values"].to(device, non_blocking=True))
-                for model, stored in zip(models, images):
-                    encoded = model.encode_image(pixels)
-                    for name, target in stored.items():
-                        target[start:start + len(pixels)] = F.normalize(encoded[SCORED_PIECES[name]].float(), dim=-1)
-                start += len(pixels)
-            for start in tqdm(range(0, len(self.input_ids), self.encode_batch), desc="ALR pass: captions",
-                              disable=quiet, leave=False):
-                ids, mask = trim_text_padding(self.input_ids[start:start + self.encode_batch],
-                                              self.attention_mask[start:start + self.encode_batch])
-                ids, mask = ids.to(device), mask.to(device)
-                for model, stored in zip(models, captions):
-                    encoded = model.encode_text(ids, mask)
-                    for name, target in stored.items():
-                        target[start:start + len(ids)] = F.normalize(encoded[SCORED_PIECES[name]].float(), dim=-1)
-        return [{name: (self._gather(text[name], self.num_samples), self._gather(image[name], self.num_images))
-                 for name in pieces} for text, image in zip(captions, images)]
+        common = {"pieces": pieces, "dtype": FEATURE_DTYPE, "normalize": True, "batch_size": self.encode_batch,
+                  "accelerator": self.accelerator}
+        with fast_math(self.accelerator.device):  # the forward only; ALR's scores run exact (kernels)
+            images = encode(models, self.images, "image", loader=self.image_loader, prepare_images=normalize_uint8,
+                            desc="ALR pass: images", **common)
+            captions = encode(models, self.texts, "text", prepare_texts=trim_text_padding,
+                              desc="ALR pass: captions", **common)
+        return [dict(zip(pieces, zip(text, image))) for text, image in zip(captions, images)]
 
     def sample_statistics(self, models, loss_term, epoch: int, diagonals: bool = False):
         """Main process: (losses [M, N], diag_sims [M, N]) float32 on the CPU, per scoring model (M =

@@ -1,5 +1,5 @@
 """Checkpoints of a training run: atomic folder writes, best/ and last/ (with the training state), RNG
-state and resume. The folder names are `modeling.run_folder`'s.
+state and resume. The folder names are `runtime.run_folder`'s.
 
 last/ = ReciprocalPair.save_pretrained + training_state/ with optimizer_{a,b}.safetensors,
 scheduler_{a,b}.safetensors, scaler.safetensors (mixed precision), alr_state.safetensors ({"weights" [N],
@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from trpr import modeling
-from trpr.evaluation.checkpoints import first_line
-from trpr.modeling.run_folder import (ALR_STATE_NAME, BEST_DIR, CHECKPOINT_DIRS, LAST_DIR, STATE_DIR, TRAINER_STATE_FILE,
-                                 recover_interrupted_swap, swap_paths)
+from trpr.runtime.atomic import fsync_path, fsync_tree
+from trpr.runtime.errors import first_line
+from trpr.runtime.run_folder import (ALR_STATE_NAME, BEST_DIR, CHECKPOINT_DIRS, LAST_DIR, STATE_DIR, TRAINER_STATE_FILE,
+                                     recover_interrupted_swap, swap_paths)
 
 from .state_files import StateFileError, load_state, save_state, state_path
 from .step import TrainingDiverged, non_finite_weights
@@ -83,20 +84,6 @@ def initial_alr_state(num_samples: int, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- atomic writes
-def _fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under `folder` (and itself) to disk."""
-    for path in sorted(folder.rglob("*")) + [folder]:
-        _fsync_path(path)
-
-
 def kill_point(name: str) -> None:
     """Fault injection: SIGKILL this process here when $TRPR_KILL_AT equals `name` (e.g. "last:swapped")."""
     if os.environ.get(KILL_POINT_ENV) == name:
@@ -153,7 +140,7 @@ def write_folder_atomically(final: Path, write, accelerator, *, needed_bytes: in
         write(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
     except Exception as error:
         if not accelerator.is_main_process:
             raise
@@ -174,7 +161,7 @@ def write_folder_atomically(final: Path, write, accelerator, *, needed_bytes: in
             final.rename(old)
             kill_point(f"{final.name}:old-renamed")
         tmp.rename(final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
         kill_point(f"{final.name}:swapped")
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -274,30 +261,6 @@ class _ThisProcessOnly:
         print(*args, **kwargs)
 
 
-def save_last(run_dir: Path, pair, optimizers, schedulers, alr_state: dict, trainer_state: TrainerState,
-              accelerator) -> None:
-    """last/ = the pair + training_state/ (optimizers, schedulers, loss scaler, per-process RNG, ALR, counters
-    and the epoch record `trainer_state.epoch_record`), written now (blocking) by the main process; every
-    process takes part (RNG states, barriers)."""
-    refuse_non_finite(pair, trainer_state, accelerator)
-    snapshot = training_snapshot(optimizers, schedulers, alr_state, trainer_state, accelerator)
-    write_folder_atomically(run_dir / LAST_DIR, lambda folder: write_last(folder, pair, snapshot)
-                            if accelerator.is_main_process else None, accelerator,
-                            needed_bytes=last_bytes(pair, snapshot))
-
-
-def save_checkpoint(run_dir: Path, pair, optimizers, schedulers, alr_state: dict, trainer_state: TrainerState,
-                    accelerator, *, improved: bool) -> None:
-    """End of an epoch, blocking: best/ (the pair) when the validation score improved, then last/. Set
-    `trainer_state.epoch_record` to the epoch's metrics record first: it is saved with last/.
-    (The trainer uses `CheckpointWriter`, which writes the same folders in the background.)"""
-    refuse_non_finite(pair, trainer_state, accelerator)
-    if improved:
-        write_folder_atomically(run_dir / BEST_DIR, lambda folder: pair.save_pretrained(folder)
-                                if accelerator.is_main_process else None, accelerator, needed_bytes=tensor_bytes(pair))
-    save_last(run_dir, pair, optimizers, schedulers, alr_state, trainer_state, accelerator)
-
-
 def _load_file(path: Path):
     """`state_files.load_state(path)` (never unpickles) with a missing, foreign or damaged file as a
     one-line CheckpointError naming it."""
@@ -367,7 +330,7 @@ class CheckpointWriter:
     `snapshot` copies the pair's weights and the optimizer states into host buffers made once (pinned on
     CUDA, so the copy runs at full PCIe speed) and takes the schedulers, scaler, ALR state, counters and
     every process's RNG state; nothing of the live training state is read after it returns, so the
-    files are exactly what `save_checkpoint` would write at that moment and `--resume` is exact.
+    files are exactly the state at that moment and `--resume` is exact.
     `snapshot` first waits for the previous epoch's write: at most one write is in flight.
     Folders are swapped in atomically (`write_folder_atomically`): a crash mid-write leaves the previous
     complete last/ (and `--resume` continues from it). Only the main process writes (the other processes'

@@ -3,11 +3,11 @@ records: `trpr.reporting.training`)."""
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
-from trpr.modeling.run_folder import METRICS_FILE
+from trpr.runtime.atomic import atomic_write_text
+from trpr.runtime.run_folder import METRICS_FILE
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -57,9 +57,7 @@ def restart_metrics(run_dir: Path, start_epoch: int, accelerator, last_record: d
         kept.append(last_record)
         accelerator.print(f"{path}: epoch {start_epoch - 1}'s record restored from the checkpoint (the run "
                           "stopped before appending it)")
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(temporary, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:

@@ -15,11 +15,10 @@ from trpr import configs
 from trpr import data
 from trpr import modeling
 from trpr.data.arrow_splits import column_values
-from trpr.data.images import ImageCheckError
-from trpr.evaluation.checkpoints import image_check_summary
+from trpr.data.images import ImageCheckError, image_check_summary
 from trpr.modeling.hub import check_pretrained_clip
-from trpr.modeling.run_folder import (CONFIG_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, REPLACED_DIR, RUN_LOCK_FILE,
-                                 RUN_MARKERS, STATE_DIR, TRAINER_STATE_FILE, RunLock, describe_holder, swap_paths)
+from trpr.runtime.run_folder import (CONFIG_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, REPLACED_DIR, RUN_LOCK_FILE,
+                                     RUN_MARKERS, STATE_DIR, TRAINER_STATE_FILE, RunLock, describe_holder, swap_paths)
 
 from .distributed import sync_batch_norms
 from .optim import freeze_backbone
@@ -166,7 +165,7 @@ class RunFolder:
             folder.start(config)  # the real work begins: config.yaml is written
             ...                   # training
 
-    On entry the main process creates the folder and takes its lock (`modeling.run_folder.RunLock`: a
+    On entry the main process creates the folder and takes its lock (`runtime.run_folder.RunLock`: a
     running training into the same folder is refused; the stale lock of a crashed one is taken over with a
     note). A new run (or a resumed one written to another folder) needs an empty folder; with `overwrite`
     a previous run's folder (never a folder that is not a run folder) is moved aside into `.replaced/`,

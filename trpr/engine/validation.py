@@ -7,7 +7,7 @@ from pathlib import Path
 from trpr import modeling
 from trpr.evaluation import evaluate_pair
 from trpr.modeling.pair import selection_r1
-from trpr.modeling.run_folder import TEST_METRICS_FILE, selected_checkpoint
+from trpr.runtime.run_folder import TEST_METRICS_FILE, selected_checkpoint
 
 
 def test_recording_due(config: dict, splits) -> bool:

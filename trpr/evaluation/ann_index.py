@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .gallery_shards import ShardError, ShardStore, write_features_to_shards, write_json_atomic
+from trpr.runtime.atomic import atomic_path, atomic_write_json
+
+from .gallery_shards import ShardError, ShardStore, write_features_to_shards
 
 ANN_VERSION = 1
 ANN_THRESHOLD = 50_000  # --index auto: approximate search above this many gallery images
@@ -114,15 +114,11 @@ def build_ann_index(store: ShardStore, ann_dir: Path, params: AnnParams | None =
     faiss.extract_index_ivf(index).nprobe = params.nprobe
     ann_dir = Path(ann_dir)
     ann_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ann_dir / f"ann.faiss.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    with atomic_path(ann_dir / "ann.faiss") as tmp:
         faiss.write_index(index, str(tmp))
-        os.replace(tmp, ann_dir / "ann.faiss")
-    finally:
-        tmp.unlink(missing_ok=True)
     meta = {"version": ANN_VERSION, "fingerprint": store.job, "count": store.count, "params": asdict(params),
             "factory": factory, "metric": "inner product", "faiss": faiss.__version__, "build_seconds": round(time.perf_counter() - started, 3)}
-    write_json_atomic(ann_dir / "ann.json", meta)
+    atomic_write_json(ann_dir / "ann.json", meta)
     return index, meta
 
 

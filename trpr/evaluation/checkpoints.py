@@ -10,13 +10,14 @@ from pathlib import Path
 
 from trpr import data
 from trpr import modeling
-from trpr.data.transforms import CONTEXT_LENGTH, VOCAB_SIZE
+from trpr.data.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
 from trpr.modeling.hub import resolve_pretrained_folder
 from trpr.modeling.model import CONFIG_NAME as MODEL_CONFIG_NAME
 from trpr.modeling.model import WEIGHTS_NAME as MODEL_WEIGHTS_NAME
 from trpr.modeling.pair import MEMBER_DIRS, PAIR_CONFIG_NAME
-from trpr.modeling.run_folder import (CHECKPOINT_DIRS, CONFIG_FILE, describe_holder, interrupted_swap, lock_holder,
-                                 recover_interrupted_swap, selected_checkpoint)
+from trpr.runtime.errors import first_line
+from trpr.runtime.run_folder import (CHECKPOINT_DIRS, CONFIG_FILE, describe_holder, interrupted_swap, lock_holder,
+                                     recover_interrupted_swap, selected_checkpoint)
 
 
 class EvalInputError(Exception):
@@ -35,12 +36,6 @@ class Checkpoint:
     path: Path
     pair_dir: Path
     run_config: dict | None = None
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type name when empty)."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 def _read_run_config(run_dir: Path) -> dict | None:
@@ -183,18 +178,10 @@ def load_eval_split(dataset: str, root: str | None, split: str):
     return splits[gallery_key], splits[queries_key]
 
 
-def image_check_summary(error: Exception) -> tuple[str, str, str]:
-    """(the full list, its headline "NAME: N unusable image(s), R of M rows", the first "FILE: reason") of
-    a data.images.ImageCheckError, for a one-line error after the list is printed."""
-    lines = str(error).splitlines()
-    first = lines[1].strip().lstrip("- ") if len(lines) > 2 else ""
-    return "\n".join(lines[:-1]), lines[0], first
-
-
 def check_gallery_images(gallery_split, name: str) -> None:
     """Decode every gallery image once before any encoding (data.verify_images, parallel and cached):
     EvalInputError naming the first unusable file and how many there are (the full list on stderr)."""
-    from trpr.data.images import ImageCheckError
+    from trpr.data.images import ImageCheckError, image_check_summary
 
     try:
         data.verify_images(gallery_split, policy="error", name=name)

@@ -1,22 +1,21 @@
-"""Encoding evaluation splits with both models of a pair, and scoring the features into retrieval rows.
+"""Encoding evaluation splits with both models of a pair (the sharded encoder `runtime.encoding.encode`),
+and scoring the features into retrieval rows.
 
 Features are L2-normalised pieces concatenated by `modeling.scoring_features`, so a dot product is the
 sum of the chosen cosine similarities and `kernels.retrieval_metrics` never needs the similarity matrix.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from trpr import data
 from trpr import kernels
 from trpr import modeling
 from trpr.modeling.pair import I2T_PREFIX, MODEL_ROWS, SCORES
+from trpr.runtime.encoding import encode, eval_mode
 
 
 @dataclass
@@ -35,75 +34,8 @@ class PairFeatures:
     query_pids: torch.Tensor
 
 
-def model_device(module: torch.nn.Module) -> torch.device:
-    """The device of the module's first parameter."""
-    return next(module.parameters()).device
-
-
-def shard_indices(num_items: int, accelerator) -> tuple[list[int], int]:
-    """This process's contiguous share of range(num_items), padded by repeating the last index so that
-    every process encodes the same count (a gather needs equal shapes). Returns (indices, per_process)."""
-    processes = 1 if accelerator is None else accelerator.num_processes
-    rank = 0 if accelerator is None else accelerator.process_index
-    per_process = math.ceil(num_items / processes)
-    start = rank * per_process
-    return [min(i, num_items - 1) for i in range(start, start + per_process)], per_process
-
-
-@torch.no_grad()
-def encode_dataset(models: list, dataset, modality: str, *, batch_size: int = 64, accelerator=None,
-                   num_workers: int = 0, desc: str = "encoding") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Encode every item of `dataset` with each model (eval mode is the caller's business).
-
-    modality "image": items hold "pixel_values" [3, H, W]; "text": "input_ids" / "attention_mask" [77].
-    With an Accelerator of several processes each encodes a contiguous shard and the shards are
-    gathered, so every process returns all rows. Returns per model (global [N, E], fused [N, D]) in
-    dataset order, fp32, on the GPU when the models run on one, else on the CPU.
-    """
-    if modality not in ("image", "text"):
-        raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
-    num_items = len(dataset)
-    indices, per_process = shard_indices(num_items, accelerator)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    device = model_device(models[0])
-    keep_on = device if device.type == "cuda" else torch.device("cpu")
-    pieces = [([], []) for _ in models]
-    show_progress = accelerator is None or accelerator.is_local_main_process
-    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
-    with autocast:
-        for batch in tqdm(loader, desc=desc, unit="batch", disable=not show_progress, leave=False):
-            if modality == "image":
-                inputs = (batch["pixel_values"].to(device, non_blocking=True),)
-            else:
-                inputs = (batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            for model, (global_parts, fused_parts) in zip(models, pieces):
-                encode = model.encode_image if modality == "image" else model.encode_text
-                global_emb, fused_emb = encode(*inputs)
-                global_parts.append(global_emb.float().to(keep_on))
-                fused_parts.append(fused_emb.float().to(keep_on))
-    outputs = []
-    for global_parts, fused_parts in pieces:
-        global_emb, fused_emb = torch.cat(global_parts), torch.cat(fused_parts)
-        if accelerator is not None and accelerator.num_processes > 1:
-            global_emb = accelerator.gather(global_emb.to(accelerator.device))[:num_items].to(keep_on)
-            fused_emb = accelerator.gather(fused_emb.to(accelerator.device))[:num_items].to(keep_on)
-        outputs.append((global_emb, fused_emb))
-    return outputs
-
-
 def _unwrap(module, accelerator):
     return accelerator.unwrap_model(module) if accelerator is not None else module
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module):
-    """`module` in eval mode inside the block; its train/eval mode is restored afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 def extract_pair_features(pair, gallery_split, queries_split, *, tokenizer, image_size, batch_size: int = 64,
@@ -115,10 +47,10 @@ def extract_pair_features(pair, gallery_split, queries_split, *, tokenizer, imag
     with eval_mode(pair):
         images = data.EvalImages(gallery_split, tuple(image_size))
         texts = data.EvalTexts(queries_split, tokenizer)
-        image_outputs = encode_dataset(models, images, "image", batch_size=batch_size, accelerator=accelerator,
-                                       num_workers=num_workers, desc="gallery images")
-        text_outputs = encode_dataset(models, texts, "text", batch_size=batch_size, accelerator=accelerator,
-                                      num_workers=num_workers, desc="text queries")
+        image_outputs = encode(models, images, "image", batch_size=batch_size, accelerator=accelerator,
+                               num_workers=num_workers, desc="gallery images")
+        text_outputs = encode(models, texts, "text", batch_size=batch_size, accelerator=accelerator,
+                              num_workers=num_workers, desc="text queries")
     device = image_outputs[0][0].device
     return PairFeatures(
         image_outputs=image_outputs,

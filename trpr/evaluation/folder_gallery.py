@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from trpr.runtime.atomic import atomic_path
+
 from .checkpoints import Checkpoint, EvalInputError
 from .search import GalleryIndex, checkpoint_signature, search_cache_dir
 
@@ -130,17 +132,10 @@ def save_folder_index(index: FolderIndex, stem: Path) -> None:
         tensors[f"{name}.fused"] = fused_emb.float().contiguous()
     meta = {"version": FOLDER_INDEX_VERSION, "gallery": str(Path(index.folder).resolve()), "index_id": index_id,
             "files": [list(f) for f in index.files], "unreadable": [list(u) for u in index.unreadable]}
-    unique = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    features_tmp = stem.with_name(stem.name + ".safetensors" + unique)
-    meta_tmp = stem.with_name(stem.name + ".json" + unique)
-    try:
+    with atomic_path(stem.with_suffix(".safetensors")) as features_tmp, \
+            atomic_path(stem.with_suffix(".json")) as meta_tmp:  # the .json is renamed first
         save_file(tensors, str(features_tmp), metadata={"index_id": index_id})
         meta_tmp.write_text(json.dumps(meta))
-        os.replace(meta_tmp, stem.with_suffix(".json"))
-        os.replace(features_tmp, stem.with_suffix(".safetensors"))
-    finally:
-        features_tmp.unlink(missing_ok=True)
-        meta_tmp.unlink(missing_ok=True)
     index.stem, index.index_id = Path(stem), index_id
 
 

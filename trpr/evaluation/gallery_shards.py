@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from trpr.runtime.atomic import atomic_path, atomic_write_json
 
 from .checkpoints import EvalInputError
 
@@ -56,23 +56,10 @@ def piece_columns(embed_dims: list) -> dict:
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save (allow_pickle=False) under a unique temporary name, then an atomic rename to `path`."""
-    tmp = path.with_name(path.name + f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """np.save (allow_pickle=False) under a unique temporary name, then an atomic rename to `path`
+    (runtime.atomic.atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def _shard_ok(path: Path, rows: int, dim: int, dtype: str) -> bool:
@@ -100,7 +87,8 @@ def encode_to_shards(pair, paths: list, shard_dir: Path, *, shard_size: int = DE
     """
     from tqdm.auto import tqdm
 
-    from .features import encode_dataset, eval_mode
+    from trpr.runtime.encoding import encode, eval_mode
+
     from .folder_gallery import FolderImages
 
     if dtype not in ("float16", "float32"):
@@ -124,7 +112,7 @@ def encode_to_shards(pair, paths: list, shard_dir: Path, *, shard_size: int = DE
         if previous is None or previous.get("job") != job or previous.get("version") != SHARD_VERSION:
             for stale in list(shard_dir.glob("shard-*.npy")) + list(shard_dir.glob("*.tmp")):
                 stale.unlink(missing_ok=True)
-            write_json_atomic(manifest_path, {"version": SHARD_VERSION, "job": job, "count": len(paths),
+            atomic_write_json(manifest_path, {"version": SHARD_VERSION, "job": job, "count": len(paths),
                                               "shard_size": shard_size, "dtype": dtype, "columns": columns,
                                               "dim": dim, "complete": False})
     if accelerator is not None:
@@ -139,15 +127,15 @@ def encode_to_shards(pair, paths: list, shard_dir: Path, *, shard_size: int = DE
               disable=not show, smoothing=0.1) as bar, eval_mode(pair), torch.no_grad():
         for number in todo:
             start, stop = bounds[number]
-            outputs = encode_dataset(models, FolderImages(paths[start:stop], image_size), "image",
-                                     batch_size=batch_size, num_workers=num_workers, desc=f"shard {number}")
+            outputs = encode(models, FolderImages(paths[start:stop], image_size), "image",
+                             batch_size=batch_size, num_workers=num_workers, desc=f"shard {number}")
             row = torch.cat([piece.float().cpu() for pair_out in outputs for piece in pair_out], dim=1)
             _write_shard(shard_path(shard_dir, number), row.numpy().astype(dtype))
             bar.update(stop - start)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if rank == 0:
-        write_json_atomic(manifest_path, {"version": SHARD_VERSION, "job": job, "count": len(paths),
+        atomic_write_json(manifest_path, {"version": SHARD_VERSION, "job": job, "count": len(paths),
                                           "shard_size": shard_size, "dtype": dtype, "columns": columns,
                                           "dim": dim, "complete": True})
     if accelerator is not None:
@@ -174,7 +162,7 @@ def write_features_to_shards(features: list, shard_dir: Path, *, job: str, shard
     for number, (start, stop) in enumerate(_shard_bounds(count, shard_size)):
         row = torch.cat([piece[start:stop].float() for pair_out in features for piece in pair_out], dim=1)
         write_npy_atomic(shard_path(shard_dir, number), row.numpy().astype(dtype))
-    write_json_atomic(shard_dir / MANIFEST, {"version": SHARD_VERSION, "job": job, "count": count,
+    atomic_write_json(shard_dir / MANIFEST, {"version": SHARD_VERSION, "job": job, "count": count,
                                              "shard_size": shard_size, "dtype": dtype, "columns": columns,
                                              "dim": dim, "complete": True})
     return ShardStore(shard_dir)

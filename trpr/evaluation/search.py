@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,14 +15,14 @@ import torch
 from trpr import data
 from trpr import kernels
 from trpr import modeling
-from trpr.data.transforms import default_cache_dir
 from trpr.metrics.published import canonical_dataset
 from trpr.modeling.pair import ROW_KEYS, parse_row_key, selection_rows
+from trpr.runtime.atomic import atomic_path
+from trpr.runtime.cache import search_features_dir
+from trpr.runtime.encoding import encode, eval_mode, model_device
 
 from .checkpoints import Checkpoint, EvalInputError
-from .features import encode_dataset, eval_mode, model_device
 
-SEARCH_CACHE_SUBDIR = "search-features"
 DEFAULT_SEARCH_ROW = "A+B/GE+FS"
 
 
@@ -47,8 +46,8 @@ class GalleryIndex:
 
 
 def search_cache_dir() -> Path:
-    """`<data.transforms.default_cache_dir()>/search-features` ($TRPR_CACHE, else ~/.cache/3rtpr)."""
-    return default_cache_dir() / SEARCH_CACHE_SUBDIR
+    """`runtime.cache.search_features_dir()`: $TRPR_CACHE (else ~/.cache/3rtpr)/search-features."""
+    return search_features_dir()
 
 
 def checkpoint_signature(checkpoint: Checkpoint) -> dict:
@@ -92,8 +91,8 @@ def build_gallery_index(pair, gallery_split, *, batch_size: int = 64, num_worker
 
     with eval_mode(pair):
         images = data.EvalImages(gallery_split, tuple(pair.a.image_size))
-        outputs = encode_dataset([pair.a, pair.b], images, "image", batch_size=batch_size,
-                                 num_workers=num_workers, desc="gallery images")
+        outputs = encode([pair.a, pair.b], images, "image", batch_size=batch_size, num_workers=num_workers,
+                         desc="gallery images")
     sources = [s if isinstance(s, str) else "" for s in image_sources(gallery_split)]
     return GalleryIndex(image_outputs=[(g.cpu(), f.cpu()) for g, f in outputs],
                         pids=torch.as_tensor(gallery_split["pid"], dtype=torch.int64),
@@ -109,18 +108,13 @@ def save_gallery_index(index: GalleryIndex, stem: Path) -> None:
     for model_name, (global_emb, fused_emb) in zip("ab", index.image_outputs):
         tensors[f"{model_name}.global"] = global_emb.contiguous()
         tensors[f"{model_name}.fused"] = fused_emb.contiguous()
-    # unique temporary names + atomic renames: concurrent searches with a cold cache each write their own
-    # files and the last rename wins (both hold the same index)
-    unique = f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    features_tmp, sources_tmp = stem.with_name(stem.name + ".safetensors" + unique), stem.with_name(stem.name + ".json" + unique)
-    try:
+    # unique temporary names + atomic renames (runtime.atomic): concurrent searches with a cold cache each write
+    # their own files and the last rename wins (both hold the same index). The .json is renamed first, the
+    # features file last: its presence = complete
+    with atomic_path(stem.with_suffix(".safetensors")) as features_tmp, \
+            atomic_path(stem.with_suffix(".json")) as sources_tmp:
         save_file(tensors, str(features_tmp))
         sources_tmp.write_text(json.dumps({"sources": index.sources, "files": _file_stats(index.sources)}))
-        os.replace(sources_tmp, stem.with_suffix(".json"))
-        os.replace(features_tmp, stem.with_suffix(".safetensors"))  # the features file appears last: its presence = complete
-    finally:
-        features_tmp.unlink(missing_ok=True)
-        sources_tmp.unlink(missing_ok=True)
 
 
 def _file_stats(sources: list) -> list:
@@ -197,7 +191,7 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
     listed: relative to a folder gallery's root, else the path), "gallery_index"}; equal scores keep
     gallery order.
     """
-    from trpr.data.transforms import tokenize
+    from trpr.data.tokenizer import tokenize
 
     model_indices, score = parse_score_row(row)
     models = [pair.a, pair.b]

@@ -82,7 +82,7 @@ def run_alr_weights(run: Run, root: Path) -> tuple | None:
     import torch
     import yaml
 
-    from trpr.modeling.run_folder import ALR_STATE_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, STATE_DIR
+    from trpr.runtime.run_folder import ALR_STATE_FILE, LAST_DIR, NOISE_PERMUTATION_FILE, STATE_DIR
 
     states = [run.folder / LAST_DIR / STATE_DIR / ALR_STATE_FILE]
     states = [path for path in states if path.is_file()]
@@ -125,7 +125,7 @@ def alr_weight_cells(runs: list[Run], args) -> dict:
 def copy_histogram(runs: list[Run], docs_dir: Path) -> str | None:
     """Copies the ALR figure over the epochs (the trainer's alr_weights.png) of the first finished noisy full
     run (else any ALR run)."""
-    from trpr.modeling.run_folder import ALR_WEIGHTS_FILE
+    from trpr.runtime.run_folder import ALR_WEIGHTS_FILE
 
     ordered = sorted((r for r in runs if r.finished),
                      key=lambda r: (r.variant.name != "full", r.condition != "noisy", r.seed))

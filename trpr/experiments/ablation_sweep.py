@@ -267,9 +267,10 @@ def evaluate_ensembles(runs: list[Run], env: dict, threads: int) -> list[str]:
 
     from trpr import data
     from trpr import modeling
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
     from trpr.evaluation import evaluate_pair
-    from trpr.modeling.run_folder import selected_checkpoint
+    from trpr.runtime.atomic import atomic_write_text
+    from trpr.runtime.run_folder import selected_checkpoint
 
     torch.set_num_threads(threads)
     for run in tqdm(todo, desc="ensemble controls", unit="run"):
@@ -280,9 +281,8 @@ def evaluate_ensembles(runs: list[Run], env: dict, threads: int) -> list[str]:
         metrics = evaluate_pair(pair, splits["test_gallery"], splits["test_queries"],
                                            tokenizer=get_tokenizer(), image_size=tuple(config["data"]["image_size"]),
                                            batch_size=config["eval"]["batch_size"])
-        tmp = run.folder / (ENSEMBLE_METRICS + ".tmp")
-        tmp.write_text(json.dumps({"members": [str(folder / "model_a") for folder in members], **metrics}, indent=2) + "\n")
-        os.replace(tmp, run.folder / ENSEMBLE_METRICS)
+        atomic_write_text(run.folder / ENSEMBLE_METRICS, json.dumps(
+            {"members": [str(folder / "model_a") for folder in members], **metrics}, indent=2) + "\n")
     return missing
 
 

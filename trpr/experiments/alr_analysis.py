@@ -29,13 +29,13 @@ def separability(run_dir: Path, noise_rate: float, plot_dir: Path | None = None)
 
     from trpr import data
     from trpr import modeling
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
     from trpr.engine import AlrPass, alr_batches
     from trpr.engine.metrics_log import read_metrics
-    from trpr.evaluation.features import encode_dataset
     from trpr.modeling.alr import MixtureSettings, fit_mixture, noise_detection_scores
     from trpr.modeling.losses import TrainingLoss
-    from trpr.modeling.run_folder import BEST_DIR, selected_checkpoint
+    from trpr.runtime.encoding import encode
+    from trpr.runtime.run_folder import BEST_DIR, selected_checkpoint
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     chosen = selected_checkpoint(run_dir)
@@ -58,8 +58,8 @@ def separability(run_dir: Path, noise_rate: float, plot_dir: Path | None = None)
         images = data.EvalImages(data.keep_rows(train, first_rows), config["data"]["image_size"])
         texts = data.EvalTexts(train, tokenizer)
         batch_size = config["eval"]["batch_size"]
-        image_features = encode_dataset(pair.models, images, "image", batch_size=batch_size)
-        text_features = encode_dataset(pair.models, texts, "text", batch_size=batch_size)
+        image_features = encode(pair.models, images, "image", batch_size=batch_size)
+        text_features = encode(pair.models, texts, "text", batch_size=batch_size)
     image_of = torch.from_numpy(image_of.reshape(-1).astype(np.int64))
     pids = torch.as_tensor(np.asarray(train["pid"]), dtype=torch.int64)
     truth = noisy.numpy()

@@ -160,11 +160,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/results/proxy_attention.png")
     args = parser.parse_args(argv)
 
-    from trpr.data.benchmarks import default_root
+    from trpr.runtime.cache import cache_root
     from trpr.modeling.fused import num_selected
 
     image_size = tuple(args.image_size)
-    root = Path(args.root) if args.root else default_root()
+    root = Path(args.root) if args.root else cache_root()
     pictures = corpus_pictures(args.pictures, root) if args.corpus else test_pictures(args.preset, args.pictures, root)
     backbones = load_backbones(args, image_size)
     patch = next(iter(backbones.values())).config.vision_config.patch_size

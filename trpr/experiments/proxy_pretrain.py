@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -39,9 +38,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trpr.data.proxy_corpus import CorpusSpec, ensure_corpus, load_corpus
-from trpr.data.synthetic import replace_folder, temporary_folder_for
-from trpr.data.transforms import CLIP_MEAN, CLIP_STD, default_cache_dir, get_tokenizer, tokenize
+from trpr.data.transforms import CLIP_MEAN, CLIP_STD
+from trpr.data.tokenizer import get_tokenizer, tokenize
 from trpr.reporting.proxy import plot_loss_curve
+from trpr.runtime.atomic import atomic_path, replace_folder, temporary_folder
+from trpr.runtime.cache import cache_root
 
 PROXY_VERSION = 1  # bump when the training code changes what a given set of settings produces
 INFO_NAME = "pretrain_info.json"
@@ -90,7 +91,7 @@ class ProxySettings:
 def proxy_folder(settings: ProxySettings, root=None) -> Path:
     """Where the proxy of `settings` is cached: `<root>/<settings.folder_name()>` (root default $TRPR_CACHE
     or ~/.cache/3rtpr)."""
-    return Path(root if root is not None else default_cache_dir()).expanduser().absolute() / settings.folder_name()
+    return Path(root if root is not None else cache_root()).expanduser().absolute() / settings.folder_name()
 
 
 def is_complete(folder: Path) -> bool:
@@ -184,9 +185,8 @@ def save_state(path: Path, state: dict) -> None:
     """Write the work state atomically in trpr's state-file format (safetensors + JSON, never a pickle)."""
     from trpr.engine.state_files import save_state as write_state
 
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write_state(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write_state(state, tmp)
 
 
 def train(settings: ProxySettings, corpus, work_dir: Path, progress: bool = True) -> tuple:
@@ -268,14 +268,14 @@ def zero_shot_benchmark(folder: Path, image_size: tuple[int, int], dataset: str 
     (TRPRModel.from_clip(folder) at `image_size`, position embeddings resized), global embeddings."""
     from trpr import data
     from trpr import kernels
-    from trpr.evaluation import encode_dataset
+    from trpr.runtime.encoding import encode
     from trpr.modeling import TRPRModel
 
     model = TRPRModel.from_clip(str(folder), select_ratio=0.0, image_size=image_size).eval()
     splits = data.load_benchmark(dataset, root=root)
     gallery, queries = splits[f"{split}_gallery"], splits[f"{split}_queries"]
-    (images, _), = encode_dataset([model], data.EvalImages(gallery, image_size), "image", batch_size=128)
-    (texts, _), = encode_dataset([model], data.EvalTexts(queries, get_tokenizer()), "text", batch_size=128)
+    (images,), = encode([model], data.EvalImages(gallery, image_size), "image", pieces=("global",), batch_size=128)
+    (texts,), = encode([model], data.EvalTexts(queries, get_tokenizer()), "text", pieces=("global",), batch_size=128)
     return summary(kernels.retrieval_metrics(F.normalize(texts, dim=-1), F.normalize(images, dim=-1),
                                              torch.as_tensor(queries["pid"]), torch.as_tensor(gallery["pid"])))
 
@@ -289,7 +289,7 @@ def write_proxy(clip, history: dict, settings: ProxySettings, corpus_dir: Path, 
                 benchmark_size: tuple[int, int], steps_per_epoch: int, zero_shot_heldout_metrics: dict,
                 benchmark: str | None = "synth-pedes", root=None) -> dict:
     """Writes the proxy folder atomically (tmp name, renamed when complete) and returns its info."""
-    tmp = temporary_folder_for(folder, INFO_NAME, "proxy CLIP")
+    tmp = temporary_folder(folder, INFO_NAME, "proxy CLIP")
     try:
         clip.save_pretrained(tmp)
         get_tokenizer().save_pretrained(tmp)

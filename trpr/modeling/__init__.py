@@ -2,7 +2,7 @@
 
 Imports only torch, transformers, safetensors and huggingface_hub (ALR's scikit-learn import is lazy, in
 `modeling.alr`). Also here: the losses (`modeling.losses`), differentiable collectives, the Hub mixin
-(`modeling.hub`) and the run-folder layout (`modeling.run_folder`).
+(`modeling.hub`). The run-folder layout is `runtime.run_folder`'s.
 """
 from . import alr
 from .clip_configs import small_clip_config, vit_b16_config

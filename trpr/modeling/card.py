@@ -170,7 +170,7 @@ def read_run_record(run_dir: str | Path) -> dict:
     lines are skipped (loading a checkpoint must not fail over its card)."""
     import yaml
 
-    from .run_folder import CONFIG_FILE, METRICS_FILE, TEST_METRICS_FILE
+    from trpr.runtime.run_folder import CONFIG_FILE, METRICS_FILE, TEST_METRICS_FILE
 
     run_dir = Path(run_dir)
     try:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     args = parser.parse_args(argv)
     from .pair import ReciprocalPair
-    from .run_folder import selected_checkpoint
+    from trpr.runtime.run_folder import selected_checkpoint
 
     chosen = selected_checkpoint(args.run_dir)
     if chosen is None:

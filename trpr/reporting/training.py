@@ -3,7 +3,6 @@ curves.png (loss and validation R@1 per epoch) and alr_weights.png (ALR over the
 records only; train_3rtpr.py asks this module to draw."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,8 @@ import numpy as np
 from trpr.engine.alr_pass import WEIGHT_QUANTILES
 from trpr.engine.metrics_log import read_metrics
 from trpr.modeling.pair import selection_r1
-from trpr.modeling.run_folder import ALR_WEIGHTS_FILE, CURVES_FILE
+from trpr.runtime.atomic import atomic_path
+from trpr.runtime.run_folder import ALR_WEIGHTS_FILE, CURVES_FILE
 
 
 def plot_curves(records: list[dict], select_row: str, path: Path) -> None:
@@ -95,9 +95,8 @@ def plot_alr_history(records: list[dict], path: Path) -> np.ndarray:
     for axis in (weight_axis, right_axis):
         axis.xaxis.get_major_locator().set_params(integer=True)
     figure.tight_layout()
-    partial = path.with_name(f".{path.name}.tmp")
-    figure.savefig(partial, format="png")
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        figure.savefig(partial, format="png")
     figure.canvas.draw()
     image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
     plt.close(figure)
