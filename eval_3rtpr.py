@@ -262,7 +262,7 @@ def load_folder_gallery(pair, checkpoint, folder: Path, args: argparse.Namespace
                              f"found" + (f"; {len(folder_index.unreadable)} unreadable file(s) listed above"
                                          if folder_index.unreadable else ""))
     args.ann_searcher = lambda _: searcher_for_folder(folder_index, args.index)
-    print(f"gallery: {len(folder_index.files)} images in {folder} ({update.describe()}), index at {stem}.safetensors; "
+    print(f"gallery: {len(folder_index.files)} images in {folder} ({update.describe()}), index at {stem}.json; "
           f"ready in {time.perf_counter() - started:.2f} s", file=sys.stderr)
     return folder_index.gallery_index()
 

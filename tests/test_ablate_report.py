@@ -211,7 +211,7 @@ def test_zero_shot_evaluates_the_backbone_folder_once(tmp_path, monkeypatch):
     evaluate_pair gives the trainer's pair before any step), written once; a random-init backbone has none."""
     from trpr import data
     from trpr import modeling
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
     from trpr.evaluation import evaluate_pair
     from transformers import CLIPModel
 

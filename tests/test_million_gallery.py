@@ -218,3 +218,137 @@ def test_benchmark_gallery_keeps_the_real_rows_and_its_batched_exact_ranking_is_
     batched = million_gallery.exact_rankings(store, queries, 10)
     for query, ranking in zip(queries, batched):
         assert ranking.tolist() == ann_index.exact_search(store, query, million_gallery.ROW, 10)[0].tolist()
+
+
+def _photo_folder(gallery_setup, folder: Path, count: int) -> Path:
+    for i, source in enumerate(_images(gallery_setup, count)):
+        (folder / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.open(source).convert("RGB").save(folder / f"d{i % 3}" / f"{i:02d}.png")
+    return folder
+
+
+def _fp32_reference(pair, folder: Path, files: list) -> list:
+    """The features the version-1 index held: every file encoded in fp32 and kept in memory."""
+    from trpr.runtime.encoding import encode, eval_mode
+
+    with eval_mode(pair), torch.no_grad():
+        images = folder_gallery.FolderImages([folder / f[0] for f in files], tuple(pair.a.image_size))
+        return [(g.float(), f.float()) for g, f in encode([pair.a, pair.b], images, "image", batch_size=4)]
+
+
+@pytest.mark.parametrize("row", ["A+B/GE+FS", "A/FS", "B/GE"])
+def test_folder_search_from_fp16_shards_matches_the_fp32_in_memory_ranking(gallery_setup, tmp_path, monkeypatch, row):  # noqa: F811
+    from trpr.data.tokenizer import get_tokenizer
+    from trpr.evaluation import search
+
+    pair = load_pair(resolve_checkpoint(str(gallery_setup["pair_dir"])))
+    photos = _photo_folder(gallery_setup, tmp_path / "photos", 12)
+    index, _ = folder_gallery.update_folder_index(pair, photos, tmp_path / "index", batch_size=4, progress=False)
+    assert index.store.dtype == np.float16 and index.store.dir.parent.name == "index.shards"
+    reference = search.GalleryIndex(image_outputs=_fp32_reference(pair, photos, index.files),
+                                    pids=torch.full((12,), -1), image_ids=torch.arange(12),
+                                    sources=[f[0] for f in index.files], root=photos)
+    tokenizer = get_tokenizer()
+    for query in (CAPTION, "a man in a blue jacket", "a woman with a red bag"):
+        before = search.search_gallery(pair, reference, query, tokenizer=tokenizer, row=row, top=12)
+        in_memory = search.search_gallery(pair, index.gallery_index(), query, tokenizer=tokenizer, row=row, top=12)
+        monkeypatch.setattr(search, "EXACT_IN_MEMORY_MAX", 5)  # the same gallery streamed from the memory maps
+        gallery = index.gallery_index()
+        assert gallery.streamed()
+        streamed = search.search_gallery(pair, gallery, query, tokenizer=tokenizer, row=row, top=12)
+        assert gallery.image_outputs is None  # never read whole
+        monkeypatch.setattr(search, "EXACT_IN_MEMORY_MAX", 50_000)
+        exact_scores = {m["file"]: m["score"] for m in before}
+        for ranking in (in_memory, streamed):
+            assert [m["file"] for m in ranking] == [m["file"] for m in before] or \
+                all(abs(exact_scores[m["file"]] - b["score"]) < 1e-2 for m, b in zip(ranking, before))  # fp16 near-ties
+            np.testing.assert_allclose([m["score"] for m in ranking], [exact_scores[m["file"]] for m in ranking],
+                                       rtol=0, atol=1e-2)
+        assert [m["file"] for m in streamed] == [m["file"] for m in in_memory]
+        np.testing.assert_allclose([m["score"] for m in streamed], [m["score"] for m in in_memory], rtol=0, atol=1e-5)
+
+
+def test_folder_index_resumes_an_interrupted_encode_and_reencodes_changed_files(gallery_setup, tmp_path, monkeypatch):  # noqa: F811
+    pair = load_pair(resolve_checkpoint(str(gallery_setup["pair_dir"])))
+    photos = _photo_folder(gallery_setup, tmp_path / "photos", 9)
+    straight, _ = folder_gallery.update_folder_index(pair, photos, tmp_path / "straight", batch_size=4, shard_size=2,
+                                                     progress=False)
+    stem = tmp_path / "index"
+    written, real_write = [], gallery_shards._write_shard
+
+    def write_then_die(path, array):
+        if len(written) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        written.append(path.name)
+        real_write(path, array)
+
+    monkeypatch.setattr(gallery_shards, "_write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        folder_gallery.update_folder_index(pair, photos, stem, batch_size=4, shard_size=2, progress=False)
+    pending = stem.with_name("index.pending")
+    assert sorted(p.name for p in pending.glob("shard-*.npy")) == written  # finished shards kept
+    assert folder_gallery.load_folder_index(stem, photos) is None  # nothing saved yet
+    monkeypatch.setattr(gallery_shards, "_write_shard", lambda path, array: (written.append(path.name),
+                                                                            real_write(path, array)))
+    resumed, update = folder_gallery.update_folder_index(pair, photos, stem, batch_size=4, shard_size=2, progress=False)
+    assert written == [f"shard-{n:05d}.npy" for n in range(5)] and update.encoded == 9  # only the rest encoded
+    assert not pending.exists() and resumed.files == straight.files
+    assert np.array_equal(resumed.store.rows(np.arange(9)), straight.store.rows(np.arange(9)))
+
+    # interrupted again, then one of the files to encode is rewritten before the resume: its shard is not reused
+    for i in range(9, 13):
+        shutil.copy(photos / "d0" / "00.png", photos / "d1" / f"{i:02d}.png")
+    written.clear()
+    monkeypatch.setattr(gallery_shards, "_write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):  # 4 new files, 2 per shard: both shards would fit; die after the first
+        written.extend(["", ""])
+        folder_gallery.update_folder_index(pair, photos, stem, batch_size=4, shard_size=2, progress=False)
+    assert len(list(pending.glob("shard-*.npy"))) == 1
+    changed = photos / "d1" / "09.png"
+    Image.open(gallery_setup["sources"][20]).convert("RGB").save(changed)
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    written.clear()
+    monkeypatch.setattr(gallery_shards, "_write_shard", lambda path, array: (written.append(path.name),
+                                                                            real_write(path, array)))
+    updated, update = folder_gallery.update_folder_index(pair, photos, stem, batch_size=4, shard_size=2, progress=False)
+    assert (update.reused, update.added, update.encoded) == (9, 4, 4)
+    assert written[:2] == ["shard-00000.npy", "shard-00001.npy"]  # another job: the stale shard was not kept
+    fresh, _ = folder_gallery.update_folder_index(pair, photos, tmp_path / "fresh", batch_size=4, progress=False)
+    assert updated.files == fresh.files and len(updated.files) == 13
+    np.testing.assert_allclose(updated.store.rows(np.arange(13)), fresh.store.rows(np.arange(13)), rtol=2e-3, atol=1e-4)
+
+    # a changed image (same path, new bytes) is re-encoded; the rest keep their rows
+    before = updated.store.rows(np.arange(13))
+    target = photos / "d0" / "03.png"
+    Image.open(gallery_setup["sources"][15]).convert("RGB").save(target)
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    again, update = folder_gallery.update_folder_index(pair, photos, stem, batch_size=4, shard_size=2, progress=False)
+    assert (update.changed, update.encoded, update.reused) == (1, 1, 12)
+    row = [f[0] for f in again.files].index("d0/03.png")
+    after = again.store.rows(np.arange(13))
+    assert not np.allclose(after[row], before[row], atol=1e-3)
+    assert np.array_equal(np.delete(after, row, 0), np.delete(before, row, 0))
+    expected = _fp32_reference(pair, photos, [again.files[row]])
+    np.testing.assert_allclose(after[row], torch.cat([p[0] for m in expected for p in m]).numpy(), rtol=2e-3, atol=1e-3)
+    assert [p.name for p in (tmp_path / "index.shards").iterdir()] == [again.index_id]  # older generations dropped
+
+
+def test_folder_search_uses_the_ann_index_above_the_threshold(gallery_setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+    ann_index._OPEN.clear()
+    photos = tmp_path / "photos"
+    shutil.copytree(gallery_setup["photos"], photos)
+    argv = ["search", CAPTION, "--checkpoint", str(gallery_setup["pair_dir"]), "--gallery", str(photos),
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]  # --index auto
+    assert eval_3rtpr.main(argv) == 0
+    assert "approximate index" not in capsys.readouterr().err  # 8 images: exact
+    monkeypatch.setattr(ann_index, "ANN_THRESHOLD", 5)
+    assert eval_3rtpr.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "approximate index" in captured.err and "built" in captured.err
+    assert [line.split() for line in captured.out.splitlines() if line.strip()[:1].isdigit()][0][2] == TARGET
+    (ann_dir,) = (tmp_path / "cache").glob("folder-*.ann")
+    assert sorted(p.name for p in ann_dir.iterdir()) == ["ann.faiss", "ann.json"]  # re-scored from the index's shards
+    index = folder_gallery.load_folder_index(ann_dir.with_name(ann_dir.name[:-4]), photos)
+    assert json.loads((ann_dir / "ann.json").read_text())["fingerprint"] == index.index_id == index.store.job
+    assert eval_3rtpr.main(argv + ["--index", "exact"]) == 0
+    assert "approximate index" not in capsys.readouterr().err

@@ -78,14 +78,15 @@ class Renders(torch.utils.data.Dataset):
         return {"pixel_values": self.transform.to_float(uint8, box)}
 
 
-def real_encodings(pair, images: int, renders: int, queries: int, batch_size: int = 128):
-    """(gallery raw rows float32 [images x renders, dim], columns, query raw rows float32 [Q, dim])."""
+def real_encodings(pair, images: int, renders: int, queries: int, batch_size: int = 128,
+                   dataset: str = "synth-pedes"):
+    """(gallery raw rows float32 [images x renders, dim], columns, query raw rows float32 [Q, dim], image paths)."""
     from trpr import data
     from trpr.data.torch_datasets import image_sources
     from trpr.data.tokenizer import get_tokenizer, tokenize
     from trpr.runtime.encoding import encode, eval_mode
 
-    splits = data.load_benchmark("synth-pedes")
+    splits = data.load_benchmark(dataset)
     sources = []
     for name in ("test_gallery", "val_gallery", "train"):  # every split with images, test first
         if name in splits and "image" in splits[name].column_names:
@@ -100,7 +101,49 @@ def real_encodings(pair, images: int, renders: int, queries: int, batch_size: in
     columns = gallery_shards.piece_columns([(m.embed_dim, m.output_dim) for m in (pair.a, pair.b)])
     rows = torch.cat([p.float() for out in outputs for p in out], dim=1).numpy()
     query_rows = torch.cat([p.float() for out in text for p in out], dim=1).numpy()
-    return rows, columns, query_rows
+    return rows, columns, query_rows, sources
+
+
+def project_dims(base: np.ndarray, queries: np.ndarray, columns: dict, global_dim: int, fused_dim: int,
+                 seed: int = 0) -> tuple:
+    """(gallery rows, query rows, columns) with every piece mapped to `global_dim` (a.global, b.global) or
+    `fused_dim` (a.fused, b.fused) floats by a fixed random Gaussian matrix (seeded; entries N(0, 1/width)),
+    the same matrix for gallery and queries. A random linear map to at least as many dims is injective and
+    nearly preserves inner products and norms (Johnson-Lindenstrauss), so each query's exact cosine
+    ranking of the real encodings is kept, while the row has the target width (the perturbations of
+    `write_gallery` are then drawn in that width, full rank)."""
+    rng = np.random.default_rng(seed)
+    widths = {"a.global": global_dim, "a.fused": fused_dim, "b.global": global_dim, "b.fused": fused_dim}
+    out_base, out_queries, out_columns, start = [], [], {}, 0
+    for name in gallery_shards.PIECES:
+        lo, hi = columns[name]
+        matrix = rng.standard_normal((hi - lo, widths[name]), dtype=np.float32) / np.sqrt(hi - lo, dtype=np.float32)
+        out_base.append(base[:, lo:hi] @ matrix)
+        out_queries.append(queries[:, lo:hi] @ matrix)
+        out_columns[name] = [start, start + widths[name]]
+        start += widths[name]
+    return np.concatenate(out_base, axis=1), np.concatenate(out_queries, axis=1), out_columns
+
+
+def derived_rows(base: np.ndarray, seed: int = 0):
+    """rows(start, stop) -> float32 [stop - start, dim], to be called on consecutive ranges from 0: row i <
+    len(base) is base[i], every later one a perturbation of real rows (module docstring)."""
+    rng = np.random.default_rng(seed)
+    sigma = base.std(axis=0, keepdims=True)
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, base.shape[1]), dtype=np.float32)
+        real = np.arange(start, stop) < len(base)
+        out[real] = base[np.arange(start, stop)[real]]
+        fake = int((~real).sum())
+        if fake:
+            j, k = rng.integers(0, len(base), fake), rng.integers(0, len(base), fake)
+            lam = rng.uniform(0, 0.25, (fake, 1)).astype(np.float32)
+            noise = rng.standard_normal((fake, base.shape[1]), dtype=np.float32)
+            out[~real] = base[j] + lam * (base[k] - base[j]) + 0.25 * sigma * noise
+        return out
+
+    return rows
 
 
 def write_gallery(base: np.ndarray, columns: dict, count: int, shard_dir: Path, *, seed: int = 0,
@@ -108,26 +151,8 @@ def write_gallery(base: np.ndarray, columns: dict, count: int, shard_dir: Path, 
     """`count` rows as fp16 shards: the real encodings first, then perturbations of them (module docstring)."""
     if shard_dir.exists():
         shutil.rmtree(shard_dir)
-    shard_dir.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    sigma = base.std(axis=0, keepdims=True)
-    for number, start in enumerate(range(0, count, shard_size)):
-        stop = min(start + shard_size, count)
-        rows = np.empty((stop - start, base.shape[1]), dtype=np.float32)
-        real = np.arange(start, stop) < len(base)
-        rows[real] = base[np.arange(start, stop)[real]]
-        fake = int((~real).sum())
-        if fake:
-            j, k = rng.integers(0, len(base), fake), rng.integers(0, len(base), fake)
-            lam = rng.uniform(0, 0.25, (fake, 1)).astype(np.float32)
-            noise = rng.standard_normal((fake, base.shape[1]), dtype=np.float32)
-            rows[~real] = base[j] + lam * (base[k] - base[j]) + 0.25 * sigma * noise
-        gallery_shards.write_npy_atomic(gallery_shards.shard_path(shard_dir, number), rows.astype(np.float16))
-    atomic_write_json(shard_dir / gallery_shards.MANIFEST, {
-        "version": gallery_shards.SHARD_VERSION, "job": f"bench-{count}-{seed}", "count": count,
-        "shard_size": shard_size, "dtype": "float16", "columns": columns,
-        "dim": max(stop for _, stop in columns.values()), "complete": True})
-    return gallery_shards.ShardStore(shard_dir)
+    return gallery_shards.write_rows_to_shards(shard_dir, count, columns, derived_rows(base, seed),
+                                               job=f"bench-{count}-{seed}", shard_size=shard_size)
 
 
 def serve(shard_dir: Path, mode: str, queries_path: Path, top: int, latency_queries: int) -> dict:
@@ -186,6 +211,84 @@ def _child(shard_dir, mode, queries_path, top, latency_queries) -> dict:
     return json.loads(out.read_text())
 
 
+def _time_v(command: list, stdin: str, env: dict) -> dict:
+    """Run `command` under /usr/bin/time -v with `stdin`; its peak RSS (MB), wall time and stderr lines."""
+    done = subprocess.run(["/usr/bin/time", "-v", *command], input=stdin, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    report = {}
+    for line in done.stderr.splitlines():
+        line = line.strip()
+        if line.startswith("Maximum resident set size (kbytes):"):
+            report["max_rss_mb"] = int(line.rsplit(":", 1)[1]) / 1024
+        elif line.startswith("Elapsed (wall clock) time"):
+            clock = line.rsplit(" ", 1)[1].split(":")
+            report["wall_s"] = sum(float(x) * 60 ** i for i, x in enumerate(reversed(clock)))
+    report["answered_ms"] = [1000 * float(line.split()[2]) for line in done.stderr.splitlines()
+                             if line.startswith("answered in ")]
+    report["ready"] = [line for line in done.stderr.splitlines() if line.startswith(("gallery:", "approximate index:"))]
+    report["first_result"] = next((line for line in done.stdout.splitlines() if line.strip().startswith("1 ")), "")
+    return report
+
+
+def folder_gallery_search(pair, base: np.ndarray, columns: dict, sources: list, captions: list, count: int,
+                          work: Path, exact_queries: int = 3) -> dict:
+    """A folder-gallery index of `count` items and real `eval_3rtpr.py search --gallery` processes over it.
+
+    The folder holds `count` image files: hard links (no data copied) to the synth-pedes images in
+    `sources`, `<work>/photos/dNNNN/NNNNNNN.png`, 1,000 per sub-folder. The index is written in the folder
+    gallery's own format with its own functions (scan_gallery for the file keys, write_rows_to_shards into
+    the generation folder, commit_generation for the .json), under the key `search --gallery` computes for
+    this checkpoint and folder, so the search process finds it up to date and encodes nothing; its rows are
+    the derived gallery (`derived_rows`: real encodings first, then perturbations), not encodings of the
+    linked files, which only the result grids read. Then three search processes read `captions` from
+    stdin (`search -`), each under /usr/bin/time -v: --index auto (the first builds the FAISS index),
+    auto again (reads it), and --index exact on `exact_queries` captions (streamed from the shards).
+    """
+    from trpr.evaluation import folder_gallery as fg
+    from trpr.evaluation.checkpoints import resolve_checkpoint
+
+    root = Path(__file__).resolve().parents[2]
+    if work.exists():
+        shutil.rmtree(work)
+    pair_dir, photos, cache = work / "pair", work / "photos", work / "cache"
+    pair.save_pretrained(pair_dir)
+    started = time.perf_counter()
+    for number in range(count):
+        folder = photos / f"d{number // 1000:04d}"
+        if number % 1000 == 0:
+            folder.mkdir(parents=True)
+        os.link(sources[number % len(sources)], folder / f"{number:07d}.png")
+    link_s = time.perf_counter() - started
+    checkpoint = resolve_checkpoint(str(pair_dir))
+    stem = fg.folder_cache_stem(checkpoint, photos, cache)
+    started = time.perf_counter()
+    files = fg.scan_gallery(photos)
+    scan_s = time.perf_counter() - started
+    started = time.perf_counter()
+    index_id = fg.new_index_id()
+    store = gallery_shards.write_rows_to_shards(fg.generation_dir(stem, index_id), len(files), columns,
+                                                derived_rows(base), job=index_id)
+    fg.commit_generation(stem, fg.FolderIndex(folder=photos, files=files, store=store, index_id=index_id))
+    write_s = time.perf_counter() - started
+    print(f"folder gallery: {count} links in {link_s:.0f} s, scan {scan_s:.1f} s, index written in {write_s:.0f} s",
+          file=sys.stderr)
+    env = {**os.environ, "PYTHONPATH": str(root), "TQDM_DISABLE": "1"}
+    command = [sys.executable, str(root / "eval_3rtpr.py"), "search", "-", "--checkpoint", str(pair_dir), "--gallery",
+               str(photos), "--cache-dir", str(cache), "--out", str(work / "out"), "--top", "10"]
+    stdin = "\n".join(captions) + "\n"
+    runs = {"auto, builds the ANN index": _time_v(command, stdin, env),
+            "auto, reads the ANN index": _time_v(command, stdin, env),
+            "exact (streamed)": _time_v(command + ["--index", "exact"], "\n".join(captions[:exact_queries]) + "\n", env)}
+    for report in runs.values():
+        lat = report.pop("answered_ms")[1:]  # the first query warms up
+        report.update(p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)), timed=len(lat))
+    disk = {"json_mb": stem.with_suffix(".json").stat().st_size / 2**20, "shards_mb": store.nbytes() / 2**20,
+            "faiss_mb": _du([stem.with_name(stem.name + ".ann") / "ann.faiss"]) / 2**20}
+    return {"count": count, "dim": store.dim, "link_s": link_s, "scan_s": scan_s, "write_index_s": write_s,
+            "disk": disk, "runs": runs}
+
+
 def _du(paths) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
@@ -201,6 +304,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", choices=("demo", "vit-b16"), default="demo",
                         help="random-init architecture when no --checkpoint (vit-b16: 5,120 floats per A+B/GE+FS row)")
     parser.add_argument("--checkpoint", default=None, help="a run / pair folder (default: demo architecture, random init)")
+    parser.add_argument("--dims", default=None, metavar="GLOBAL,FUSED",
+                        help="map each encoding piece to these widths (e.g. 512,2048: ViT-B/16's 5,120 floats per "
+                             "A+B/GE+FS row) by a fixed random projection (project_dims)")
+    parser.add_argument("--dataset", default="synth-pedes", help="synth-pedes preset the images and captions come from")
+    parser.add_argument("--folder-gallery", type=int, default=0, metavar="N",
+                        help="instead: a folder-gallery index of N items and real `eval_3rtpr.py search --gallery` "
+                             "processes over it (folder_gallery_search)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/3rtpr-million"))
     parser.add_argument("--keep", action="store_true", help="keep the galleries under --work")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
@@ -217,8 +327,25 @@ def main(argv: list[str] | None = None) -> dict:
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pair = demo_pair(args.checkpoint, args.model)
-    base, columns, queries = real_encodings(pair, args.images, args.renders, args.queries)
+    base, columns, queries, sources = real_encodings(pair, args.images, args.renders, args.queries,
+                                                     dataset=args.dataset)
     encode_s = time.perf_counter() - started
+    if args.folder_gallery:
+        from trpr import data
+
+        captions = list(data.load_benchmark(args.dataset)["test_queries"]["caption"])[:args.queries]
+        result = folder_gallery_search(pair, base, columns, sources, captions, args.folder_gallery,
+                                       args.work / "folder", args.exact_latency_queries + 1)
+        result.update(model=args.checkpoint or args.model, date=time.strftime("%Y-%m-%d"), real_encodings=len(base),
+                      machine=f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                      load_average=os.getloadavg())
+        print(json.dumps(result))
+        if not args.keep:
+            shutil.rmtree(args.work / "folder")
+        return result
+    if args.dims:
+        global_dim, fused_dim = (int(x) for x in args.dims.split(","))
+        base, queries, columns = project_dims(base, queries, columns, global_dim, fused_dim)
     queries_path = args.work / "queries.npy"
     np.save(queries_path, queries, allow_pickle=False)
     print(f"{len(base)} real encodings ({args.images} images x {args.renders} renders) and {len(queries)} queries "
@@ -266,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{r['ann']['p50_ms']:.2f} ms | {r['ann']['p99_ms']:.2f} ms ({r['ann']['timed']} q) | "
                      f"{r['recall@1']:.3f} | {r['recall@10']:.3f} |")
     table = "\n".join(lines)
-    summary = {"model": args.checkpoint or args.model, "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    summary = {"model": args.checkpoint or args.model, "dims": args.dims, "load_average": os.getloadavg(), "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                "date": time.strftime("%Y-%m-%d"), "row": ROW, "real_encodings": len(base), "queries": len(queries),
                "results": results}
     print(table)

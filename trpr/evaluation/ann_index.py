@@ -12,6 +12,8 @@ codes (0.78); SQ4 codes gave the same recall as SQ8 (0.986).
 
 Files beside the gallery's features, in `<ann_dir>`:
     manifest.json + shard-*.npy   the gallery features as fp16 shards (gallery_shards), job = fingerprint
+                                   (dataset galleries; a folder gallery's index is already such shards, in
+                                   `<stem>.shards/<index_id>/`, and its `<stem>.ann/` holds only the two below)
     ann.faiss                      faiss.write_index of an IndexIVFFlat (inner product); not a pickle
     ann.json                       {"version", "fingerprint", "count", "params": {...}, "faiss", "build_seconds"}
 The index is rebuilt when the fingerprint (the gallery features' id) or the row count no longer match.
@@ -220,17 +222,24 @@ def exact_search(store: ShardStore, query_raw: np.ndarray, row: str, top: int, c
 _OPEN: dict = {}  # (ann_dir, fingerprint) -> AnnSearcher: one load per process (the web app answers many queries)
 
 
+def _wanted(mode: str, count: int, threshold: int | None) -> bool:
+    """Whether `mode` ranks a gallery of `count` items approximately (auto: above `threshold`, by default
+    the module's ANN_THRESHOLD, read at call time)."""
+    if mode not in INDEX_MODES:
+        raise ValueError(f"--index must be one of {', '.join(INDEX_MODES)}, got {mode!r}")
+    limit = ANN_THRESHOLD if threshold is None else threshold
+    return count > 0 and (mode == "ann" or (mode == "auto" and count > limit))
+
+
 def searcher_for(features: list, ann_dir: Path, fingerprint: str, count: int, mode: str = "auto", *,
-                 threshold: int = ANN_THRESHOLD, progress: bool = True) -> AnnSearcher | None:
+                 threshold: int | None = None, progress: bool = True) -> AnnSearcher | None:
     """The AnnSearcher to rank a gallery with, or None for exact search.
 
     features: per model (global [N, E], fused [N, D]) of the gallery (written as fp16 shards under
     `ann_dir` when the shards there are not those of `fingerprint`); mode: "exact" -> None, "ann" -> a
-    searcher, "auto" -> a searcher when count > threshold.
+    searcher, "auto" -> a searcher when count > threshold (default ANN_THRESHOLD).
     """
-    if mode not in INDEX_MODES:
-        raise ValueError(f"--index must be one of {', '.join(INDEX_MODES)}, got {mode!r}")
-    if mode == "exact" or (mode == "auto" and count <= threshold) or count == 0:
+    if not _wanted(mode, count, threshold):
         return None
     key = (str(Path(ann_dir).resolve()), fingerprint)
     if key in _OPEN:
@@ -248,14 +257,21 @@ def searcher_for(features: list, ann_dir: Path, fingerprint: str, count: int, mo
     return _OPEN[key]
 
 
-def searcher_for_folder(folder_index, mode: str = "auto", **kwargs) -> AnnSearcher | None:
-    """searcher_for a folder gallery's index (folder_gallery.FolderIndex): files in `<stem>.ann/`, keyed by
-    the saved index's index_id, so any change to the gallery rebuilds them."""
+def searcher_for_folder(folder_index, mode: str = "auto", *, threshold: int | None = None,
+                        progress: bool = True) -> AnnSearcher | None:
+    """The AnnSearcher of a folder gallery's index (folder_gallery.FolderIndex), or None for exact search
+    (same modes as `searcher_for`). Its candidates come from `<stem>.ann/` (ann.faiss + ann.json, keyed by
+    the saved index's index_id, so any change to the gallery rebuilds it) and are re-scored from the
+    index's own fp16 shards: nothing is copied."""
+    if not _wanted(mode, len(folder_index.files), threshold):
+        return None
     if folder_index.stem is None or not folder_index.index_id:
-        return None if mode != "ann" else _unsaved(folder_index)
-    return searcher_for(folder_index.features, folder_index.stem.with_name(folder_index.stem.name + ".ann"),
-                        folder_index.index_id, len(folder_index.files), mode, **kwargs)
-
-
-def _unsaved(folder_index):
-    raise ShardError(f"gallery {folder_index.folder}: its index is not saved yet, so it has no approximate index")
+        raise ShardError(f"gallery {folder_index.folder}: its index is not saved yet, so it has no approximate index")
+    ann_dir = folder_index.stem.with_name(folder_index.stem.name + ".ann")
+    key = (str(ann_dir.resolve()), folder_index.index_id)
+    if key not in _OPEN:
+        for copy in list(ann_dir.glob("shard-*.npy")) + [ann_dir / "manifest.json"]:
+            copy.unlink(missing_ok=True)  # the fp16 copy a version-1 folder index kept here
+        _OPEN.clear()
+        _OPEN[key] = AnnSearcher.open(folder_index.store, ann_dir, progress=progress)
+    return _OPEN[key]

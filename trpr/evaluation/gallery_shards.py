@@ -77,10 +77,12 @@ def _shard_bounds(count: int, shard_size: int) -> list:
 
 def encode_to_shards(pair, paths: list, shard_dir: Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
                      dtype: str = "float16", batch_size: int = 64, num_workers: int = 0, accelerator=None,
-                     progress: bool | None = None) -> "ShardStore":
+                     progress: bool | None = None, job_extra=None) -> "ShardStore":
     """Encode the images at `paths` (row i = paths[i]) with both models into shards under `shard_dir`.
 
-    Finished shards of the same job are kept (resume); shards of another job are deleted first. Each
+    Finished shards of the same job are kept (resume); shards of another job are deleted first. The job
+    hashes the paths, shard size, dtype, model dims and `job_extra` (JSON-able: e.g. each file's size and
+    mtime, so a file rewritten between an interruption and the resume is encoded anew). Each
     shard is encoded, cast to `dtype` ("float16" or "float32") and written atomically; a progress bar
     counts images (images/s). With `accelerator` of several processes each encodes every
     num_processes-th shard and all wait for the manifest. Returns the complete ShardStore.
@@ -98,8 +100,8 @@ def encode_to_shards(pair, paths: list, shard_dir: Path, *, shard_size: int = DE
     columns = piece_columns([(m.embed_dim, m.output_dim) for m in models])
     dim = max(stop for _, stop in columns.values())
     paths = [str(p) for p in paths]
-    job = hashlib.sha256(json.dumps({"paths": paths, "shard_size": shard_size, "dtype": dtype,
-                                     "columns": columns}).encode()).hexdigest()[:24]
+    job = hashlib.sha256(json.dumps({"paths": paths, "shard_size": shard_size, "dtype": dtype, "columns": columns,
+                                     **({"extra": job_extra} if job_extra is not None else {})}).encode()).hexdigest()[:24]
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     manifest_path = shard_dir / MANIFEST
@@ -148,23 +150,48 @@ def _write_shard(path: Path, array: np.ndarray) -> None:
     write_npy_atomic(path, array)
 
 
+def write_rows_to_shards(shard_dir: Path, count: int, columns: dict, rows, *, job: str,
+                         shard_size: int = DEFAULT_SHARD_SIZE, dtype: str = "float16") -> "ShardStore":
+    """Write a complete shard folder of `count` rows shard by shard (memory: one shard): rows(start, stop)
+    returns the float rows [stop - start, dim] in `columns` layout. Every shard and then the manifest are
+    written atomically; anything in `shard_dir` before is deleted first. Returns the ShardStore."""
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for stale in list(shard_dir.glob("shard-*.npy")) + list(shard_dir.glob("*.tmp")) + [shard_dir / MANIFEST]:
+        stale.unlink(missing_ok=True)
+    dim = max((stop for _, stop in columns.values()), default=0)
+    for number, (start, stop) in enumerate(_shard_bounds(count, shard_size)):
+        block = np.asarray(rows(start, stop))
+        if block.shape != (stop - start, dim):
+            raise ValueError(f"rows({start}, {stop}) gave shape {block.shape}, expected ({stop - start}, {dim})")
+        write_npy_atomic(shard_path(shard_dir, number), block.astype(dtype, copy=False))
+    atomic_write_json(shard_dir / MANIFEST, {"version": SHARD_VERSION, "job": job, "count": int(count),
+                                             "shard_size": shard_size, "dtype": dtype, "columns": columns,
+                                             "dim": dim, "complete": True})
+    return ShardStore(shard_dir)
+
+
 def write_features_to_shards(features: list, shard_dir: Path, *, job: str, shard_size: int = DEFAULT_SHARD_SIZE,
                              dtype: str = "float16") -> "ShardStore":
     """Write features already in memory (per model (global [N, E], fused [N, D])) as a shard folder with
     the given `job` id (e.g. the folder index's index_id). Returns the ShardStore."""
-    shard_dir = Path(shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(shard_dir.glob("shard-*.npy")) + [shard_dir / MANIFEST]:
-        stale.unlink(missing_ok=True)
     columns = piece_columns([(g.shape[1], f.shape[1]) for g, f in features])
-    dim = max(stop for _, stop in columns.values())
     count = int(features[0][0].shape[0])
-    for number, (start, stop) in enumerate(_shard_bounds(count, shard_size)):
-        row = torch.cat([piece[start:stop].float() for pair_out in features for piece in pair_out], dim=1)
-        write_npy_atomic(shard_path(shard_dir, number), row.numpy().astype(dtype))
-    atomic_write_json(shard_dir / MANIFEST, {"version": SHARD_VERSION, "job": job, "count": count,
-                                             "shard_size": shard_size, "dtype": dtype, "columns": columns,
-                                             "dim": dim, "complete": True})
+
+    def rows(start, stop):
+        return torch.cat([piece[start:stop].float() for pair_out in features for piece in pair_out], dim=1).numpy()
+
+    return write_rows_to_shards(shard_dir, count, columns, rows, job=job, shard_size=shard_size, dtype=dtype)
+
+
+def relabel_shards(shard_dir: Path, job: str) -> "ShardStore":
+    """Give a complete shard folder another job id (its manifest rewritten atomically; no row is touched):
+    how a finished encode becomes a saved index generation without copying its rows."""
+    manifest_path = Path(shard_dir) / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    if not manifest.get("complete"):
+        raise ShardError(f"{manifest_path}: the encode that writes this folder has not finished")
+    atomic_write_json(manifest_path, {**manifest, "job": job})
     return ShardStore(shard_dir)
 
 
@@ -258,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         index, update = update_folder_index(pair, folder, stem, batch_size=args.batch_size, accelerator=accelerator,
                                             shard_size=args.shard_size)
     if accelerator.is_main_process:
-        print(f"{len(index.files)} images in {folder} ({update.describe()}), index at {stem}.safetensors, "
+        print(f"{len(index.files)} images in {folder} ({update.describe()}), index at {stem}.json, "
               f"{time.perf_counter() - started:.1f} s")
     return 0
 

@@ -24,25 +24,48 @@ from trpr.runtime.encoding import encode, eval_mode, model_device
 from .checkpoints import Checkpoint, EvalInputError
 
 DEFAULT_SEARCH_ROW = "A+B/GE+FS"
+# a shard-backed gallery (folder_gallery) of at most this many rows is read into memory once for exact search
+# (50,000 x 5,120 fp32 = 1 GB at ViT-B/16 dims); a larger one is streamed from the memory maps per query
+EXACT_IN_MEMORY_MAX = 50_000
 
 
 @dataclass
 class GalleryIndex:
     """Gallery features of one checkpoint on one split, as cached on disk for search.
 
-    image_outputs: per model (A, B) (global [Ng, E], fused [Ng, D]) fp32 CPU;
+    image_outputs: per model (A, B) (global [Ng, E], fused [Ng, D]) fp32 CPU, or None when the features
+    live in `store` (a gallery_shards.ShardStore of memory-mapped fp16 shards: folder galleries), read
+    from there by `outputs()` (once, up to EXACT_IN_MEMORY_MAX rows) or streamed by `search_gallery`;
     pids / image_ids: LongTensor[Ng] (pids -1 in a folder gallery: no identities); sources: per gallery
     item its image file path ("" when the dataset embeds the image bytes instead), relative to `root`
     when root is set (folder galleries). finite_models: the models (0 = A, 1 = B) whose gallery features
     `search_gallery` has already found finite (checked once per index, not on every query).
     """
 
-    image_outputs: list
+    image_outputs: list | None
     pids: torch.Tensor
     image_ids: torch.Tensor
     sources: list
     root: Path | None = None
     finite_models: set = field(default_factory=set, repr=False, compare=False)
+    store: object = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return int(self.pids.numel())
+
+    def streamed(self) -> bool:
+        """Whether exact search streams the shards instead of holding the features in memory (a shard-backed
+        gallery of more than EXACT_IN_MEMORY_MAX rows)."""
+        return self.image_outputs is None and self.store is not None and len(self) > EXACT_IN_MEMORY_MAX
+
+    def outputs(self) -> list:
+        """image_outputs, read from the shards (fp16 -> fp32) on first use when the gallery is shard-backed."""
+        if self.image_outputs is None:
+            if self.streamed():
+                raise ValueError(f"{len(self)} gallery rows are more than EXACT_IN_MEMORY_MAX = {EXACT_IN_MEMORY_MAX}: "
+                                 "stream them (ann_index.exact_search) instead of reading them whole")
+            self.image_outputs = self.store.features()
+        return self.image_outputs
 
 
 def search_cache_dir() -> Path:
@@ -186,7 +209,8 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
 
     row: which models and score rank ("A/GE" ... "A+B/GE+FS"); the score is the sum of the chosen
     cosine similarities (so at most 1, 2 or 4). ann: an ann_index.AnnSearcher over this gallery (its
-    candidates re-scored exactly from fp16 shards), or None for the exact dense ranking. Returns up to
+    candidates re-scored exactly from fp16 shards), or None for the exact dense ranking (in memory, or
+    streamed shard by shard from a large shard-backed gallery: `GalleryIndex.streamed`). Returns up to
     `top` dicts {"rank" (1-based), "score", "pid", "image_id", "path" (readable from here), "file" (as
     listed: relative to a folder gallery's root, else the path), "gallery_index"}; equal scores keep
     gallery order.
@@ -197,17 +221,19 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
     models = [pair.a, pair.b]
     device = model_device(pair)
     input_ids, attention_mask = tokenize(tokenizer, [query])
-    encoded = range(2) if ann is not None else model_indices  # the candidates come from both global vectors
+    streamed = ann is None and index.streamed()
+    # the candidates come from all four pieces; a streamed ranking takes the query in the shards' layout
+    encoded = range(2) if ann is not None or streamed else model_indices
     with eval_mode(pair):
         text_outputs = {i: models[i].encode_text(input_ids.to(device), attention_mask.to(device)) for i in encoded}
     text_outputs = {i: (g.float().cpu(), f.float().cpu()) for i, (g, f) in text_outputs.items()}
     # NaN similarities would still sort into a ranking: non-finite features are an error naming model and row.
     # The gallery is checked once per index on the exact path (its full features are in memory); the ANN path
-    # checks the re-scored candidates' scores instead (the gallery lives in shards there).
+    # and a streamed exact ranking check the scores they return instead (the gallery lives in shards there).
     sides = [("the query", {i: text_outputs[i] for i in model_indices})]
-    unchecked = [i for i in model_indices if i not in index.finite_models] if ann is None else []
+    unchecked = [i for i in model_indices if i not in index.finite_models] if ann is None and not streamed else []
     if unchecked:
-        sides.append(("gallery image", {i: index.image_outputs[i] for i in unchecked}))
+        sides.append(("gallery image", {i: index.outputs()[i] for i in unchecked}))
     for side, outputs in sides:
         for model_index, (global_emb, fused_emb) in outputs.items():
             for kind, feats in (("global", global_emb), ("fused", fused_emb)):
@@ -218,16 +244,19 @@ def search_gallery(pair, index: GalleryIndex, query: str, *, tokenizer, row: str
                         f"model {'AB'[model_index]} gives a non-finite {kind} embedding for {where} (ranking {row}): "
                         "its weights are not usable (a diverged run?)")
     index.finite_models.update(unchecked)
-    if ann is not None:
+    if ann is not None or streamed:
+        from .ann_index import exact_search
+
         query_raw = torch.cat([piece[0] for i in range(2) for piece in text_outputs[i]]).numpy()
-        found, found_scores = ann.search(query_raw, row, top)
+        found, found_scores = (ann.search(query_raw, row, top) if ann is not None
+                               else exact_search(index.store, query_raw, row, top))
         if not all(math.isfinite(value) for value in found_scores.tolist()):
             raise kernels.NonFiniteFeatures(f"the gallery's stored features give non-finite scores (ranking {row}): "
                                             "rebuild the gallery index from a usable checkpoint")
         order, scores = torch.from_numpy(found), dict(zip(found.tolist(), found_scores.tolist()))
     else:
         query_feats = modeling.scoring_features([text_outputs[i] for i in model_indices], score)
-        gallery_feats = modeling.scoring_features([index.image_outputs[i] for i in model_indices], score)
+        gallery_feats = modeling.scoring_features([index.outputs()[i] for i in model_indices], score)
         scores = gallery_feats @ query_feats[0]
         order = torch.sort(scores, descending=True, stable=True).indices[:top]
     def path(i: int) -> str:

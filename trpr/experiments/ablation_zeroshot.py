@@ -39,7 +39,7 @@ def evaluate_zeroshot(config: dict) -> dict:
     import torch
 
     from trpr import data
-    from trpr.data.transforms import get_tokenizer
+    from trpr.data.tokenizer import get_tokenizer
     from trpr.engine import build_pair
     from trpr.evaluation import evaluate_pair
 

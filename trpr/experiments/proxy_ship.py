@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from trpr.data.synthetic import replace_folder, temporary_folder_for
+from trpr.runtime.atomic import replace_folder, temporary_folder
 from trpr.pretrained import PROXY_CLIP
 
 CARD_NAME = "README.md"
@@ -94,7 +94,7 @@ def write_shipped(source: Path, target: Path = PROXY_CLIP) -> Path:
     from safetensors.torch import save_file
 
     info = json.loads((source / "pretrain_info.json").read_text())
-    tmp = temporary_folder_for(target, CARD_NAME, "shipped proxy CLIP")
+    tmp = temporary_folder(target, CARD_NAME, "shipped proxy CLIP")
     try:
         config = json.loads((source / "config.json").read_text())
         config["torch_dtype"] = config["dtype"] = "float16"
