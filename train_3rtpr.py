@@ -128,12 +128,12 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
     loss = TrainingLoss.from_config(config["loss"], rank=rank, world_size=world)
 
     # ---- fresh start or resume
-    alr_state = engine.initial_alr_state(len(loader.dataset), device)
+    alr_state = engine.AlrState.initial(len(loader.dataset), device)  # w = 1, h = True until the first ALR pass
     state = engine.TrainerState()
     if args.resume:
         alr_state, state = engine.resume(args.resume, models, optimizers, schedulers, accelerator)
         if data_changed:  # per-sample weights of other rows: start afresh (--allow-changed-data)
-            alr_state = engine.initial_alr_state(len(loader.dataset), device)
+            alr_state = engine.AlrState.initial(len(loader.dataset), device)
         if config["train"]["epochs"] < state.epoch + 1:  # checked early by engine.resolve_run; here after recovery
             raise configs.ConfigError(f"--resume {args.resume}: train.epochs {config['train']['epochs']} is fewer "
                                       f"than the {state.epoch + 1} epoch(s) the run has finished")
@@ -159,7 +159,7 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
             if engine.alr_active(config, epoch):
                 with clock.phase("alr"):
                     alr = alr_pass(models, loss.alr_term, epoch)
-                    alr_state = {"weights": alr["weights"], "keep": alr["keep"]}
+                    alr_state = alr.state
                     report = engine.report_alr(alr, noisy, epoch, accelerator, global_step=state.global_step)
                     if report is not None:  # main process: the ALR figure over the epochs so far
                         image = plot_run_alr_history(run_dir, epoch, report)

@@ -62,7 +62,7 @@ def test_regional_compile_runs_the_step_with_the_eager_numbers(tmp_path):
     config = configs.load_config(None, ["--model.fused_dim", "64", "--data.image_size", "[32, 16]",
                                         "--optim.warmup_epochs", "0", "--optim.backbone_lr", "1e-3"])
     loss = TrainingLoss.from_config(config["loss"])
-    alr_state = engine.initial_alr_state(8, "cpu")
+    alr_state = engine.AlrState.initial(8, "cpu")
     results = {}
     for mode in ("off", "regional"):
         pair, optimizers = _setup(config)

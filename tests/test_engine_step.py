@@ -103,7 +103,7 @@ def _tiny_setup(config, **model_options):
     batch["attention_mask"][:, :, :12] = 1
     batch["input_ids"][:, :, 0] = 49406
     batch["input_ids"][:, :, 11] = 49407
-    alr_state = {"weights": torch.ones(8), "keep": torch.ones(8, dtype=torch.bool)}
+    alr_state = engine.AlrState.initial(8, "cpu")
     return accelerator, pair, optimizers, batch, alr_state
 
 
@@ -126,10 +126,10 @@ def test_weights_and_keep_flags_enter_the_loss():
     accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
     loss = TrainingLoss.from_config(config["loss"])
     base = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
-    half = {"weights": torch.full((8,), 0.5), "keep": torch.ones(8, dtype=torch.bool)}
+    half = engine.AlrState(torch.full((8,), 0.5), torch.ones(8, dtype=torch.bool))
     halved = engine.reciprocal_step(list(pair.models), optimizers, batch, half, loss, accelerator).tolist()
     assert halved == pytest.approx([0.5 * b for b in base], rel=1e-4)  # sum(h w l) / sum(h)
-    dropped = {"weights": torch.ones(8), "keep": torch.arange(8) < 4}
+    dropped = engine.AlrState(torch.ones(8), torch.arange(8) < 4)
     partial = engine.reciprocal_step(list(pair.models), optimizers, batch, dropped, loss, accelerator).tolist()
     assert all(p != pytest.approx(b, rel=1e-3) for p, b in zip(partial, base))  # mean over kept samples only
 

@@ -265,7 +265,7 @@ def test_background_checkpoint_equals_the_blocking_one(tmp_path):
             optimizer.step()
 
     train_a_little()
-    alr_state = engine.initial_alr_state(10, "cpu")
+    alr_state = engine.AlrState.initial(10, "cpu")
     state = engine.TrainerState(epoch=0, global_step=3, best_score=1.0, best_epoch=0)
     engine.save_checkpoint(tmp_path / "blocking", pair, optimizers, schedulers, alr_state, state, accelerator,
                            improved=True)

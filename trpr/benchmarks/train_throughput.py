@@ -150,7 +150,7 @@ def time_step_sequence(setup: dict, batch_size: int, steps: int, warmup: int) ->
     device = accelerator.device
     image_size = tuple(setup["config"]["data"]["image_size"])
     batch = engine.batch_to_device(synthetic_batch(batch_size, image_size), device)
-    alr_state = engine.initial_alr_state(batch_size, device)
+    alr_state = engine.AlrState.initial(batch_size, device)
 
     def step():
         engine.reciprocal_step(setup["models"], setup["optimizers"], batch, alr_state, setup["loss"], accelerator)
@@ -170,7 +170,7 @@ def time_training_loop(setup: dict, steps: int, warmup: int) -> dict:
     loader = engine.build_train_loader(splits["train"], get_tokenizer(), config, rank=0, world_size=1,
                                        pin_memory=device.type == "cuda")
     steps = min(steps, len(loader))
-    alr_state = engine.initial_alr_state(len(loader.dataset), device)
+    alr_state = engine.AlrState.initial(len(loader.dataset), device)
     common = dict(epochs=2, global_step=0, log_every=10**9)
     started = time.perf_counter()
     engine.train_one_epoch(setup["models"], setup["optimizers"], loader, alr_state, setup["loss"], accelerator,

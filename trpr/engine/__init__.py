@@ -19,8 +19,9 @@
 The loss and its data parallelism are `modeling.losses.TrainingLoss`. The engine emits records only: the
 figures drawn from them (curves.png, alr_weights.png) are `trpr.reporting.training`'s.
 """
-from .alr_pass import AlrPass, alr_active, alr_batches, alr_report, batch_statistics, report_alr
-from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, TrainerState, initial_alr_state, load_last,
+from .alr_pass import AlrPass, AlrRound, alr_active, alr_batches, alr_report, batch_statistics, report_alr
+from .alr_state import AlrState
+from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, TrainerState, load_last,
                          resume, rng_state, save_checkpoint, save_last, set_rng_state,
                          tidy_checkpoints, write_folder_atomically)
 from .compilation import compile_model, fast_math, fast_math_enabled, resolve_compile_mode
@@ -36,8 +37,8 @@ from .step import (TrainingDiverged, batch_to_device, encode_view, reciprocal_st
 from .timing import PhaseClock, StepClock, epoch_timing, format_timing
 from .validation import final_test, log_validation, selection_score, test_recording_due, validate, validation_due
 
-__all__ = ["AlrPass", "alr_active", "alr_batches", "alr_report", "batch_statistics", "report_alr",
-           "CheckpointError", "CheckpointWriter", "DiskFullError", "TrainerState", "initial_alr_state", "load_last",
+__all__ = ["AlrPass", "AlrRound", "AlrState", "alr_active", "alr_batches", "alr_report", "batch_statistics", "report_alr",
+           "CheckpointError", "CheckpointWriter", "DiskFullError", "TrainerState", "load_last",
            "resume", "rng_state", "save_checkpoint", "save_last", "set_rng_state",
            "tidy_checkpoints", "write_folder_atomically", "check_distributed_type",
            "sync_batch_norms", "append_metrics", "flat_config", "read_metrics",

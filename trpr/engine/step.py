@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from trpr.data.transforms import normalize_uint8
 
+from .alr_state import AlrState
 from .compilation import fast_math
 from .optim import current_lrs, drop_backbone_grads
 from .timing import StepClock
@@ -98,14 +99,14 @@ def encode_view(model, batch: dict, view: int, device, autocast=None) -> tuple[t
     return out["text_fused"].float(), out["image_fused"].float()
 
 
-def reciprocal_step(wrapped_models, optimizers, batch: dict, alr_state: dict, loss, accelerator, *,
+def reciprocal_step(wrapped_models, optimizers, batch: dict, alr_state: AlrState, loss, accelerator, *,
                     freeze_backbone: bool = False) -> torch.Tensor:
     """One training step of both models on one batch. Returns this process's shares of [loss A, loss B]
     (fp32 [2], detached, on the device; summed over the processes they are the global batch's losses).
 
     batch: this process's share of a global batch from TrainViews(num_views=2) (model A takes view 0,
-    model B view 1), on the host or moved by `batch_to_device`. alr_state: {"weights": [N],
-    "keep": [N] bool} indexed by the dataset index. loss: a modeling.losses.TrainingLoss (rank / world
+    model B view 1), on the host or moved by `batch_to_device`. alr_state: the per-sample weights and keep
+    flags (`AlrState`, on the device), indexed by the dataset index. loss: a modeling.losses.TrainingLoss (rank / world
     size of this process). Each model: forward, loss on the global batch, backward, its own optimizer step.
     Nothing is read back to the host: a non-finite loss is found by the caller (`train_one_epoch`).
     freeze_backbone (a head warm-up epoch, optim.head_warmup_epochs): the backbone groups' gradients are
@@ -115,7 +116,7 @@ def reciprocal_step(wrapped_models, optimizers, batch: dict, alr_state: dict, lo
         batch = batch_to_device(batch, device)
     world = accelerator.num_processes
     index, pids = batch["index"].to(device), batch["pid"].to(device)
-    weights, keep = alr_state["weights"][index], alr_state["keep"][index]
+    weights, keep = alr_state.rows(index)
     shares = []
     for view, (model, optimizer) in enumerate(zip(wrapped_models, optimizers)):
         text, image = encode_view(model, batch, view, device, accelerator.autocast)
@@ -209,7 +210,7 @@ def _check_finite(first_bad: list[int], epoch: int, first_global_step: int, opti
                                        "optim.backbone_lr / optim.head_lr); stopping without saving this epoch")
 
 
-def train_one_epoch(wrapped_models, optimizers, loader, alr_state: dict, loss, accelerator, *, epoch: int,
+def train_one_epoch(wrapped_models, optimizers, loader, alr_state: AlrState, loss, accelerator, *, epoch: int,
                     epochs: int, global_step: int, log_every: int, batches: Iterator | None = None,
                     max_steps: int | None = None, freeze_backbone: bool = False) -> tuple[dict, int]:
     """Every step of one epoch over `loader` (a DataLoader of TrainViews, batch sampler EpochKeyedBatches
