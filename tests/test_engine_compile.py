@@ -46,7 +46,7 @@ def _batches():
         mask[:, :, length:] = 0
         batch["input_ids"] = batch["input_ids"] * mask
         batch["input_ids"][:, :, length - 1] = modeling.clip_configs.EOT_TOKEN_ID
-        batches.append(batch)
+        batches.append(engine.batch_to_device(batch, "cpu"))
     return batches
 
 

@@ -87,6 +87,11 @@ def test_adam_is_fused_where_torch_has_it_and_matches_the_multi_tensor_update():
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
+def on_device(batch: dict) -> engine.TrainBatch:
+    """The step's input: the host batch on the (CPU) device, as train_one_epoch moves it."""
+    return engine.batch_to_device(batch, torch.device("cpu"))
+
+
 def _tiny_setup(config, **model_options):
     from accelerate import Accelerator
 
@@ -113,8 +118,8 @@ def test_one_step_lowers_both_losses(loss):
                             "optim.backbone_lr": 1e-3, "optim.warmup_epochs": 0})
     accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
     loss = TrainingLoss.from_config(config["loss"])
-    before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
-    after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    before = engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), alr_state, loss, accelerator).tolist()
+    after = engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), alr_state, loss, accelerator).tolist()
     assert before[0] != before[1]  # different heads, different views
     assert after[0] < before[0] and after[1] < before[1]
 
@@ -125,12 +130,12 @@ def test_weights_and_keep_flags_enter_the_loss():
     config["optim"]["backbone_lr"] = config["optim"]["head_lr"] = 0.0
     accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
     loss = TrainingLoss.from_config(config["loss"])
-    base = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    base = engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), alr_state, loss, accelerator).tolist()
     half = engine.AlrState(torch.full((8,), 0.5), torch.ones(8, dtype=torch.bool))
-    halved = engine.reciprocal_step(list(pair.models), optimizers, batch, half, loss, accelerator).tolist()
+    halved = engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), half, loss, accelerator).tolist()
     assert halved == pytest.approx([0.5 * b for b in base], rel=1e-4)  # sum(h w l) / sum(h)
     dropped = engine.AlrState(torch.ones(8), torch.arange(8) < 4)
-    partial = engine.reciprocal_step(list(pair.models), optimizers, batch, dropped, loss, accelerator).tolist()
+    partial = engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), dropped, loss, accelerator).tolist()
     assert all(p != pytest.approx(b, rel=1e-3) for p, b in zip(partial, base))  # mean over kept samples only
 
 
@@ -182,8 +187,8 @@ def test_epoch_means_and_step_times(monkeypatch):
 
 
 def test_uint8_batches_on_the_device_equal_the_float_path():
-    """batch_to_device + view_pixels on a TrainViews(output="uint8") batch == the float path's pixels, and the
-    trimmed captions match trim_text_padding; a badly padded mask is refused on the host."""
+    """batch_to_device + TrainBatch.pixels on a TrainViews(output="uint8") batch == the float path's pixels, and
+    the trimmed captions match trim_text_padding; a badly padded mask is refused on the host."""
     from trpr.data.transforms import build_image_transform, normalize_uint8
 
     generator = torch.Generator().manual_seed(0)
@@ -198,10 +203,11 @@ def test_uint8_batches_on_the_device_equal_the_float_path():
     batch = {"index": torch.arange(3), "pid": torch.arange(3), "pixel_values": uint8, "erase_boxes": boxes,
              "input_ids": torch.randint(1, 1000, (3, 2, 77), generator=generator) * mask, "attention_mask": mask}
     moved = engine.batch_to_device(batch, torch.device("cpu"))
-    assert moved[engine.step.TEXT_LENGTHS] == [9, 12]
+    assert isinstance(moved, engine.TrainBatch) and moved.text_lengths == (9, 12)
+    assert torch.equal(moved.index, batch["index"]) and torch.equal(moved.pids, batch["pid"])
     for view in range(2):
-        assert torch.equal(engine.step.view_pixels(moved, view, "cpu"), expected[:, view])
-        ids, trimmed = engine.step.view_text(moved, view, "cpu")
+        assert torch.equal(moved.pixels(view), expected[:, view])
+        ids, trimmed = moved.text(view)
         assert torch.equal(ids, engine.trim_text_padding(batch["input_ids"][:, view], mask[:, view])[0])
         assert torch.equal(trimmed, mask[:, view, :[9, 12][view]])
     assert torch.equal(normalize_uint8(uint8, boxes), expected)
@@ -231,8 +237,8 @@ def test_one_step_with_reference_image_tokens():
     config = tiny_config(**{"model.image_tokens": "reference", "optim.backbone_lr": 1e-3, "optim.warmup_epochs": 0})
     accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config, image_tokens="reference")
     loss = TrainingLoss.from_config(config["loss"])
-    before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
-    after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    before = engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), alr_state, loss, accelerator).tolist()
+    after = engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), alr_state, loss, accelerator).tolist()
     assert all(math.isfinite(b) for b in before) and after[0] < before[0] and after[1] < before[1]
 
 
@@ -242,8 +248,8 @@ def test_one_step_with_trl_trained_at_the_reference_temperature():
     accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
     loss = TrainingLoss.from_config(config["loss"])
     assert loss.terms[0].tau == config["loss"]["margin"] and loss.alr_term.tau == config["loss"]["tau"]
-    before = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
-    after = engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator).tolist()
+    before = engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), alr_state, loss, accelerator).tolist()
+    after = engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), alr_state, loss, accelerator).tolist()
     assert after[0] < before[0] and after[1] < before[1]
 
 
@@ -262,7 +268,7 @@ def test_backbone_lr_zero_freezes_the_backbone():
     _, _, _, batch, alr_state = _tiny_setup(config)
     before = {n: p.detach().clone() for n, p in pair.models[0].named_parameters()}
     loss = TrainingLoss.from_config(config["loss"])
-    engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, Accelerator(cpu=True))
+    engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), alr_state, loss, Accelerator(cpu=True))
     for name, parameter in pair.models[0].named_parameters():
         assert parameter.grad is None or not name.startswith("clip.")
         changed = not torch.equal(parameter, before[name])
@@ -287,7 +293,7 @@ def test_head_warmup_schedule_and_frozen_backbone_steps():
     optimizers = [engine.build_optimizer(m, config)[0] for m in pair.models]
     before = {n: p.detach().clone() for n, p in pair.models[0].named_parameters()}
     loss = TrainingLoss.from_config(config["loss"])
-    engine.reciprocal_step(list(pair.models), optimizers, batch, alr_state, loss, accelerator, freeze_backbone=True)
+    engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), alr_state, loss, accelerator, freeze_backbone=True)
     for name, parameter in pair.models[0].named_parameters():
         if name.startswith("clip."):
             assert torch.equal(parameter, before[name]) and parameter not in optimizers[0].state, name

@@ -21,6 +21,7 @@ figures drawn from them (curves.png, alr_weights.png) are `trpr.reporting.traini
 """
 from .alr_pass import AlrPass, AlrRound, alr_active, alr_batches, alr_report, batch_statistics, report_alr
 from .alr_state import AlrState
+from .batch import TrainBatch, batch_to_device
 from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, TrainerState, load_last,
                          resume, rng_state, save_checkpoint, save_last, set_rng_state,
                          tidy_checkpoints, write_folder_atomically)
@@ -32,7 +33,7 @@ from .run import (RunFolder, build_clip_source, build_pair, build_train_loader, 
                   check_images, check_train_data, finished_epochs, head_seeds, load_splits, resolve_run,
                   saved_counters, train_data_record)
 from .sampler import GlobalBatchSampler
-from .step import (TrainingDiverged, batch_to_device, encode_view, reciprocal_step, start_epoch, train_one_epoch,
+from .step import (TrainingDiverged, encode_view, reciprocal_step, start_epoch, train_one_epoch,
                    trim_text_padding)
 from .timing import PhaseClock, StepClock, epoch_timing, format_timing
 from .validation import final_test, log_validation, selection_score, test_recording_due, validate, validation_due
@@ -45,7 +46,7 @@ __all__ = ["AlrPass", "AlrRound", "AlrState", "alr_active", "alr_batches", "alr_
            "restart_metrics", "build_optimizer", "build_optimizers", "current_lrs", "lr_factor", "param_groups",
            "RunFolder", "build_clip_source", "build_pair", "build_train_loader", "check_backbone", "check_batch_size",
            "check_images", "check_train_data", "finished_epochs", "head_seeds", "load_splits", "resolve_run",
-           "saved_counters", "train_data_record", "GlobalBatchSampler", "TrainingDiverged",
+           "saved_counters", "train_data_record", "GlobalBatchSampler", "TrainBatch", "TrainingDiverged",
            "batch_to_device", "encode_view", "reciprocal_step", "start_epoch", "train_one_epoch", "trim_text_padding",
            "compile_model", "fast_math", "fast_math_enabled", "resolve_compile_mode", "PhaseClock", "StepClock", "epoch_timing",
            "format_timing", "final_test", "log_validation", "selection_score", "test_recording_due", "validate", "validation_due"]
