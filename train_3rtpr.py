@@ -154,7 +154,7 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
     try:
         for epoch in range(state.epoch + 1, epochs):
             clock = engine.PhaseClock(device)
-            record = {"epoch": epoch}
+            record = engine.EpochRecord(epoch)  # the epoch's line of metrics.jsonl, filled phase by phase
             # ---- 1. adaptive loss refinement
             if engine.alr_active(config, epoch):
                 with clock.phase("alr"):
@@ -166,18 +166,14 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
                         if "tensorboard" in trackers:
                             accelerator.get_tracker("tensorboard").log_images(
                                 {"alr/weights": image[None]}, step=state.global_step, dataformats="NHWC")
-                if report is not None:
-                    record["alr"] = report
+                record.alr = report
 
             # ---- 2. one epoch of reciprocal training (raises TrainingDiverged before anything is saved)
             with clock.phase("train"):
-                epoch_record, state.global_step = engine.train_one_epoch(
+                record.steps, state.global_step = engine.train_one_epoch(
                     wrapped, optimizers, loader, alr_state, loss, accelerator, epoch=epoch, epochs=epochs,
                     global_step=state.global_step, log_every=config["train"]["log_every"], batches=batches,
                     freeze_backbone=epoch < config["optim"]["head_warmup_epochs"])
-            step_times = {key: epoch_record.pop(key) for key in ("data_wait_s", "compute_s")}
-            epoch_record.pop("steps")
-            record.update(epoch_record)
             # the workers decode the next epoch's first batches during validation and the checkpoint
             batches = engine.start_epoch(loader, epoch + 1) if epoch + 1 < epochs else None
 
@@ -186,18 +182,18 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
             if engine.validation_due(config, epoch):
                 with clock.phase("validation"):
                     try:
-                        record["val"] = engine.validate(pair, splits, tokenizer, config, accelerator)
+                        record.val = engine.validate(pair, splits, tokenizer, config, accelerator)
                     except kernels.NonFiniteFeatures as error:  # a diverged model is never ranked or saved
                         raise engine.TrainingDiverged(
                             f"validation after epoch {epoch}, step {state.global_step}: {error}; stopping without "
                             "saving this epoch (lower optim.backbone_lr / optim.head_lr)") from None
                     if engine.test_recording_due(config, splits):  # eval.record_test: analysis only
-                        record["test"] = engine.validate(pair, splits, tokenizer, config, accelerator, split="test")
-                score = engine.selection_score(record["val"], config)
+                        record.test = engine.validate(pair, splits, tokenizer, config, accelerator, split="test")
+                score = engine.selection_score(record.val, config)
                 improved = state.improves(score)
                 if improved:
                     state.best_score, state.best_epoch = score, epoch
-                engine.log_validation(record["val"], epoch, config, accelerator, global_step=state.global_step,
+                engine.log_validation(record.val, epoch, config, accelerator, global_step=state.global_step,
                                       improved=improved)
             for scheduler in schedulers:
                 scheduler.step()
@@ -208,17 +204,18 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
             state.epoch = epoch
             with clock.phase("checkpoint"):
                 checkpoints.snapshot(alr_state, state, improved=improved)
-            timing = engine.epoch_timing(clock.seconds, step_times, clock.elapsed(), samples_per_epoch)
-            record.update(best_epoch=state.best_epoch, epoch_time_s=timing["epoch_s"], time=timing)
-            def saved(seconds, record=record):  # in the writer, once last/ is in place
-                engine.append_metrics(run_dir, {**record, "time": {**record["time"],
-                                                                   "checkpoint_write_s": round(seconds, 4)}})
+            record.best_epoch = state.best_epoch
+            record.time = timing = engine.epoch_timing(clock.seconds, record.steps.step_times(), clock.elapsed(),
+                                                       samples_per_epoch)
+
+            def saved(write_s: float, record=record) -> None:  # in the writer, once last/ is in place
+                engine.append_metrics(run_dir, record.as_dict(checkpoint_write_s=write_s))
                 run_folder.release_replaced()  # --overwrite: the previous run goes once an epoch of this one is saved
 
-            checkpoints.write(epoch_record=record, after=saved)
+            checkpoints.write(epoch_record=record.as_dict(), after=saved)
             accelerator.log({f"time/{key}": value for key, value in timing.items() if value is not None},
                             step=state.global_step)
-            accelerator.print(f"epoch {epoch}: loss A {record['loss_a']:.4f}, loss B {record['loss_b']:.4f}, "
+            accelerator.print(f"epoch {epoch}: loss A {record.steps.loss_a:.4f}, loss B {record.steps.loss_b:.4f}, "
                               + engine.format_timing(timing))
         checkpoints.wait()
     finally:

@@ -180,10 +180,10 @@ def test_epoch_means_and_step_times(monkeypatch):
                         lambda *a, **k: shares.append(real_step(*a, **k)) or shares[-1])
     record, step = engine.train_one_epoch(list(pair.models), optimizers, [batch] * 3, alr_state, loss, accelerator,
                                           epoch=0, epochs=1, global_step=5, log_every=2, batches=iter([batch] * 3))
-    assert step == 8 and record["step"] == 8 and record["steps"] == 3
+    assert step == 8 and record.step == 8 and record.steps == 3
     expected = torch.stack(shares).double().mean(0)
-    assert record["loss_a"] == expected[0].item() and record["loss_b"] == expected[1].item()
-    assert record["compute_s"] > 0 and record["data_wait_s"] >= 0
+    assert record.loss_a == expected[0].item() and record.loss_b == expected[1].item()
+    assert record.compute_s > 0 and record.data_wait_s >= 0
 
 
 def test_uint8_batches_on_the_device_equal_the_float_path():
@@ -305,3 +305,20 @@ def test_default_schedule_is_one_lambda_as_before():
     model = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
     _, scheduler = engine.build_optimizer(model, config)
     assert len({id(f) for f in scheduler.lr_lambdas}) == 1  # head_warmup_epochs 0: one schedule, as before
+
+
+def test_epoch_record_is_built_in_the_metrics_order():
+    """engine.EpochRecord.as_dict: the metrics.jsonl line (keys in the order earlier runs wrote them); the
+    background write's seconds go into a copy of "time", never into the record saved with last/."""
+    steps = engine.EpochSteps(step=9, loss_a=1.5, loss_b=2.5, lr_backbone=1e-5, lr_head=1e-3, steps=3,
+                              data_wait_s=0.1, compute_s=2.0)
+    record = engine.EpochRecord(4, alr={"mu": 0.3}, steps=steps, val={"A/GE": {"R1": 10.0}}, best_epoch=4,
+                                time={"epoch_s": 3.0, "compute_s": 2.0})
+    saved = record.as_dict()
+    assert list(saved) == ["epoch", "alr", "step", "loss_a", "loss_b", "lr_backbone", "lr_head", "val", "best_epoch",
+                           "epoch_time_s", "time"]
+    assert saved["time"] == {"epoch_s": 3.0, "compute_s": 2.0} and saved["epoch_time_s"] == 3.0
+    appended = record.as_dict(checkpoint_write_s=0.123456)
+    assert appended["time"]["checkpoint_write_s"] == 0.1235 and "checkpoint_write_s" not in record.time
+    assert "alr" not in engine.EpochRecord(0, steps=steps, time={"epoch_s": 1.0}).as_dict()
+    assert steps.step_times() == {"data_wait_s": 0.1, "compute_s": 2.0}

@@ -180,8 +180,8 @@ def time_training_loop(setup: dict, steps: int, warmup: int) -> dict:
     started = time.perf_counter()
     record, _ = engine.train_one_epoch(setup["models"], setup["optimizers"], loader, alr_state, setup["loss"],
                                        accelerator, epoch=1, max_steps=steps, **common)
-    return {"seconds": time.perf_counter() - started, "warmup_s": warmup_s, "steps": record["steps"],
-            "data_wait_s": record["data_wait_s"], "compute_s": record["compute_s"],
+    return {"seconds": time.perf_counter() - started, "warmup_s": warmup_s, "steps": record.steps,
+            "data_wait_s": record.data_wait_s, "compute_s": record.compute_s,
             "workers": config["data"]["num_workers"], "dataset": config["data"]["dataset"]}
 
 

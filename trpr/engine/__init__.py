@@ -27,13 +27,13 @@ from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, Train
                          tidy_checkpoints, write_folder_atomically)
 from .compilation import compile_model, fast_math, fast_math_enabled, resolve_compile_mode
 from .distributed import check_distributed_type, sync_batch_norms
-from .metrics_log import append_metrics, flat_config, read_metrics, restart_metrics
+from .metrics_log import EpochRecord, append_metrics, flat_config, read_metrics, restart_metrics
 from .optim import build_optimizer, build_optimizers, current_lrs, lr_factor, param_groups
 from .run import (RunFolder, build_clip_source, build_pair, build_train_loader, check_backbone, check_batch_size,
                   check_images, check_train_data, finished_epochs, head_seeds, load_splits, resolve_run,
                   saved_counters, train_data_record)
 from .sampler import GlobalBatchSampler
-from .step import (TrainingDiverged, encode_view, reciprocal_step, start_epoch, train_one_epoch,
+from .step import (EpochSteps, TrainingDiverged, encode_view, reciprocal_step, start_epoch, train_one_epoch,
                    trim_text_padding)
 from .timing import PhaseClock, StepClock, epoch_timing, format_timing
 from .validation import final_test, log_validation, selection_score, test_recording_due, validate, validation_due
@@ -43,7 +43,7 @@ __all__ = ["AlrPass", "AlrRound", "AlrState", "alr_active", "alr_batches", "alr_
            "resume", "rng_state", "save_checkpoint", "save_last", "set_rng_state",
            "tidy_checkpoints", "write_folder_atomically", "check_distributed_type",
            "sync_batch_norms", "append_metrics", "flat_config", "read_metrics",
-           "restart_metrics", "build_optimizer", "build_optimizers", "current_lrs", "lr_factor", "param_groups",
+           "restart_metrics", "EpochRecord", "EpochSteps", "build_optimizer", "build_optimizers", "current_lrs", "lr_factor", "param_groups",
            "RunFolder", "build_clip_source", "build_pair", "build_train_loader", "check_backbone", "check_batch_size",
            "check_images", "check_train_data", "finished_epochs", "head_seeds", "load_splits", "resolve_run",
            "saved_counters", "train_data_record", "GlobalBatchSampler", "TrainBatch", "TrainingDiverged",

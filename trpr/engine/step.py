@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -96,6 +97,26 @@ def start_epoch(loader, epoch: int) -> Iterator:
     return iter(loader)
 
 
+@dataclass(frozen=True)
+class EpochSteps:
+    """What `train_one_epoch` did: the global step after it, the epoch's mean losses of A and B (global
+    batch, per step), the learning rates at its end (backbone, heads), the steps run and the seconds spent
+    waiting for data / computing (engine.timing.StepClock)."""
+
+    step: int
+    loss_a: float
+    loss_b: float
+    lr_backbone: float
+    lr_head: float
+    steps: int
+    data_wait_s: float
+    compute_s: float
+
+    def step_times(self) -> dict[str, float]:
+        """{"data_wait_s", "compute_s"}: the step phase's share of `engine.epoch_timing`."""
+        return {"data_wait_s": self.data_wait_s, "compute_s": self.compute_s}
+
+
 class LossTally:
     """The steps' loss shares, summed on the device (float64), and the first step at which each model's
     share was not finite; read back (and reduced over the processes) only by `read`."""
@@ -166,15 +187,14 @@ def _check_finite(first_bad: list[int], epoch: int, first_global_step: int, opti
 
 def train_one_epoch(wrapped_models, optimizers, loader, alr_state: AlrState, loss, accelerator, *, epoch: int,
                     epochs: int, global_step: int, log_every: int, batches: Iterator | None = None,
-                    max_steps: int | None = None, freeze_backbone: bool = False) -> tuple[dict, int]:
+                    max_steps: int | None = None, freeze_backbone: bool = False) -> tuple[EpochSteps, int]:
     """Every step of one epoch over `loader` (a DataLoader of TrainViews, batch sampler EpochKeyedBatches
     or GlobalBatchSampler), or over `batches` when given (an iterator from `start_epoch(loader, epoch)`,
     already decoding); each host batch is moved to the device here (`batch_to_device`, the one place);
     at most `max_steps` steps (benchmarks); freeze_backbone: a head warm-up epoch (`reciprocal_step`).
     Every `log_every` steps: the mean losses and learning rates since the last log go to the trackers
     and the progress bar, and the losses are checked (TrainingDiverged names the first non-finite step); the same at the end of the epoch.
-    Returns ({"step", "loss_a", "loss_b" (epoch means), "lr_backbone", "lr_head", "steps",
-    "data_wait_s", "compute_s"}, the new global step). The device is synchronised before returning."""
+    Returns (EpochSteps, the new global step). The device is synchronised before returning."""
     device = accelerator.device
     if batches is None:
         batches = start_epoch(loader, epoch)
@@ -210,6 +230,6 @@ def train_one_epoch(wrapped_models, optimizers, loader, alr_state: AlrState, los
     sums, first_bad = tally.read(accelerator)  # synchronises the device: the step clock can be read
     _check_finite(first_bad, epoch, first_global_step, optimizers, wrapped_models, accelerator, tally.steps)
     steps = max(tally.steps, 1)
-    record = {"step": global_step, "loss_a": sums[0] / steps, "loss_b": sums[1] / steps,
-              **current_lrs(optimizers[0]), "steps": tally.steps, **clock.totals()}
-    return record, global_step
+    summary = EpochSteps(step=global_step, loss_a=sums[0] / steps, loss_b=sums[1] / steps,
+                         **current_lrs(optimizers[0]), steps=tally.steps, **clock.totals())
+    return summary, global_step
