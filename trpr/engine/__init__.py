@@ -19,7 +19,7 @@
 The loss and its data parallelism are `modeling.losses.TrainingLoss`. The engine emits records only: the
 figures drawn from them (curves.png, alr_weights.png) are `trpr.reporting.training`'s.
 """
-from .alr_pass import AlrPass, AlrRound, alr_active, alr_batches, alr_report, batch_statistics, report_alr
+from .alr_pass import AlrPass, AlrRound, alr_batches, alr_report, batch_statistics, report_alr
 from .alr_state import AlrState
 from .batch import TrainBatch, batch_to_device
 from .checkpoint import (CheckpointError, CheckpointWriter, DiskFullError, TrainerState, load_last,
@@ -38,7 +38,7 @@ from .step import (EpochSteps, TrainingDiverged, encode_view, reciprocal_step, s
 from .timing import PhaseClock, StepClock, epoch_timing, format_timing
 from .validation import final_test, log_validation, selection_score, test_recording_due, validate, validation_due
 
-__all__ = ["AlrPass", "AlrRound", "AlrState", "alr_active", "alr_batches", "alr_report", "batch_statistics", "report_alr",
+__all__ = ["AlrPass", "AlrRound", "AlrState", "alr_batches", "alr_report", "batch_statistics", "report_alr",
            "CheckpointError", "CheckpointWriter", "DiskFullError", "TrainerState", "load_last",
            "resume", "rng_state", "save_checkpoint", "save_last", "set_rng_state",
            "tidy_checkpoints", "write_folder_atomically", "check_distributed_type",

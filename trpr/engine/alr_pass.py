@@ -78,11 +78,6 @@ def separation_auc(score: torch.Tensor, noisy: torch.Tensor) -> float:
     return float(roc_auc_score(noisy.numpy().astype(bool), score.double().numpy()))
 
 
-def alr_active(config: dict, epoch: int) -> bool:
-    """Whether epoch `epoch` trains with ALR weights (alr.enabled and epoch >= alr.start_epoch)."""
-    return bool(config["alr"]["enabled"]) and epoch >= config["alr"]["start_epoch"]
-
-
 def coin_seed(seed: int, epoch: int) -> int:
     """The seed of epoch `epoch`'s coin flips under alr.selection "reference" (`modeling.alr.reference_selection`)."""
     return int(np.random.SeedSequence([seed, epoch], spawn_key=(ALR_COIN_STREAM,)).generate_state(1)[0])
