@@ -126,7 +126,7 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
         engine.compile_model(model, compile_mode)
     models = list(pair.models)  # the unwrapped modules (saving, ALR pass, validation)
     wrapped = list(accelerator.prepare(*models))  # DDP wrappers (training forward)
-    optimizers, schedulers = engine.build_optimizers(models, config, accelerator)
+    optimizers, schedulers = engine.build_optimizers(models, settings.optim, settings.train.epochs, accelerator)
     loss = TrainingLoss.from_config(config["loss"], rank=rank, world_size=world)
 
     # ---- fresh start or resume

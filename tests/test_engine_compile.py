@@ -14,6 +14,12 @@ TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "projection_dim": 32}
 
 
+def optim_of(config: dict) -> tuple:
+    """(optim section, train.epochs): what engine.build_optimizer(s) takes from a config."""
+    settings = configs.RunConfig.from_dict(config)
+    return settings.optim, settings.train.epochs
+
+
 def test_compile_modes_resolve_per_device():
     assert engine.resolve_compile_mode("auto", "cpu") == "off"
     assert engine.resolve_compile_mode("auto", torch.device("cuda")) == "regional"
@@ -34,7 +40,7 @@ def _setup(config):
     pair = modeling.ReciprocalPair.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
     for model in pair.models:
         model.clip.check_text_padding = False
-    return pair, [engine.build_optimizer(model, config)[0] for model in pair.models]
+    return pair, [engine.build_optimizer(model, *optim_of(config))[0] for model in pair.models]
 
 
 def _batches():

@@ -7,7 +7,7 @@ import torch
 from trpr import engine
 from trpr import kernels
 from trpr import modeling
-from trpr.configs import load_config
+from trpr.configs import RunConfig, load_config
 from trpr.modeling.losses import TrainingLoss
 
 TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -19,6 +19,12 @@ def tiny_config(**sections):
     for key, value in sections.items():
         overrides += [f"--{key}", str(value)]
     return load_config(None, overrides)
+
+
+def optim_of(config: dict) -> tuple:
+    """(optim section, train.epochs): what engine.build_optimizer(s) takes from a config."""
+    settings = RunConfig.from_dict(config)
+    return settings.optim, settings.train.epochs
 
 
 def test_global_batches_are_split_evenly_and_agree_with_one_process():
@@ -51,7 +57,7 @@ def test_lr_schedule_warmup_then_cosine():
 def test_param_groups_follow_the_recipe():
     config = tiny_config()
     model = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
-    groups = {g["name"]: g for g in engine.param_groups(model, config["optim"])}
+    groups = {g["name"]: g for g in engine.optim.param_groups(model, RunConfig.from_dict(config).optim)}
     assert (groups["backbone"]["lr"], groups["backbone"]["weight_decay"]) == (1e-5, 4e-5)
     assert (groups["backbone_bias"]["lr"], groups["backbone_bias"]["weight_decay"]) == (2e-5, 0.0)
     assert (groups["heads"]["lr"], groups["heads"]["weight_decay"]) == (1e-3, 0.0)
@@ -60,7 +66,7 @@ def test_param_groups_follow_the_recipe():
     assert all(not names[id(p)].startswith("clip.") for p in groups["heads"]["params"])
     grouped = sum(len(g["params"]) for g in groups.values())
     assert grouped == sum(1 for p in model.parameters() if p.requires_grad)  # frozen patch conv left out
-    optimizer, scheduler = engine.build_optimizer(model, config)
+    optimizer, scheduler = engine.build_optimizer(model, *optim_of(config))
     assert optimizer.defaults["eps"] == 1e-3 and optimizer.defaults["betas"] == (0.9, 0.999)
     assert optimizer.param_groups[-1]["lr"] == pytest.approx(1e-3 * 0.1)  # warm-up starts at 0.1x
 
@@ -71,9 +77,9 @@ def test_adam_is_fused_where_torch_has_it_and_matches_the_multi_tensor_update():
     model = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
     twin = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
     twin.load_state_dict(model.state_dict())
-    optimizer, _ = engine.build_optimizer(model, config)
+    optimizer, _ = engine.build_optimizer(model, *optim_of(config))
     assert optimizer.defaults["fused"] is ("cpu" in engine.optim._fused_adam_devices() or None)
-    groups = engine.param_groups(twin, config["optim"])
+    groups = engine.optim.param_groups(twin, RunConfig.from_dict(config).optim)
     for group, built in zip(groups, optimizer.param_groups):
         group["lr"] = built["lr"]  # the warm-up factor the schedule applied
     reference = torch.optim.Adam(groups, eps=config["optim"]["eps"], betas=tuple(config["optim"]["betas"]), foreach=True)
@@ -99,7 +105,7 @@ def _tiny_setup(config, **model_options):
     torch.manual_seed(0)
     pair = modeling.ReciprocalPair.from_clip(modeling.small_clip_config(**TINY_CLIP), head_seeds=(0, 1),
                                              fused_dim=64, image_size=(32, 16), **model_options)
-    optimizers = [engine.build_optimizer(m, config)[0] for m in pair.models]
+    optimizers = [engine.build_optimizer(m, *optim_of(config))[0] for m in pair.models]
     generator = torch.Generator().manual_seed(1)
     batch = {"index": torch.arange(8), "pid": torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
              "pixel_values": torch.randn(8, 2, 3, 32, 16, generator=generator),
@@ -262,7 +268,7 @@ def test_backbone_lr_zero_freezes_the_backbone():
         f"{k}: {v}" for k, v in TINY_CLIP.items()) + "}", "model.head_seeds": "[0, 1]"})
     pair = engine.build_pair(config)
     assert not any(p.requires_grad for m in pair.models for n, p in m.named_parameters() if n.startswith("clip."))
-    optimizers = [engine.build_optimizer(m, config)[0] for m in pair.models]
+    optimizers = [engine.build_optimizer(m, *optim_of(config))[0] for m in pair.models]
     assert [g["name"] for g in optimizers[0].param_groups] == ["heads"]
     assert engine.current_lrs(optimizers[0]) == {"lr_backbone": 0.0, "lr_head": pytest.approx(1e-4)}
     _, _, _, batch, alr_state = _tiny_setup(config)
@@ -279,18 +285,18 @@ def test_backbone_lr_zero_freezes_the_backbone():
 def test_head_warmup_schedule_and_frozen_backbone_steps():
     config = tiny_config(**{"optim.head_warmup_epochs": 2, "optim.warmup_epochs": 1, "optim.backbone_lr": 1e-3})
     # 4 epochs: 0, 1 head warm-up (backbone 0, heads full lr), then warm-up + cosine over the last 2 epochs
-    backbone, heads = engine.optim.head_warmup_factors(4, config["optim"])
+    backbone, heads = engine.optim.head_warmup_factors(4, RunConfig.from_dict(config).optim)
     assert [backbone(e) for e in range(4)] == [0.0, 0.0, pytest.approx(0.1), pytest.approx(1.0)]
     assert [heads(e) for e in range(4)] == [1.0, 1.0, pytest.approx(0.1), pytest.approx(1.0)]
     accelerator, pair, optimizers, batch, alr_state = _tiny_setup(config)
-    optimizer, scheduler = engine.build_optimizer(pair.models[0], config)
+    optimizer, scheduler = engine.build_optimizer(pair.models[0], *optim_of(config))
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert lrs == {"backbone": 0.0, "backbone_bias": 0.0, "heads": pytest.approx(1e-3)}
     for _ in range(2):
         scheduler.step()
     assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == pytest.approx(1e-4)
     # a head warm-up step: the backbone's gradients are dropped, so Adam leaves it and its state alone
-    optimizers = [engine.build_optimizer(m, config)[0] for m in pair.models]
+    optimizers = [engine.build_optimizer(m, *optim_of(config))[0] for m in pair.models]
     before = {n: p.detach().clone() for n, p in pair.models[0].named_parameters()}
     loss = TrainingLoss.from_config(config["loss"])
     engine.reciprocal_step(list(pair.models), optimizers, on_device(batch), alr_state, loss, accelerator, freeze_backbone=True)
@@ -303,7 +309,7 @@ def test_head_warmup_schedule_and_frozen_backbone_steps():
 def test_default_schedule_is_one_lambda_as_before():
     config = tiny_config()
     model = modeling.TRPRModel.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
-    _, scheduler = engine.build_optimizer(model, config)
+    _, scheduler = engine.build_optimizer(model, *optim_of(config))
     assert len({id(f) for f in scheduler.lr_lambdas}) == 1  # head_warmup_epochs 0: one schedule, as before
 
 

@@ -23,6 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, projection_dim: 32}"
 
 
+def optim_of(config: dict) -> tuple:
+    """(optim section, train.epochs): what engine.build_optimizer(s) takes from a config."""
+    settings = configs.RunConfig.from_dict(config)
+    return settings.optim, settings.train.epochs
+
+
 def tiny_args(data_root: Path) -> list[str]:
     return ["--config", str(ROOT / "trpr" / "configs" / "synth-pedes.yaml"), "--data.dataset", "synth-pedes-tiny",
             "--data.root", str(data_root), "--train.epochs", "2", "--train.batch_size", "48",
@@ -256,7 +262,7 @@ def test_background_checkpoint_equals_the_blocking_one(tmp_path):
                                                                         num_hidden_layers=1, num_attention_heads=2,
                                                                         projection_dim=32),
                                              fused_dim=64, image_size=(32, 16))
-    optimizers, schedulers = engine.build_optimizers(list(pair.models), config, accelerator)
+    optimizers, schedulers = engine.build_optimizers(list(pair.models), *optim_of(config), accelerator)
 
     def train_a_little():
         for model, optimizer in zip(pair.models, optimizers):

@@ -49,7 +49,7 @@ from trpr import modeling
 from trpr.benchmarks.gpu_check_summary import format_table
 from trpr.benchmarks.inputs import synthetic_captions
 from trpr.benchmarks.timing import device_name, guarded, time_sequence
-from trpr.configs import CONFIG_DIR, load_config
+from trpr.configs import CONFIG_DIR, RunConfig, load_config
 from trpr.data.transforms import get_tokenizer
 from trpr.engine.timing import synchronize
 from trpr.modeling.losses import TrainingLoss
@@ -138,7 +138,9 @@ def build_setup(args, use_cuda: bool) -> dict:
         model.set_gradient_checkpointing(args.gradient_checkpointing)
         model.clip.check_text_padding = False  # as the trainer: batch_to_device checks on the host
     pair.to(accelerator.device)
-    optimizers = [accelerator.prepare(engine.build_optimizer(m, config)[0]) for m in pair.models]
+    settings = RunConfig.from_dict(config)
+    optimizers = [accelerator.prepare(engine.build_optimizer(m, settings.optim, settings.train.epochs)[0])
+                  for m in pair.models]
     return {"accelerator": accelerator, "precision": precision, "config": config, "pair": pair,
             "models": list(accelerator.prepare(*pair.models)), "optimizers": optimizers,
             "loss": TrainingLoss.from_config(config["loss"])}
