@@ -87,7 +87,7 @@ def test_alr_batches_are_shuffled_full_and_score_every_sample_once():
     # deterministic in (seed, epoch), a new order every epoch, and not the training order's stream
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, engine.alr_batches(50, 8, seed=3, epoch=2)))
     assert not torch.equal(engine.alr_batches(50, 8, seed=3, epoch=3)[0][0], batches[0][0])
-    training = engine.GlobalBatchSampler(50, 8, rank=0, world_size=1, seed=3)
+    training = engine.sampler.GlobalBatchSampler(50, 8, rank=0, world_size=1, seed=3)
     training.set_epoch(2)
     assert next(iter(training)) != first
     # fewer samples than a batch: one batch of all of them
@@ -180,7 +180,7 @@ def test_report_and_one_figure_over_the_epochs(train_split, tmp_path):
     accelerator = Accelerator(cpu=True)
     noisy, records = _records(train_split, range(1, 4))
     for epoch, result, sims in records:
-        alr = engine.AlrRound(engine.AlrState(result.weights, result.keep), result, sims)
+        alr = engine.alr_pass.AlrRound(engine.AlrState(result.weights, result.keep), result, sims)
         report = engine.report_alr(alr, noisy, epoch, accelerator, global_step=epoch)
         reporting.plot_run_alr_history(tmp_path, epoch, report)
         engine.append_metrics(tmp_path, {"epoch": epoch, "alr": report})
@@ -207,7 +207,7 @@ def test_degenerate_mixture_is_logged_and_recorded(train_split, tmp_path, capsys
     noisy = torch.tensor(train_split["noisy"])
     constant = torch.full((len(noisy),), 1.5)
     result = modeling.alr.compute_alr(constant, constant, torch.rand(len(noisy)))
-    alr = engine.AlrRound(engine.AlrState(result.weights, result.keep), result, torch.rand(len(noisy)))
+    alr = engine.alr_pass.AlrRound(engine.AlrState(result.weights, result.keep), result, torch.rand(len(noisy)))
     report = engine.report_alr(alr, noisy, 2, Accelerator(cpu=True), global_step=0)
     for name in "AB":
         assert report["mixture"][name]["status"] == "constant_losses"

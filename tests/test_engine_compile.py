@@ -111,7 +111,7 @@ def test_matmul_precision_is_scoped_and_restored():
         with matmul_precision("tf32"):
             pass
     # fast math is a scope on CUDA and nothing on the CPU: never a process-wide setting
-    with engine.fast_math("cpu"):
+    with engine.compilation.fast_math("cpu"):
         assert torch.get_float32_matmul_precision() == before
 
 

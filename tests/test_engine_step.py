@@ -28,8 +28,8 @@ def optim_of(config: dict) -> tuple:
 
 
 def test_global_batches_are_split_evenly_and_agree_with_one_process():
-    one = engine.GlobalBatchSampler(50, 8, rank=0, world_size=1, seed=3)
-    two = [engine.GlobalBatchSampler(50, 8, rank=r, world_size=2, seed=3) for r in range(2)]
+    one = engine.sampler.GlobalBatchSampler(50, 8, rank=0, world_size=1, seed=3)
+    two = [engine.sampler.GlobalBatchSampler(50, 8, rank=r, world_size=2, seed=3) for r in range(2)]
     for sampler in [one, *two]:
         sampler.set_epoch(5)
     single = list(one)
@@ -40,13 +40,13 @@ def test_global_batches_are_split_evenly_and_agree_with_one_process():
     assert list(one) != single  # a new order every epoch
     assert len({i for batch in single for i in batch}) == 48
     with pytest.raises(ValueError, match="not divisible"):
-        engine.GlobalBatchSampler(50, 9, rank=0, world_size=2, seed=0)
+        engine.sampler.GlobalBatchSampler(50, 9, rank=0, world_size=2, seed=0)
     with pytest.raises(ValueError, match="exceeds the training set"):
-        engine.GlobalBatchSampler(5, 8, rank=0, world_size=1, seed=0)
+        engine.sampler.GlobalBatchSampler(5, 8, rank=0, world_size=1, seed=0)
 
 
 def test_lr_schedule_warmup_then_cosine():
-    factors = [engine.lr_factor(e, epochs=60, warmup_epochs=5, warmup_factor=0.1) for e in range(60)]
+    factors = [engine.optim.lr_factor(e, epochs=60, warmup_epochs=5, warmup_factor=0.1) for e in range(60)]
     assert factors[0] == pytest.approx(0.1)
     assert factors[1] == pytest.approx(0.1 + 0.9 / 5)
     assert factors[5] == pytest.approx(1.0)
@@ -93,7 +93,7 @@ def test_adam_is_fused_where_torch_has_it_and_matches_the_multi_tensor_update():
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
-def on_device(batch: dict) -> engine.TrainBatch:
+def on_device(batch: dict) -> engine.batch.TrainBatch:
     """The step's input: the host batch on the (CPU) device, as train_one_epoch moves it."""
     return engine.batch_to_device(batch, torch.device("cpu"))
 
@@ -209,12 +209,12 @@ def test_uint8_batches_on_the_device_equal_the_float_path():
     batch = {"index": torch.arange(3), "pid": torch.arange(3), "pixel_values": uint8, "erase_boxes": boxes,
              "input_ids": torch.randint(1, 1000, (3, 2, 77), generator=generator) * mask, "attention_mask": mask}
     moved = engine.batch_to_device(batch, torch.device("cpu"))
-    assert isinstance(moved, engine.TrainBatch) and moved.text_lengths == (9, 12)
+    assert isinstance(moved, engine.batch.TrainBatch) and moved.text_lengths == (9, 12)
     assert torch.equal(moved.index, batch["index"]) and torch.equal(moved.pids, batch["pid"])
     for view in range(2):
         assert torch.equal(moved.pixels(view), expected[:, view])
         ids, trimmed = moved.text(view)
-        assert torch.equal(ids, engine.trim_text_padding(batch["input_ids"][:, view], mask[:, view])[0])
+        assert torch.equal(ids, engine.step.trim_text_padding(batch["input_ids"][:, view], mask[:, view])[0])
         assert torch.equal(trimmed, mask[:, view, :[9, 12][view]])
     assert torch.equal(normalize_uint8(uint8, boxes), expected)
     holes = mask.clone()
@@ -231,7 +231,7 @@ def test_trimming_text_padding_keeps_the_features():
     for row, length in enumerate([9, 21, 5]):
         attention_mask[row, :length] = 1
         input_ids[row, 0], input_ids[row, length - 1], input_ids[row, length:] = 49406, 49407, 0
-    trimmed_ids, trimmed_mask = engine.trim_text_padding(input_ids, attention_mask)
+    trimmed_ids, trimmed_mask = engine.step.trim_text_padding(input_ids, attention_mask)
     assert trimmed_ids.shape == (3, 21) and torch.equal(trimmed_mask.sum(1), attention_mask.sum(1))
     with torch.no_grad():
         full, trimmed = model.encode_text(input_ids, attention_mask), model.encode_text(trimmed_ids, trimmed_mask)
@@ -270,7 +270,7 @@ def test_backbone_lr_zero_freezes_the_backbone():
     assert not any(p.requires_grad for m in pair.models for n, p in m.named_parameters() if n.startswith("clip."))
     optimizers = [engine.build_optimizer(m, *optim_of(config))[0] for m in pair.models]
     assert [g["name"] for g in optimizers[0].param_groups] == ["heads"]
-    assert engine.current_lrs(optimizers[0]) == {"lr_backbone": 0.0, "lr_head": pytest.approx(1e-4)}
+    assert engine.optim.current_lrs(optimizers[0]) == {"lr_backbone": 0.0, "lr_head": pytest.approx(1e-4)}
     _, _, _, batch, alr_state = _tiny_setup(config)
     before = {n: p.detach().clone() for n, p in pair.models[0].named_parameters()}
     loss = TrainingLoss.from_config(config["loss"])
@@ -316,7 +316,7 @@ def test_default_schedule_is_one_lambda_as_before():
 def test_epoch_record_is_built_in_the_metrics_order():
     """engine.EpochRecord.as_dict: the metrics.jsonl line (keys in the order earlier runs wrote them); the
     background write's seconds go into a copy of "time", never into the record saved with last/."""
-    steps = engine.EpochSteps(step=9, loss_a=1.5, loss_b=2.5, lr_backbone=1e-5, lr_head=1e-3, steps=3,
+    steps = engine.step.EpochSteps(step=9, loss_a=1.5, loss_b=2.5, lr_backbone=1e-5, lr_head=1e-3, steps=3,
                               data_wait_s=0.1, compute_s=2.0)
     record = engine.EpochRecord(4, alr={"mu": 0.3}, steps=steps, val={"A/GE": {"R1": 10.0}}, best_epoch=4,
                                 time={"epoch_s": 3.0, "compute_s": 2.0})

@@ -141,20 +141,20 @@ def test_atomic_write_keeps_the_old_folder_on_failure(tmp_path):
 
     accelerator = Accelerator(cpu=True)
     final = tmp_path / "last"
-    engine.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 0"), accelerator)
+    engine.checkpoint.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 0"), accelerator)
 
     def failing_write(folder):
         (folder / "weights").write_text("epoch 1, half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        engine.write_folder_atomically(final, failing_write, accelerator)
+        engine.checkpoint.write_folder_atomically(final, failing_write, accelerator)
     assert (final / "weights").read_text() == "epoch 0"
     # a crash between the two renames leaves only the previous copy: it is moved back
     final.rename(tmp_path / ".last.old")
     assert recover_interrupted_swap(final) == final
     assert (final / "weights").read_text() == "epoch 0"
-    engine.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 1"), accelerator)
+    engine.checkpoint.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 1"), accelerator)
     assert (final / "weights").read_text() == "epoch 1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
@@ -273,7 +273,7 @@ def test_background_checkpoint_equals_the_blocking_one(tmp_path):
     train_a_little()
     alr_state = engine.AlrState.initial(10, "cpu")
     state = engine.TrainerState(epoch=0, global_step=3, best_score=1.0, best_epoch=0)
-    engine.save_checkpoint(tmp_path / "blocking", pair, optimizers, schedulers, alr_state, state, accelerator,
+    engine.checkpoint.save_checkpoint(tmp_path / "blocking", pair, optimizers, schedulers, alr_state, state, accelerator,
                            improved=True)
     writer = engine.CheckpointWriter(tmp_path / "background", pair, optimizers, schedulers, accelerator)
     writer.snapshot(alr_state, state, improved=True)
