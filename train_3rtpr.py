@@ -98,16 +98,18 @@ def main(argv=None) -> Path:
 
 
 def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, run_folder) -> Path:
-    """The training itself, in an owned run folder: data, models, (resume), epochs, final test."""
+    """The training itself, in an owned run folder: data, models, (resume), epochs, final test.
+    config: the validated dict (written to config.yaml); the loop reads its typed sections (`settings`)."""
     from accelerate.utils import set_seed
 
-    trackers = config["logging"]["trackers"]
+    settings = configs.RunConfig.from_dict(config)
+    trackers = settings.logging.trackers
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    set_seed(config["seed"])
+    set_seed(settings.seed)
 
     # ---- data (fails early on a missing dataset, a batch larger than it or bad images, before any model is built)
     splits = engine.load_splits(config, run_dir, accelerator)
-    train_data = engine.train_data_record(splits["train"], f"{config['data']['dataset']}/train")
+    train_data = engine.train_data_record(splits["train"], f"{settings.data.dataset}/train")
     data_changed = args.resume and engine.check_train_data(args.resume, train_data,
                                                            allow_changed=args.allow_changed_data)
     noisy = torch.tensor(splits["train"]["noisy"], dtype=torch.bool)
@@ -118,86 +120,82 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
 
     # ---- the reciprocal pair (compiled per train.compile), its loss, optimizers and schedulers
     pair = engine.build_pair(config, world).to(device)
-    compile_mode = engine.resolve_compile_mode(config["train"]["compile"], device)
+    compile_mode = engine.resolve_compile_mode(settings.train.compile, device)
     for model in pair.models:
         model.clip.check_text_padding = False  # checked on the host before the copy (engine.batch_to_device)
         engine.compile_model(model, compile_mode)
     models = list(pair.models)  # the unwrapped modules (saving, ALR pass, validation)
     wrapped = list(accelerator.prepare(*models))  # DDP wrappers (training forward)
-    optimizers, schedulers = engine.build_optimizers(models, config, accelerator)
+    optimizers, schedulers = engine.build_optimizers(models, settings.optim, settings.train.epochs, accelerator)
     loss = TrainingLoss.from_config(config["loss"], rank=rank, world_size=world)
 
     # ---- fresh start or resume
-    alr_state = engine.initial_alr_state(len(loader.dataset), device)
+    alr_state = engine.AlrState.initial(len(loader.dataset), device)  # w = 1, h = True until the first ALR pass
     state = engine.TrainerState()
     if args.resume:
         alr_state, state = engine.resume(args.resume, models, optimizers, schedulers, accelerator)
         if data_changed:  # per-sample weights of other rows: start afresh (--allow-changed-data)
-            alr_state = engine.initial_alr_state(len(loader.dataset), device)
-        if config["train"]["epochs"] < state.epoch + 1:  # checked early by engine.resolve_run; here after recovery
-            raise configs.ConfigError(f"--resume {args.resume}: train.epochs {config['train']['epochs']} is fewer "
+            alr_state = engine.AlrState.initial(len(loader.dataset), device)
+        if settings.train.epochs < state.epoch + 1:  # checked early by engine.resolve_run; here after recovery
+            raise configs.ConfigError(f"--resume {args.resume}: train.epochs {settings.train.epochs} is fewer "
                                       f"than the {state.epoch + 1} epoch(s) the run has finished")
     state.train_data = train_data  # saved with every last/: --resume compares (engine.check_train_data)
     run_folder.start(config)  # the real work begins: config.yaml
     engine.restart_metrics(run_dir, state.epoch + 1, accelerator, last_record=state.epoch_record)
     if trackers:
         accelerator.init_trackers("3rtpr", config=engine.flat_config(config))
-    epochs = config["train"]["epochs"]
-    samples_per_epoch = len(loader) * config["train"]["batch_size"]
+    epochs = settings.train.epochs
+    samples_per_epoch = len(loader) * settings.train.batch_size
     accelerator.print(f"3RTPR: {len(loader.dataset)} training samples, {len(loader)} steps/epoch of "
-                      f"{config['train']['batch_size']} on {world} process(es), epochs {state.epoch + 1}..{epochs - 1}, "
+                      f"{settings.train.batch_size} on {world} process(es), epochs {state.epoch + 1}..{epochs - 1}, "
                       f"compile {compile_mode}, run folder {run_dir}")
 
     checkpoints = engine.CheckpointWriter(run_dir, pair, optimizers, schedulers, accelerator,
-                                          background=config["train"]["async_checkpoint"])
+                                          background=settings.train.async_checkpoint)
     batches = engine.start_epoch(loader, state.epoch + 1) if state.epoch + 1 < epochs else None
     try:
         for epoch in range(state.epoch + 1, epochs):
             clock = engine.PhaseClock(device)
-            record = {"epoch": epoch}
+            record = engine.EpochRecord(epoch)  # the epoch's line of metrics.jsonl, filled phase by phase
             # ---- 1. adaptive loss refinement
-            if engine.alr_active(config, epoch):
+            if settings.alr.active(epoch):
                 with clock.phase("alr"):
                     alr = alr_pass(models, loss.alr_term, epoch)
-                    alr_state = {"weights": alr["weights"], "keep": alr["keep"]}
+                    alr_state = alr.state
                     report = engine.report_alr(alr, noisy, epoch, accelerator, global_step=state.global_step)
                     if report is not None:  # main process: the ALR figure over the epochs so far
                         image = plot_run_alr_history(run_dir, epoch, report)
                         if "tensorboard" in trackers:
                             accelerator.get_tracker("tensorboard").log_images(
                                 {"alr/weights": image[None]}, step=state.global_step, dataformats="NHWC")
-                if report is not None:
-                    record["alr"] = report
+                record.alr = report
 
             # ---- 2. one epoch of reciprocal training (raises TrainingDiverged before anything is saved)
             with clock.phase("train"):
-                epoch_record, state.global_step = engine.train_one_epoch(
+                record.steps, state.global_step = engine.train_one_epoch(
                     wrapped, optimizers, loader, alr_state, loss, accelerator, epoch=epoch, epochs=epochs,
-                    global_step=state.global_step, log_every=config["train"]["log_every"], batches=batches,
-                    freeze_backbone=epoch < config["optim"]["head_warmup_epochs"])
-            step_times = {key: epoch_record.pop(key) for key in ("data_wait_s", "compute_s")}
-            epoch_record.pop("steps")
-            record.update(epoch_record)
+                    global_step=state.global_step, log_every=settings.train.log_every, batches=batches,
+                    freeze_backbone=epoch < settings.optim.head_warmup_epochs)
             # the workers decode the next epoch's first batches during validation and the checkpoint
             batches = engine.start_epoch(loader, epoch + 1) if epoch + 1 < epochs else None
 
             # ---- 3. validation and best/
             improved = False
-            if engine.validation_due(config, epoch):
+            if engine.validation_due(settings.eval, epoch, epochs):
                 with clock.phase("validation"):
                     try:
-                        record["val"] = engine.validate(pair, splits, tokenizer, config, accelerator)
+                        record.val = engine.validate(pair, splits, tokenizer, settings, accelerator)
                     except kernels.NonFiniteFeatures as error:  # a diverged model is never ranked or saved
                         raise engine.TrainingDiverged(
                             f"validation after epoch {epoch}, step {state.global_step}: {error}; stopping without "
                             "saving this epoch (lower optim.backbone_lr / optim.head_lr)") from None
-                    if engine.test_recording_due(config, splits):  # eval.record_test: analysis only
-                        record["test"] = engine.validate(pair, splits, tokenizer, config, accelerator, split="test")
-                score = engine.selection_score(record["val"], config)
+                    if engine.test_recording_due(settings.eval, splits):  # eval.record_test: analysis only
+                        record.test = engine.validate(pair, splits, tokenizer, settings, accelerator, split="test")
+                score = engine.selection_score(record.val, settings.eval)
                 improved = state.improves(score)
                 if improved:
                     state.best_score, state.best_epoch = score, epoch
-                engine.log_validation(record["val"], epoch, config, accelerator, global_step=state.global_step,
+                engine.log_validation(record.val, epoch, settings.eval, accelerator, global_step=state.global_step,
                                       improved=improved)
             for scheduler in schedulers:
                 scheduler.step()
@@ -208,26 +206,27 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
             state.epoch = epoch
             with clock.phase("checkpoint"):
                 checkpoints.snapshot(alr_state, state, improved=improved)
-            timing = engine.epoch_timing(clock.seconds, step_times, clock.elapsed(), samples_per_epoch)
-            record.update(best_epoch=state.best_epoch, epoch_time_s=timing["epoch_s"], time=timing)
-            def saved(seconds, record=record):  # in the writer, once last/ is in place
-                engine.append_metrics(run_dir, {**record, "time": {**record["time"],
-                                                                   "checkpoint_write_s": round(seconds, 4)}})
+            record.best_epoch = state.best_epoch
+            record.time = timing = engine.epoch_timing(clock.seconds, record.steps.step_times(), clock.elapsed(),
+                                                       samples_per_epoch)
+
+            def saved(write_s: float, record=record) -> None:  # in the writer, once last/ is in place
+                engine.append_metrics(run_dir, record.as_dict(checkpoint_write_s=write_s))
                 run_folder.release_replaced()  # --overwrite: the previous run goes once an epoch of this one is saved
 
-            checkpoints.write(epoch_record=record, after=saved)
+            checkpoints.write(epoch_record=record.as_dict(), after=saved)
             accelerator.log({f"time/{key}": value for key, value in timing.items() if value is not None},
                             step=state.global_step)
-            accelerator.print(f"epoch {epoch}: loss A {record['loss_a']:.4f}, loss B {record['loss_b']:.4f}, "
+            accelerator.print(f"epoch {epoch}: loss A {record.steps.loss_a:.4f}, loss B {record.steps.loss_b:.4f}, "
                               + engine.format_timing(timing))
         checkpoints.wait()
     finally:
         checkpoints.close()
     accelerator.wait_for_everyone()
 
-    plot_run_curves(run_dir, config["eval"]["select_row"], accelerator)
+    plot_run_curves(run_dir, settings.eval.select_row, accelerator)
     if args.final_test:
-        engine.final_test(run_dir, splits, tokenizer, config, accelerator)
+        engine.final_test(run_dir, splits, tokenizer, settings, accelerator)
     accelerator.end_training()
     return run_dir
 

@@ -27,7 +27,7 @@ def test_flops_per_pair_sample_matches_the_flop_counter(throughput):
     # the math SDPA backend runs attention as counted matmuls (the fused CPU kernel is not counted)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         for view, model in enumerate(pair.models):
-            image_global, image_fused = model.encode_image(engine.step.view_pixels(batch, view, "cpu"))
+            image_global, image_fused = model.encode_image(engine.batch_to_device(batch, "cpu").pixels(view))
             text_global, text_fused = model.encode_text(batch["input_ids"][:, view], batch["attention_mask"][:, view])
             (image_fused.sum() + text_fused.sum()).backward()
     counted_per_sample = counter.get_total_flops() / 4

@@ -87,7 +87,7 @@ def test_alr_batches_are_shuffled_full_and_score_every_sample_once():
     # deterministic in (seed, epoch), a new order every epoch, and not the training order's stream
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, engine.alr_batches(50, 8, seed=3, epoch=2)))
     assert not torch.equal(engine.alr_batches(50, 8, seed=3, epoch=3)[0][0], batches[0][0])
-    training = engine.GlobalBatchSampler(50, 8, rank=0, world_size=1, seed=3)
+    training = engine.sampler.GlobalBatchSampler(50, 8, rank=0, world_size=1, seed=3)
     training.set_epoch(2)
     assert next(iter(training)) != first
     # fewer samples than a batch: one batch of all of them
@@ -135,7 +135,8 @@ def test_pass_scores_shuffled_batches_with_the_training_loss(train_split, monkey
     sims = [torch.nn.functional.cosine_similarity(text, image, dim=-1) for text, image, _ in features]
     torch.testing.assert_close(captured["diag_sims"], (sims[0] + sims[1]) / 2, rtol=0, atol=2e-3)
     assert captured["kwargs"]["mixture"].max_iter == config["alr"]["gmm_max_iter"]
-    assert alr["weights"].shape == (len(train_split),) and alr["keep"].dtype == torch.bool
+    assert alr.state.weights.shape == (len(train_split),) and alr.state.weights.dtype == torch.float32
+    assert alr.state.keep.dtype == torch.bool
     assert all(model.training for model in pair.models)  # back in training mode
     # guard: batches of consecutive rows (an image's captions side by side) score differently here
     consecutive = [(torch.arange(start, start + BATCH), BATCH) for start in range(0, 140, BATCH)]
@@ -179,7 +180,8 @@ def test_report_and_one_figure_over_the_epochs(train_split, tmp_path):
     accelerator = Accelerator(cpu=True)
     noisy, records = _records(train_split, range(1, 4))
     for epoch, result, sims in records:
-        report = engine.report_alr({"result": result, "diag_sims": sims}, noisy, epoch, accelerator, global_step=epoch)
+        alr = engine.alr_pass.AlrRound(engine.AlrState(result.weights, result.keep), result, sims)
+        report = engine.report_alr(alr, noisy, epoch, accelerator, global_step=epoch)
         reporting.plot_run_alr_history(tmp_path, epoch, report)
         engine.append_metrics(tmp_path, {"epoch": epoch, "alr": report})
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["alr_weights.png"]  # one figure, rewritten
@@ -205,8 +207,8 @@ def test_degenerate_mixture_is_logged_and_recorded(train_split, tmp_path, capsys
     noisy = torch.tensor(train_split["noisy"])
     constant = torch.full((len(noisy),), 1.5)
     result = modeling.alr.compute_alr(constant, constant, torch.rand(len(noisy)))
-    report = engine.report_alr({"result": result, "diag_sims": torch.rand(len(noisy))}, noisy, 2,
-                               Accelerator(cpu=True), global_step=0)
+    alr = engine.alr_pass.AlrRound(engine.AlrState(result.weights, result.keep), result, torch.rand(len(noisy)))
+    report = engine.report_alr(alr, noisy, 2, Accelerator(cpu=True), global_step=0)
     for name in "AB":
         assert report["mixture"][name]["status"] == "constant_losses"
         assert "every sample clean" in report["mixture"][name]["rule"]
@@ -226,15 +228,15 @@ def _sharded_worker(rank: int, root: str, out_dir: str, port: int) -> None:
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
-    statistics, weights = _pass_on_odd_split(root, accelerator)
-    torch.save({"statistics": statistics, "weights": weights}, f"{out_dir}/rank{rank}.pt")
+    statistics, state = _pass_on_odd_split(root, accelerator)
+    torch.save({"statistics": statistics, "weights": state.weights, "keep": state.keep}, f"{out_dir}/rank{rank}.pt")
     accelerator.wait_for_everyone()
 
 
 def _pass_on_odd_split(root, accelerator):
     split = data.load_benchmark("synth-pedes-tiny", root=root, noise_rate=0.5)["train"]
     split = data.keep_rows(split, list(range(143)))
-    config = tiny_config("trl")
+    config = tiny_config("trl", **{"alr.drop_noisy": True})  # keep flags of both values travel too
     pair = tiny_pair()
     alr_pass = engine.AlrPass(split, get_tokenizer(), config, accelerator)
     term = TrainingLoss.from_config(config["loss"], rank=accelerator.process_index,
@@ -245,12 +247,12 @@ def _pass_on_odd_split(root, accelerator):
         statistics = alr_pass.sample_statistics(list(pair.models), term, epoch=2)
         for model in pair.models:
             model.train()
-    return statistics, alr_pass(list(pair.models), term, epoch=2)["weights"].cpu()
+    return statistics, alr_pass(list(pair.models), term, epoch=2).state.to("cpu")
 
 
 def test_two_processes_give_the_one_process_pass(tmp_path):
     """Each process encodes a padded share; the main process alone scores and fits; every process ends
-    with the main process's weights, equal to one process's."""
+    with the main process's weights and keep flags (bool throughout), equal to one process's."""
     import socket
 
     from accelerate import Accelerator
@@ -259,7 +261,7 @@ def test_two_processes_give_the_one_process_pass(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    (losses, sims), weights = _pass_on_odd_split(root, Accelerator(cpu=True))  # (generates the data once)
+    (losses, sims), state = _pass_on_odd_split(root, Accelerator(cpu=True))  # (generates the data once)
     torch.multiprocessing.start_processes(_sharded_worker, args=(root, str(tmp_path), port), nprocs=2,
                                           start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -267,7 +269,9 @@ def test_two_processes_give_the_one_process_pass(tmp_path):
     torch.testing.assert_close(ranks[0]["statistics"][0], losses, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ranks[0]["statistics"][1], sims, rtol=1e-5, atol=1e-6)
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])  # identical on every process
-    torch.testing.assert_close(ranks[0]["weights"], weights, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["weights"], state.weights, rtol=1e-6, atol=1e-6)
+    assert ranks[1]["keep"].dtype == torch.bool and torch.equal(ranks[0]["keep"], ranks[1]["keep"])
+    assert torch.equal(ranks[0]["keep"], state.keep) and not state.keep.all()  # some pairs dropped
 
 
 def test_reference_selection_in_the_pass_is_seeded_per_epoch(train_split):
@@ -281,9 +285,9 @@ def test_reference_selection_in_the_pass_is_seeded_per_epoch(train_split):
     alr_pass = engine.AlrPass(train_split, get_tokenizer(), config, Accelerator(cpu=True))
     term = TrainingLoss.from_config(config["loss"]).alr_term
     alr = alr_pass(list(pair.models), term, epoch=2)
-    consensus = alr["result"].consensus
-    assert torch.equal(alr["keep"], reference_selection(consensus, alr_pass_module.coin_seed(3, 2)))
-    assert torch.all(alr["weights"] == 1.0)
+    consensus = alr.result.consensus
+    assert torch.equal(alr.state.keep, reference_selection(consensus, alr_pass_module.coin_seed(3, 2)))
+    assert torch.all(alr.state.weights == 1.0)
     assert alr_pass_module.coin_seed(3, 2) != alr_pass_module.coin_seed(3, 3)
 
 

@@ -14,6 +14,12 @@ TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "projection_dim": 32}
 
 
+def optim_of(config: dict) -> tuple:
+    """(optim section, train.epochs): what engine.build_optimizer(s) takes from a config."""
+    settings = configs.RunConfig.from_dict(config)
+    return settings.optim, settings.train.epochs
+
+
 def test_compile_modes_resolve_per_device():
     assert engine.resolve_compile_mode("auto", "cpu") == "off"
     assert engine.resolve_compile_mode("auto", torch.device("cuda")) == "regional"
@@ -34,7 +40,7 @@ def _setup(config):
     pair = modeling.ReciprocalPair.from_clip(modeling.small_clip_config(**TINY_CLIP), fused_dim=64, image_size=(32, 16))
     for model in pair.models:
         model.clip.check_text_padding = False
-    return pair, [engine.build_optimizer(model, config)[0] for model in pair.models]
+    return pair, [engine.build_optimizer(model, *optim_of(config))[0] for model in pair.models]
 
 
 def _batches():
@@ -46,7 +52,7 @@ def _batches():
         mask[:, :, length:] = 0
         batch["input_ids"] = batch["input_ids"] * mask
         batch["input_ids"][:, :, length - 1] = modeling.clip_configs.EOT_TOKEN_ID
-        batches.append(batch)
+        batches.append(engine.batch_to_device(batch, "cpu"))
     return batches
 
 
@@ -62,7 +68,7 @@ def test_regional_compile_runs_the_step_with_the_eager_numbers(tmp_path):
     config = configs.load_config(None, ["--model.fused_dim", "64", "--data.image_size", "[32, 16]",
                                         "--optim.warmup_epochs", "0", "--optim.backbone_lr", "1e-3"])
     loss = TrainingLoss.from_config(config["loss"])
-    alr_state = engine.initial_alr_state(8, "cpu")
+    alr_state = engine.AlrState.initial(8, "cpu")
     results = {}
     for mode in ("off", "regional"):
         pair, optimizers = _setup(config)
@@ -105,7 +111,7 @@ def test_matmul_precision_is_scoped_and_restored():
         with matmul_precision("tf32"):
             pass
     # fast math is a scope on CUDA and nothing on the CPU: never a process-wide setting
-    with engine.fast_math("cpu"):
+    with engine.compilation.fast_math("cpu"):
         assert torch.get_float32_matmul_precision() == before
 
 

@@ -197,7 +197,7 @@ def test_disk_full_seen_through_a_wrapped_error(tmp_path, monkeypatch):
 
     accelerator = Accelerator(cpu=True)
     final = tmp_path / "last"
-    engine.write_folder_atomically(final, lambda folder: (folder / "w").write_bytes(b"\1" * 1000), accelerator)
+    engine.checkpoint.write_folder_atomically(final, lambda folder: (folder / "w").write_bytes(b"\1" * 1000), accelerator)
 
     def failing(folder):
         (folder / "w").write_bytes(b"\2" * 10)
@@ -205,12 +205,12 @@ def test_disk_full_seen_through_a_wrapped_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(total=10, used=10, free=0))
     with pytest.raises(engine.DiskFullError, match=rf"no space left on {tmp_path} while writing last/") as info:
-        engine.write_folder_atomically(final, failing, accelerator, needed_bytes=3 * 10 ** 9)
+        engine.checkpoint.write_folder_atomically(final, failing, accelerator, needed_bytes=3 * 10 ** 9)
     assert "3.00 GB needed (0.00 GB free)" in info.value.strerror
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"] and (final / "w").read_bytes() == b"\1" * 1000
     monkeypatch.undo()
     with pytest.raises(RuntimeError, match="unexpected pos"):  # plenty of space: the error is not disguised
-        engine.write_folder_atomically(final, failing, accelerator, needed_bytes=10)
+        engine.checkpoint.write_folder_atomically(final, failing, accelerator, needed_bytes=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
 
@@ -312,7 +312,7 @@ def test_image_policy_skip_drops_bad_rows_and_their_queries(tmp_path, monkeypatc
     config = configs.load_config(ROOT / "trpr" / "configs" / "synth-pedes.yaml",
                                  ["--data.dataset", "cuhk-pedes", "--data.image_policy", "skip"])
     splits = data.load_benchmark("cuhk-pedes", root=tmp_path)
-    checked = engine.check_images(dict(splits), config, Accelerator(cpu=True))
+    checked = engine.run.check_images(dict(splits), config, Accelerator(cpu=True))
     assert len(checked["train"]) == 8 and checked["train"]["index"] == list(range(8))
     assert len(checked["val_gallery"]) == 3 and len(checked["val_queries"]) == 6  # 2 captions went with the image
     bad_id = [i for i, s in enumerate(data.torch_datasets.image_sources(splits["val_gallery"])) if s.endswith("33_1.png")]

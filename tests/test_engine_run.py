@@ -21,8 +21,8 @@ def head_weights(pair):
 
 def test_seed_changes_both_models_heads():
     assert tiny_config()["model"]["head_seeds"] is None
-    assert engine.head_seeds(tiny_config()) == (0, 1)
-    assert engine.head_seeds(tiny_config("--seed", "4")) == (8, 9)
+    assert engine.run.head_seeds(tiny_config()) == (0, 1)
+    assert engine.run.head_seeds(tiny_config("--seed", "4")) == (8, 9)
     seed0, seed1 = (head_weights(engine.build_pair(tiny_config("--seed", str(seed)))) for seed in (0, 1))
     assert not torch.equal(seed0[0], seed0[1])  # A and B differ within a run
     assert not torch.equal(seed0[0], seed1[0]) and not torch.equal(seed0[1], seed1[1])  # and across seeds
@@ -32,7 +32,7 @@ def test_seed_changes_both_models_heads():
 
 def test_explicit_head_seeds_are_honoured():
     config = tiny_config("--seed", "5", "--model.head_seeds", "[0, 1]")
-    assert engine.head_seeds(config) == (0, 1)
+    assert engine.run.head_seeds(config) == (0, 1)
     explicit, default_seed0 = head_weights(engine.build_pair(config)), head_weights(engine.build_pair(tiny_config()))
     assert all(torch.equal(a, b) for a, b in zip(explicit, default_seed0))
 
@@ -47,5 +47,5 @@ def test_old_run_folder_config_still_resumes(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     config, run_dir = engine.resolve_run([], resume_dir=tmp_path)
     assert run_dir == tmp_path and config["model"]["head_seeds"] == [0, 1]
-    assert engine.head_seeds(config) == (0, 1)  # the run's own heads, not those of seed 2
+    assert engine.run.head_seeds(config) == (0, 1)  # the run's own heads, not those of seed 2
     assert (config["alr"]["gmm_max_iter"], config["alr"]["gmm_tol"], config["alr"]["gmm_reg_covar"]) == (100, 1e-3, 5e-4)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trpr.configs import CONFIG_DIR, ConfigError, load_config, parse_overrides, save_config
+from trpr.configs import CONFIG_DIR, ConfigError, RunConfig, load_config, parse_overrides, save_config
 
 RECIPES = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name not in ("defaults.yaml", "noisy-correspondence.yaml"))
 
@@ -186,9 +186,10 @@ def test_select_row_max_rule_picks_the_best_of_its_rows():
     config = load_config(None, ["--eval.select_row", "max(A+B/GE, A+B/FS)"])
     assert selection_rows(config["eval"]["select_row"]) == ("A+B/GE", "A+B/FS")
     metrics = {"A+B/GE": {"R1": 61.5}, "A+B/FS": {"R1": 63.25}, "A+B/GE+FS": {"R1": 64.0}}
-    assert selection_score(metrics, config) == 63.25  # max(GE, FS), not GE+FS
-    assert selection_score({**metrics, "A+B/GE": {"R1": 70.0}}, config) == 70.0
-    assert selection_score(metrics, load_config(None)) == 64.0  # the default row: unchanged
+    evaluation = RunConfig.from_dict(config).eval
+    assert selection_score(metrics, evaluation) == 63.25  # max(GE, FS), not GE+FS
+    assert selection_score({**metrics, "A+B/GE": {"R1": 70.0}}, evaluation) == 70.0
+    assert selection_score(metrics, RunConfig.from_dict(load_config(None)).eval) == 64.0  # the default row: unchanged
 
 
 def test_search_and_card_take_the_first_row_of_a_max_rule():
@@ -203,3 +204,27 @@ def test_search_and_card_take_the_first_row_of_a_max_rule():
     record = {"config": {"eval": {"select_row": "max(A/GE, A/FS)"}},
               "results": {"test": {"dataset": "cuhk-pedes", "rows": {"A/GE": {"R1": 50.0}}}}}
     assert "A/GE" in card_data(record).eval_results[0].metric_name
+
+
+def test_typed_sections_mirror_defaults_yaml():
+    """configs.RunConfig: one frozen dataclass field per defaults.yaml key (a key added to one and not the
+    other fails here), lists as tuples, values unchanged."""
+    import dataclasses
+
+    from trpr.configs import default_config
+    from trpr.configs.sections import SECTIONS, RunConfig
+
+    defaults = default_config()
+    assert set(defaults) == set(SECTIONS) | {"seed"}
+    for name, section in SECTIONS.items():
+        assert [f.name for f in dataclasses.fields(section)] == list(defaults[name]), name
+    config = load_config(CONFIG_DIR / "synth-pedes.yaml", ["--train.epochs", "3", "--alr.start_epoch", "2"])
+    run = RunConfig.from_dict(config)
+    assert run.seed == config["seed"] and run.train.epochs == 3 and run.data.image_size == tuple(config["data"]["image_size"])
+    assert run.optim.betas == tuple(config["optim"]["betas"]) and run.logging.trackers == tuple(config["logging"]["trackers"])
+    assert [run.alr.active(epoch) for epoch in range(4)] == [False, False, True, True]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.train.epochs = 4
+    config["train"]["unknown"] = 1
+    with pytest.raises(ValueError, match=r"section train: keys \['unknown'\]"):
+        RunConfig.from_dict(config)

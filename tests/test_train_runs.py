@@ -23,6 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, projection_dim: 32}"
 
 
+def optim_of(config: dict) -> tuple:
+    """(optim section, train.epochs): what engine.build_optimizer(s) takes from a config."""
+    settings = configs.RunConfig.from_dict(config)
+    return settings.optim, settings.train.epochs
+
+
 def tiny_args(data_root: Path) -> list[str]:
     return ["--config", str(ROOT / "trpr" / "configs" / "synth-pedes.yaml"), "--data.dataset", "synth-pedes-tiny",
             "--data.root", str(data_root), "--train.epochs", "2", "--train.batch_size", "48",
@@ -153,20 +159,20 @@ def test_atomic_write_keeps_the_old_folder_on_failure(tmp_path):
 
     accelerator = Accelerator(cpu=True)
     final = tmp_path / "last"
-    engine.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 0"), accelerator)
+    engine.checkpoint.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 0"), accelerator)
 
     def failing_write(folder):
         (folder / "weights").write_text("epoch 1, half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        engine.write_folder_atomically(final, failing_write, accelerator)
+        engine.checkpoint.write_folder_atomically(final, failing_write, accelerator)
     assert (final / "weights").read_text() == "epoch 0"
     # a crash between the two renames leaves only the previous copy: it is moved back
     final.rename(tmp_path / ".last.old")
     assert recover_interrupted_swap(final) == final
     assert (final / "weights").read_text() == "epoch 0"
-    engine.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 1"), accelerator)
+    engine.checkpoint.write_folder_atomically(final, lambda folder: (folder / "weights").write_text("epoch 1"), accelerator)
     assert (final / "weights").read_text() == "epoch 1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
 
@@ -274,7 +280,7 @@ def test_background_checkpoint_equals_the_blocking_one(tmp_path):
                                                                         num_hidden_layers=1, num_attention_heads=2,
                                                                         projection_dim=32),
                                              fused_dim=64, image_size=(32, 16))
-    optimizers, schedulers = engine.build_optimizers(list(pair.models), config, accelerator)
+    optimizers, schedulers = engine.build_optimizers(list(pair.models), *optim_of(config), accelerator)
 
     def train_a_little():
         for model, optimizer in zip(pair.models, optimizers):
@@ -283,7 +289,7 @@ def test_background_checkpoint_equals_the_blocking_one(tmp_path):
             optimizer.step()
 
     train_a_little()
-    alr_state = engine.initial_alr_state(10, "cpu")
+    alr_state = engine.AlrState.initial(10, "cpu")
     state = engine.TrainerState(epoch=0, global_step=3, best_score=1.0, best_epoch=0)
     blocking = engine.CheckpointWriter(tmp_path / "blocking", pair, optimizers, schedulers, accelerator,
                                        background=False)

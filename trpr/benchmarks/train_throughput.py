@@ -49,7 +49,7 @@ from trpr import modeling
 from trpr.benchmarks.gpu_check_summary import format_table
 from trpr.benchmarks.inputs import synthetic_captions
 from trpr.benchmarks.timing import device_name, guarded, time_sequence
-from trpr.configs import CONFIG_DIR, load_config
+from trpr.configs import CONFIG_DIR, RunConfig, load_config
 from trpr.data.tokenizer import get_tokenizer
 from trpr.engine.timing import synchronize
 from trpr.modeling.losses import TrainingLoss
@@ -139,7 +139,9 @@ def build_setup(args, use_cuda: bool) -> dict:
         model.set_gradient_checkpointing(args.gradient_checkpointing)
         model.clip.check_text_padding = False  # as the trainer: batch_to_device checks on the host
     pair.to(accelerator.device)
-    optimizers = [accelerator.prepare(engine.build_optimizer(m, config)[0]) for m in pair.models]
+    settings = RunConfig.from_dict(config)
+    optimizers = [accelerator.prepare(engine.build_optimizer(m, settings.optim, settings.train.epochs)[0])
+                  for m in pair.models]
     return {"accelerator": accelerator, "precision": precision, "config": config, "pair": pair,
             "models": list(accelerator.prepare(*pair.models)), "optimizers": optimizers,
             "loss": TrainingLoss.from_config(config["loss"])}
@@ -151,7 +153,7 @@ def time_step_sequence(setup: dict, batch_size: int, steps: int, warmup: int) ->
     device = accelerator.device
     image_size = tuple(setup["config"]["data"]["image_size"])
     batch = engine.batch_to_device(synthetic_batch(batch_size, image_size), device)
-    alr_state = engine.initial_alr_state(batch_size, device)
+    alr_state = engine.AlrState.initial(batch_size, device)
 
     def step():
         engine.reciprocal_step(setup["models"], setup["optimizers"], batch, alr_state, setup["loss"], accelerator)
@@ -171,7 +173,7 @@ def time_training_loop(setup: dict, steps: int, warmup: int) -> dict:
     loader = engine.build_train_loader(splits["train"], get_tokenizer(), config, rank=0, world_size=1,
                                        pin_memory=device.type == "cuda")
     steps = min(steps, len(loader))
-    alr_state = engine.initial_alr_state(len(loader.dataset), device)
+    alr_state = engine.AlrState.initial(len(loader.dataset), device)
     common = dict(epochs=2, global_step=0, log_every=10**9)
     started = time.perf_counter()
     engine.train_one_epoch(setup["models"], setup["optimizers"], loader, alr_state, setup["loss"], accelerator,
@@ -181,8 +183,8 @@ def time_training_loop(setup: dict, steps: int, warmup: int) -> dict:
     started = time.perf_counter()
     record, _ = engine.train_one_epoch(setup["models"], setup["optimizers"], loader, alr_state, setup["loss"],
                                        accelerator, epoch=1, max_steps=steps, **common)
-    return {"seconds": time.perf_counter() - started, "warmup_s": warmup_s, "steps": record["steps"],
-            "data_wait_s": record["data_wait_s"], "compute_s": record["compute_s"],
+    return {"seconds": time.perf_counter() - started, "warmup_s": warmup_s, "steps": record.steps,
+            "data_wait_s": record.data_wait_s, "compute_s": record.compute_s,
             "workers": config["data"]["num_workers"], "dataset": config["data"]["dataset"]}
 
 

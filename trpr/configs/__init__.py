@@ -8,6 +8,7 @@ more than one type. Errors name the file (or ``command line``), the dotted key a
 
     config = load_config("synth-pedes", ["--train.epochs", "2", "--alr.mu=mean"])   # or a path to a YAML file
     config["train"]["epochs"]  # -> 2
+    RunConfig.from_dict(config).train.epochs  # -> 2: the typed, frozen sections the engine reads (sections.py)
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
+
+from .sections import RunConfig  # noqa: F401 - typed sections of a validated config (configs.RunConfig)
 
 CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"

@@ -17,6 +17,7 @@ the mixtures (`modeling.alr.compute_alr`) and the weights are broadcast to every
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from trpr.data.transforms import normalize_uint8
 from trpr.modeling.alr import MixtureSettings, compute_alr, noise_detection_scores
 from trpr.runtime.encoding import encode, eval_mode, sharded_loader
 
+from .alr_state import AlrState
 from .compilation import fast_math
 from .distributed import broadcast_from_main
 from .step import trim_text_padding
@@ -73,11 +75,6 @@ def separation_auc(score: torch.Tensor, noisy: torch.Tensor) -> float:
     return float(roc_auc_score(noisy.numpy().astype(bool), score.double().numpy()))
 
 
-def alr_active(config: dict, epoch: int) -> bool:
-    """Whether epoch `epoch` trains with ALR weights (alr.enabled and epoch >= alr.start_epoch)."""
-    return bool(config["alr"]["enabled"]) and epoch >= config["alr"]["start_epoch"]
-
-
 def coin_seed(seed: int, epoch: int) -> int:
     """The seed of epoch `epoch`'s coin flips under alr.selection "reference" (`modeling.alr.reference_selection`)."""
     return int(np.random.SeedSequence([seed, epoch], spawn_key=(ALR_COIN_STREAM,)).generate_state(1)[0])
@@ -101,6 +98,19 @@ def alr_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> lis
         fill = min(batch_size, num_samples) - scored
         batches.append((torch.cat([members, order[:fill]]) if fill > 0 else members, scored))
     return batches
+
+
+@dataclass
+class AlrRound:
+    """One ALR round's outcome. state: the next epoch's weights and keep flags (every process, identical);
+    result: the `modeling.alr.AlrResult` (main process, else None); diag_sims: [N] scored diagonal cosines
+    averaged over the models (main); signals: {"loss", "fused_similarity", "global_similarity"} [N] of
+    model A (main; the report's AUCs)."""
+
+    state: AlrState
+    result: object | None = None
+    diag_sims: torch.Tensor | None = None
+    signals: dict | None = None
 
 
 class AlrPass:
@@ -184,11 +194,10 @@ class AlrPass:
         return losses.cpu(), sims.cpu(), cosines
 
     @torch.no_grad()
-    def __call__(self, models, loss_term, epoch: int) -> dict:
+    def __call__(self, models, loss_term, epoch: int) -> AlrRound:
         """One ALR round before epoch `epoch`. models: the unwrapped (A, B); the first `alr.models` score.
-        loss_term: the ALR term (TrainingLoss.alr_term). Returns {"result": AlrResult (main process only,
-        else None), "weights": [N], "keep": [N] bool (every process, identical), "diag_sims": [N] (main),
-        "signals": {"loss", "fused_similarity", "global_similarity"} [N] of model A (main; the report's AUCs)}."""
+        loss_term: the ALR term (TrainingLoss.alr_term). Returns an `AlrRound` (its state identical on
+        every process)."""
         alr_cfg = self.config["alr"]
         chosen = models[: alr_cfg["models"]]
         with contextlib.ExitStack() as stack:
@@ -196,7 +205,7 @@ class AlrPass:
                 stack.enter_context(eval_mode(model))
             statistics = self.sample_statistics(chosen, loss_term, epoch, diagonals=True)
         device = self.accelerator.device
-        weights, keep = torch.ones(self.num_samples, device=device), torch.ones(self.num_samples, device=device)
+        state = AlrState.initial(self.num_samples, device)  # other processes: overwritten by the broadcast
         result, diag_sims, signals = None, None, None
         if statistics is not None:
             losses, sims, cosines = statistics
@@ -207,10 +216,10 @@ class AlrPass:
                                  sharpness=alr_cfg["sharpness"], drop_noisy=alr_cfg["drop_noisy"],
                                  mixture=MixtureSettings.from_config(alr_cfg), selection=alr_cfg["selection"],
                                  seed=coin_seed(self.config["seed"], epoch), mu_floor=alr_cfg["mu_floor"])
-            weights = result.weights.to(device)
-            keep = result.keep.float().to(device)
-        broadcast_from_main(weights, keep)  # the mixture is fitted once, on the main process
-        return {"result": result, "weights": weights, "keep": keep.bool(), "diag_sims": diag_sims, "signals": signals}
+            state = AlrState(result.weights, result.keep).to(device)
+        # the mixture is fitted once, on the main process; keep travels as its bytes (bool stays bool)
+        broadcast_from_main(state.weights, state.keep.view(torch.uint8))
+        return AlrRound(state, result, diag_sims, signals)
 
 
 def weight_quantiles(weights: torch.Tensor) -> list[float]:
@@ -247,13 +256,13 @@ def alr_report(result, diag_sims, noisy: torch.Tensor, signals: dict | None = No
     return report
 
 
-def report_alr(alr: dict, noisy: torch.Tensor, epoch: int, accelerator, *, global_step: int) -> dict | None:
+def report_alr(alr: AlrRound, noisy: torch.Tensor, epoch: int, accelerator, *, global_step: int) -> dict | None:
     """Main process: the epoch's ALR report (returned for metrics.jsonl), its scalars to the trackers and a
     log line; a degenerate mixture fit is logged with the rule applied. Other processes: None. The figure
     over the epochs (alr_weights.png) is the reporting layer's: `reporting.training.plot_run_alr_history`."""
     if not accelerator.is_main_process:
         return None
-    report = alr_report(alr["result"], alr["diag_sims"], noisy, alr.get("signals"))
+    report = alr_report(alr.result, alr.diag_sims, noisy, alr.signals)
     scalars = {f"alr/{k}": v for k, v in report.items() if isinstance(v, float)}
     scalars.update({f"alr/noise_{k}": v for k, v in report.get("noise_detection", {}).items()})
     scalars.update({f"alr/auc_{k}": v for k, v in report.get("separation_auc", {}).items()})

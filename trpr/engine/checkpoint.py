@@ -2,8 +2,8 @@
 state and resume. The folder names are `runtime.run_folder`'s.
 
 last/ = ReciprocalPair.save_pretrained + training_state/ with optimizer_{a,b}.safetensors,
-scheduler_{a,b}.safetensors, scaler.safetensors (mixed precision), alr_state.safetensors ({"weights" [N],
-"keep" [N] bool}), trainer_state.json (TrainerState, with the epoch's metrics record) and
+scheduler_{a,b}.safetensors, scaler.safetensors (mixed precision), alr_state.safetensors (`AlrState`:
+{"weights" [N] float32, "keep" [N] bool}), trainer_state.json (TrainerState, with the epoch's metrics record) and
 rng_<process>.safetensors (one per process). Every state file is written by `state_files.save_state`
 (tensors in safetensors, the rest as JSON): nothing in a run folder is ever unpickled. A last/ of the
 earlier pickled format (`*.pt`) is refused on --resume with one line (`OLD_FORMAT_HINT`).
@@ -37,6 +37,7 @@ from trpr.runtime.errors import first_line
 from trpr.runtime.run_folder import (ALR_STATE_NAME, BEST_DIR, CHECKPOINT_DIRS, LAST_DIR, STATE_DIR, TRAINER_STATE_FILE,
                                      recover_interrupted_swap, swap_paths)
 
+from .alr_state import AlrState
 from .state_files import StateFileError, load_state, save_state, state_path
 from .step import TrainingDiverged, non_finite_weights
 
@@ -75,12 +76,6 @@ class TrainerState:
     def improves(self, score: float) -> bool:
         """Whether `score` beats the best so far (the first score always does)."""
         return self.best_score is None or score > self.best_score
-
-
-def initial_alr_state(num_samples: int, device) -> dict:
-    """ALR state before the first ALR pass: every weight 1, every sample kept."""
-    return {"weights": torch.ones(num_samples, device=device),
-            "keep": torch.ones(num_samples, dtype=torch.bool, device=device)}
 
 
 # ---------------------------------------------------------------------------------------- atomic writes
@@ -194,7 +189,8 @@ def save_rng_states(state_dir: Path, states: list[dict]) -> None:
 def last_bytes(pair, snapshot: dict) -> int:
     """Bytes of the tensors a last/ holds (the pair, optimizer states, ALR state): the disk space a write
     of last/ needs, give or take the file headers."""
-    return tensor_bytes(pair, [state["state"] for state in snapshot["optimizers"]], snapshot["alr_state"])
+    return tensor_bytes(pair, [state["state"] for state in snapshot["optimizers"]],
+                        snapshot["alr_state"].state_dict())
 
 
 def write_last(folder: Path, pair, snapshot: dict) -> None:
@@ -207,7 +203,7 @@ def write_last(folder: Path, pair, snapshot: dict) -> None:
         save_state(scheduler_state, state_path(state_dir, f"scheduler_{name}"))
     if snapshot["scaler"] is not None:
         save_state(snapshot["scaler"], state_path(state_dir, "scaler"))
-    save_state(snapshot["alr_state"], state_path(state_dir, ALR_STATE_NAME))
+    snapshot["alr_state"].save(state_path(state_dir, ALR_STATE_NAME))
     counters = {"format_version": TRAINING_STATE_VERSION, **snapshot["trainer_state"]}
     (state_dir / TRAINER_STATE_FILE).write_text(json.dumps(counters, indent=2) + "\n")
     save_rng_states(state_dir, snapshot["rng"])
@@ -233,17 +229,17 @@ def refuse_non_finite(pair, trainer_state: TrainerState, accelerator) -> None:
                                    "(the run diverged: lower optim.backbone_lr / optim.head_lr)")
 
 
-def training_snapshot(optimizer_states, schedulers, alr_state: dict, trainer_state: TrainerState, accelerator,
+def training_snapshot(optimizer_states, schedulers, alr_state: AlrState, trainer_state: TrainerState, accelerator,
                       copy_tensors=None) -> dict:
     """What training_state/ holds, detached from the live objects: {"optimizers": [state_dict per model],
-    "schedulers", "scaler", "alr_state" (host tensors), "trainer_state" (dict), "rng" [per process]}.
+    "schedulers", "scaler", "alr_state" (an AlrState on the host), "trainer_state" (dict), "rng" [per process]}.
     optimizer_states: the optimizers' state dicts; copy_tensors(state_dicts) -> copies (the live tensors
     are kept when None: the caller writes before the next step)."""
     states = [optimizer.state_dict() for optimizer in optimizer_states]
     return {"optimizers": copy_tensors(states) if copy_tensors is not None else states,
             "schedulers": [copy.deepcopy(scheduler.state_dict()) for scheduler in schedulers],
             "scaler": copy.deepcopy(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None,
-            "alr_state": {key: value.detach().cpu().clone() for key, value in alr_state.items()},
+            "alr_state": alr_state.host_copy(),
             "trainer_state": asdict(trainer_state), "rng": gather_rng_states(accelerator)}
 
 
@@ -390,7 +386,7 @@ class CheckpointWriter:
         return copies
 
     # -------------------------------------------------------------------------------------- the epoch
-    def snapshot(self, alr_state: dict, trainer_state: TrainerState, *, improved: bool) -> None:
+    def snapshot(self, alr_state: AlrState, trainer_state: TrainerState, *, improved: bool) -> None:
         """Copy the training state for this epoch's checkpoint (every process; blocking)."""
         self.wait()
         refuse_non_finite(self.pair, trainer_state, self.accelerator)
@@ -452,7 +448,7 @@ class CheckpointWriter:
             print(f"checkpoint write failed: {type(error).__name__}: {error}", file=sys.stderr)
 
 
-def load_last(last_dir: Path, models, optimizers, schedulers, accelerator) -> tuple[dict, TrainerState]:
+def load_last(last_dir: Path, models, optimizers, schedulers, accelerator) -> tuple[AlrState, TrainerState]:
     """Restore weights, optimizer/scheduler/scaler/RNG states from last/; returns (alr_state, trainer_state).
     A damaged or missing file, or a model of another size than the config's, raises CheckpointError
     (one line naming the file and, for a size mismatch, both shapes)."""
@@ -481,10 +477,10 @@ def load_last(last_dir: Path, models, optimizers, schedulers, accelerator) -> tu
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{rng_file}: not an RNG state ({first_line(error)})") from None
     alr_file = state_path(state_dir, ALR_STATE_NAME)
-    alr_loaded = _load_file(alr_file)
-    if not (isinstance(alr_loaded, dict) and all(isinstance(alr_loaded.get(k), torch.Tensor) for k in ("weights", "keep"))):
-        raise CheckpointError(f"{alr_file}: not an ALR state (tensors weights and keep)")
-    alr_state = {k: v.to(accelerator.device) for k, v in alr_loaded.items()}
+    try:
+        alr_state = AlrState.from_state_dict(_load_file(alr_file)).to(accelerator.device)
+    except ValueError as error:
+        raise CheckpointError(f"{alr_file}: {error}") from None
     state_file = state_dir / TRAINER_STATE_FILE
     try:
         counters = json.loads(state_file.read_text())
@@ -508,7 +504,7 @@ def tidy_checkpoints(run_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(resume_dir: Path, models, optimizers, schedulers, accelerator) -> tuple[dict, TrainerState]:
+def resume(resume_dir: Path, models, optimizers, schedulers, accelerator) -> tuple[AlrState, TrainerState]:
     """--resume RUN_DIR: recover best/ and last/ after a crash mid-swap (`tidy_checkpoints`), then
     `load_last`; SystemExit without a finished epoch, CheckpointError (prefixed "--resume RUN_DIR:") when
     last/ cannot be used."""

@@ -14,7 +14,7 @@ residual adds, autocast casts) is fused by Inductor; the products stay cuBLAS / 
 at float rounding level only (fused kernels reorder float operations), so the eager CPU demo keeps its
 numbers by running eagerly ("auto" on the CPU).
 
-TF32 (`fast_math`) is scoped to the training forward (`engine.encode_view`, the ALR pass's encoding),
+TF32 (`fast_math`) is scoped to the training forward (`engine.step.encode_view`, the ALR pass's encoding),
 never set process-wide.
 """
 from __future__ import annotations

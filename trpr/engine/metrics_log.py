@@ -4,10 +4,45 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from trpr.runtime.atomic import atomic_write_text
 from trpr.runtime.run_folder import METRICS_FILE
+
+
+@dataclass
+class EpochRecord:
+    """One epoch's line of metrics.jsonl, filled phase by phase by the trainer (train_3rtpr.py):
+    alr: `engine.report_alr`'s record (ALR epochs, main process); steps: `train_one_epoch`'s summary;
+    val / test: `engine.validate` rows (when due); best_epoch: the best/ epoch so far; time:
+    `engine.epoch_timing`. `as_dict` is the JSON record."""
+
+    epoch: int
+    alr: dict | None = None
+    steps: "EpochSteps | None" = None
+    val: dict | None = None
+    test: dict | None = None
+    best_epoch: int | None = None
+    time: dict | None = None
+
+    def as_dict(self, checkpoint_write_s: float | None = None) -> dict:
+        """{"epoch", ["alr"], "step", "loss_a", "loss_b", "lr_backbone", "lr_head", ["val"], ["test"],
+        "best_epoch", "epoch_time_s", "time"} in this order; the background write's seconds, once known,
+        go into "time" as "checkpoint_write_s"."""
+        record = {"epoch": self.epoch}
+        if self.alr is not None:
+            record["alr"] = self.alr
+        steps = self.steps
+        record.update(step=steps.step, loss_a=steps.loss_a, loss_b=steps.loss_b, lr_backbone=steps.lr_backbone,
+                      lr_head=steps.lr_head)
+        for name in ("val", "test"):
+            if getattr(self, name) is not None:
+                record[name] = getattr(self, name)
+        record.update(best_epoch=self.best_epoch, epoch_time_s=self.time["epoch_s"], time=dict(self.time))
+        if checkpoint_write_s is not None:
+            record["time"]["checkpoint_write_s"] = round(checkpoint_write_s, 4)
+        return record
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:

@@ -378,7 +378,7 @@ def load_splits(config: dict, run_dir: Path, accelerator):
 def build_train_loader(train_split, tokenizer, config: dict, rank: int, world_size: int, *,
                        pin_memory: bool = False) -> DataLoader:
     """DataLoader of TrainViews (two augmented views per sample, uint8 pixels + erase boxes: normalised on
-    the device by `engine.step.view_pixels`) over this process's share of each global batch
+    the device by `engine.batch.TrainBatch.pixels`) over this process's share of each global batch
     (GlobalBatchSampler wrapped in data.EpochKeyedBatches: every sample's augmentation is a function of
     (seed, epoch, position), whichever worker decodes it). With data.num_workers > 0 the workers persist
     across epochs; pin_memory (on CUDA) lets batches be copied to the device without blocking.

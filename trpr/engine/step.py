@@ -3,6 +3,9 @@
 The encoding of a batch view is `encode_view`; the loss, its data parallelism and its reduction are
 `modeling.losses.TrainingLoss`.
 
+The batch reaches the device in one place: `train_one_epoch` turns every loader batch into a
+`batch.TrainBatch` (`batch_to_device`), and the step reads that device copy only.
+
 No host synchronisation per step: the batch is copied to the device without blocking (pinned memory),
 uint8 pixels are normalised on the device, the caption length used for trimming is read from the
 host copy of the attention mask, and the losses stay on the device. Their finiteness is checked every
@@ -12,19 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from trpr.data.transforms import normalize_uint8
-
+from .alr_state import AlrState
+from .batch import TrainBatch, batch_to_device
 from .compilation import fast_math
 from .optim import current_lrs, drop_backbone_grads
 from .timing import StepClock
-
-TEXT_LENGTHS = "text_lengths"  # batch key (host list [V]) written by batch_to_device
-
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss. Raised at the first check after it (every `train.log_every` steps and at the end
@@ -35,91 +36,46 @@ class TrainingDiverged(RuntimeError):
 def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut [B, 77] captions to the longest caption of the batch [B, L]. Exact: CLIP's text attention is
     causal and the padding follows EOT, so no kept position ever attended to a removed one.
-    (A device tensor is read back to the host for L: pass host tensors, or use `batch_to_device`.)"""
+    (A device tensor is read back to the host for L: pass host tensors; training batches are cut by
+    `TrainBatch.text` instead.)"""
     length = int(attention_mask.sum(dim=1).max())
     return input_ids[:, :length], attention_mask[:, :length]
 
 
-def text_lengths(attention_mask: torch.Tensor) -> list[int]:
-    """Per view, the longest caption of a host [b, V, L] attention mask (the trimmed length); raises
-    ValueError unless every row is right-padded (ones then zeros) with at least SOT and EOT."""
-    lengths = attention_mask.sum(dim=-1)
-    positions = torch.arange(attention_mask.shape[-1])
-    if not torch.equal(attention_mask.bool(), positions < lengths[..., None]) or bool((lengths < 2).any()):
-        raise ValueError("attention_mask must be right-padded (ones then zeros) with at least SOT and EOT in every row")
-    return lengths.amax(dim=0).tolist()
-
-
-def batch_to_device(batch: dict, device) -> dict:
-    """A TrainViews batch (host tensors; pinned by a `pin_memory` DataLoader) on `device`, copied without
-    blocking the host. Adds TEXT_LENGTHS (per view, the batch's longest caption, read from the host mask
-    so that trimming needs no device read-back). uint8 pixels stay uint8 (normalised per view by
-    `view_pixels`, on the device)."""
-    moved = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-             for key, value in batch.items()}
-    moved[TEXT_LENGTHS] = text_lengths(batch["attention_mask"])
-    return moved
-
-
-def view_pixels(batch: dict, view: int, device) -> torch.Tensor:
-    """CLIP-normalised float32 pixels [b, 3, H, W] of view `view` on `device`: a float batch is moved as it
-    is; a uint8 batch (TrainViews(output="uint8")) is moved as uint8 and normalised there, its erase boxes
-    filled (`data.transforms.normalize_uint8`: on the CPU bit-identical to the float path)."""
-    pixels = batch["pixel_values"][:, view].to(device, non_blocking=True)
-    if pixels.dtype != torch.uint8:
-        return pixels
-    boxes = batch.get("erase_boxes")
-    return normalize_uint8(pixels, None if boxes is None else boxes[:, view].to(device, non_blocking=True))
-
-
-def view_text(batch: dict, view: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) [b, L] of view `view` on `device`, cut to the batch's longest caption
-    (from TEXT_LENGTHS when `batch_to_device` made the batch, else from the mask: `trim_text_padding`)."""
-    input_ids, attention_mask = batch["input_ids"][:, view], batch["attention_mask"][:, view]
-    if TEXT_LENGTHS in batch:
-        length = batch[TEXT_LENGTHS][view]
-        input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
-    else:
-        input_ids, attention_mask = trim_text_padding(input_ids, attention_mask)
-    return input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True)
-
-
-def encode_view(model, batch: dict, view: int, device, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused features (text [b, D], image [b, D], fp32) of view `view` of a TrainViews batch
-    (pixel_values [b, V, 3, H, W] float or uint8 (+ erase_boxes [b, V, 4]), input_ids / attention_mask
-    [b, V, 77]), on the host or already moved by `batch_to_device`; the captions are trimmed to the
-    batch's longest. model: a TRPRModel or its DDP wrapper; autocast: a context factory
-    (e.g. accelerator.autocast) around the forward, None for none. The forward runs under
-    `engine.fast_math(device)` (TF32 on CUDA), and only the forward."""
-    pixel_values = view_pixels(batch, view, device)
-    input_ids, attention_mask = view_text(batch, view, device)
-    with autocast() if autocast is not None else contextlib.nullcontext(), fast_math(device):
+def encode_view(model, batch: TrainBatch, view: int, autocast=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused features (text [b, D], image [b, D], fp32) of view `view` of a TrainBatch (its pixels
+    normalised and its captions trimmed to the view's longest, on the batch's device). model: a
+    TRPRModel or its DDP wrapper; autocast: a context factory (e.g. accelerator.autocast) around the
+    forward, None for none. The forward runs under `engine.compilation.fast_math(device)` (TF32 on CUDA), and only
+    the forward."""
+    pixel_values = batch.pixels(view)
+    input_ids, attention_mask = batch.text(view)
+    with autocast() if autocast is not None else contextlib.nullcontext(), fast_math(batch.device):
         out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
     return out["text_fused"].float(), out["image_fused"].float()
 
 
-def reciprocal_step(wrapped_models, optimizers, batch: dict, alr_state: dict, loss, accelerator, *,
+def reciprocal_step(wrapped_models, optimizers, batch: TrainBatch, alr_state: AlrState, loss, accelerator, *,
                     freeze_backbone: bool = False) -> torch.Tensor:
     """One training step of both models on one batch. Returns this process's shares of [loss A, loss B]
     (fp32 [2], detached, on the device; summed over the processes they are the global batch's losses).
 
     batch: this process's share of a global batch from TrainViews(num_views=2) (model A takes view 0,
-    model B view 1), on the host or moved by `batch_to_device`. alr_state: {"weights": [N],
-    "keep": [N] bool} indexed by the dataset index. loss: a modeling.losses.TrainingLoss (rank / world
-    size of this process). Each model: forward, loss on the global batch, backward, its own optimizer step.
-    Nothing is read back to the host: a non-finite loss is found by the caller (`train_one_epoch`).
+    model B view 1), on the device (`batch_to_device`). alr_state: the per-sample weights and keep
+    flags (`AlrState`, on the device), indexed by the dataset index. loss: a modeling.losses.TrainingLoss
+    (rank / world size of this process). Each model: forward, loss on the global batch, backward, its
+    own optimizer step. Nothing is read back to the host: a non-finite loss is found by the caller (`train_one_epoch`).
     freeze_backbone (a head warm-up epoch, optim.head_warmup_epochs): the backbone groups' gradients are
     dropped before each step (`optim.drop_backbone_grads`), so only the fused heads change."""
-    device = accelerator.device
-    if TEXT_LENGTHS not in batch:
-        batch = batch_to_device(batch, device)
+    if not isinstance(batch, TrainBatch):
+        raise TypeError(f"reciprocal_step takes a TrainBatch on the device (engine.batch_to_device), "
+                        f"got {type(batch).__name__}")
     world = accelerator.num_processes
-    index, pids = batch["index"].to(device), batch["pid"].to(device)
-    weights, keep = alr_state["weights"][index], alr_state["keep"][index]
+    weights, keep = alr_state.rows(batch.index)
     shares = []
     for view, (model, optimizer) in enumerate(zip(wrapped_models, optimizers)):
-        text, image = encode_view(model, batch, view, device, accelerator.autocast)
-        local = loss(text, image, pids, weights, keep)
+        text, image = encode_view(model, batch, view, accelerator.autocast)
+        local = loss(text, image, batch.pids, weights, keep)
         # DDP averages the gradients over the processes: scale so that they are those of the global loss
         accelerator.backward(local * world)
         if freeze_backbone:
@@ -139,6 +95,26 @@ def start_epoch(loader, epoch: int) -> Iterator:
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
     return iter(loader)
+
+
+@dataclass(frozen=True)
+class EpochSteps:
+    """What `train_one_epoch` did: the global step after it, the epoch's mean losses of A and B (global
+    batch, per step), the learning rates at its end (backbone, heads), the steps run and the seconds spent
+    waiting for data / computing (engine.timing.StepClock)."""
+
+    step: int
+    loss_a: float
+    loss_b: float
+    lr_backbone: float
+    lr_head: float
+    steps: int
+    data_wait_s: float
+    compute_s: float
+
+    def step_times(self) -> dict[str, float]:
+        """{"data_wait_s", "compute_s"}: the step phase's share of `engine.epoch_timing`."""
+        return {"data_wait_s": self.data_wait_s, "compute_s": self.compute_s}
 
 
 class LossTally:
@@ -209,17 +185,16 @@ def _check_finite(first_bad: list[int], epoch: int, first_global_step: int, opti
                                        "optim.backbone_lr / optim.head_lr); stopping without saving this epoch")
 
 
-def train_one_epoch(wrapped_models, optimizers, loader, alr_state: dict, loss, accelerator, *, epoch: int,
+def train_one_epoch(wrapped_models, optimizers, loader, alr_state: AlrState, loss, accelerator, *, epoch: int,
                     epochs: int, global_step: int, log_every: int, batches: Iterator | None = None,
-                    max_steps: int | None = None, freeze_backbone: bool = False) -> tuple[dict, int]:
+                    max_steps: int | None = None, freeze_backbone: bool = False) -> tuple[EpochSteps, int]:
     """Every step of one epoch over `loader` (a DataLoader of TrainViews, batch sampler EpochKeyedBatches
     or GlobalBatchSampler), or over `batches` when given (an iterator from `start_epoch(loader, epoch)`,
-    already decoding); at most `max_steps` steps (benchmarks); freeze_backbone: a head warm-up epoch
-    (`reciprocal_step`). Every `log_every` steps: the mean losses
-    and learning rates since the last log go to the trackers and the progress bar, and the losses are
-    checked (TrainingDiverged names the first non-finite step); the same at the end of the epoch.
-    Returns ({"step", "loss_a", "loss_b" (epoch means), "lr_backbone", "lr_head", "steps",
-    "data_wait_s", "compute_s"}, the new global step). The device is synchronised before returning."""
+    already decoding); each host batch is moved to the device here (`batch_to_device`, the one place);
+    at most `max_steps` steps (benchmarks); freeze_backbone: a head warm-up epoch (`reciprocal_step`).
+    Every `log_every` steps: the mean losses and learning rates since the last log go to the trackers
+    and the progress bar, and the losses are checked (TrainingDiverged names the first non-finite step); the same at the end of the epoch.
+    Returns (EpochSteps, the new global step). The device is synchronised before returning."""
     device = accelerator.device
     if batches is None:
         batches = start_epoch(loader, epoch)
@@ -255,6 +230,6 @@ def train_one_epoch(wrapped_models, optimizers, loader, alr_state: dict, loss, a
     sums, first_bad = tally.read(accelerator)  # synchronises the device: the step clock can be read
     _check_finite(first_bad, epoch, first_global_step, optimizers, wrapped_models, accelerator, tally.steps)
     steps = max(tally.steps, 1)
-    record = {"step": global_step, "loss_a": sums[0] / steps, "loss_b": sums[1] / steps,
-              **current_lrs(optimizers[0]), "steps": tally.steps, **clock.totals()}
-    return record, global_step
+    summary = EpochSteps(step=global_step, loss_a=sums[0] / steps, loss_b=sums[1] / steps,
+                         **current_lrs(optimizers[0]), steps=tally.steps, **clock.totals())
+    return summary, global_step

@@ -1,7 +1,7 @@
 """Float32 matrix-product precision, scoped: exact products inside the losses and retrieval scores.
 
 `torch.set_float32_matmul_precision` is process-global. The trainer lets the model's forward use TF32
-(`engine.fast_math`, CUDA only); the loss slabs (`kernels.slab`) and the retrieval scores
+(`engine.compilation.fast_math`, CUDA only); the loss slabs (`kernels.slab`) and the retrieval scores
 (`kernels.retrieval`, `kernels.reference`) must not inherit it, or validation inside the trainer and
 `eval_3rtpr.py` (which never turns TF32 on) would rank with different scores for the same checkpoint.
 So every public kernel entry point runs under `exact_float32()`, whatever the caller set.

@@ -185,7 +185,7 @@ class CLIPBackbone(nn.Module):
         self.max_text_length = self.config.text_config.max_position_embeddings
         self.gradient_checkpointing = False
         # encode_text's right-padding check reads the mask back (a host sync per call on a GPU); the training
-        # engine checks its batches on the host before the copy (engine.step.text_lengths) and turns it off
+        # engine checks its batches on the host before the copy (engine.batch.text_lengths) and turns it off
         self.check_text_padding = True
         self._install_position_embedding()
         self._install_sdpa_layers()

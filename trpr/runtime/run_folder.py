@@ -53,7 +53,7 @@ def selected_checkpoint(run_dir: str | Path) -> Path | None:
 # ------------------------------------------------------------------------------ interrupted swaps
 def swap_paths(folder: str | Path) -> tuple[Path, Path]:
     """(`.<name>.tmp`, `.<name>.old`) beside `folder`: the new copy being written and the previous copy
-    while an atomic swap replaces `folder` (engine.write_folder_atomically)."""
+    while an atomic swap replaces `folder` (engine.checkpoint.write_folder_atomically)."""
     folder = Path(folder)
     return folder.parent / f".{folder.name}.tmp", folder.parent / f".{folder.name}.old"
 
