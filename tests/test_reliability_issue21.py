@@ -670,3 +670,23 @@ def test_ctrl_c_and_sigterm_in_training_are_one_line(monkeypatch, capsys):
         assert signal.getsignal(signal.SIGTERM) is before
     with pytest.raises(train_3rtpr.Terminated):
         train_3rtpr._raise_terminated(signal.SIGTERM, None)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("x: !!python/object/apply:os.system ['touch /tmp/never']\n", "line 1, column 4"),
+    ("train:\n  epochs: [2\n", "line 3, column 1"),
+    ("a: b: c\n", "line 1, column 5"),
+])
+def test_yaml_errors_in_a_recipe_are_one_line(tmp_path, text, where):
+    """A recipe (or a run's config.yaml) PyYAML cannot read: one line naming the file, the problem and where,
+    not PyYAML's several lines with a caret (found by the attack replay, i21-8-yaml); a python/object tag is
+    never constructed."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(configs.ConfigError, match=rf"^config file {recipe} is not valid YAML: .*\({where}\)$") as info:
+        configs.load_config(recipe)
+    assert "\n" not in str(info.value)
+    with pytest.raises(configs.ConfigError, match=r"^command line: value of --train.epochs is not valid YAML: .*\(line 1, "
+                                                  r"column 3\)$") as info:
+        configs.parse_overrides(["--train.epochs", "[2"])
+    assert "\n" not in str(info.value)
