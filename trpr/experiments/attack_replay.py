@@ -18,10 +18,12 @@ copied into each case that needs a run folder.
 
     python -m trpr.experiments.attack_replay --out runs/attack            # every case (about 15 min, 2 cores)
     python -m trpr.experiments.attack_replay --out runs/attack --quick    # the representative subset
-    python -m trpr.experiments.attack_replay --out runs/attack --only i21-8 i14-7
+    python -m trpr.experiments.attack_replay --out runs/attack --only i21-8 i14-7   # replaces these in OUT's report
 
 Writes OUT/attack_results.json and OUT/attack_results.md and prints the totals per class; exit status 1
-when any case lands outside its expected class.
+when any case lands outside its expected class. Each case's commands and full output are kept in
+OUT/work/cases/<id>/output.txt. `--jobs 2` runs two cases at a time. The `disk full` and `read-only` cases
+mount a small tmpfs and are reported as `skipped` where mounting is not allowed (not root).
 """
 from __future__ import annotations
 
@@ -267,7 +269,8 @@ def epochs_done(run_dir: Path) -> int | None:
 
 
 def listed_paths(out: str) -> list[str]:
-    return [line.split()[3] for line in out.splitlines() if line.strip()[:1].isdigit() and len(line.split()) >= 4]
+    """The path (benchmark gallery) or file (folder gallery) column of search's table: its last column."""
+    return [line.split()[-1] for line in out.splitlines() if line.strip()[:1].isdigit() and len(line.split()) >= 3]
 
 
 def poison_weights(pair_dir: Path, member: str, key_part: str) -> None:
@@ -358,6 +361,13 @@ def _(a, d):
     return Verdict(p, r"non-finite", lost=[("the previous run is back byte for byte", tree_digest(run) == before)])
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default, so that Python installs its Ctrl-C handler (a
+    process started in the background of a non-interactive shell inherits SIGINT ignored, and Ctrl-C would
+    then do nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_overwrite(a: Attack, d: Path, sig: int) -> Verdict:
     run = a.copy_run(d)
     before = tree_digest(run)
@@ -365,7 +375,8 @@ def _interrupt_overwrite(a: Attack, d: Path, sig: int) -> Verdict:
     log, err_log = d / "stdout.txt", d / "stderr.txt"
     started = time.perf_counter()
     with open(log, "w") as out_file, open(err_log, "w") as err_file:
-        child = subprocess.Popen(cmd, cwd=a.work, env=a.env(), stdout=out_file, stderr=err_file, text=True)
+        child = subprocess.Popen(cmd, cwd=a.work, env=a.env(), stdout=out_file, stderr=err_file, text=True,
+                                 preexec_fn=default_sigint)
         deadline = time.monotonic() + a.timeout
         while time.monotonic() < deadline and child.poll() is None:
             if "steps/epoch" in log.read_text() + err_log.read_text():
@@ -741,7 +752,7 @@ def _(a, d):
     cmd = a.command("search", ["-", *a.search_args(a.base_run, d)])
     started = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=a.work, env=a.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     child.stdin.write("a man in a black jacket\n")
     child.stdin.flush()
     out_lines = []
@@ -1078,7 +1089,7 @@ def totals(results: list[Result]) -> dict[str, int]:
 
 def markdown(results: list[Result], command: str) -> str:
     counts = totals(results)
-    lines = [f"Attack replay, {datetime.date.today().isoformat()}: `{command}`", "",
+    lines = [f"Attack replay, {datetime.date.today().isoformat()}: {command}", "",
              "Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
              f"Cases as expected: {sum(r.passed for r in results)} of {len(results)}", "",
              "| case | from | what was tried | expected | outcome | exit | s | last line |",
@@ -1113,11 +1124,21 @@ def main(argv: list[str] | None = None) -> int:
     attack = Attack(args.out, args.python)
     results = run_cases(attack, cases, jobs=args.jobs)
     command = "python -m trpr.experiments.attack_replay " + " ".join(argv if argv is not None else sys.argv[1:])
+    commands = [command]
+    saved = args.out / "attack_results.json"
+    if args.only is not None and saved.is_file():  # a rerun of some cases replaces them in the earlier report
+        earlier = json.loads(saved.read_text())
+        rerun = {r.id: r for r in results}
+        merged = {c["id"]: Result(**c) for c in earlier["cases"]}
+        merged.update(rerun)
+        order = [c.id for c in CASES]
+        results = sorted(merged.values(), key=lambda r: order.index(r.id) if r.id in order else len(order))
+        commands = earlier.get("commands", [earlier.get("command")]) + [f"{command}  (rerun: {sorted(rerun)})"]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attack_results.json").write_text(json.dumps(
-        {"date": datetime.date.today().isoformat(), "command": command, "totals": totals(results),
+    saved.write_text(json.dumps(
+        {"date": datetime.date.today().isoformat(), "commands": commands, "totals": totals(results),
          "cases": [asdict(r) for r in results]}, indent=2, ensure_ascii=False))
-    (args.out / "attack_results.md").write_text(markdown(results, command))
+    (args.out / "attack_results.md").write_text(markdown(results, "; ".join(f"`{c}`" for c in commands)))
     print("totals: " + ", ".join(f"{k} {v}" for k, v in totals(results).items() if v or k in CLASSES))
     bad = [r for r in results if not r.passed]
     print(f"{len(results) - len(bad)} of {len(results)} cases as expected" + (f"; not: {[r.id for r in bad]}" if bad else ""))
