@@ -2,7 +2,7 @@
 representative subset (`--quick`: a diverged run overwriting a finished one, NaN weights, changed data on
 resume, a planted os.system pickle and YAML tag, a path escaping the dataset, a non-finite lr) run as real
 command lines; no case may land outside its expected class. The full replay (every case of issues 14 and
-21, about 15 min on 2 cores) is `python -m trpr.experiments.attack_replay --out DIR`; docs/reliability.md."""
+21, 30 min with --jobs 2 on 2 loaded cores) is `python -m trpr.experiments.attack_replay --out DIR`; docs/reliability.md."""
 import json
 
 from trpr.experiments import attack_replay as replay

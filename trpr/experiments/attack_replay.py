@@ -16,7 +16,7 @@ The cases are the ones of issue 21 (1-11) and of the round before, issue 14 (1-1
 One tiny 2-epoch run (synth-pedes-tiny, a random-init CLIP of width 32, 32x16 images) is trained once and
 copied into each case that needs a run folder.
 
-    python -m trpr.experiments.attack_replay --out runs/attack            # every case (about 15 min, 2 cores)
+    python -m trpr.experiments.attack_replay --out runs/attack            # every case (79; 30 min with --jobs 2 on 2 loaded cores)
     python -m trpr.experiments.attack_replay --out runs/attack --quick    # the representative subset
     python -m trpr.experiments.attack_replay --out runs/attack --only i21-8 i14-7   # replaces these in OUT's report
 
