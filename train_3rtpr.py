@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
 from pathlib import Path
 
@@ -235,12 +236,27 @@ def train(args: argparse.Namespace, config: dict, run_dir: Path, accelerator, ru
 ONE_LINE_ERRORS = (configs.ConfigError, engine.TrainingDiverged, engine.CheckpointError, RunFolderBusy)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that the run folder is cleaned up as after any
+    failure (an `--overwrite` run that has no epoch on disk puts the previous run back)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def cli() -> None:
     """Console entry point (`3rtpr-train`): configuration, run-folder, checkpoint, divergence and
-    disk-full errors end as one line."""
+    disk-full errors end as one line; so do Ctrl-C (exit status 130) and SIGTERM (143)."""
     quiet_progress_in_logs()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main()
+    except KeyboardInterrupt as error:
+        name, status = ("SIGTERM", 143) if isinstance(error, Terminated) else ("Ctrl-C", 130)
+        print(f"error: interrupted ({name}); the unfinished epoch was not saved (a run with a finished epoch "
+              "continues with --resume)", file=sys.stderr)
+        sys.exit(status)
     except ONE_LINE_ERRORS as error:
         sys.exit(f"error: {error}")
     except OSError as error:  # out of disk space anywhere (checkpoints say more: engine.DiskFullError)
@@ -250,6 +266,9 @@ def cli() -> None:
             sys.exit(f"error: {error.strerror}")
         sys.exit(f"error: no space left on {error.filename or 'the output device'} ({error.strerror}); free space, "
                  "then continue with --resume")
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
 
 if __name__ == "__main__":
     cli()

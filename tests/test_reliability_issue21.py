@@ -646,3 +646,47 @@ def test_search_with_a_diverged_pair_is_one_line_not_a_ranking(one_epoch_run, se
         f"eval_3rtpr.py: error: checkpoint {pair_dir}: model B gives a non-finite global embedding for gallery image "
         "row 0 of 24 (ranking A+B/GE+FS): its weights are not usable (a diverged run?)")
     assert _search(["search", "a man", "--score", "A/GE+FS"] + argv, capsys)[0] == 0  # model A alone is fine
+
+
+# ------------------------------------------- 2. Ctrl-C and SIGTERM end as one line (found by the attack replay)
+def test_ctrl_c_and_sigterm_in_training_are_one_line(monkeypatch, capsys):
+    """SIGTERM is raised in the main thread as `Terminated` (a KeyboardInterrupt), so the run folder is restored
+    like after any failure; both end with one line and the shell's status, and the handler is put back."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    for raised, status, name in ((KeyboardInterrupt(), 130, "Ctrl-C"), (train_3rtpr.Terminated(), 143, "SIGTERM")):
+        def interrupted(raised=raised):
+            assert signal.getsignal(signal.SIGTERM) is train_3rtpr._raise_terminated
+            raise raised
+
+        monkeypatch.setattr(train_3rtpr, "main", interrupted)
+        with pytest.raises(SystemExit) as info:
+            train_3rtpr.cli()
+        assert info.value.code == status
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: interrupted ({name}); the unfinished epoch was not saved (a run with a finished "
+                       "epoch continues with --resume)"]
+        assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(train_3rtpr.Terminated):
+        train_3rtpr._raise_terminated(signal.SIGTERM, None)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("x: !!python/object/apply:os.system ['touch /tmp/never']\n", "line 1, column 4"),
+    ("train:\n  epochs: [2\n", "line 3, column 1"),
+    ("a: b: c\n", "line 1, column 5"),
+])
+def test_yaml_errors_in_a_recipe_are_one_line(tmp_path, text, where):
+    """A recipe (or a run's config.yaml) PyYAML cannot read: one line naming the file, the problem and where,
+    not PyYAML's several lines with a caret (found by the attack replay, i21-8-yaml); a python/object tag is
+    never constructed."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(configs.ConfigError, match=rf"^config file {recipe} is not valid YAML: .*\({where}\)$") as info:
+        configs.load_config(recipe)
+    assert "\n" not in str(info.value)
+    with pytest.raises(configs.ConfigError, match=r"^command line: value of --train.epochs is not valid YAML: .*\(line 1, "
+                                                  r"column 3\)$") as info:
+        configs.parse_overrides(["--train.epochs", "[2"])
+    assert "\n" not in str(info.value)

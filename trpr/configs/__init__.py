@@ -46,13 +46,25 @@ class ConfigError(ValueError):
     """A bad recipe file or command-line override (unknown key, wrong type, bad value)."""
 
 
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several lines, the
+    last of them a caret under the offending text)."""
+    problem = getattr(error, "problem", None)
+    if not problem:
+        return " ".join(str(error).split())
+    context = getattr(error, "context", None)
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_problem(error)}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -172,7 +184,7 @@ def parse_overrides(arguments: Iterable[str]) -> dict:
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise ConfigError(f"command line: value of --{dotted} is not valid YAML: {error}") from None
+            raise ConfigError(f"command line: value of --{dotted} is not valid YAML: {yaml_problem(error)}") from None
         *sections, leaf = dotted.replace("-", "_").split(".")
         target = nested
         for section in sections:
