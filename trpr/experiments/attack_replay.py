@@ -803,7 +803,7 @@ def _(a, d):
 
 @case("i14-1b", "issue 14 #1", "--resume a run folder another training holds (its lock is taken)", "clear error")
 def _(a, d):
-    from trpr.modeling.run_folder import RunLock
+    from trpr.runtime.run_folder import RunLock
 
     run = a.copy_run(d)
     lock = RunLock(run)
