@@ -6,7 +6,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from test_eval_cli import IMAGE_SIZE, _plant_caption, _small_pair
+from tests.test_eval_3rtpr import IMAGE_SIZE, _plant_caption, _small_pair
 from trpr import app, data
 from trpr.data.torch_datasets import image_sources
 from trpr.evaluation import folder_gallery
@@ -86,7 +86,7 @@ def test_ui_builds_and_launches_on_localhost(photos, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def headed(photos, tmp_path_factory):
     """A pair WITH fused heads (select_ratio 0.2), saved: the explanations need selected tokens."""
-    from test_eval_cli import _small_pair as small_pair
+    from tests.test_eval_3rtpr import _small_pair as small_pair
 
     folder = tmp_path_factory.mktemp("headed") / "pair"
     small_pair((8, 9), select_ratio=0.2).save_pretrained(folder)

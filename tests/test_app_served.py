@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from test_app import CAPTION, make_photos
+from tests.test_app import CAPTION, make_photos
 from trpr import app, app_browser
 
 gradio = pytest.importorskip("gradio", reason="the app extra is not installed: pip install -e '.[app]'")
@@ -71,7 +71,7 @@ def _browser_or_skip():
 
 def test_browser_types_a_query_sees_the_results_and_an_explanation(served, tmp_path):
     """A pair with fused heads, so that a clicked result is explained (patches drawn, words highlighted)."""
-    from test_eval_cli import _small_pair
+    from tests.test_eval_3rtpr import _small_pair
 
     browser, driver_path = _browser_or_skip()
     _small_pair((8, 9), select_ratio=0.2).save_pretrained(tmp_path / "headed")

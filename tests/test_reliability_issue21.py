@@ -27,8 +27,8 @@ from trpr import configs
 from trpr import engine
 import train_3rtpr
 from trpr.engine import state_files
-from test_engine_reliability import copy_run, one_epoch_run  # noqa: F401 (one_epoch_run: a fixture)
-from test_train_runs import data_root, tiny_args  # noqa: F401 (data_root: a fixture)
+from tests.test_train_3rtpr_reliability import copy_run, one_epoch_run  # noqa: F401 (one_epoch_run: a fixture)
+from tests.test_train_3rtpr import data_root, tiny_args  # noqa: F401 (data_root: a fixture)
 
 
 class Planted:
@@ -128,7 +128,7 @@ def _escaping_fixture(root: Path, path_of) -> tuple[Path, str]:
     only the rule can stop it); returns (annotation file, the bad path)."""
     from PIL import Image
 
-    from test_data_benchmarks import write_fixture
+    from tests.data.test_benchmarks import write_fixture
 
     secret = root / "secret" / "x.png"
     secret.parent.mkdir(parents=True)

@@ -8,7 +8,7 @@ from transformers import CLIPModel
 
 from trpr.modeling import TRPRModel, small_clip_config
 from trpr.modeling.backbone import resize_position_embedding
-from caption_ids import EOT, SOT, captions
+from tests.caption_ids import EOT, SOT, captions
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from trpr.modeling import TRPRModel, small_clip_config, vit_b16_config
 from trpr.modeling.model import count_parameters
-from caption_ids import captions
+from tests.caption_ids import captions
 
 
 @pytest.fixture()
@@ -138,4 +138,4 @@ def test_import_needs_no_datasets_evaluate_or_sklearn():
 
     code = ("import sys, trpr.modeling; bad = [m for m in ('datasets', 'evaluate', 'sklearn') if m in sys.modules]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])

@@ -7,7 +7,7 @@ import pytest
 from trpr import configs
 from trpr.data import load_benchmark
 from trpr.data.noise import check_noise_rate, load_permutation, standard_noise_file
-from test_data_benchmarks import write_fixture
+from tests.data.test_benchmarks import write_fixture
 
 
 def test_standard_noise_file_names_match_rde():

@@ -10,7 +10,7 @@ import pytest
 
 import eval_3rtpr
 import train_3rtpr
-from test_train_runs import ROOT, TINY_BACKBONE
+from tests.test_train_3rtpr import ROOT, TINY_BACKBONE
 from trpr import data
 from trpr.data import check
 from trpr.data.arrow_splits import column_values

@@ -1,6 +1,6 @@
 """The ALR pass (trpr/engine/alr_pass.py, docs/method.md §4): shuffled batches of the training batch size,
 each unique image and caption encoded once, losses from the training loss's own per_sample, the report
-and the one ALR figure. (1 process vs 2 processes: tests/test_train_runs.py.)"""
+and the one ALR figure. (1 process vs 2 processes: tests/test_train_3rtpr.py.)"""
 import json
 
 import numpy as np

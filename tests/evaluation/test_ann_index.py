@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 import eval_3rtpr
-from test_search_folder import CAPTION, TARGET, gallery_setup  # noqa: F401  (a fixture)
+from tests.evaluation.test_folder_gallery import CAPTION, TARGET, gallery_setup  # noqa: F401  (a fixture)
 from trpr import modeling
 from trpr.evaluation import ann_index, folder_gallery, gallery_shards, resolve_checkpoint
 from trpr.evaluation.checkpoints import load_pair
 from trpr.modeling.pair import parse_row_key
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _clustered_features(count: int, seed: int = 0) -> list:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 
 from trpr.modeling import ReciprocalPair, TRPRModel, scoring_features, small_clip_config
-from caption_ids import captions
+from tests.caption_ids import captions
 
 
 @pytest.fixture(scope="module")

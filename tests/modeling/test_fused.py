@@ -6,7 +6,7 @@ from torch import nn
 
 from trpr.modeling import TRPRModel, small_clip_config
 from trpr.modeling.fused import FusedHead, MaskedBatchNorm1d, num_selected, select_image_tokens, select_text_tokens
-from caption_ids import EOT, SOT, captions
+from tests.caption_ids import EOT, SOT, captions
 
 
 def test_number_of_selected_tokens():

@@ -13,9 +13,9 @@ import pytest
 
 from trpr import data
 from trpr.data.tokenizer import get_tokenizer
-from test_data_benchmarks import write_fixture
+from tests.data.test_benchmarks import write_fixture
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _forbid_hashing(monkeypatch):

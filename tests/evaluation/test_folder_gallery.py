@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import eval_3rtpr
-from test_eval_cli import IMAGE_SIZE, _plant_caption, _small_pair
+from tests.test_eval_3rtpr import IMAGE_SIZE, _plant_caption, _small_pair
 from trpr import data
 from trpr.data.torch_datasets import image_sources
 from trpr.evaluation import folder_gallery, resolve_checkpoint

@@ -20,9 +20,9 @@ from trpr import engine
 import train_3rtpr
 from trpr.engine import checkpoint, metrics_log
 from trpr.runtime.run_folder import RUN_LOCK_FILE, RunFolderBusy, RunLock, lock_holder
-from test_data_benchmarks import write_fixture
-from test_data_images import _broken_fixture
-from test_train_runs import ROOT, data_root, read_records, tiny_args  # noqa: F401 (data_root: a fixture)
+from tests.data.test_benchmarks import write_fixture
+from tests.data.test_images import _broken_fixture
+from tests.test_train_3rtpr import ROOT, data_root, read_records, tiny_args  # noqa: F401 (data_root: a fixture)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from trpr.data import images as images_lib
 from trpr.data.check import check_benchmark, main as check_main
 from trpr.data.images import ALPHA_BACKGROUND, ImageCheckError, image_problem, open_image, verify_images
 from trpr.data.tokenizer import get_tokenizer
-from test_data_benchmarks import write_fixture
+from tests.data.test_benchmarks import write_fixture
 
 IMAGE_DIR = ("CUHK-PEDES", "imgs")
 

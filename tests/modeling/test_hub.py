@@ -14,7 +14,7 @@ import torch
 from trpr import modeling
 from trpr.modeling import ReciprocalPair, TRPRModel, small_clip_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, projection_dim=32)
 

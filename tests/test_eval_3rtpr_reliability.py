@@ -17,7 +17,7 @@ from trpr import evaluation
 from trpr.evaluation import search
 from trpr.runtime import progress
 from trpr.runtime.run_folder import RunLock
-from test_eval_cli import DATASET, _error_line, _small_pair
+from tests.test_eval_3rtpr import DATASET, _error_line, _small_pair
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from trpr.modeling.backbone import CLIPBackbone, load_clip_model, resize_positio
 
 from trpr.experiments import proxy_pretrain as pretrain_proxy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = pretrain_proxy.ProxySettings(
     width=32, vision_layers=1, text_layers=1, heads=2, mlp_ratio=2, patch=8, epochs=2, batch_size=8, lr=1e-3,

@@ -12,7 +12,7 @@ from trpr.metrics.published import PUBLISHED_RESULTS, published_for
 from trpr.reporting.cmc import plot_cmc
 from trpr.reporting.leaderboard import LeaderboardRow, markdown_table, mean_std_rows, reported_rows, sort_by_r1
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # 3 queries × 5 gallery items, worked out by hand (ties rank by gallery index):
 #   q0 (pid 0): order 1,2,4,3,0 -> matches (pid 0 at 2, 0) at ranks 2 and 5: AP = (1/2 + 2/5)/2 = 0.45, INP = 2/5

@@ -15,7 +15,7 @@ from trpr.experiments import ablation_zeroshot as zeroshot
 from trpr.modeling.pair import ROW_KEYS
 from trpr.reporting import ablation as ablation_tables
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def args_for(tmp_path, *extra):
