@@ -10,7 +10,7 @@
 # Steps, in this order (limit s / estimated GPU s; estimates unmeasured, docs/benchmarks.md):
 #   0. preflight: versions, CUDA usable, a 1-element Triton kernel, `import datasets`      10 /  8
 #      (a failed check skips the steps that need it, with one line saying why)
-#   1. the CUDA kernel tests, compiled (TRITON_INTERPRET=0): tests/test_kernels_*.py            75 / 45
+#   1. the CUDA kernel tests, compiled (TRITON_INTERPRET=0): tests/kernels/ + tests/benchmarks/test_bench_kernels.py   75 / 45
 #   2. the quick kernel benchmark (Triton + eager rows first, torch.compile last in its budget) 75 / 60
 #   3. training throughput: the trainer's step eager + regional compile, and its loop, 10 steps 90 / 80
 #   4. end to end: accelerate launch bf16, ViT-B/16 at random init, the paper recipe on
@@ -25,7 +25,7 @@
 # result file is written as its rows come in, so a step killed at its limit keeps what it measured.
 # Files under $OUT: log.txt, steps.tsv, summary.md, throughput.json, e2e_metrics.jsonl, leaderboard.md,
 # bench/kernels_gpu_quick.md, bench/kernels_gpu_quick.json (8). The run folder and caches live in $WORK.
-# GPU_CHECK_TIME_SCALE (default 1) multiplies every limit and the budget (tests/test_scripts_gpu.py runs
+# GPU_CHECK_TIME_SCALE (default 1) multiplies every limit and the budget (tests/scripts/test_gpu_check.py runs
 # the script with a fake interpreter that sleeps each step's estimate, scaled down).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -162,7 +162,7 @@ else
     XDIST=()
     "$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
     run_step "kernel tests (CUDA)" 75 "cuda triton" "$PYTHON" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
-        tests/test_kernels_*.py
+        tests/kernels tests/benchmarks/test_bench_kernels.py
     run_step "kernel benchmark" 75 "cuda triton" "$PYTHON" -m trpr.benchmarks.bench_kernels --quick \
         --out "$OUT/bench" --budget-s "$(awk -v k="$SCALE" 'BEGIN { print 62 * k }')"
 fi
@@ -177,7 +177,7 @@ if run_step "end-to-end training" 135 "${NEEDS_GPU}triton datasets" "$PYTHON" -m
         --logging.trackers "[]" --output-dir "$RUN_DIR"; then
     run_step "evaluation + leaderboard" 30 "${NEEDS_GPU}datasets" "$PYTHON" eval_3rtpr.py --checkpoint "$RUN_DIR" \
         --dataset "$DATASET" --split test --out "$WORK/eval" --leaderboard "${EVAL_ARGS[@]}"
-    if [ "$SMOKE" = 1 ]; then  # one Python start less (CI time); the search CLI: tests/test_eval_cli.py
+    if [ "$SMOKE" = 1 ]; then  # one Python start less (CI time); the search CLI: tests/test_eval_3rtpr.py
         record "search" "skipped" 0 "CPU smoke"
     else
         run_step "search" 25 "cuda datasets" "$PYTHON" eval_3rtpr.py search "$QUERY" --checkpoint "$RUN_DIR" \

@@ -7,7 +7,7 @@
 The dict stays the config's one written form (config.yaml, the model card, trackers); the sections are
 built from it after `configs.validate` and are what the engine reads. Every field name is the key of
 defaults.yaml of the same section, so `RunConfig.from_dict` fails loudly when a key is added to
-defaults.yaml without a field here (tests/test_train_config.py checks both directions).
+defaults.yaml without a field here (tests/configs/test_load_config.py checks both directions).
 """
 from __future__ import annotations
 
