@@ -216,7 +216,7 @@ def test_degenerate_mixture_is_logged_and_recorded(train_split, tmp_path, capsys
     assert "model A: degenerate mixture (constant_losses)" in capsys.readouterr().out
 
 
-def _sharded_worker(rank: int, root: str, out_dir: str, port: int) -> None:
+def _sharded_worker(rank: int, root: str, out_dir: str, port: int, views: str = "eval") -> None:
     """One of 2 CPU processes (gloo, through Accelerate): the pass over 143 captions / 72 images, so
     both shards are padded."""
     import os
@@ -228,15 +228,15 @@ def _sharded_worker(rank: int, root: str, out_dir: str, port: int) -> None:
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
-    statistics, state = _pass_on_odd_split(root, accelerator)
+    statistics, state = _pass_on_odd_split(root, accelerator, views)
     torch.save({"statistics": statistics, "weights": state.weights, "keep": state.keep}, f"{out_dir}/rank{rank}.pt")
     accelerator.wait_for_everyone()
 
 
-def _pass_on_odd_split(root, accelerator):
+def _pass_on_odd_split(root, accelerator, views: str = "eval"):
     split = data.load_benchmark("synth-pedes-tiny", root=root, noise_rate=0.5)["train"]
     split = data.keep_rows(split, list(range(143)))
-    config = tiny_config("trl", **{"alr.drop_noisy": True})  # keep flags of both values travel too
+    config = tiny_config("trl", **{"alr.drop_noisy": True, "alr.views": views})  # keep flags of both values travel too
     pair = tiny_pair()
     alr_pass = engine.AlrPass(split, get_tokenizer(), config, accelerator)
     term = TrainingLoss.from_config(config["loss"], rank=accelerator.process_index,
@@ -250,9 +250,11 @@ def _pass_on_odd_split(root, accelerator):
     return statistics, alr_pass(list(pair.models), term, epoch=2).state.to("cpu")
 
 
-def test_two_processes_give_the_one_process_pass(tmp_path):
-    """Each process encodes a padded share; the main process alone scores and fits; every process ends
-    with the main process's weights and keep flags (bool throughout), equal to one process's."""
+@pytest.mark.parametrize("views", ["eval", "reference"])
+def test_two_processes_give_the_one_process_pass(tmp_path, views):
+    """Each process encodes a padded share (alr.views reference: of the samples' augmented views); the main
+    process alone scores and fits; every process ends with the main process's weights and keep flags (bool
+    throughout), equal to one process's."""
     import socket
 
     from accelerate import Accelerator
@@ -261,8 +263,8 @@ def test_two_processes_give_the_one_process_pass(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    (losses, sims), state = _pass_on_odd_split(root, Accelerator(cpu=True))  # (generates the data once)
-    torch.multiprocessing.start_processes(_sharded_worker, args=(root, str(tmp_path), port), nprocs=2,
+    (losses, sims), state = _pass_on_odd_split(root, Accelerator(cpu=True), views)  # (generates the data once)
+    torch.multiprocessing.start_processes(_sharded_worker, args=(root, str(tmp_path), port, views), nprocs=2,
                                           start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[1]["statistics"] is None  # scored on the main process only
@@ -471,3 +473,19 @@ def test_reference_views_score_each_model_on_the_other_models_augmented_view(tra
     training = data.TrainViews(train_split, get_tokenizer(), config["data"]["image_size"], num_views=2,
                                augment=True, seed=config["seed"])
     assert not torch.equal(training[(4, 0)]["pixel_values"], views[(4, 0)]["pixel_values"])
+
+
+def test_reference_views_do_not_depend_on_the_workers(train_split):
+    """alr.views reference: 2 persistent loader workers draw the same views as none, in each of two epochs
+    (the keys carry the epoch, so the workers' dataset copies need no set_epoch)."""
+    from accelerate import Accelerator
+
+    stub_a, stub_b = ViewStub(11), ViewStub(12)
+    passes = [engine.AlrPass(train_split, get_tokenizer(),
+                             tiny_config("trl", **{"alr.views": "reference", "data.num_workers": workers}),
+                             Accelerator(cpu=True)) for workers in (0, 2)]
+    assert passes[1].view_loader.num_workers == 2 and passes[1].view_loader.persistent_workers
+    for epoch in (1, 2):
+        inline, workers = (alr_pass.encode([stub_a, stub_b], ("fused", "global"), epoch) for alr_pass in passes)
+        for got, expected in zip(workers, inline):
+            assert all(torch.equal(x, y) for piece in expected for x, y in zip(got[piece], expected[piece]))
