@@ -95,6 +95,19 @@ def test_reference_run_writes_the_run_folder(reference_run):
     assert saved["train"]["epochs"] == 2 and saved["data"]["dataset"] == "synth-pedes-tiny"
 
 
+def test_reference_views_run_records_an_alr_report(data_root, tmp_path):
+    """alr.views reference (the ALR pass scores each sample's training-augmented views, each model on the
+    other's view): a 2-epoch run finishes, records epoch 1's ALR report and keeps the option in config.yaml."""
+    run_dir = tmp_path / "views"
+    train_3rtpr.main(tiny_args(data_root) + ["--output-dir", str(run_dir), "--alr.views", "reference"])
+    records = read_records(run_dir)
+    assert [r["epoch"] for r in records] == [0, 1] and "alr" not in records[0]
+    alr = records[1]["alr"]
+    assert 0.0 < alr["kept_fraction"] <= 1.0 and set(alr["mixture"]) == {"A", "B"} and "mu" in alr
+    assert records[1]["time"]["alr_s"] > 0 and (run_dir / "alr_weights.png").is_file()
+    assert configs.load_config(run_dir / "config.yaml")["alr"]["views"] == "reference"
+
+
 def test_record_test_writes_the_test_rows_of_every_validated_epoch(reference_run):
     """eval.record_test: each validated epoch's record has "test" with every row of "val"; best/'s final
     test (test_metrics.json) is the test record of the best epoch (same weights, same evaluation)."""

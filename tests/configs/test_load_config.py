@@ -131,6 +131,7 @@ def test_overrides_are_typed_and_nested():
     (["--loss.trl_temperature", "margin"], "loss.trl_temperature must be tau or reference, got 'margin'"),
     (["--alr.gmm_preset", "irra"], "alr.gmm_preset must be none, reference or rde, got 'irra'"),
     (["--alr.score", "both"], "alr.score must be fused or global, got 'both'"),
+    (["--alr.views", "train"], "alr.views must be eval or reference, got 'train'"),
     (["--optim.head_warmup_epochs", "-1"], "optim.head_warmup_epochs must be >= 0, got -1"),
     (["--optim.head_warmup_epochs", "60"], "optim.head_warmup_epochs must be < train.epochs .*, got 60"),
     (["--optim.backbone_lr", "-1e-5"], "optim.backbone_lr must be >= 0"),

@@ -216,7 +216,7 @@ def test_degenerate_mixture_is_logged_and_recorded(train_split, tmp_path, capsys
     assert "model A: degenerate mixture (constant_losses)" in capsys.readouterr().out
 
 
-def _sharded_worker(rank: int, root: str, out_dir: str, port: int) -> None:
+def _sharded_worker(rank: int, root: str, out_dir: str, port: int, views: str = "eval") -> None:
     """One of 2 CPU processes (gloo, through Accelerate): the pass over 143 captions / 72 images, so
     both shards are padded."""
     import os
@@ -228,15 +228,15 @@ def _sharded_worker(rank: int, root: str, out_dir: str, port: int) -> None:
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
-    statistics, state = _pass_on_odd_split(root, accelerator)
+    statistics, state = _pass_on_odd_split(root, accelerator, views)
     torch.save({"statistics": statistics, "weights": state.weights, "keep": state.keep}, f"{out_dir}/rank{rank}.pt")
     accelerator.wait_for_everyone()
 
 
-def _pass_on_odd_split(root, accelerator):
+def _pass_on_odd_split(root, accelerator, views: str = "eval"):
     split = data.load_benchmark("synth-pedes-tiny", root=root, noise_rate=0.5)["train"]
     split = data.keep_rows(split, list(range(143)))
-    config = tiny_config("trl", **{"alr.drop_noisy": True})  # keep flags of both values travel too
+    config = tiny_config("trl", **{"alr.drop_noisy": True, "alr.views": views})  # keep flags of both values travel too
     pair = tiny_pair()
     alr_pass = engine.AlrPass(split, get_tokenizer(), config, accelerator)
     term = TrainingLoss.from_config(config["loss"], rank=accelerator.process_index,
@@ -250,9 +250,11 @@ def _pass_on_odd_split(root, accelerator):
     return statistics, alr_pass(list(pair.models), term, epoch=2).state.to("cpu")
 
 
-def test_two_processes_give_the_one_process_pass(tmp_path):
-    """Each process encodes a padded share; the main process alone scores and fits; every process ends
-    with the main process's weights and keep flags (bool throughout), equal to one process's."""
+@pytest.mark.parametrize("views", ["eval", "reference"])
+def test_two_processes_give_the_one_process_pass(tmp_path, views):
+    """Each process encodes a padded share (alr.views reference: of the samples' augmented views); the main
+    process alone scores and fits; every process ends with the main process's weights and keep flags (bool
+    throughout), equal to one process's."""
     import socket
 
     from accelerate import Accelerator
@@ -261,8 +263,8 @@ def test_two_processes_give_the_one_process_pass(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    (losses, sims), state = _pass_on_odd_split(root, Accelerator(cpu=True))  # (generates the data once)
-    torch.multiprocessing.start_processes(_sharded_worker, args=(root, str(tmp_path), port), nprocs=2,
+    (losses, sims), state = _pass_on_odd_split(root, Accelerator(cpu=True), views)  # (generates the data once)
+    torch.multiprocessing.start_processes(_sharded_worker, args=(root, str(tmp_path), port, views), nprocs=2,
                                           start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[1]["statistics"] is None  # scored on the main process only
@@ -358,3 +360,132 @@ def test_report_records_model_as_separation_auc_of_each_signal(train_split):
     assert "separation_auc" not in engine.alr_report(result, sims, noisy)
     assert "separation_auc" not in engine.alr_report(result, sims, torch.ones_like(noisy), {"loss": loss,
                                                      "fused_similarity": sims, "global_similarity": global_sims})
+
+
+class ViewStub(torch.nn.Module):
+    """A hand-checkable encoder pair member: image -> fixed linear maps of the flattened pixels, text -> fixed
+    linear maps of the mask-weighted sum of per-token embeddings (so trimming the padding changes nothing).
+    Returns (global [b, 6], fused [b, 8]) like TRPRModel; `seed` makes two different stubs."""
+
+    embed_dim, output_dim = 6, 8
+
+    def __init__(self, seed: int, image_size=(32, 16), vocab: int = 49408):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        width = 3 * image_size[0] * image_size[1]
+        self.image_global = torch.nn.Parameter(torch.randn(width, 6, generator=generator), requires_grad=False)
+        self.image_fused = torch.nn.Parameter(torch.randn(width, 8, generator=generator), requires_grad=False)
+        self.tokens = torch.nn.Parameter(torch.randn(vocab, 8, generator=generator), requires_grad=False)
+        self.text_global = torch.nn.Parameter(torch.randn(8, 6, generator=generator), requires_grad=False)
+
+    def encode_image(self, pixels):
+        flat = pixels.float().flatten(1)
+        return flat @ self.image_global, flat @ self.image_fused
+
+    def encode_text(self, input_ids, attention_mask):
+        fused = (self.tokens[input_ids] * attention_mask[..., None].float()).sum(1)
+        return fused @ self.text_global, fused
+
+
+def stub_features(model, views, epoch: int, view: int):
+    """Oracle of alr.views reference: model's (text [N, 8], image [N, 8]) fused features of view `view` of
+    every sample, each item drawn by hand from `views` (TrainViews on the pass's stream) with key (epoch, i)."""
+    items = [views[(epoch, i)] for i in range(len(views))]
+    with torch.no_grad():
+        image = model.encode_image(torch.stack([item["pixel_values"][view] for item in items]))[1]
+        text = model.encode_text(torch.stack([item["input_ids"][view] for item in items]),
+                                 torch.stack([item["attention_mask"][view] for item in items]))[1]
+    return text, image, torch.tensor([item["pid"] for item in items])
+
+
+def test_eval_views_are_the_default_and_build_no_view_loader(train_split):
+    from accelerate import Accelerator
+
+    config = tiny_config("trl")
+    assert config["alr"]["views"] == "eval"
+    alr_pass = engine.AlrPass(train_split, get_tokenizer(), config, Accelerator(cpu=True))
+    assert not hasattr(alr_pass, "view_loader") and torch.equal(alr_pass.sample_image, alr_pass.image_of)
+
+
+def test_reference_views_score_each_model_on_the_other_models_augmented_view(train_split, monkeypatch):
+    """alr.views reference: model A is scored on view b and model B on view a of each sample's two
+    training-augmented views (image AND caption), drawn from (seed, epoch) on the pass's own stream; every
+    sample has its own image row; the losses are those of the shuffled ALR batches. Checked against the
+    views drawn by hand from data.TrainViews(stream=ALR_VIEW_STREAM)."""
+    from accelerate import Accelerator
+
+    config = tiny_config("trl", **{"alr.views": "reference"})
+    stub_a, stub_b = ViewStub(11), ViewStub(12)
+    alr_pass = engine.AlrPass(train_split, get_tokenizer(), config, Accelerator(cpu=True))
+    assert not hasattr(alr_pass, "image_loader")
+    assert torch.equal(alr_pass.sample_image, torch.arange(len(train_split)))  # no sharing per image_id
+    views = data.TrainViews(train_split, get_tokenizer(), config["data"]["image_size"], num_views=2, augment=True,
+                            seed=config["seed"], stream=alr_pass_module.ALR_VIEW_STREAM)
+    oracle = {(name, view): stub_features(model, views, 4, view)
+              for name, model in (("A", stub_a), ("B", stub_b)) for view in (0, 1)}
+    normalize = torch.nn.functional.normalize
+
+    def assert_features(got, expected):
+        torch.testing.assert_close(got[0].float(), normalize(expected[0], dim=-1), rtol=0, atol=1e-3)  # fp16
+        torch.testing.assert_close(got[1].float(), normalize(expected[1], dim=-1), rtol=0, atol=1e-3)
+
+    # the features: A on view b (1), B on view a (0); not the other way round
+    got_a, got_b = (pieces["fused"] for pieces in alr_pass.encode([stub_a, stub_b], ("fused",), epoch=4))
+    assert_features(got_a, oracle["A", 1])
+    assert_features(got_b, oracle["B", 0])
+    assert (got_a[1].float() - normalize(oracle["A", 0][1], dim=-1)).abs().max() > 0.1  # view a is another draw
+    assert (got_a[0].float() - normalize(oracle["A", 0][0], dim=-1)).abs().max() > 0.01  # caption augmented too
+    # swapped models: the first scored model still takes view b, the second view a
+    swapped_b, swapped_a = (pieces["fused"] for pieces in alr_pass.encode([stub_b, stub_a], ("fused",), epoch=4))
+    assert_features(swapped_b, oracle["B", 1])
+    assert_features(swapped_a, oracle["A", 0])
+    with pytest.raises(ValueError, match="pass epoch"):
+        alr_pass.encode([stub_a, stub_b])
+
+    # the whole pass: per-sample losses of those features within the shuffled ALR batches
+    captured = []
+    real_compute_alr = alr_pass_module.compute_alr
+    monkeypatch.setattr(alr_pass_module, "compute_alr",
+                        lambda a, b, s, **k: captured.append((a, b, s)) or real_compute_alr(a, b, s, **k))
+    term = TrainingLoss.from_config(config["loss"]).alr_term
+    alr_pass([stub_a, stub_b], term, epoch=4)
+    alr_pass([stub_b, stub_a], term, epoch=4)
+    alr_pass([stub_a, stub_b], term, epoch=4)
+    alr_pass([stub_a, stub_b], term, epoch=5)
+    batches = engine.alr_batches(len(train_split), BATCH, config["seed"], epoch=4)
+    expected = {key: per_sample_reference(features, "trl", batches) for key, features in oracle.items()}
+    (losses_a, losses_b, sims), (swapped_first, swapped_second, _), again, other_epoch = captured
+    torch.testing.assert_close(losses_a, expected["A", 1], rtol=2e-3, atol=2e-4)
+    torch.testing.assert_close(losses_b, expected["B", 0], rtol=2e-3, atol=2e-4)
+    torch.testing.assert_close(swapped_first, expected["B", 1], rtol=2e-3, atol=2e-4)
+    torch.testing.assert_close(swapped_second, expected["A", 0], rtol=2e-3, atol=2e-4)
+    assert (losses_a - expected["A", 0]).abs().max() > 1e-2  # not model A on its own view
+    cosine = torch.nn.functional.cosine_similarity
+    torch.testing.assert_close(sims, (cosine(*oracle["A", 1][:2], dim=-1) + cosine(*oracle["B", 0][:2], dim=-1)) / 2,
+                               rtol=0, atol=2e-3)
+    # deterministic in (seed, epoch); new views (and batches) in another epoch
+    assert all(torch.equal(x, y) for x, y in zip(captured[0], again))
+    assert not torch.equal(other_epoch[0], losses_a)
+    epoch_5 = alr_pass.encode([stub_a], ("fused",), epoch=5)[0]["fused"]
+    assert_features(epoch_5, stub_features(stub_a, views, 5, 1)[:2])
+    assert (epoch_5[1].float() - got_a[1].float()).abs().max() > 0.1
+    # the pass's stream is not the training views' stream (same seed, epoch and sample)
+    training = data.TrainViews(train_split, get_tokenizer(), config["data"]["image_size"], num_views=2,
+                               augment=True, seed=config["seed"])
+    assert not torch.equal(training[(4, 0)]["pixel_values"], views[(4, 0)]["pixel_values"])
+
+
+def test_reference_views_do_not_depend_on_the_workers(train_split):
+    """alr.views reference: 2 persistent loader workers draw the same views as none, in each of two epochs
+    (the keys carry the epoch, so the workers' dataset copies need no set_epoch)."""
+    from accelerate import Accelerator
+
+    stub_a, stub_b = ViewStub(11), ViewStub(12)
+    passes = [engine.AlrPass(train_split, get_tokenizer(),
+                             tiny_config("trl", **{"alr.views": "reference", "data.num_workers": workers}),
+                             Accelerator(cpu=True)) for workers in (0, 2)]
+    assert passes[1].view_loader.num_workers == 2 and passes[1].view_loader.persistent_workers
+    for epoch in (1, 2):
+        inline, workers = (alr_pass.encode([stub_a, stub_b], ("fused", "global"), epoch) for alr_pass in passes)
+        for got, expected in zip(workers, inline):
+            assert all(torch.equal(x, y) for piece in expected for x, y in zip(got[piece], expected[piece]))

@@ -36,6 +36,9 @@ EXTRA_TYPES = {
 }
 # train.compile values (false means "off"); their meaning: trpr/engine/compilation.py
 COMPILE_MODES = ("auto", "regional", "full", "off")
+# alr.views: what the ALR pass's forwards see (engine.alr_pass): eval (the test transform, the project) |
+# reference (each sample's training-augmented views, each model on the other model's view)
+ALR_VIEWS = ("eval", "reference")
 # list-valued keys whose length may differ from the default's (the others are fixed: [H, W], betas, ...)
 VARIABLE_LENGTH = {"logging.trackers"}
 KNOWN_DATASETS = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-pedes", "synth-pedes-tiny",
@@ -336,6 +339,8 @@ def validate(config: dict, source: str = "config") -> None:
              "alr.drop_noisy must be false, got true")
     if config["alr"]["score"] not in ("fused", "global"):
         fail(f"alr.score must be fused or global, got {config['alr']['score']!r}")
+    if config["alr"]["views"] not in ALR_VIEWS:
+        fail(f"alr.views must be eval or reference, got {config['alr']['views']!r}")
     if config["alr"]["mu_floor"] not in MU_FLOOR_RULES:
         fail(f"alr.mu_floor must be project or reference, got {config['alr']['mu_floor']!r}")
     try:

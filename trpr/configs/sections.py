@@ -60,6 +60,7 @@ class AlrSection:
     start_epoch: int
     models: int
     score: str
+    views: str
     mu: str | float
     sharpness: float
     mu_floor: str

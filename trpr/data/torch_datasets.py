@@ -86,16 +86,20 @@ class TrainViews(Dataset):
     The image is decoded and resized once per item; each view is flipped, pad-cropped and erased from
     the resized pixels (the same draws, in the same order, as `ImageTransform.__call__`).
     augment=True: train image transform + text augmentation per view; augment=False: test transform, no
-    text augmentation (all views equal; ALR's per-sample pass uses this, usually with num_views=1).
+    text augmentation (all views equal).
 
     Randomness: with an (epoch, position) key, or after `set_epoch(e)` with a plain position, view
     randomness is a pure function of (seed, epoch, position), so any number of DataLoader workers,
     persistent or not, gives the same batches. A plain position before any `set_epoch` draws from torch's
     global RNG (seeded per worker by DataLoader), so it still differs between epochs.
+    stream: None (training's views: np.random.SeedSequence([seed, epoch, position])) or an int, the spawn
+    key of a stream of its own, SeedSequence([seed, epoch, position], spawn_key=(stream,)): the same
+    augmentations, other draws (the ALR pass's views under alr.views reference, engine.alr_pass).
     """
 
     def __init__(self, train_split, tokenizer, image_size: Sequence[int] = (384, 128), num_views: int = 2,
-                 augment: bool = True, seed: int = 0, text_aug_prob: float = 0.2, output: str = "float"):
+                 augment: bool = True, seed: int = 0, text_aug_prob: float = 0.2, output: str = "float",
+                 stream: Optional[int] = None):
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
         self.indices = column_values(train_split, "index")
@@ -106,6 +110,7 @@ class TrainViews(Dataset):
         self.num_views = num_views
         self.augment = augment
         self.seed = seed
+        self.stream = None if stream is None else int(stream)
         self.text_aug_prob = text_aug_prob
         self.output = _check_output(output)
         self.epoch: Optional[int] = None
@@ -123,7 +128,9 @@ class TrainViews(Dataset):
         if epoch is None:
             item_seed = int(torch.randint(0, 2**62, ()))
         else:
-            item_seed = int(np.random.SeedSequence([self.seed, epoch, position]).generate_state(1, np.uint64)[0] >> 2)
+            spawn_key = () if self.stream is None else (self.stream,)
+            sequence = np.random.SeedSequence([self.seed, epoch, position], spawn_key=spawn_key)
+            item_seed = int(sequence.generate_state(1, np.uint64)[0] >> 2)
         return torch.Generator().manual_seed(item_seed)
 
     def __getitem__(self, key) -> dict:

@@ -6,8 +6,9 @@ record of metrics.jsonl; the figure is drawn by `trpr.reporting.training`).
     alr = alr_pass(models, loss.alr_term, epoch)                        # every ALR epoch
 
 One pass: (1) every process encodes its share of the UNIQUE training images (test transform) and of the
-captions, once each, with the models in eval mode; the fused features are stored L2-normalised in fp16
-and gathered; (2) the main process forms the epoch's shuffled batches of train.batch_size
+captions, once each, with the models in eval mode (alr.views "eval", the default; alr.views "reference":
+each sample's two training-augmented views instead, model A scored on view b and model B on view a, see
+`AlrPass.encode_views`); the fused features are stored L2-normalised in fp16 and gathered; (2) the main process forms the epoch's shuffled batches of train.batch_size
 (`alr_batches`) from the stored features and computes each sample's loss within its batch with the
 training loss's own `per_sample` (`batch_statistics`), and its fused diagonal similarity; (3) it fits
 the mixtures (`modeling.alr.compute_alr`) and the weights are broadcast to every process.
@@ -22,12 +23,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader
+from tqdm.auto import tqdm
 
 from trpr import data
+from trpr.configs import ALR_VIEWS
 from trpr.data.arrow_splits import column_values
 from trpr.data.transforms import normalize_uint8
 from trpr.modeling.alr import MixtureSettings, compute_alr, noise_detection_scores
-from trpr.runtime.encoding import encode, eval_mode, sharded_loader
+from trpr.runtime.encoding import PIECES, encode, eval_mode, model_device, piece_width, sharded_loader
+from trpr.runtime.sharding import gather_shares, shard_indices
 
 from .alr_state import AlrState
 from .compilation import fast_math
@@ -37,6 +42,15 @@ from .step import trim_text_padding
 # Spawn key of the pass's batch order: np.random.SeedSequence([seed, epoch], spawn_key=(ALR_BATCH_STREAM,)),
 # a stream of its own, distinct from the training order's SeedSequence([seed, epoch]) ("ALR" in ASCII).
 ALR_BATCH_STREAM = 0x414C52
+# Spawn key of the augmented views scored under alr.views "reference" (`AlrPass.encode_views`): each sample's
+# two views are drawn from np.random.SeedSequence([seed, epoch, position], spawn_key=(ALR_VIEW_STREAM,)), a
+# stream of its own, distinct from the training views' SeedSequence([seed, epoch, position]) ("ALRV" in ASCII).
+ALR_VIEW_STREAM = 0x414C5256
+# alr.views (configs.ALR_VIEWS): what the pass's forwards see. "eval": the test transform, no text augmentation
+# (the project); "reference": the training augmentation, each model on the other model's view (the reference code).
+# Under alr.views "reference": the view (0 = a, trained on by model A; 1 = b, by model B) each scoring model
+# is shown: model A view b, model B view a.
+SCORED_VIEW = (1, 0)
 # Spawn key of the coin flips of alr.selection "reference" (c = 1 samples kept on a coin): its own stream of
 # (seed, epoch) as well ("COIN" in ASCII).
 ALR_COIN_STREAM = 0x434F494E
@@ -126,6 +140,10 @@ class AlrPass:
     (N captions + U images) x D x 2 bytes per model on every process: for CUHK-PEDES (N = 68,126,
     U = 34,054, D = 2048) 399 MiB per model, 798 MiB for the pair, plus, with several processes, the
     largest share of one tensor (the gather's input) at the moment it is gathered.
+
+    alr.views "reference" (`encode_views`): every sample's image and caption are augmented as in training,
+    so each sample has its own image row: N images instead of U (CUHK-PEDES: 532 MiB per model), and
+    every training image is decoded once per pass (by the persistent `view_loader`), not once per image_id.
     """
 
     def __init__(self, train_split, tokenizer, config: dict, accelerator):
@@ -141,19 +159,49 @@ class AlrPass:
         self.pids = torch.as_tensor(column_values(train_split, "pid"), dtype=torch.int64, device=device)
         self.num_images = len(first_rows)
         self.encode_batch = config["eval"]["batch_size"]
-        self.images = data.EvalImages(data.keep_rows(train_split, first_rows), config["data"]["image_size"],
-                                      output="uint8")
-        self.image_loader = sharded_loader(self.images, accelerator, batch_size=self.encode_batch,
-                                           num_workers=config["data"]["num_workers"], persistent=True,
-                                           pin_memory=device.type == "cuda")
-        self.texts = data.EvalTexts(train_split, tokenizer)
+        # a run's config.yaml written before alr.views existed (read raw, e.g. by experiments.alr_analysis)
+        # scored eval-transform inputs
+        self.views = config["alr"].get("views", "eval")
+        if self.views not in ALR_VIEWS:
+            raise ValueError(f"alr.views must be one of {', '.join(ALR_VIEWS)}, got {self.views!r}")
+        if self.views == "eval":
+            self.images = data.EvalImages(data.keep_rows(train_split, first_rows), config["data"]["image_size"],
+                                          output="uint8")
+            self.image_loader = sharded_loader(self.images, accelerator, batch_size=self.encode_batch,
+                                               num_workers=config["data"]["num_workers"], persistent=True,
+                                               pin_memory=device.type == "cuda")
+            self.texts = data.EvalTexts(train_split, tokenizer)
+        else:
+            # the training dataset's own augmentation (two views, uint8 + erase boxes), on the pass's stream
+            self.train_views = data.TrainViews(train_split, tokenizer, config["data"]["image_size"], num_views=2,
+                                               augment=True, seed=config["seed"], stream=ALR_VIEW_STREAM,
+                                               output="uint8")
+            share, _ = shard_indices(self.num_samples, accelerator)
+            workers = config["data"]["num_workers"]
+            self.view_loader = DataLoader(
+                self.train_views, num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                batch_sampler=data.EpochKeyedBatches(BatchSampler(share, self.encode_batch, drop_last=False)))
 
-    def encode(self, models, pieces=None) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """Per model {piece: (captions [N, W], unique images [U, W])} for each piece name in `pieces`
-        ("fused": D wide, "global": E wide; default the scored one, alr.score), L2-normalised, FEATURE_DTYPE,
-        on the accelerator's device, on every process (each encodes its share; shares gathered): the one
-        sharded encoder, runtime.encoding.encode. Every input is encoded once whatever the number of pieces."""
+    @property
+    def sample_image(self) -> torch.Tensor:
+        """[N] int64 on the device: each sample's row in the stored images (`encode`): its unique image
+        (alr.views "eval") or its own augmented image (alr.views "reference": 0..N-1)."""
+        if self.views == "eval":
+            return self.image_of
+        return torch.arange(self.num_samples, device=self.image_of.device)
+
+    def encode(self, models, pieces=None, epoch: int | None = None) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Per model {piece: (captions [N, W], images)} for each piece name in `pieces` ("fused": D wide,
+        "global": E wide; default the scored one, alr.score), L2-normalised, FEATURE_DTYPE, on the
+        accelerator's device, on every process (each encodes its share; shares gathered). images: the unique
+        images [U, W] (alr.views "eval": the one sharded encoder, runtime.encoding.encode) or, under alr.views
+        "reference", each sample's augmented image [N, W] (`encode_views`, which needs `epoch`); a sample's
+        row is `sample_image`. Every input is encoded once whatever the number of pieces."""
         pieces = tuple(pieces or (self.config["alr"]["score"],))
+        if self.views == "reference":
+            if epoch is None:
+                raise ValueError("alr.views reference: the pass's views are drawn per epoch; pass epoch")
+            return self.encode_views(models, pieces, epoch)
         common = {"pieces": pieces, "dtype": FEATURE_DTYPE, "normalize": True, "batch_size": self.encode_batch,
                   "accelerator": self.accelerator}
         with fast_math(self.accelerator.device):  # the forward only; ALR's scores run exact (kernels)
@@ -163,18 +211,65 @@ class AlrPass:
                               desc="ALR pass: captions", **common)
         return [dict(zip(pieces, zip(text, image))) for text, image in zip(captions, images)]
 
+    def encode_views(self, models, pieces, epoch: int) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """alr.views "reference" (the rebuilt reference code's pass): per model {piece: (captions [N, W],
+        images [N, W])} of each sample's training-augmented views, model A scored on view b and model B on
+        view a (SCORED_VIEW: each model on the other model's view, as the reciprocal step gives view a to A
+        and view b to B). The two views of sample `position` are those `data.TrainViews` (augment=True: image
+        flip, pad-crop, erasing AND text augmentation, the training settings) draws from
+        SeedSequence([seed, epoch, position], spawn_key=(ALR_VIEW_STREAM,)): fresh draws every epoch, on a
+        stream distinct from the training views' (and from the pass's batch order, ALR_BATCH_STREAM). Every
+        sample has its own augmented image (no sharing per image_id).
+
+        Mode: docs/method.md does not record whether the reference scores in train or eval mode; the pass
+        runs the models in eval mode here as well (the caller's `eval_mode`, as under "eval"): dropout off,
+        no gradient.
+
+        Sharded like `runtime.encoding.encode`: each process loads its contiguous share (`shard_indices`)
+        through the persistent `view_loader` (keys (epoch, position): workers need no set_epoch), under the
+        accelerator's autocast; values L2-normalised in fp32, stored FEATURE_DTYPE, gathered in rank order."""
+        accelerator = self.accelerator
+        _, per_process = shard_indices(self.num_samples, accelerator)
+        device = model_device(models[0])
+        keep_on = device if device.type == "cuda" else torch.device("cpu")
+        stored = [[tuple(torch.empty(per_process, piece_width(model, piece), dtype=FEATURE_DTYPE, device=keep_on)
+                         for _ in range(2)) for piece in pieces] for model in models]  # (captions, images)
+        self.view_loader.batch_sampler.set_epoch(epoch)
+        start = 0
+        show = accelerator.is_local_main_process
+        with accelerator.autocast(), fast_math(device):  # the forward only; ALR's scores run exact (kernels)
+            for batch in tqdm(self.view_loader, desc="ALR pass: augmented views", unit="batch", disable=not show,
+                              leave=False):
+                rows = len(batch["index"])
+                pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+                boxes = batch["erase_boxes"].to(device, non_blocking=True)
+                for m, (model, targets) in enumerate(zip(models, stored)):
+                    view = SCORED_VIEW[m]
+                    image = model.encode_image(normalize_uint8(pixel_values[:, view], boxes[:, view]))
+                    input_ids, attention_mask = trim_text_padding(batch["input_ids"][:, view],
+                                                                  batch["attention_mask"][:, view])
+                    text = model.encode_text(input_ids.to(device), attention_mask.to(device))
+                    for piece, (caption_rows, image_rows) in zip(pieces, targets):
+                        caption_rows[start:start + rows] = F.normalize(text[PIECES[piece]].float(), dim=-1)
+                        image_rows[start:start + rows] = F.normalize(image[PIECES[piece]].float(), dim=-1)
+                start += rows
+        return [{piece: tuple(gather_shares(rows, self.num_samples, accelerator) for rows in pair)
+                 for piece, pair in zip(pieces, targets)} for targets in stored]
+
     def sample_statistics(self, models, loss_term, epoch: int, diagonals: bool = False):
         """Main process: (losses [M, N], diag_sims [M, N]) float32 on the CPU, per scoring model (M =
         len(models), in eval mode: the caller's business) and sample; None on the other processes.
         Each sample's loss is computed within its batch of `alr_batches` (seed, epoch); diag_sims are the
         cosines of the scored piece (alr.score). diagonals=True adds a third item, {"fused": [M, N],
         "global": [M, N]}: each sample's caption-image cosine in both embeddings (how well each would
-        separate noisy pairs: the AUCs of the ALR report), from the same single encoding."""
+        separate noisy pairs: the AUCs of the ALR report), from the same single encoding. The inputs are
+        those of alr.views (`encode`); the rest does not depend on it."""
         score = self.config["alr"]["score"]
-        features = self.encode(models, ("fused", "global") if diagonals else None)
+        features = self.encode(models, ("fused", "global") if diagonals else None, epoch)
         if not self.accelerator.is_main_process:
             return None
         device = self.accelerator.device
+        image_of = self.sample_image
         losses = torch.empty(len(models), self.num_samples, device=device)
         sims = torch.empty(len(models), self.num_samples, device=device)
         batches = alr_batches(self.num_samples, self.config["train"]["batch_size"], self.config["seed"], epoch)
@@ -183,13 +278,13 @@ class AlrPass:
             pids, rows = self.pids[members], members[:scored]
             for model_losses, model_sims, pieces in zip(losses, sims, features):
                 captions, images = pieces[score]
-                text, image = captions[members].float(), images[self.image_of[members]].float()
+                text, image = captions[members].float(), images[image_of[members]].float()
                 columns = {"text_cols": text, "image_cols": image, "col_pids": pids}
                 model_losses[rows], model_sims[rows] = batch_statistics(
                     loss_term, text[:scored], image[:scored], pids[:scored], columns)
         if not diagonals:
             return losses.cpu(), sims.cpu()
-        cosines = {name: torch.stack([diagonal_cosines(*pieces[name], self.image_of) for pieces in features]).cpu()
+        cosines = {name: torch.stack([diagonal_cosines(*pieces[name], image_of) for pieces in features]).cpu()
                    for name in ("fused", "global")}
         return losses.cpu(), sims.cpu(), cosines
 
