@@ -1,6 +1,7 @@
 # One-command entry points (see README.md).
 #   make test          set up .venv (if needed) from the lock and run the test suite, offline, Triton interpreted
-#   make demo          set up .venv (if needed), train + evaluate 3RTPR on the built-in synth-pedes
+#   make demo          set up .venv (if needed), fine-tune 3RTPR from the shipped pretrained proxy CLIP on synth-pedes
+#                      (50 % noisy captions), evaluate it, search once
 #   make app           the photo-search web app (3rtpr-app) on runs/demo, the synth-pedes test images as gallery
 #   make browser       Debian's chromium + chromium-driver for the browser test, when missing (root only)
 #   make screenshot    regenerate docs/app_screenshot.png from runs/demo (needs chromium: make browser)
@@ -57,13 +58,13 @@ test: setup
 # The demo fine-tunes the pretrained proxy CLIP shipped in trpr/pretrained/proxy_clip (model card inside) exactly as a
 # user fine-tunes openai/clip-vit-base-patch16: --model.backbone DIR. DEMO_RECIPE: the recipe and its options
 # (README "What the demo does" says why this one); the from-scratch demo of earlier releases is
-# make demo DEMO_RECIPE="--config synth-pedes".
+# make demo DEMO_RECIPE="--config synth-pedes" DEMO_BACKBONE= (empty: the recipe's own random-init backbone).
 DEMO_RECIPE ?= --config proxy-noisy --data.noise_rate 0.5 --alr.selection reference
 DEMO_BACKBONE ?= trpr/pretrained/proxy_clip
 demo: setup
 	rm -rf runs/demo
 	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml \
-		train_3rtpr.py $(DEMO_RECIPE) --model.backbone $(DEMO_BACKBONE) --output-dir runs/demo
+		train_3rtpr.py $(DEMO_RECIPE) $(if $(DEMO_BACKBONE),--model.backbone $(DEMO_BACKBONE)) --output-dir runs/demo
 	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/python eval_3rtpr.py --checkpoint runs/demo --dataset synth-pedes \
 		--split test --out runs/demo/eval --leaderboard
 	OMP_NUM_THREADS=1 $(OFFLINE_ENV) $(BIN)/python eval_3rtpr.py search \
