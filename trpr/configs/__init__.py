@@ -241,13 +241,13 @@ def check_ranges(config: dict, fail) -> None:
 
 def backbone_geometry(backbone) -> Optional[dict]:
     """{"patch_size", "vision": (width, heads), "text": (width, heads)} of a config's model.backbone where it
-    can be known without loading weights: a mapping (modeling.small_clip_config), a local folder with a
+    can be known without loading weights: a mapping (configs.clip_configs.small_clip_config), a local folder with a
     config.json, or a Hub name ending in patch<N> (patch size only). None otherwise."""
     import json
     import re
 
     if isinstance(backbone, dict):  # read from the mapping over small_clip_config's defaults, before building it
-        from trpr.modeling import small_clip_config
+        from .clip_configs import small_clip_config
 
         defaults = small_clip_config().to_dict()
         clip = {}
@@ -278,9 +278,8 @@ def validate(config: dict, source: str = "config") -> None:
     """Cross-field checks that a type check cannot do; raises ConfigError."""
     from trpr.data.images import IMAGE_POLICIES
     from trpr.data.noise import check_noise_rate
-    from trpr.modeling.alr import MU_FLOOR_RULES, SELECTION_RULES, MixtureSettings, validate_mu_rule
-    from trpr.modeling.fused import IMAGE_TOKEN_MODES
-    from trpr.modeling.pair import selection_rows
+    from .choices import (IMAGE_TOKEN_MODES, MU_FLOOR_RULES, SELECTION_RULES, MixtureSettings, selection_rows,
+                          validate_mu_rule)
 
     def fail(message):
         raise ConfigError(f"{source}: {message}")
@@ -309,7 +308,7 @@ def validate(config: dict, source: str = "config") -> None:
             fail(f"model.backbone: the {tower} width (hidden_size) {width} is not divisible by its "
                  f"{heads} attention heads")
     if isinstance(config["model"]["backbone"], dict):
-        from trpr.modeling import small_clip_config
+        from .clip_configs import small_clip_config  # builds a transformers CLIPConfig (lazy: transformers)
         try:
             small_clip_config(**config["model"]["backbone"])
         except Exception as error:  # noqa: BLE001 - transformers' validators raise their own error types
@@ -371,7 +370,7 @@ def apply_gmm_preset(config: dict, source: str = "config") -> None:
     """alr.gmm_preset other than none: write its (gmm_max_iter, gmm_tol, gmm_reg_covar) for the config's
     dataset and noise rate into the alr section (the preset wins over the three keys; the resolved
     config.yaml records the values used). ConfigError naming an unknown preset."""
-    from trpr.modeling.alr import mixture_preset
+    from .choices import mixture_preset
 
     alr = config["alr"]
     try:

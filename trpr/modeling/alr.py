@@ -26,9 +26,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import torch
+
+# the option vocabularies and pure rules live in configs.choices (configs validates with them, never imports
+# modeling); re-exported here, where the ALR implements them
+from trpr.configs.choices import (FULL_MIXTURE, GMM_PRESETS, LIGHT_MIXTURE, MU_FLOOR_RULES,  # noqa: F401
+                                  SELECTION_RULES, MixtureSettings, MuRule, mixture_preset, parse_quantile,
+                                  validate_mu_rule)
 
 # Below this loss range (after min–max normalisation it would be 0/0) no mixture is fitted.
 DEGENERATE_RANGE = 1e-12
@@ -43,60 +49,6 @@ FIT_FAILED = "fit_failed"                # scikit-learn could not fit (e.g. reg_
 FIT_ONE_SIDED = "one_sided"              # the split called every sample clean, or every sample noisy
 #                                          (one component empty): no split, every sample clean
 DEGENERATE_RULE = "no split: the model calls every sample clean this epoch"
-
-# compute_alr's selection rules: "project" = the soft weights (+ drop_noisy's keep flags); "reference" = the
-# reference's hard selection (c = 2 kept, c = 1 kept on a seeded coin flip, c = 0 dropped; w = 1 for all)
-SELECTION_RULES = ("project", "reference")
-# the ratio s / mu of the weight: "project" uses max(mu, MU_FLOOR); "reference" the signed mu as it is (the
-# reference code: for mu < 0 a sample below mu gets s / mu > 1, i.e. a weight near 1)
-MU_FLOOR_RULES = ("project", "reference")
-
-
-@dataclass(frozen=True)
-class MixtureSettings:
-    """The per-model 2-component Gaussian mixture (scikit-learn GaussianMixture, 1-D): at most
-    `max_iter` EM iterations, convergence tolerance `tol` (on the lower bound's gain), `reg_covar`
-    added to the variances (the losses are min–max normalised to [0, 1], so reg_covar is in those
-    squared units), fixed `seed` (k-means initialisation): the fit is deterministic."""
-
-    max_iter: int = 100
-    tol: float = 1e-3
-    reg_covar: float = 5e-4
-    seed: int = 0
-
-    @classmethod
-    def from_config(cls, alr_cfg: dict) -> "MixtureSettings":
-        """From a config `alr` section (gmm_max_iter, gmm_tol, gmm_reg_covar)."""
-        return cls(max_iter=int(alr_cfg["gmm_max_iter"]), tol=float(alr_cfg["gmm_tol"]),
-                   reg_covar=float(alr_cfg["gmm_reg_covar"]))
-
-    def check(self) -> None:
-        """ValueError unless max_iter >= 1, tol > 0 and reg_covar >= 0."""
-        if self.max_iter < 1 or not self.tol > 0 or not self.reg_covar >= 0:
-            raise ValueError(f"ALR mixture settings need gmm_max_iter >= 1, gmm_tol > 0 and gmm_reg_covar >= 0, "
-                             f"got {self.max_iter}, {self.tol}, {self.reg_covar}")
-
-
-# alr.gmm_preset: named (gmm_max_iter, gmm_tol, gmm_reg_covar) rules, docs/method.md §10. "reference": the rebuilt
-# 3RTPR reference code (10 / 1e-2 / 5e-4, on RSTPReid 100 / 1e-4 / 1e-6); "rde": RDE's rule (100 / 1e-4 / 1e-6
-# above 0.4 noise and on RSTPReid, 10 / 1e-2 / 5e-4 otherwise); "none": the three keys as given.
-GMM_PRESETS = ("none", "reference", "rde")
-LIGHT_MIXTURE = (10, 1e-2, 5e-4)
-FULL_MIXTURE = (100, 1e-4, 1e-6)
-
-
-def mixture_preset(preset: str, dataset: str, noise_rate: float) -> Optional[tuple[int, float, float]]:
-    """(gmm_max_iter, gmm_tol, gmm_reg_covar) of a GMM_PRESETS rule for a dataset and noise rate; None for
-    "none"; ValueError for an unknown preset."""
-    if preset not in GMM_PRESETS:
-        raise ValueError(f"gmm_preset must be one of {', '.join(GMM_PRESETS)}, got {preset!r}")
-    if preset == "none":
-        return None
-    rstpreid = dataset.lower() == "rstpreid"
-    if preset == "reference":
-        return FULL_MIXTURE if rstpreid else LIGHT_MIXTURE
-    return FULL_MIXTURE if rstpreid or noise_rate > 0.4 else LIGHT_MIXTURE
-
 
 @dataclass
 class MixtureFit:
@@ -130,9 +82,6 @@ class MixtureFit:
                 "means": self.means, "weights": self.weights,
                 "clean_fraction": float((self.p_clean > 0.5).float().mean()),
                 **({"rule": f"{self.detail}; {DEGENERATE_RULE}"} if self.degenerate else {})}
-
-
-MuRule = Union[str, float]
 
 
 @dataclass
@@ -236,31 +185,6 @@ def similarity_threshold(diag_sims: torch.Tensor, super_clean: torch.Tensor, mu:
         return float(chosen.mean())
     quantile = parse_quantile(mu)
     return float(torch.quantile(chosen, quantile))
-
-
-def parse_quantile(mu: MuRule) -> float:
-    """The quantile level of a mu rule (``"q0.25"`` or ``0.25``); raises ValueError for anything else."""
-    if isinstance(mu, bool):
-        raise ValueError(f"ALR: mu must be 'min', 'mean', 'q<level>' or a float in [0, 1], got {mu!r}")
-    if isinstance(mu, (int, float)):
-        level = float(mu)
-    elif isinstance(mu, str) and mu.startswith("q"):
-        try:
-            level = float(mu[1:])
-        except ValueError:
-            raise ValueError(f"ALR: mu quantile {mu!r} is not 'q' followed by a number, e.g. 'q0.25'") from None
-    else:
-        raise ValueError(f"ALR: mu must be 'min', 'mean', 'q<level>' or a float in [0, 1], got {mu!r}")
-    if not 0.0 <= level <= 1.0:
-        raise ValueError(f"ALR: mu quantile level must lie in [0, 1], got {level}")
-    return level
-
-
-def validate_mu_rule(mu: MuRule) -> None:
-    """Raise ValueError early (config time) when ``mu`` is not a valid rule."""
-    if isinstance(mu, str) and mu in ("min", "mean"):
-        return
-    parse_quantile(mu)
 
 
 def similarity_weights(diag_sims: torch.Tensor, mu: float, sharpness: float, mu_floor: str = "project") -> torch.Tensor:

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# topk: the k most attended patches (the paper); all: every patch, CLS excluded; reference: every token, CLS
-# included (the rebuilt reference code: it gathers the top-k, then overwrites them with all image tokens)
-IMAGE_TOKEN_MODES = ("topk", "all", "reference")
+# the image_tokens choices (topk | all | reference) live in configs.choices, with the meaning of each
+from trpr.configs.choices import IMAGE_TOKEN_MODES  # noqa: F401 - also modeling.fused.IMAGE_TOKEN_MODES
 
 
 def num_selected(num_candidates: int, select_ratio: float) -> int:

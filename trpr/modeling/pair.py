@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trpr.configs.choices import MODEL_ROWS, ROW_KEYS, SCORES, parse_row_key, selection_rows  # noqa: F401
+
 from .backbone import DEFAULT_CLIP
 from .hub import HubMixin
 from .model import CARD_NAME, TRPRModel, read_json_file
@@ -18,10 +20,8 @@ PAIR_CONFIG_NAME = "pair.json"
 PAIR_TYPE = "3rtpr-pair"
 MEMBER_DIRS = ("model_a", "model_b")
 # Retrieval rows "<models>/<score>": the models A, B or their ensemble A+B, scored with GE (global
-# embeddings), FS (fused) or GE+FS (both); image->text rows carry I2T_PREFIX. The one home of these names.
-SCORES = ("GE", "FS", "GE+FS")
-MODEL_ROWS = (("A", (0,)), ("B", (1,)), ("A+B", (0, 1)))  # row name -> indices into (pair.a, pair.b)
-ROW_KEYS = tuple(f"{model}/{score}" for model, _ in MODEL_ROWS for score in SCORES)
+# embeddings), FS (fused) or GE+FS (both); image->text rows carry I2T_PREFIX. SCORES, MODEL_ROWS, ROW_KEYS and the
+# row / select_row parsers live in configs.choices (configs validates eval.select_row, never imports modeling).
 I2T_PREFIX = "i2t:"
 
 
@@ -107,32 +107,6 @@ def check_member_name(name, config_path: Path) -> None:
     if not plain or not (directory / name).resolve().is_relative_to(directory.resolve()):
         raise ValueError(f"{config_path}: member {name!r} is not a folder inside the pair folder "
                          "(expected a plain folder name such as 'model_a')")
-
-
-def parse_row_key(row: str) -> tuple[tuple[int, ...], str]:
-    """"A+B/GE+FS" -> ((0, 1), "GE+FS"): the model indices and the score of a row key (see ROW_KEYS);
-    ValueError naming the accepted keys otherwise."""
-    model_name, _, score = str(row).partition("/")
-    models = dict(MODEL_ROWS)
-    if model_name not in models or score not in SCORES:
-        raise ValueError(f"{row!r}: expected one of {', '.join(ROW_KEYS)}")
-    return models[model_name], score
-
-
-def selection_rows(rule: str) -> tuple[str, ...]:
-    """The rows of a model-selection rule (config eval.select_row): a row key ("A+B/GE+FS") -> (row,);
-    "max(A+B/GE, A+B/FS)" -> ("A+B/GE", "A+B/FS"), the best of which counts (the reference code keeps the
-    checkpoint with the best max(GE R@1, FS R@1), docs/method.md §10). ValueError naming the accepted forms."""
-    text = str(rule).strip()
-    if text.startswith("max(") and text.endswith(")"):
-        rows = tuple(part.strip() for part in text[4:-1].split(","))
-        if len(rows) < 2:
-            raise ValueError(f"{rule!r}: max( ) needs two rows or more, e.g. 'max(A+B/GE, A+B/FS)'")
-    else:
-        rows = (text,)
-    for row in rows:
-        parse_row_key(row)
-    return rows
 
 
 def selection_r1(metrics: dict, rule: str) -> float:
