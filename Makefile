@@ -109,7 +109,7 @@ gpu-wheels:
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache
 
-# The pretrained proxy CLIP (trpr/experiments/proxy_pretrain.py, ~27 CPU-minutes): built once, cached under
+# The pretrained proxy CLIP (trpr/experiments/proxy_pretrain.py, ~15 CPU-minutes on one thread): built once, cached under
 # $TRPR_CACHE (default ~/.cache/3rtpr) in a folder named after its settings, reused when present, then compared
 # with the fp16 copy the repository ships in trpr/pretrained/proxy_clip (the demo's backbone; model card inside).
 # make proxy-ship rewrites that copy from the build.
