@@ -137,12 +137,13 @@ class AlrPass:
     Cost per pass: each unique image and each caption is encoded once per scoring model (images with
     the test transform: an image's features do not depend on its caption), sharded over the processes.
     Memory: the features of the whole training set stay on `accelerator.device`, L2-normalised in fp16,
-    (N captions + U images) x D x 2 bytes per model on every process: for CUHK-PEDES (N = 68,126,
-    U = 34,054, D = 2048) 399 MiB per model, 798 MiB for the pair, plus, with several processes, the
-    largest share of one tensor (the gather's input) at the moment it is gathered.
+    (N captions + U images) x (D + E) x 2 bytes per model on every process (both pieces: the scored one and
+    the other for the report's separation AUCs): for CUHK-PEDES (N = 68,126, U = 34,054, D = 2048, E = 512)
+    499 MiB per model, 998 MiB for the pair, plus, with several processes, the largest share of one tensor
+    (the gather's input) at the moment it is gathered.
 
     alr.views "reference" (`encode_views`): every sample's image and caption are augmented as in training,
-    so each sample has its own image row: N images instead of U (CUHK-PEDES: 532 MiB per model), and
+    so each sample has its own image row: N images instead of U (CUHK-PEDES: 665 MiB per model), and
     every training image is decoded once per pass (by the persistent `view_loader`), not once per image_id.
     """
 
