@@ -56,6 +56,19 @@ COMPARISONS = (
     Comparison("head_warmup-fused", "one head warm-up epoch (backbone frozen) over none",
                "head_warmup", "A/FS", "fused", "A/FS"),
     Comparison("frozen-fused", "frozen backbone over fine-tuned backbone", "frozen", "A/FS", "fused", "A/FS"),
+    # added after the first 108 runs (issue 23's open questions): the method's own score row, and what the pass scores
+    Comparison("alr_hard-fused_ge_fs", "ALR hard selection (one model) over no ALR, on the GE+FS score",
+               "alr_hard", "A/GE+FS", "fused", "A/GE+FS"),
+    Comparison("alr_hard_global-alr_hard", "hard selection scored on the global similarity over the fused one",
+               "alr_hard_global", "A/FS", "alr_hard", "A/FS"),
+    Comparison("alr_hard_global-fused", "ALR hard selection scored on the global similarity over no ALR",
+               "alr_hard_global", "A/FS", "fused", "A/FS"),
+    Comparison("alr_hard_global-fused_ge_fs", "ALR hard selection scored on the global similarity over no ALR, "
+               "on the GE+FS score", "alr_hard_global", "A/GE+FS", "fused", "A/GE+FS"),
+    Comparison("full_hard_global-full_hard", "reciprocal pair with hard selection: global over fused scoring",
+               "full_hard_global", "A+B/FS", "full_hard", "A+B/FS"),
+    Comparison("alr_hard_views-alr_hard", "hard selection scored on augmented views (reference) over eval inputs",
+               "alr_hard_views", "A/FS", "alr_hard", "A/FS"),
 )
 
 

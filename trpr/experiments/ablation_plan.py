@@ -49,12 +49,24 @@ VARIANTS = {
                         (("alr.enabled", "true"), ("alr.models", "1")), ENSEMBLE_ROWS, "A/FS", partner="alr"),
     "ensemble_hard": Variant("ensemble_hard", "control: two independent hard-selection models, ensembled",
                              HARD + (("alr.models", "1"),), ENSEMBLE_ROWS, "A/FS", partner="alr_hard"),
+    "alr_hard_global": Variant("alr_hard_global", "+ ALR hard selection, one model, pass scored on the GLOBAL "
+                               "similarity (alr.score global)",
+                               HARD + (("alr.models", "1"), ("alr.score", "global")), ONE_MODEL_ROWS, "A/FS"),
+    "full_hard_global": Variant("full_hard_global", "+ reciprocal pair, ALR hard selection, pass scored on the "
+                                "GLOBAL similarity (alr.score global)",
+                                HARD + (("alr.models", "2"), ("alr.score", "global")), PAIR_ROWS, "A+B/FS"),
+    "alr_hard_views": Variant("alr_hard_views", "+ ALR hard selection, one model, pass scored on training-"
+                              "augmented views as the reference (alr.views reference)",
+                              HARD + (("alr.models", "1"), ("alr.views", "reference")), ONE_MODEL_ROWS, "A/FS"),
 }
 DEFAULT_VARIANTS = ["baseline", "fused", "alr", "full"]
 # The fair proxy ablation (issue 23), in the order a partial sweep should reach them: the comparisons the
 # method stands on first (no ALR -> hard selection -> pair vs independent pair), then the fidelity rows.
 PROXY_VARIANTS = ["baseline", "fused", "alr_hard", "full_hard", "ensemble_hard", "alr", "full", "fused_ref",
-                  "fused_all", "head_warmup", "frozen"]
+                  "fused_all", "head_warmup", "frozen", "alr_hard_global", "full_hard_global", "alr_hard_views"]
+# variants whose ALR pass changes only on noisy data (what the pass scores): the proxy sweep plans them for the
+# noisy conditions only (on clean data hard selection only drops clean pairs, measured by alr_hard)
+NOISY_ONLY_VARIANTS = ("alr_hard_global", "full_hard_global", "alr_hard_views")
 CONDITIONS = {"clean": "0.0", "noisy": "0.5", "noisy80": "0.8"}
 CONDITION_LABELS = {"clean": "clean", "noisy": "50% noisy correspondence", "noisy80": "80% noisy correspondence"}
 DEFAULT_CONDITIONS = ["clean", "noisy"]
@@ -138,6 +150,8 @@ def plan_runs(args) -> list[Run]:
         for condition in args.conditions:
             planned = {}
             for name in args.variants:
+                if condition == "clean" and name in NOISY_ONLY_VARIANTS:
+                    continue
                 variant = VARIANTS[name]
                 run = Run(variant, condition, seed, runs_dir / f"{name}-{condition}-seed{seed}")
                 planned[name] = run
