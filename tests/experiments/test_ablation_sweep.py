@@ -287,7 +287,7 @@ def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path)
     runs = ablation_plan.plan_runs(args)
     noisy_only = len(ablation_plan.NOISY_ONLY_VARIANTS)
     # seeds x (conditions x variants, less the clean runs of the variants whose pass only matters under noise)
-    assert len(runs) == 2 * (3 * len(ablation_plan.PROXY_VARIANTS) - noisy_only) == 2 * (3 * 14 - 3)
+    assert len(runs) == 2 * (3 * len(ablation_plan.PROXY_VARIANTS) - noisy_only) == 2 * (3 * 16 - 5)
     by_name = {r.name: r for r in runs}
     assert "alr_hard_global-clean-seed0" not in by_name and "alr_hard_global-noisy80-seed1" in by_name
     options = {name: dict(zip(run.command, run.command[1:])) for name, run in by_name.items()}
@@ -304,6 +304,8 @@ def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path)
     assert options["full_hard_global-noisy-seed0"]["--alr.models"] == "2"
     assert options["alr_hard_views-noisy80-seed0"]["--alr.views"] == "reference"
     assert options["alr_hard_views-noisy80-seed0"]["--alr.selection"] == "reference"
+    assert options["alr_hard_trl_ref-noisy-seed1"]["--loss.trl_temperature"] == "reference"
+    assert options["alr_hard_gmm_ref-noisy-seed1"]["--alr.gmm_preset"] == "reference"
     assert all(o["--eval.record_test"] == "true" for o in options.values())  # the reference rule needs them
     assert options["full_hard-noisy-seed0"]["--eval.select_row"] == "A+B/FS"
     # the control: a second hard-selection run, another seed, the partner's noisy training set

@@ -69,6 +69,10 @@ COMPARISONS = (
                "full_hard_global", "A+B/FS", "full_hard", "A+B/FS"),
     Comparison("alr_hard_views-alr_hard", "hard selection scored on augmented views (reference) over eval inputs",
                "alr_hard_views", "A/FS", "alr_hard", "A/FS"),
+    Comparison("alr_hard_trl_ref-alr_hard", "TRL temperature as the reference (tau = margin) over tau",
+               "alr_hard_trl_ref", "A/FS", "alr_hard", "A/FS"),
+    Comparison("alr_hard_gmm_ref-alr_hard", "mixture settings as the reference (10 / 1e-2 / 5e-4) over RDE's rule",
+               "alr_hard_gmm_ref", "A/FS", "alr_hard", "A/FS"),
 )
 
 

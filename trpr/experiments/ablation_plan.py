@@ -58,15 +58,24 @@ VARIANTS = {
     "alr_hard_views": Variant("alr_hard_views", "+ ALR hard selection, one model, pass scored on training-"
                               "augmented views as the reference (alr.views reference)",
                               HARD + (("alr.models", "1"), ("alr.views", "reference")), ONE_MODEL_ROWS, "A/FS"),
+    "alr_hard_trl_ref": Variant("alr_hard_trl_ref", "+ ALR hard selection, one model, TRL temperature as the "
+                                "reference (loss.trl_temperature reference)",
+                                HARD + (("alr.models", "1"), ("loss.trl_temperature", "reference")),
+                                ONE_MODEL_ROWS, "A/FS"),
+    "alr_hard_gmm_ref": Variant("alr_hard_gmm_ref", "+ ALR hard selection, one model, mixture settings as the "
+                                "reference (alr.gmm_preset reference)",
+                                HARD + (("alr.models", "1"), ("alr.gmm_preset", "reference")), ONE_MODEL_ROWS, "A/FS"),
 }
 DEFAULT_VARIANTS = ["baseline", "fused", "alr", "full"]
 # The fair proxy ablation (issue 23), in the order a partial sweep should reach them: the comparisons the
 # method stands on first (no ALR -> hard selection -> pair vs independent pair), then the fidelity rows.
 PROXY_VARIANTS = ["baseline", "fused", "alr_hard", "full_hard", "ensemble_hard", "alr", "full", "fused_ref",
-                  "fused_all", "head_warmup", "frozen", "alr_hard_global", "full_hard_global", "alr_hard_views"]
-# variants whose ALR pass changes only on noisy data (what the pass scores): the proxy sweep plans them for the
-# noisy conditions only (on clean data hard selection only drops clean pairs, measured by alr_hard)
-NOISY_ONLY_VARIANTS = ("alr_hard_global", "full_hard_global", "alr_hard_views")
+                  "fused_all", "head_warmup", "frozen", "alr_hard_global", "full_hard_global", "alr_hard_views",
+                  "alr_hard_trl_ref", "alr_hard_gmm_ref"]
+# variants that differ from alr_hard / full_hard only in the ALR pass or the noisy recipe's TRL: the sweep plans them
+# for the noisy conditions only (on clean data hard selection only drops clean pairs, measured by alr_hard)
+NOISY_ONLY_VARIANTS = ("alr_hard_global", "full_hard_global", "alr_hard_views", "alr_hard_trl_ref",
+                       "alr_hard_gmm_ref")  # (the proxy's clean recipe trains SDM: no TRL temperature)
 CONDITIONS = {"clean": "0.0", "noisy": "0.5", "noisy80": "0.8"}
 CONDITION_LABELS = {"clean": "clean", "noisy": "50% noisy correspondence", "noisy80": "80% noisy correspondence"}
 DEFAULT_CONDITIONS = ["clean", "noisy"]
