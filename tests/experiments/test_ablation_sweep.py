@@ -488,3 +488,36 @@ def yaml_config(run: Path) -> dict:
     import yaml
 
     return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_selection_rule_section_reads_each_rules_epoch_of_the_reported_row(tmp_path):
+    """Deviation 7: the GE+FS row's test R@1 at the epoch of its own best val R@1 (fixed), of the best val
+    max(GE, FS) (reference; the first on ties) and at the last epoch; the pair variant reads A+B rows only;
+    the baseline (no GE+FS row) and the ensemble control are left out."""
+    args = proxy_args(tmp_path, "--seeds", "0", "1", "--variants", "baseline", "fused", "alr_hard", "full_hard",
+                      "ensemble_hard", "--conditions", "noisy")
+    runs_dir = tmp_path / "runs"
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        # val GE+FS best at epoch 1; val max(GE, FS) best at epoch 2 (GE 50); test GE+FS 10 / 20 / 30 (+ shift)
+        fake_run(runs_dir / f"fused-noisy-seed{seed}", {"A/GE+FS": 1.0}, epochs=[
+            ({"A/GE": 5.0, "A/FS": 5.0, "A/GE+FS": 5.0}, {"A/GE+FS": 10.0 + shift}),
+            ({"A/GE": 10.0, "A/FS": 30.0, "A/GE+FS": 40.0}, {"A/GE+FS": 20.0 + shift}),
+            ({"A/GE": 50.0, "A/FS": 20.0, "A/GE+FS": 35.0}, {"A/GE+FS": 30.0 + shift})])
+        # the pair: A's rows would pick epoch 0 under both rules; A+B's pick epoch 1 (fixed) and 0 (max, a tie
+        # of 30 broken towards the first epoch)
+        fake_run(runs_dir / f"full_hard-noisy-seed{seed}", {"A+B/FS": 1.0}, epochs=[
+            ({"A/GE+FS": 99.0, "A/GE": 99.0, "A+B/GE": 30.0, "A+B/FS": 1.0, "A+B/GE+FS": 1.0},
+             {"A+B/GE+FS": 7.0, "A/GE+FS": 0.0}),
+            ({"A/GE+FS": 1.0, "A+B/GE": 2.0, "A+B/FS": 30.0, "A+B/GE+FS": 60.0}, {"A+B/GE+FS": 8.0, "A/GE+FS": 0.0})])
+    fake_run(runs_dir / "baseline-noisy-seed0", {"A/GE": 3.0})
+    report = ablation_report.write_report(ablation_plan.plan_runs(args), args, failed=[]).read_text()
+    section = report.split("## Which epoch to keep")[1].split("## Ensemble")[0]
+    fused = report_line(section, "| fused | A/GE+FS |")
+    # fixed 20 / 22, max(GE, FS) 30 / 32, last 30 / 32: fixed − max = -10 in both seeds -> hurts
+    assert "| 21.00 ± 1.41 | 31.00 ± 1.41 | 31.00 ± 1.41 | 1,1 / 2,2 / 2,2 | 0: -10.00, 1: -10.00 |" in fused
+    assert fused.endswith("| hurts |")
+    pair = report_line(section, "| full_hard | A+B/GE+FS |")
+    assert "| 8.00 ± 0.00 | 7.00 ± 0.00 | 8.00 ± 0.00 | 1,1 / 0,0 / 1,1 | 0: +1.00, 1: +1.00 |" in pair
+    assert "| baseline |" not in section and "| ensemble_hard |" not in section
+    saved = json.loads((tmp_path / "docs" / "ablation.json").read_text())["selection_rules"]
+    assert saved["effect"]["fused"]["noisy"]["epochs"]["reference"] == [2, 2]

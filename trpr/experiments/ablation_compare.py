@@ -158,3 +158,59 @@ def compare_all(table: dict, conditions, rules=tuple(RULES)) -> list[dict]:
              "baseline_row": c.baseline_row, "condition": condition, "rule": rule,
              **paired_difference(table, c, condition, rule)}
             for rule in rules for c in COMPARISONS for condition in conditions]
+
+
+# ------------------------------------------------------------------ deviation 7: which epoch to keep
+SELECTION_RULES = {"fixed": "the reported row's own val R@1 (eval.select_row = that row)",
+                   "reference": "max(GE, FS): the epoch with the best val max(R@1 of M/GE, M/FS)",
+                   "last": "the last epoch (no selection)"}
+
+
+def selection_rule_effect(runs) -> dict:
+    """Test R@1 of each run's reported score row, M/GE+FS (M = A, or A+B for the pair variants), at the epoch
+    each rule of SELECTION_RULES keeps, from the run's metrics.jsonl (val and test rows of every epoch:
+    eval.record_test). Runs without a GE+FS row (the baseline), the ensemble controls and runs without
+    per-epoch test rows are left out.
+
+    Returns {variant: {condition: {"seeds": [int], "row": "A/GE+FS", rule: [R@1 per seed], "epochs": {rule:
+    [epoch per seed]}}}}."""
+    from trpr.modeling.pair import selection_r1
+
+    effect: dict = {}
+    for run in runs:
+        if run.partner is not None or not run.trained:
+            continue
+        model = run.variant.select_row.split("/", 1)[0]
+        row = f"{model}/GE+FS"
+        if row not in dict(run.variant.rows).values():
+            continue
+        records = [r for r in read_records(run.folder) if "val" in r and "test" in r and row in r["test"]]
+        if not records:
+            continue
+        rules = {"fixed": row, "reference": reference_rule(run.variant.select_row)}
+        chosen = {name: max(records, key=lambda r, rule=rule: (selection_r1(r["val"], rule), -r["epoch"]))
+                  for name, rule in rules.items()}
+        chosen["last"] = records[-1]
+        cell = effect.setdefault(run.variant.name, {}).setdefault(
+            run.condition, {"seeds": [], "row": row, **{name: [] for name in SELECTION_RULES},
+                            "epochs": {name: [] for name in SELECTION_RULES}})
+        cell["seeds"].append(run.seed)
+        for name, record in chosen.items():
+            cell[name].append(record["test"][row]["R1"])
+            cell["epochs"][name].append(record["epoch"])
+    return effect
+
+
+def selection_rule_differences(effect: dict) -> list[dict]:
+    """Per (variant, condition) of `selection_rule_effect`: the paired difference fixed − reference (R@1 of
+    the reported row, per seed) with its mean, std and verdict ("earns its place" = the fixed row keeps the
+    better epoch)."""
+    results = []
+    for variant, conditions in effect.items():
+        for condition, cell in conditions.items():
+            differences = [a - b for a, b in zip(cell["fixed"], cell["reference"])]
+            results.append({"variant": variant, "condition": condition, "row": cell["row"], "seeds": cell["seeds"],
+                            "differences": differences, "mean": statistics.fmean(differences),
+                            "std": statistics.stdev(differences) if len(differences) > 1 else None,
+                            "verdict": verdict(differences)})
+    return results

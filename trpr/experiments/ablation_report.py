@@ -11,11 +11,13 @@ import statistics
 import sys
 from pathlib import Path
 
-from trpr.experiments.ablation_compare import RULES, compare_all, read_records, selected_rows
+from trpr.experiments.ablation_compare import (RULES, SELECTION_RULES, compare_all, read_records, selected_rows,
+                                              selection_rule_differences, selection_rule_effect)
 from trpr.experiments.ablation_plan import CONDITION_LABELS, VARIANTS, Run
 from trpr.experiments.ablation_zeroshot import read_zeroshot
 from trpr.reporting.ablation import (AUC_METRICS, alr_markdown, comparison_markdown, ensemble_markdown, plot_alr,
-                                     plot_differences, plot_table, plot_weight_distributions, table_markdown)
+                                     plot_differences, plot_table, plot_weight_distributions,
+                                     selection_rule_markdown, table_markdown)
 
 METRICS = ("R1", "mAP")
 
@@ -219,6 +221,15 @@ def write_report(runs: list[Run], args, failed: list[str]) -> Path:
         lines += [f"### ({letter}) {RULES[rule]}", "", comparison_markdown(comparisons, conditions, rule), ""]
     if has_differences:
         lines += ["![paired differences](ablation_differences.png)", ""]
+    effect = selection_rule_effect(runs)
+    rule_differences = selection_rule_differences(effect)
+    lines += ["## Which epoch to keep: the fixed row vs max(GE, FS) (deviation 7)", "",
+              "Test R@1 of the score each variant reports (M/GE+FS; M = A, A+B for the pair variants) at the epoch "
+              "each rule keeps, all read from the same runs' per-epoch records (val rows select, test rows "
+              "report): " + "; ".join(f"**{name}** = {text}" for name, text in SELECTION_RULES.items()) +
+              ". The runs themselves selected on their FS row (table (a)); this section only re-reads their "
+              "records. Verdict as above, for fixed − max(GE, FS).", "",
+              selection_rule_markdown(effect, rule_differences, variants, conditions), ""]
     lines += ["## Ensemble A+B of the same runs (not a method row)", "",
               "Both models of every run, summed FS similarities (trainer's rule). For the variants without the "
               "reciprocal pair model B never influenced model A: the gain over A is plain two-model ensembling.", "",
@@ -243,5 +254,7 @@ def write_report(runs: list[Run], args, failed: list[str]) -> Path:
     (docs_dir / "ablation.md").write_text("\n".join(lines))
     (docs_dir / "ablation.json").write_text(json.dumps(
         {"command": sweep, "runs_planned": len(runs), "runs_finished": sum(r.finished for r in runs),
-         "failed": failed, "rules": RULES, "table": table, "comparisons": comparisons}, indent=2) + "\n")
+         "failed": failed, "rules": RULES, "table": table, "comparisons": comparisons,
+         "selection_rules": {"rules": SELECTION_RULES, "effect": effect, "differences": rule_differences}},
+        indent=2) + "\n")
     return docs_dir / "ablation.md"

@@ -335,3 +335,27 @@ def write_separability(results: list[dict], docs_dir: Path) -> Path:
                     + "\n".join(lines) + "\n")
     (docs_dir / "alr_separability.json").write_text(json.dumps(results, indent=2) + "\n")
     return path
+
+
+def selection_rule_markdown(effect: dict, differences: list[dict], variants: dict, conditions: dict[str, str]) -> str:
+    """Deviation 7's table (trpr.experiments.ablation_compare.selection_rule_effect / _differences): per variant
+    and condition the test R@1 of the reported GE+FS row at the epoch kept by the fixed row, by max(GE, FS)
+    and at the last epoch (mean ± std over seeds), the kept epochs, and the paired fixed − max(GE, FS)."""
+    lines = ["| variant | row | condition | seeds | fixed row | max(GE, FS) | last epoch | kept epochs "
+             "(fixed / max / last) | fixed − max(GE, FS) per seed | mean ± std | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    by_key = {(d["variant"], d["condition"]): d for d in differences}
+    for name in variants:
+        for condition in conditions:
+            cell = effect.get(name, {}).get(condition)
+            if cell is None:
+                continue
+            diff = by_key[(name, condition)]
+            epochs = " / ".join(",".join(map(str, cell["epochs"][rule])) for rule in ("fixed", "reference", "last"))
+            per_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(diff["seeds"], diff["differences"]))
+            spread = (f"{diff['mean']:+.2f} ± {diff['std']:.2f}" if diff["std"] is not None
+                      else f"{diff['mean']:+.2f} (1 seed)")
+            lines.append(f"| {name} | {cell['row']} | {conditions[condition]} | {len(cell['seeds'])} | "
+                         f"{format_cell(cell['fixed'])} | {format_cell(cell['reference'])} | "
+                         f"{format_cell(cell['last'])} | {epochs} | {per_seed} | {spread} | {diff['verdict']} |")
+    return "\n".join(lines)
