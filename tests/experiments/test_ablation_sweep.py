@@ -296,7 +296,7 @@ def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path)
     assert options["full-noisy80-seed1"]["--data.noise_rate"] == "0.8"
     assert all(o["--model.backbone"] == str(tmp_path / "proxy") for o in options.values())
     assert options["fused_all-clean-seed0"]["--model.image_tokens"] == "all"
-    assert "--model.image_tokens" not in options["fused-clean-seed0"]
+    assert options["fused-clean-seed0"]["--model.image_tokens"] == "topk"  # ablation_plan.PINNED
     assert options["fused_ref-clean-seed0"]["--model.image_tokens"] == "reference"
     assert options["frozen-noisy-seed0"]["--optim.backbone_lr"] == "0.0"
     assert options["head_warmup-noisy-seed0"]["--optim.head_warmup_epochs"] == "1"
@@ -521,3 +521,26 @@ def test_selection_rule_section_reads_each_rules_epoch_of_the_reported_row(tmp_p
     assert "| baseline |" not in section and "| ensemble_hard |" not in section
     saved = json.loads((tmp_path / "docs" / "ablation.json").read_text())["selection_rules"]
     assert saved["effect"]["fused"]["noisy"]["epochs"]["reference"] == [2, 2]
+
+
+def test_a_run_recorded_before_an_option_was_pinned_is_reused_only_with_that_value(tmp_path, monkeypatch):
+    """PINNED options appear in every planned command (unless the variant sets them); a run folder whose
+    recorded command lacks them is the same run when its config.yaml holds the pinned values."""
+    args = args_for(tmp_path, "--seeds", "0", "--variants", "fused", "fused_all", "--conditions", "clean")
+    fused, fused_all = ablation_plan.plan_runs(args)
+    options = dict(zip(fused.command, fused.command[1:]))
+    assert options["--model.image_tokens"] == "topk"
+    assert fused_all.command.count("--model.image_tokens") == 1  # the variant's own value, not the pin
+    assert dict(zip(fused_all.command, fused_all.command[1:]))["--model.image_tokens"] == "all"
+    at = fused.command.index("--model.image_tokens")
+    old_command = fused.command[:at] + fused.command[at + 2:]
+    fake_run(fused.folder, {"A/FS": 10.0})
+    fused.command_file.write_text(" ".join(old_command) + "\n")
+    (fused.folder / "config.yaml").write_text("model:\n  image_tokens: topk\n")
+    assert ablation_plan.plan_runs(args)[0].finished  # recorded before the pin, trained with topk: reused
+    (fused.folder / "config.yaml").write_text("model:\n  image_tokens: all\n")
+    with pytest.raises(SystemExit, match="another command"):  # trained with another value: not this run
+        ablation_plan.plan_runs(args)
+    (fused.folder / "config.yaml").unlink()
+    with pytest.raises(SystemExit, match="another command"):  # nothing says what it was trained with
+        ablation_plan.plan_runs(args)

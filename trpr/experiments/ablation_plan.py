@@ -66,6 +66,10 @@ VARIANTS = {
                                 "reference (alr.gmm_preset reference)",
                                 HARD + (("alr.models", "1"), ("alr.gmm_preset", "reference")), ONE_MODEL_ROWS, "A/FS"),
 }
+# Options every run states unless its variant sets them: the values the proxy ablation's variants were defined
+# with, so that a later change of a project default (docs/method.md §10.7) changes no row of the table. A run
+# folder recorded before an option was pinned is still this run when its config.yaml holds the pinned value.
+PINNED = (("model.image_tokens", "topk"),)
 DEFAULT_VARIANTS = ["baseline", "fused", "alr", "full"]
 # The fair proxy ablation (issue 23), in the order a partial sweep should reach them: the comparisons the
 # method stands on first (no ALR -> hard selection -> pair vs independent pair), then the fidelity rows.
@@ -122,6 +126,37 @@ class Run:
         """The test metrics the table reads (the ensemble's for the control)."""
         return self.folder / (ENSEMBLE_METRICS if self.partner is not None else "test_metrics.json")
 
+    def pinned_options(self) -> list[tuple[str, str]]:
+        """The PINNED options this run's command states (those its variant does not set itself)."""
+        own = {key for key, _ in self.variant.overrides}
+        return [(key, value) for key, value in PINNED if key not in own]
+
+    def recorded_before_pinning(self, previous: list[str]) -> bool:
+        """Whether `previous` is this run's command as recorded before PINNED existed: the planned command
+        without the pinned options, and the run's resolved config.yaml holds the pinned values (the defaults
+        of that time)."""
+        pinned = self.pinned_options()
+        flags = {f"--{key}" for key, _ in pinned}
+        stripped, skip = [], False
+        for word in self.command:
+            if skip:
+                skip = False
+            elif word in flags:
+                skip = True
+            else:
+                stripped.append(word)
+        config_path = self.folder / "config.yaml"
+        if not pinned or previous != stripped or not config_path.is_file():
+            return False
+        import yaml
+
+        config = yaml.safe_load(config_path.read_text()) or {}
+        for key, value in pinned:
+            section, name = key.split(".", 1)
+            if str(config.get(section, {}).get(name)) != value:
+                return False
+        return True
+
     def check_same_command(self) -> None:
         """A run folder written by a different command (other epochs, --set, config) is not this run."""
         recorded = next((path for path in (self.command_file, self.folder / "command.txt") if path.is_file()), None)
@@ -131,7 +166,7 @@ class Run:
         if "--resume" in previous:
             at = previous.index("--resume")
             previous = previous[:at] + previous[at + 2:]
-        if previous != self.command:
+        if previous != self.command and not self.recorded_before_pinning(previous):
             raise SystemExit(f"ablate: {recorded} holds another command than this sweep plans for {self.name}:\n"
                              f"  recorded: {' '.join(previous)}\n  planned:  {' '.join(self.command)}\n"
                              f"use another --runs-dir (or delete that run folder)")
@@ -188,7 +223,7 @@ def train_command(run: Run, args) -> list[str]:
         overrides.append(("train.epochs", str(args.epochs)))
     if args.backbone is not None:
         overrides.append(("model.backbone", args.backbone))
-    overrides += list(run.variant.overrides)
+    overrides += run.pinned_options() + list(run.variant.overrides)
     overrides += [tuple(item.split("=", 1)) for item in args.extra]
     command = [sys.executable, "train_3rtpr.py", "--config", config_for(run.condition, args)]
     for key, value in overrides:
