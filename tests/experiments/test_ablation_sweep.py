@@ -287,9 +287,10 @@ def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path)
     runs = ablation_plan.plan_runs(args)
     noisy_only = len(ablation_plan.NOISY_ONLY_VARIANTS)
     # seeds x (conditions x variants, less the clean runs of the variants whose pass only matters under noise)
-    assert len(runs) == 2 * (3 * len(ablation_plan.PROXY_VARIANTS) - noisy_only) == 2 * (3 * 16 - 5)
+    assert len(runs) == 2 * (3 * len(ablation_plan.PROXY_VARIANTS) - noisy_only) == 2 * (3 * 17 - 5)
     by_name = {r.name: r for r in runs}
-    assert "alr_hard_global-clean-seed0" not in by_name and "alr_hard_global-noisy80-seed1" in by_name
+    assert "full_hard_global-clean-seed0" not in by_name and "full_hard_global-noisy80-seed1" in by_name
+    assert by_name["ensemble_hard_global-noisy-seed0"].partner is by_name["alr_hard_global-noisy-seed0"]
     options = {name: dict(zip(run.command, run.command[1:])) for name, run in by_name.items()}
     assert options["baseline-clean-seed0"]["--config"] == "proxy-clean"
     assert options["baseline-noisy-seed0"]["--config"] == "proxy-noisy"

@@ -67,6 +67,11 @@ COMPARISONS = (
                "on the GE+FS score", "alr_hard_global", "A/GE+FS", "fused", "A/GE+FS"),
     Comparison("full_hard_global-full_hard", "reciprocal pair with hard selection: global over fused scoring",
                "full_hard_global", "A+B/FS", "full_hard", "A+B/FS"),
+    Comparison("full_hard_global-alr_hard_global", "reciprocal pair over one model, both hard selection scored "
+               "on the global similarity", "full_hard_global", "A+B/FS", "alr_hard_global", "A/FS"),
+    Comparison("full_hard_global-ensemble_hard_global", "reciprocal pair over two independent models, both hard "
+               "selection scored on the global similarity", "full_hard_global", "A+B/FS", "ensemble_hard_global",
+               "A+A'/FS"),
     Comparison("alr_hard_views-alr_hard", "hard selection scored on augmented views (reference) over eval inputs",
                "alr_hard_views", "A/FS", "alr_hard", "A/FS"),
     Comparison("alr_hard_trl_ref-alr_hard", "TRL temperature as the reference (tau = margin) over tau",

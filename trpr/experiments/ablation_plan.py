@@ -55,6 +55,10 @@ VARIANTS = {
     "full_hard_global": Variant("full_hard_global", "+ reciprocal pair, ALR hard selection, pass scored on the "
                                 "GLOBAL similarity (alr.score global)",
                                 HARD + (("alr.models", "2"), ("alr.score", "global")), PAIR_ROWS, "A+B/FS"),
+    "ensemble_hard_global": Variant("ensemble_hard_global", "control: two independent hard-selection models "
+                                    "scored on the global similarity, ensembled",
+                                    HARD + (("alr.models", "1"), ("alr.score", "global")), ENSEMBLE_ROWS, "A/FS",
+                                    partner="alr_hard_global"),
     "alr_hard_views": Variant("alr_hard_views", "+ ALR hard selection, one model, pass scored on training-"
                               "augmented views as the reference (alr.views reference)",
                               HARD + (("alr.models", "1"), ("alr.views", "reference")), ONE_MODEL_ROWS, "A/FS"),
@@ -74,11 +78,11 @@ DEFAULT_VARIANTS = ["baseline", "fused", "alr", "full"]
 # The fair proxy ablation (issue 23), in the order a partial sweep should reach them: the comparisons the
 # method stands on first (no ALR -> hard selection -> pair vs independent pair), then the fidelity rows.
 PROXY_VARIANTS = ["baseline", "fused", "alr_hard", "full_hard", "ensemble_hard", "alr", "full", "fused_ref",
-                  "fused_all", "head_warmup", "frozen", "alr_hard_global", "full_hard_global", "alr_hard_views",
-                  "alr_hard_trl_ref", "alr_hard_gmm_ref"]
+                  "fused_all", "head_warmup", "frozen", "alr_hard_global", "full_hard_global", "ensemble_hard_global",
+                  "alr_hard_views", "alr_hard_trl_ref", "alr_hard_gmm_ref"]
 # variants that differ from alr_hard / full_hard only in the ALR pass or the noisy recipe's TRL: the sweep plans them
 # for the noisy conditions only (on clean data hard selection only drops clean pairs, measured by alr_hard)
-NOISY_ONLY_VARIANTS = ("alr_hard_global", "full_hard_global", "alr_hard_views", "alr_hard_trl_ref",
+NOISY_ONLY_VARIANTS = ("full_hard_global", "ensemble_hard_global", "alr_hard_views", "alr_hard_trl_ref",
                        "alr_hard_gmm_ref")  # (the proxy's clean recipe trains SDM: no TRL temperature)
 CONDITIONS = {"clean": "0.0", "noisy": "0.5", "noisy80": "0.8"}
 CONDITION_LABELS = {"clean": "clean", "noisy": "50% noisy correspondence", "noisy80": "80% noisy correspondence"}
