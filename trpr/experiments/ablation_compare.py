@@ -76,6 +76,9 @@ COMPARISONS = (
                "alr_hard_views", "A/FS", "alr_hard", "A/FS"),
     Comparison("alr_hard_trl_ref-alr_hard", "TRL temperature as the reference (tau = margin) over tau",
                "alr_hard_trl_ref", "A/FS", "alr_hard", "A/FS"),
+    Comparison("alr_hard_global_trl_ref-alr_hard_global", "TRL temperature as the reference over tau, with hard "
+               "selection scored on the global similarity", "alr_hard_global_trl_ref", "A/FS", "alr_hard_global",
+               "A/FS"),
     Comparison("alr_hard_gmm_ref-alr_hard", "mixture settings as the reference (10 / 1e-2 / 5e-4) over RDE's rule",
                "alr_hard_gmm_ref", "A/FS", "alr_hard", "A/FS"),
 )
