@@ -33,6 +33,17 @@ architecture untrained, as the control). More variants:
   fused_all     + fused representation, image branch over all patches (model.image_tokens all)
   head_warmup   + fused representation, heads warmed up 1 epoch with the backbone frozen
   frozen        + fused representation, frozen backbone (optim.backbone_lr 0)
+  alr_hard_global, full_hard_global, ensemble_hard_global
+                alr_hard / full_hard / ensemble_hard with the ALR pass scored on the global similarity
+                (alr.score global)
+  alr_hard_views  alr_hard with the pass scored on training-augmented views (alr.views reference)
+  alr_hard_trl_ref, alr_hard_global_trl_ref
+                alr_hard / alr_hard_global with the reference's TRL temperature (loss.trl_temperature reference)
+  alr_hard_gmm_ref  alr_hard with the reference's mixture settings (alr.gmm_preset reference)
+                (these last variants differ only in the ALR pass or TRL: planned for the noisy conditions only,
+                except alr_hard_global, also run on clean data)
+Every run's command states the PINNED options (ablation_plan.PINNED: the values the variants were defined
+with), so a later change of a project default changes no row.
     .venv/bin/python scripts/ablate.py --proxy --jobs 2 --threads 1      # -> runs/ablation_proxy, docs/results/proxy
 The pretrained backbone itself is evaluated once (the zero-shot row, ablation_zeroshot ->
 <runs_dir>/zeroshot_test_metrics.json; also by --report-only when missing). The report then also has the ALR
