@@ -140,11 +140,11 @@ class Run:
         return [(key, value) for key, value in PINNED if key not in own]
 
     def recorded_before_pinning(self, previous: list[str]) -> bool:
-        """Whether `previous` is this run's command as recorded before PINNED existed: the planned command
-        without the pinned options, and the run's resolved config.yaml holds the pinned values (the defaults
-        of that time)."""
-        pinned = self.pinned_options()
-        flags = {f"--{key}" for key, _ in pinned}
+        """Whether `previous` is this run's command as recorded before some PINNED options existed: the planned
+        command without the pinned options `previous` lacks, and the run's resolved config.yaml holds those
+        options' pinned values (the defaults of that time)."""
+        missing = [(key, value) for key, value in self.pinned_options() if f"--{key}" not in previous]
+        flags = {f"--{key}" for key, _ in missing}
         stripped, skip = [], False
         for word in self.command:
             if skip:
@@ -154,12 +154,12 @@ class Run:
             else:
                 stripped.append(word)
         config_path = self.folder / "config.yaml"
-        if not pinned or previous != stripped or not config_path.is_file():
+        if not missing or previous != stripped or not config_path.is_file():
             return False
         import yaml
 
         config = yaml.safe_load(config_path.read_text()) or {}
-        for key, value in pinned:
+        for key, value in missing:
             section, name = key.split(".", 1)
             if str(config.get(section, {}).get(name)) != value:
                 return False
