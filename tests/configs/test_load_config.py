@@ -49,7 +49,11 @@ OLD_NOISE_RECIPES = {
 @pytest.mark.parametrize("dataset, rate", sorted(OLD_NOISE_RECIPES), ids=lambda v: str(v))
 def test_noisy_recipe_with_a_rate_resolves_to_the_old_per_rate_recipe(dataset, rate, tmp_path):
     max_iter, tol, reg_covar = OLD_NOISE_RECIPES[dataset, rate]
+    # (+ the choices of 2026-12-07, docs/method.md §10.7: hard selection scored on the global similarity, TRL trained
+    # at temperature = margin)
     old = load_config(dataset, ["--loss.lambda_sdm", "0.0", "--loss.lambda_trl", "1.0", "--data.noise_rate", str(rate),
+                                "--alr.selection", "reference", "--alr.score", "global",
+                                "--loss.trl_temperature", "reference",
                                 "--alr.gmm_max_iter", str(max_iter), "--alr.gmm_tol", str(tol),
                                 "--alr.gmm_reg_covar", str(reg_covar)])
     assert old["alr"]["gmm_preset"] == "none"

@@ -81,7 +81,8 @@ def test_fused_head_pools_valid_tokens_and_adds_projected_global():
 def topk_and_all():
     torch.manual_seed(0)
     config = small_clip_config()
-    topk = TRPRModel.from_clip(config, image_size=(128, 64), fused_dim=32, select_ratio=0.25, head_seed=0).eval()
+    topk = TRPRModel.from_clip(config, image_size=(128, 64), fused_dim=32, select_ratio=0.25, head_seed=0,
+                               image_tokens="topk").eval()
     every = TRPRModel.from_clip(config, image_size=(128, 64), fused_dim=32, select_ratio=0.25,
                                 image_tokens="all").eval()
     every.load_state_dict(topk.state_dict())

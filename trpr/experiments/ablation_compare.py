@@ -79,6 +79,15 @@ COMPARISONS = (
     Comparison("alr_hard_global_trl_ref-alr_hard_global", "TRL temperature as the reference over tau, with hard "
                "selection scored on the global similarity", "alr_hard_global_trl_ref", "A/FS", "alr_hard_global",
                "A/FS"),
+    Comparison("full_hard_global_trl_ref-full_hard_global", "TRL temperature as the reference over tau, pair with "
+               "hard selection scored on the global similarity", "full_hard_global_trl_ref", "A+B/FS",
+               "full_hard_global", "A+B/FS"),
+    Comparison("full_hard_global_trl_ref-fused_ge_fs", "the noisy recipes' ALR (pair, hard, global, reference TRL "
+               "temperature) over no ALR, on the GE+FS score", "full_hard_global_trl_ref", "A+B/GE+FS", "fused",
+               "A/GE+FS"),
+    Comparison("full_hard_global_trl_ref-baseline", "the noisy recipes' method (pair, hard, global, reference TRL "
+               "temperature, GE+FS) over the fine-tuned global baseline", "full_hard_global_trl_ref", "A+B/GE+FS",
+               "baseline", "A/GE"),
     Comparison("alr_hard_gmm_ref-alr_hard", "mixture settings as the reference (10 / 1e-2 / 5e-4) over RDE's rule",
                "alr_hard_gmm_ref", "A/FS", "alr_hard", "A/FS"),
 )

@@ -70,6 +70,11 @@ VARIANTS = {
                                        "on the global similarity, TRL temperature as the reference",
                                        HARD + (("alr.models", "1"), ("alr.score", "global"),
                                                ("loss.trl_temperature", "reference")), ONE_MODEL_ROWS, "A/FS"),
+    "full_hard_global_trl_ref": Variant("full_hard_global_trl_ref", "+ reciprocal pair, ALR hard selection scored "
+                                        "on the global similarity, TRL temperature as the reference (the noisy "
+                                        "recipes' defaults since 2026-12-07)",
+                                        HARD + (("alr.models", "2"), ("alr.score", "global"),
+                                                ("loss.trl_temperature", "reference")), PAIR_ROWS, "A+B/FS"),
     "alr_hard_gmm_ref": Variant("alr_hard_gmm_ref", "+ ALR hard selection, one model, mixture settings as the "
                                 "reference (alr.gmm_preset reference)",
                                 HARD + (("alr.models", "1"), ("alr.gmm_preset", "reference")), ONE_MODEL_ROWS, "A/FS"),
@@ -77,17 +82,19 @@ VARIANTS = {
 # Options every run states unless its variant sets them: the values the proxy ablation's variants were defined
 # with, so that a later change of a project default (docs/method.md §10.7) changes no row of the table. A run
 # folder recorded before an option was pinned is still this run when its config.yaml holds the pinned value.
-PINNED = (("model.image_tokens", "topk"),)
+PINNED = (("model.image_tokens", "topk"), ("alr.selection", "project"), ("alr.score", "fused"),
+          ("loss.trl_temperature", "tau"))
 DEFAULT_VARIANTS = ["baseline", "fused", "alr", "full"]
 # The fair proxy ablation (issue 23), in the order a partial sweep should reach them: the comparisons the
 # method stands on first (no ALR -> hard selection -> pair vs independent pair), then the fidelity rows.
 PROXY_VARIANTS = ["baseline", "fused", "alr_hard", "full_hard", "ensemble_hard", "alr", "full", "fused_ref",
                   "fused_all", "head_warmup", "frozen", "alr_hard_global", "full_hard_global", "ensemble_hard_global",
-                  "alr_hard_views", "alr_hard_trl_ref", "alr_hard_gmm_ref", "alr_hard_global_trl_ref"]
+                  "alr_hard_views", "alr_hard_trl_ref", "alr_hard_gmm_ref", "alr_hard_global_trl_ref",
+                  "full_hard_global_trl_ref"]
 # variants that differ from alr_hard / full_hard only in the ALR pass or the noisy recipe's TRL: the sweep plans them
 # for the noisy conditions only (on clean data hard selection only drops clean pairs, measured by alr_hard)
 NOISY_ONLY_VARIANTS = ("full_hard_global", "ensemble_hard_global", "alr_hard_views", "alr_hard_trl_ref",
-                       "alr_hard_global_trl_ref", "alr_hard_gmm_ref")  # (the proxy's clean recipe trains SDM: no TRL temperature)
+                       "alr_hard_global_trl_ref", "full_hard_global_trl_ref", "alr_hard_gmm_ref")  # (the proxy's clean recipe trains SDM: no TRL temperature)
 CONDITIONS = {"clean": "0.0", "noisy": "0.5", "noisy80": "0.8"}
 CONDITION_LABELS = {"clean": "clean", "noisy": "50% noisy correspondence", "noisy80": "80% noisy correspondence"}
 DEFAULT_CONDITIONS = ["clean", "noisy"]

@@ -163,7 +163,7 @@ class ImageFusedHead(FusedHead):
     behaviour: docs/method.md §10); the CLS token also feeds the global projection in every mode."""
 
     def __init__(self, embed_dim: int, fused_dim: int, num_patches: int, select_ratio: float,
-                 image_tokens: str = "topk"):
+                 image_tokens: str = "all"):
         super().__init__(embed_dim, fused_dim)
         if image_tokens not in IMAGE_TOKEN_MODES:
             raise ValueError(f"image_tokens must be one of {IMAGE_TOKEN_MODES}, got {image_tokens!r}")

@@ -32,7 +32,7 @@ class TRPRModel(nn.Module, HubMixin):
     """
 
     def __init__(self, backbone: CLIPBackbone, select_ratio: float = 0.2, fused_dim: int = 2048,
-                 image_tokens: str = "topk", head_seed: int | None = None):
+                 image_tokens: str = "all", head_seed: int | None = None):
         super().__init__()
         if not 0.0 <= float(select_ratio) <= 1.0:
             raise ValueError(f"select_ratio must be in [0, 1], got {select_ratio}")
@@ -51,7 +51,7 @@ class TRPRModel(nn.Module, HubMixin):
     @classmethod
     def from_clip(cls, name_or_path_or_config: str | Path | CLIPConfig | dict | None = DEFAULT_CLIP,
                   select_ratio: float = 0.2, fused_dim: int = 2048, image_size: tuple[int, int] = (384, 128),
-                  image_tokens: str = "topk", head_seed: int | None = None) -> "TRPRModel":
+                  image_tokens: str = "all", head_seed: int | None = None) -> "TRPRModel":
         """Build from a CLIP hub name / local CLIP directory (pretrained, SDPA) or a CLIPConfig / dict
         (random init). The position embeddings are resized to `image_size` (H, W) here, once."""
         backbone = CLIPBackbone(load_clip_model(name_or_path_or_config), image_size)
