@@ -59,7 +59,7 @@ test: setup
 # user fine-tunes openai/clip-vit-base-patch16: --model.backbone DIR. DEMO_RECIPE: the recipe and its options
 # (README "What the demo does" says why this one); the from-scratch demo of earlier releases is
 # make demo DEMO_RECIPE="--config synth-pedes" DEMO_BACKBONE= (empty: the recipe's own random-init backbone).
-DEMO_RECIPE ?= --config proxy-noisy --data.noise_rate 0.5 --alr.selection reference
+DEMO_RECIPE ?= --config proxy-noisy --data.noise_rate 0.5
 DEMO_BACKBONE ?= trpr/pretrained/proxy_clip
 demo: setup
 	rm -rf runs/demo
