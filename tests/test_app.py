@@ -85,12 +85,28 @@ def test_ui_builds_and_launches_on_localhost(photos, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def headed(photos, tmp_path_factory):
-    """A pair WITH fused heads (select_ratio 0.2), saved: the explanations need selected tokens."""
+    """A pair WITH fused heads (select_ratio 0.2) that select image patches (image_tokens topk), saved: the
+    explanations need selected tokens."""
     from tests.test_eval_3rtpr import _small_pair as small_pair
 
     folder = tmp_path_factory.mktemp("headed") / "pair"
-    small_pair((8, 9), select_ratio=0.2).save_pretrained(folder)
+    small_pair((8, 9), select_ratio=0.2, image_tokens="topk").save_pretrained(folder)
     return folder
+
+
+def test_explanation_of_a_head_that_pools_every_patch_says_so(photos, tmp_path_factory, tmp_path):
+    """image_tokens all (the default): nothing is highlighted, and the text says every patch was pooled."""
+    from tests.test_eval_3rtpr import _small_pair as small_pair
+
+    folder = tmp_path_factory.mktemp("every") / "pair"
+    small_pair((8, 9), select_ratio=0.2, image_tokens="all").save_pretrained(folder)
+    session = app.open_session(str(folder), photos["folder"], cache_dir=tmp_path / "cache", score="A+B/GE+FS")
+    app.answer(session, CAPTION, 4)
+    shown = app.explain(session, 0)
+    rows, columns, _ = session.pair.a.patch_grid()
+    assert shown["patches"] == []
+    assert f"pooled every patch of the {rows}×{columns} grid (image_tokens all: no patch selection)" in shown["text"]
+    assert "highlighted patches" not in shown["text"]
 
 
 def test_explanation_shows_exactly_what_the_fused_heads_selected(photos, headed, tmp_path, monkeypatch):

@@ -21,10 +21,11 @@ IMAGE_SIZE = (64, 32)
 DATASET = "synth-pedes-tiny"
 
 
-def _small_pair(head_seeds, select_ratio=0.2):
+def _small_pair(head_seeds, select_ratio=0.2, image_tokens="all"):
     torch.manual_seed(head_seeds[0])
     return modeling.ReciprocalPair.from_clip(modeling.small_clip_config(), head_seeds=head_seeds,
-                                             select_ratio=select_ratio, fused_dim=96, image_size=IMAGE_SIZE)
+                                             select_ratio=select_ratio, fused_dim=96, image_size=IMAGE_SIZE,
+                                             image_tokens=image_tokens)
 
 
 def _save_run(pair, run_dir: Path, sub: str, seed: int) -> Path:

@@ -203,8 +203,11 @@ def explain(session: SearchSession, position: int, *, scale: int = 6) -> dict:
     mark = (match_marks(session, query, [match]) or [""])[0]
     verdict = {"true match": " It is the described person (✓ true match).",
                "false match": " It is not the described person (✗ false match)."}.get(mark, "")
+    pooled_image = (f"the {len(patches)} highlighted patches of the {rows}×{columns} grid" if patch_index is not None
+                    else f"every patch of the {rows}×{columns} grid (image_tokens {model.image_head.image_tokens}: "
+                         "no patch selection)")
     text = (f"**#{match['rank']} {match['file']}** (score {match['score']:.3f}).{verdict} Model {model_name}'s fused "
-            f"heads pooled the {len(patches)} highlighted patches of the {rows}×{columns} grid and the words "
+            f"heads pooled {pooled_image} and the words "
             f"{', '.join(repr(words[p - 1][0].strip()) for p in selected)} of the query.")
     return {"image": picture, "patches": patches, "words": words, "selected_positions": selected,
             "model": model_name, "text": text}
@@ -248,7 +251,7 @@ def build_app(session: SearchSession, default_top: int = 10):
         gallery = gr.Gallery(label="Matches (rank · score · file)", columns=5, object_fit="contain", height="auto",
                              elem_id="results")
         with gr.Row():
-            explain_image = gr.Image(label="Why: patches the fused head selected", type="pil", height=420,
+            explain_image = gr.Image(label="Why: the patches the fused head pooled (highlighted when it selects)", type="pil", height=420,
                                      elem_id="explain-image", scale=1)
             with gr.Column(scale=3):
                 explain_words = gr.HighlightedText(label="Words of the query the text head selected",

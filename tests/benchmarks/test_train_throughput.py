@@ -18,11 +18,13 @@ def throughput():
     return trpr.benchmarks.train_throughput
 
 
-def test_flops_per_pair_sample_matches_the_flop_counter(throughput):
+@pytest.mark.parametrize("image_tokens", ["topk", "all", "reference"])
+def test_flops_per_pair_sample_matches_the_flop_counter(throughput, image_tokens):
     torch.manual_seed(0)
     config = modeling.small_clip_config(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                         num_attention_heads=4, projection_dim=64)
-    pair = modeling.ReciprocalPair.from_clip(config, select_ratio=0.2, fused_dim=256, image_size=(128, 64))
+    pair = modeling.ReciprocalPair.from_clip(config, select_ratio=0.2, fused_dim=256, image_size=(128, 64),
+                                             image_tokens=image_tokens)
     batch = throughput.synthetic_batch(4, (128, 64))
     # the math SDPA backend runs attention as counted matmuls (the fused CPU kernel is not counted)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

@@ -90,8 +90,8 @@ def flops_per_pair_sample(model: modeling.TRPRModel, text_tokens: int = 77) -> d
         "text_layers": 6 * text_linear * text_tokens
         + 12 * text_cfg.num_hidden_layers * text_tokens ** 2 * text_cfg.hidden_size,
     }
-    if model.image_head is not None:  # token MLP on the k selected tokens, global projection once
-        parts["fused_heads"] = sum(6 * ((_matmul_params(head) - head.global_proj.weight.numel()) * head.k
+    if model.image_head is not None:  # token MLP on the pooled tokens (head.pooled), global projection once
+        parts["fused_heads"] = sum(6 * ((_matmul_params(head) - head.global_proj.weight.numel()) * head.pooled
                                         + head.global_proj.weight.numel())
                                    for head in (model.image_head, model.text_head))
     parts = {name: 2 * value for name, value in parts.items()}  # both models of the pair

@@ -169,6 +169,8 @@ class ImageFusedHead(FusedHead):
             raise ValueError(f"image_tokens must be one of {IMAGE_TOKEN_MODES}, got {image_tokens!r}")
         self.image_tokens = image_tokens
         self.k = num_selected(num_patches, select_ratio)
+        # tokens the token MLP runs on per image: k selected patches, every patch, or every token with CLS
+        self.pooled = {"topk": self.k, "all": num_patches, "reference": num_patches + 1}[image_tokens]
 
     def forward(self, tokens: torch.Tensor, attention_row: torch.Tensor) -> torch.Tensor:
         """tokens [B, 1+N, E] (CLS first), attention_row [B, 1+N] -> fused [B, D]."""
@@ -187,6 +189,7 @@ class TextFusedHead(FusedHead):
     def __init__(self, embed_dim: int, fused_dim: int, max_words: int, select_ratio: float):
         super().__init__(embed_dim, fused_dim)
         self.k = num_selected(max_words, select_ratio)
+        self.pooled = self.k  # tokens the token MLP runs on per caption, at most (shorter captions: fewer)
 
     def forward(self, tokens: torch.Tensor, attention_row: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
         """tokens [B, L, E], attention_row [B, L], eot_index [B] -> fused [B, D]."""
