@@ -489,3 +489,30 @@ def test_reference_views_do_not_depend_on_the_workers(train_split):
         inline, workers = (alr_pass.encode([stub_a, stub_b], ("fused", "global"), epoch) for alr_pass in passes)
         for got, expected in zip(workers, inline):
             assert all(torch.equal(x, y) for piece in expected for x, y in zip(got[piece], expected[piece]))
+
+
+def test_hard_selection_report_and_figure_show_the_kept_pairs_per_group(train_split, tmp_path, monkeypatch):
+    """Under hard selection every weight is 1: the report gives the kept share of clean and of noisy pairs
+    (h averaged per group, checked by hand) and the figure's left panel draws those shares, not the weights."""
+    from trpr.reporting import training as training_figures
+
+    noisy = torch.tensor(train_split["noisy"])
+    generator = torch.Generator().manual_seed(1)
+    losses = torch.where(noisy, 2.0, 0.5) + 0.3 * torch.rand(len(noisy), generator=generator)
+    sims = torch.where(noisy, 0.1, 0.6)
+    result = modeling.alr.compute_alr(losses, losses + 0.01, sims, selection="reference", seed=3)
+    report = engine.alr_report(result, sims, noisy)
+    keep = result.keep.bool()
+    assert report["mean_weight"] == 1.0 and report["kept_fraction"] < 1.0
+    assert report["kept_fraction_noisy"] == pytest.approx(keep[noisy].sum().item() / noisy.sum().item())
+    assert report["kept_fraction_clean"] == pytest.approx(keep[~noisy].sum().item() / (~noisy).sum().item())
+    assert report["kept_fraction_noisy"] < 0.2 < 0.8 < report["kept_fraction_clean"]
+    drawn = []
+    real = training_figures.plot_kept_fractions
+    monkeypatch.setattr(training_figures, "plot_kept_fractions",
+                        lambda axis, records, epochs, groups: drawn.append(groups) or real(axis, records, epochs, groups))
+    reporting.plot_alr_history([{"epoch": 1, "alr": report}], tmp_path / "hard.png")
+    assert drawn == [["clean", "noisy"]] and (tmp_path / "hard.png").read_bytes()[:4] == b"\x89PNG"
+    soft = modeling.alr.compute_alr(losses, losses + 0.01, sims)  # every pair kept: the weights panel
+    reporting.plot_alr_history([{"epoch": 1, "alr": engine.alr_report(soft, sims, noisy)}], tmp_path / "soft.png")
+    assert len(drawn) == 1

@@ -324,8 +324,8 @@ def weight_quantiles(weights: torch.Tensor) -> list[float]:
 
 
 def alr_report(result, diag_sims, noisy: torch.Tensor, signals: dict | None = None) -> dict:
-    """JSON-able ALR figures of one epoch: mu, kept fraction, weights (mean, full-weight fraction,
-    quantiles of all / clean / noisy pairs), consensus counts, each model's mixture fit (status, the
+    """JSON-able ALR figures of one epoch: mu, kept fraction (of all pairs; of clean and of noisy pairs when the
+    flags are known), weights (mean, full-weight fraction, quantiles of all / clean / noisy pairs), consensus counts, each model's mixture fit (status, the
     degenerate rule when one applied); with any truly noisy sample also P/R/F1 of the split
     'noisy = no model calls it clean' (the samples drop_noisy drops) against the `noisy` column."""
     fits = {"A": result.fit_a, **({"B": result.fit_b} if result.fit_b is not None else {})}
@@ -341,6 +341,9 @@ def alr_report(result, diag_sims, noisy: torch.Tensor, signals: dict | None = No
         report["noise_detection"] = noise_detection_scores(result.consensus == 0, noisy)
         report["mean_weight_noisy"] = float(result.weights[noisy].mean())
         report["mean_weight_clean"] = float(result.weights[~noisy].mean()) if (~noisy).any() else None
+        # the share of truly noisy / clean pairs this epoch trains on (keep flag h; hard selection drops pairs)
+        report["kept_fraction_noisy"] = float(result.keep[noisy].float().mean())
+        report["kept_fraction_clean"] = float(result.keep[~noisy].float().mean()) if (~noisy).any() else None
         quantiles["noisy"] = weight_quantiles(result.weights[noisy])
         if (~noisy).any():
             quantiles["clean"] = weight_quantiles(result.weights[~noisy])

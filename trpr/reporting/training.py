@@ -59,6 +59,9 @@ def plot_alr_history(records: list[dict], path: Path) -> np.ndarray:
     epochs = [r["epoch"] for r in records]
     figure, (weight_axis, right_axis) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     groups = [g for g in ("clean", "noisy") if records and g in records[-1]["alr"]["weight_quantiles"]] or ["all"]
+    if any(r["alr"]["kept_fraction"] < 1.0 for r in records):  # pairs dropped (hard selection, drop_noisy)
+        plot_kept_fractions(weight_axis, records, epochs, groups)
+        groups = []  # the weights of the kept pairs stay in metrics.jsonl
     for group, colour in zip(groups, ("tab:blue", "tab:red", "tab:grey")):
         rows = [r["alr"]["weight_quantiles"] for r in records]
         levels = rows[0]["levels"] if rows else list(WEIGHT_QUANTILES)
@@ -72,10 +75,11 @@ def plot_alr_history(records: list[dict], path: Path) -> np.ndarray:
         mean_key = {"all": "mean_weight", "clean": "mean_weight_clean", "noisy": "mean_weight_noisy"}[group]
         weight_axis.plot(epochs, [r["alr"].get(mean_key) if r["alr"].get(mean_key) is not None else np.nan
                                   for r in records], color=colour, linestyle="--", label=f"{label}: mean")
-    weight_axis.set_ylim(-0.02, 1.05)
+    if groups:
+        weight_axis.set_ylim(-0.02, 1.05)
+        weight_axis.set_ylabel("ALR weight w")
+        weight_axis.set_title("ALR weight distribution per epoch")
     weight_axis.set_xlabel("epoch")
-    weight_axis.set_ylabel("ALR weight w")
-    weight_axis.set_title("ALR weight distribution per epoch")
     weight_axis.legend(fontsize=7, loc="lower left")
     detection = [r["alr"].get("noise_detection") for r in records]
     if any(detection):
@@ -101,6 +105,23 @@ def plot_alr_history(records: list[dict], path: Path) -> np.ndarray:
     image = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
     plt.close(figure)
     return image
+
+
+def plot_kept_fractions(axis, records: list[dict], epochs: list[int], groups: list[str]) -> None:
+    """The left panel of `plot_alr_history` when ALR drops pairs: per epoch the share (%) of the clean, the
+    noisy (when the flags are known) and of all training pairs that the epoch trains on."""
+    keys = {"clean": ("kept_fraction_clean", "tab:blue", "clean pairs"),
+            "noisy": ("kept_fraction_noisy", "tab:red", "noisy pairs")}
+    for group in groups:
+        if group in keys:
+            key, colour, label = keys[group]
+            axis.plot(epochs, [100 * r["alr"][key] if r["alr"].get(key) is not None else np.nan for r in records],
+                      color=colour, marker="o", label=f"{label} kept")
+    axis.plot(epochs, [100 * r["alr"]["kept_fraction"] for r in records], color="tab:grey", marker="o",
+              linestyle="--", label="all pairs kept")
+    axis.set_ylim(-2, 102)
+    axis.set_ylabel("% of the training pairs")
+    axis.set_title("pairs ALR keeps for training, per epoch")
 
 
 def plot_run_alr_history(run_dir: Path, epoch: int, report: dict) -> np.ndarray:
