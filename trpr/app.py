@@ -251,7 +251,7 @@ def build_app(session: SearchSession, default_top: int = 10):
         gallery = gr.Gallery(label="Matches (rank · score · file)", columns=5, object_fit="contain", height="auto",
                              elem_id="results")
         with gr.Row():
-            explain_image = gr.Image(label="Why: the patches the fused head pooled (highlighted when it selects)", type="pil", height=420,
+            explain_image = gr.Image(label="Why: patches the image head pooled", type="pil", height=420,
                                      elem_id="explain-image", scale=1)
             with gr.Column(scale=3):
                 explain_words = gr.HighlightedText(label="Words of the query the text head selected",
