@@ -87,14 +87,15 @@ PINNED = (("model.image_tokens", "topk"), ("alr.selection", "project"), ("alr.sc
 DEFAULT_VARIANTS = ["baseline", "fused", "alr", "full"]
 # The fair proxy ablation (issue 23), in the order a partial sweep should reach them: the comparisons the
 # method stands on first (no ALR -> hard selection -> pair vs independent pair), then the fidelity rows.
-PROXY_VARIANTS = ["baseline", "fused", "alr_hard", "full_hard", "ensemble_hard", "alr", "full", "fused_ref",
-                  "fused_all", "head_warmup", "frozen", "alr_hard_global", "full_hard_global", "ensemble_hard_global",
-                  "alr_hard_views", "alr_hard_trl_ref", "alr_hard_gmm_ref", "alr_hard_global_trl_ref",
-                  "full_hard_global_trl_ref"]
+PROXY_VARIANTS = ["baseline", "fused", "alr_hard", "full_hard", "ensemble_hard", "alr", "full", "ensemble",
+                  "fused_ref", "fused_all", "head_warmup", "frozen", "alr_hard_global", "full_hard_global",
+                  "ensemble_hard_global", "alr_hard_views", "alr_hard_trl_ref", "alr_hard_gmm_ref",
+                  "alr_hard_global_trl_ref", "full_hard_global_trl_ref"]
 # variants that differ from alr_hard / full_hard only in the ALR pass or the noisy recipe's TRL: the sweep plans them
-# for the noisy conditions only (on clean data hard selection only drops clean pairs, measured by alr_hard)
+# for the noisy conditions only (on clean data hard selection only drops clean pairs, measured by alr_hard and
+# alr_hard_global; the proxy's clean recipe trains SDM, so no TRL temperature either)
 NOISY_ONLY_VARIANTS = ("full_hard_global", "ensemble_hard_global", "alr_hard_views", "alr_hard_trl_ref",
-                       "alr_hard_global_trl_ref", "full_hard_global_trl_ref", "alr_hard_gmm_ref")  # (the proxy's clean recipe trains SDM: no TRL temperature)
+                       "alr_hard_global_trl_ref", "full_hard_global_trl_ref", "alr_hard_gmm_ref")
 CONDITIONS = {"clean": "0.0", "noisy": "0.5", "noisy80": "0.8"}
 CONDITION_LABELS = {"clean": "clean", "noisy": "50% noisy correspondence", "noisy80": "80% noisy correspondence"}
 DEFAULT_CONDITIONS = ["clean", "noisy"]
