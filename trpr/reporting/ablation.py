@@ -223,6 +223,11 @@ def plot_alr(table: dict, variants: dict, path: Path, conditions: dict[str, str]
     grid = {c: series for c, series in grid.items() if series}
     if not grid:
         return False
+    names = [name for name in variants if any(name in series for series in grid.values())]
+    # one style per variant, the same in every panel: 10 colours x 2 line styles x 2 markers
+    colours = plt.get_cmap("tab10").colors
+    style = {name: dict(color=colours[i % 10], linestyle=("-", "--")[i // 10 % 2], marker=("o", "s")[i // 20 % 2])
+             for i, name in enumerate(names)}
     figure, axes = plt.subplots(len(grid), len(metrics), figsize=(4 * len(metrics), 3.2 * len(grid)), dpi=100,
                                 squeeze=False)
     for row, (condition, series) in enumerate(grid.items()):
@@ -233,14 +238,18 @@ def plot_alr(table: dict, variants: dict, path: Path, conditions: dict[str, str]
                            if e["epoch"] == epoch and e.get(metric) is not None] for epoch in epochs]
                 points = [(epoch, statistics.fmean(v)) for epoch, v in zip(epochs, values) if v]
                 if points:
-                    axis.plot(*zip(*points), marker="o", label=variants[name].label)
+                    axis.plot(*zip(*points), label=variants[name].label, markersize=4, **style[name])
         for axis, metric in zip(axes[row], metrics):
             axis.set_xlabel("epoch")
             axis.set_ylabel(AXIS_LABELS.get(metric, metric))
             axis.set_title(f"{conditions[condition]}: {metric}" if len(grid) > 1 else f"noisy-pair detection {metric}",
                            fontsize=9)
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
+            axis.xaxis.get_major_locator().set_params(integer=True)
+    handles = {label: handle for axis in axes.flat for handle, label in zip(*axis.get_legend_handles_labels())}
+    columns = 2 if len(handles) > 6 else 1
+    rows_of_legend = -(-len(handles) // columns)
+    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=columns, fontsize=7, frameon=False)
+    figure.tight_layout(rect=(0, min(0.6, 0.2 * rows_of_legend / (3.2 * len(grid))), 1, 1))
     figure.savefig(path)
     plt.close(figure)
     return True
