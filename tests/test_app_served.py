@@ -70,11 +70,12 @@ def _browser_or_skip():
 
 
 def test_browser_types_a_query_sees_the_results_and_an_explanation(served, tmp_path):
-    """A pair with fused heads, so that a clicked result is explained (patches drawn, words highlighted)."""
+    """A pair with fused heads that select image patches (image_tokens topk), so that a clicked result is
+    explained (patches drawn, words highlighted)."""
     from tests.test_eval_3rtpr import _small_pair
 
     browser, driver_path = _browser_or_skip()
-    _small_pair((8, 9), select_ratio=0.2).save_pretrained(tmp_path / "headed")
+    _small_pair((8, 9), select_ratio=0.2, image_tokens="topk").save_pretrained(tmp_path / "headed")
     session = app.open_session(str(tmp_path / "headed"), served["folder"], cache_dir=tmp_path / "cache")
     with app_browser.serve(session, default_top=3) as url, app_browser.chrome(browser, driver_path) as driver:
         shown = app_browser.search_in_browser(driver, url, CAPTION, timeout_s=90)
@@ -82,7 +83,7 @@ def test_browser_types_a_query_sees_the_results_and_an_explanation(served, tmp_p
         first = session.last[1][0]["file"]
         assert first in driver.page_source
         text = app_browser.explain_in_browser(driver, 0)
-        assert text.startswith(f"#1 {first}") and "fused heads pooled the" in text
+        assert text.startswith(f"#1 {first}") and "fused heads pooled the" in text and "highlighted patches" in text
         from selenium.webdriver.common.by import By
 
         marked = driver.find_element(By.ID, "explain-words").text
