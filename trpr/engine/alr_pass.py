@@ -325,9 +325,10 @@ def weight_quantiles(weights: torch.Tensor) -> list[float]:
 
 def alr_report(result, diag_sims, noisy: torch.Tensor, signals: dict | None = None) -> dict:
     """JSON-able ALR figures of one epoch: mu, kept fraction (of all pairs; of clean and of noisy pairs when the
-    flags are known), weights (mean, full-weight fraction, quantiles of all / clean / noisy pairs), consensus counts, each model's mixture fit (status, the
-    degenerate rule when one applied); with any truly noisy sample also P/R/F1 of the split
-    'noisy = no model calls it clean' (the samples drop_noisy drops) against the `noisy` column."""
+    flags are known), weights (mean, full-weight fraction, quantiles of all / clean / noisy pairs), consensus
+    counts, each model's mixture fit (status, the degenerate rule when one applied); with any truly noisy sample
+    also P/R/F1 of the split 'noisy = no model calls it clean' (the samples drop_noisy drops) against the `noisy`
+    column."""
     fits = {"A": result.fit_a, **({"B": result.fit_b} if result.fit_b is not None else {})}
     quantiles = {"levels": list(WEIGHT_QUANTILES), "all": weight_quantiles(result.weights)}
     report = {"mu": result.mu, "mean_diag_similarity": float(diag_sims.mean()),

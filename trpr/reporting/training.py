@@ -48,7 +48,9 @@ def plot_alr_history(records: list[dict], path: Path) -> np.ndarray:
 
     records: epoch records {"epoch", "alr": alr_report(...)} in epoch order (records without
     "weight_quantiles" are skipped). Left: per group (clean / noisy pairs when the noisy flag is known,
-    else all pairs) the median weight with its 25-75 % and 5-95 % bands, the minimum and the mean. Right: noisy-pair
+    else all pairs) the median weight with its 25-75 % and 5-95 % bands, the minimum and the mean; when some
+    epoch drops pairs (hard selection, drop_noisy) the kept share per group instead (`plot_kept_fractions`;
+    under hard selection every weight is 1). Right: noisy-pair
     precision / recall / F1 when known, else the full-weight and kept fractions.
     Returns the RGB image [H, W, 3] uint8 for the trackers."""
     import matplotlib
