@@ -287,7 +287,7 @@ def test_proxy_plan_recipes_backbone_variants_and_the_ensemble_control(tmp_path)
     runs = ablation_plan.plan_runs(args)
     noisy_only = len(ablation_plan.NOISY_ONLY_VARIANTS)
     # seeds x (conditions x variants, less the clean runs of the variants whose pass only matters under noise)
-    assert len(runs) == 2 * (3 * len(ablation_plan.PROXY_VARIANTS) - noisy_only) == 2 * (3 * 20 - 7)
+    assert len(runs) == 2 * (3 * len(ablation_plan.PROXY_VARIANTS) - noisy_only) == 2 * (3 * 21 - 8)
     by_name = {r.name: r for r in runs}
     assert "full_hard_global-clean-seed0" not in by_name and "full_hard_global-noisy80-seed1" in by_name
     assert by_name["ensemble_hard_global-noisy-seed0"].partner is by_name["alr_hard_global-noisy-seed0"]

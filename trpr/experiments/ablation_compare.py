@@ -88,6 +88,9 @@ COMPARISONS = (
     Comparison("full_hard_global_trl_ref-baseline", "the noisy recipes' method (pair, hard, global, reference TRL "
                "temperature, GE+FS) over the fine-tuned global baseline", "full_hard_global_trl_ref", "A+B/GE+FS",
                "baseline", "A/GE"),
+    Comparison("full_hard_global_trl_ref-ensemble_hard_global_trl_ref", "reciprocal pair over two independent "
+               "models, both with the noisy recipes' ALR", "full_hard_global_trl_ref", "A+B/FS",
+               "ensemble_hard_global_trl_ref", "A+A'/FS"),
     Comparison("alr_hard_gmm_ref-alr_hard", "mixture settings as the reference (10 / 1e-2 / 5e-4) over RDE's rule",
                "alr_hard_gmm_ref", "A/FS", "alr_hard", "A/FS"),
 )

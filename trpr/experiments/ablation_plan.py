@@ -75,6 +75,12 @@ VARIANTS = {
                                         "recipes' defaults since 2026-12-07)",
                                         HARD + (("alr.models", "2"), ("alr.score", "global"),
                                                 ("loss.trl_temperature", "reference")), PAIR_ROWS, "A+B/FS"),
+    "ensemble_hard_global_trl_ref": Variant("ensemble_hard_global_trl_ref", "control: two independent models with "
+                                            "the noisy recipes' ALR (hard, global score, reference TRL temperature), "
+                                            "ensembled",
+                                            HARD + (("alr.models", "1"), ("alr.score", "global"),
+                                                    ("loss.trl_temperature", "reference")), ENSEMBLE_ROWS, "A/FS",
+                                            partner="alr_hard_global_trl_ref"),
     "alr_hard_gmm_ref": Variant("alr_hard_gmm_ref", "+ ALR hard selection, one model, mixture settings as the "
                                 "reference (alr.gmm_preset reference)",
                                 HARD + (("alr.models", "1"), ("alr.gmm_preset", "reference")), ONE_MODEL_ROWS, "A/FS"),
@@ -90,12 +96,13 @@ DEFAULT_VARIANTS = ["baseline", "fused", "alr", "full"]
 PROXY_VARIANTS = ["baseline", "fused", "alr_hard", "full_hard", "ensemble_hard", "alr", "full", "ensemble",
                   "fused_ref", "fused_all", "head_warmup", "frozen", "alr_hard_global", "full_hard_global",
                   "ensemble_hard_global", "alr_hard_views", "alr_hard_trl_ref", "alr_hard_gmm_ref",
-                  "alr_hard_global_trl_ref", "full_hard_global_trl_ref"]
+                  "alr_hard_global_trl_ref", "full_hard_global_trl_ref", "ensemble_hard_global_trl_ref"]
 # variants that differ from alr_hard / full_hard only in the ALR pass or the noisy recipe's TRL: the sweep plans them
 # for the noisy conditions only (on clean data hard selection only drops clean pairs, measured by alr_hard and
 # alr_hard_global; the proxy's clean recipe trains SDM, so no TRL temperature either)
 NOISY_ONLY_VARIANTS = ("full_hard_global", "ensemble_hard_global", "alr_hard_views", "alr_hard_trl_ref",
-                       "alr_hard_global_trl_ref", "full_hard_global_trl_ref", "alr_hard_gmm_ref")
+                       "alr_hard_global_trl_ref", "full_hard_global_trl_ref", "ensemble_hard_global_trl_ref",
+                       "alr_hard_gmm_ref")
 CONDITIONS = {"clean": "0.0", "noisy": "0.5", "noisy80": "0.8"}
 CONDITION_LABELS = {"clean": "clean", "noisy": "50% noisy correspondence", "noisy80": "80% noisy correspondence"}
 DEFAULT_CONDITIONS = ["clean", "noisy"]
