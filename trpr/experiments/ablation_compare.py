@@ -166,7 +166,11 @@ def paired_difference(table: dict, comparison: Comparison, condition: str, rule:
     seeds = sorted(set(sides[0]) & set(sides[1]))
     if not seeds:
         return {"skipped": "no seed finished in both"}
-    differences = [sides[0][seed] - sides[1][seed] for seed in seeds]
+    return summarise(seeds, [sides[0][seed] - sides[1][seed] for seed in seeds])
+
+
+def summarise(seeds: list[int], differences: list[float]) -> dict:
+    """{"seeds", "differences", "mean", "std" (sample std; None with one seed), "verdict"} of paired differences."""
     return {"seeds": seeds, "differences": differences, "mean": statistics.fmean(differences),
             "std": statistics.stdev(differences) if len(differences) > 1 else None, "verdict": verdict(differences)}
 
@@ -194,8 +198,6 @@ def selection_rule_effect(runs) -> dict:
 
     Returns {variant: {condition: {"seeds": [int], "row": "A/GE+FS", rule: [R@1 per seed], "epochs": {rule:
     [epoch per seed]}}}}."""
-    from trpr.modeling.pair import selection_r1
-
     effect: dict = {}
     for run in runs:
         if run.partner is not None or not run.trained:
@@ -208,8 +210,7 @@ def selection_rule_effect(runs) -> dict:
         if not records:
             continue
         rules = {"fixed": row, "reference": reference_rule(run.variant.select_row)}
-        chosen = {name: max(records, key=lambda r, rule=rule: (selection_r1(r["val"], rule), -r["epoch"]))
-                  for name, rule in rules.items()}
+        chosen = {name: reference_epoch(records, rule) for name, rule in rules.items()}
         chosen["last"] = records[-1]
         cell = effect.setdefault(run.variant.name, {}).setdefault(
             run.condition, {"seeds": [], "row": row, **{name: [] for name in SELECTION_RULES},
@@ -229,8 +230,6 @@ def selection_rule_differences(effect: dict) -> list[dict]:
     for variant, conditions in effect.items():
         for condition, cell in conditions.items():
             differences = [a - b for a, b in zip(cell["fixed"], cell["reference"])]
-            results.append({"variant": variant, "condition": condition, "row": cell["row"], "seeds": cell["seeds"],
-                            "differences": differences, "mean": statistics.fmean(differences),
-                            "std": statistics.stdev(differences) if len(differences) > 1 else None,
-                            "verdict": verdict(differences)})
+            results.append({"variant": variant, "condition": condition, "row": cell["row"],
+                            **summarise(cell["seeds"], differences)})
     return results
